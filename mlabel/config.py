@@ -1,0 +1,250 @@
+"""Layered run configuration: dataclass defaults <- recipe YAML <- dotted ``key=value`` overrides.
+
+Every key is declared here with its type; unknown keys and values of the wrong type fail with a
+:class:`ConfigError` that names the key and lists what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "resolve_recipe", "list_recipes", "config_to_dict"]
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message says how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    format: Literal["csv", "folder"] = "csv"
+    root: str = "."
+    train: str = "train.csv"
+    val: str | None = None
+    test: str | None = None
+    labels: list[str] | None = None
+    image_column: str | None = None
+    label_columns: list[str] | None = None
+    labels_column: str | None = None
+    label_delimiter: str = " "
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    generate: Literal["scenes"] | None = None
+    image_size: int = 224
+    resize: Literal["crop", "squish"] = "crop"
+    augment: Literal["none", "light", "flips", "medium"] = "light"
+    batch_size: int = 64
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"
+    pretrained: bool | str = True
+    head: Literal["linear"] = "linear"
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.001
+    backbone_lr_scale: float = 1.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    freeze_backbone_epochs: int = 0
+    grad_clip: float | None = None
+    channels_last: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class LossConfig:
+    name: Literal["bce"] = "bce"
+    pos_weight: Literal["auto", "none"] | list[float] = "auto"
+    pos_weight_max: float = 10.0
+
+
+@dataclass
+class ThresholdsConfig:
+    metric: Literal["f1"] = "f1"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: bool | str = False
+    task: Literal["auto", "multilabel", "binary"] = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+
+
+# --------------------------------------------------------------------------- recipes
+
+def _packaged_recipes() -> Path | None:
+    """Recipes next to the source tree (checkout) or installed as ``mlabel.recipes``."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if checkout.is_dir():
+        return checkout
+    try:
+        return Path(str(resources.files("mlabel.recipes")))
+    except ModuleNotFoundError:
+        return None
+
+
+def list_recipes() -> list[str]:
+    folder = _packaged_recipes()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A YAML path, or a bare recipe name looked up in the shipped ``recipes/``."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist")
+        return path
+    folder = _packaged_recipes()
+    candidate = folder / f"{name_or_path}.yaml" if folder else None
+    if candidate is None or not candidate.is_file():
+        raise ConfigError(
+            f"unknown recipe {name_or_path!r}: give a YAML path or one of {list_recipes()}")
+    return candidate
+
+
+# --------------------------------------------------------------------------- type checks
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Ints become floats where a float is declared, so the saved config is uniform."""
+    if tp is float or (typing.get_origin(tp) in (Union, types.UnionType)
+                       and float in typing.get_args(tp)):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------- merging
+
+def _apply(obj: Any, key: str, value: Any, where: str) -> None:
+    """Set dotted ``key`` on the dataclass tree ``obj``, checking the name and the type."""
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(type(obj))
+    if head not in hints:
+        prefix = key[: len(key) - len(rest)].rstrip(".")
+        valid = ", ".join(sorted(hints))
+        raise ConfigError(f"{where}: unknown key {prefix!r}; valid keys here: {valid}")
+    tp = hints[head]
+    current = getattr(obj, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _apply(current, rest, value, where)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {head!r} is a section; give a mapping or use {head}.KEY=VALUE")
+        for sub_key, sub_value in value.items():
+            _apply(current, str(sub_key), sub_value, where)
+        return
+    if rest:
+        raise ConfigError(f"{where}: {head!r} is a value, not a section (got {key!r})")
+    if not _matches(value, tp):
+        raise ConfigError(
+            f"{where}: {key.split('.')[-1]!r} must be {_type_name(tp)}, got {value!r}")
+    setattr(obj, head, _coerce(value, tp))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.epochs=3)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Build a :class:`Config` from defaults, an optional recipe and ``key=value`` overrides."""
+    config = Config()
+    if recipe is not None:
+        path = resolve_recipe(str(recipe))
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(tree).__name__}")
+        for key, value in tree.items():
+            _apply(config, str(key), value, f"recipe {path}")
+    for text in overrides:
+        key, value = _parse_override(text)
+        _apply(config, key, value, f"override {text!r}")
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    """Cross-field rules that the types alone cannot express."""
+    if not 0 <= config.data.val_fraction < 1 or not 0 <= config.data.test_fraction < 1:
+        raise ConfigError("data.val_fraction and data.test_fraction must lie in [0, 1)")
+    if config.data.label_columns and config.data.labels_column:
+        raise ConfigError("give either data.label_columns (0/1 columns) or data.labels_column "
+                          "(one column of names), not both")
+    positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
+                "data.image_size": config.data.image_size, "loss.pos_weight_max": config.loss.pos_weight_max}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(tree: dict) -> Config:
+    config = Config()
+    for key, value in tree.items():
+        _apply(config, key, value, "saved config")
+    return config

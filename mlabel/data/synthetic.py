@@ -1,0 +1,115 @@
+"""A procedurally drawn multi-label dataset, so the quickstart needs no download.
+
+Each image is a cluttered scene (gradient background, noise, distractor strokes and specks)
+holding any subset of six shapes. Labels are independent and imbalanced, from about 40 % of
+images (circle) down to about 7 % (star); some images hold none. Shape colours are random, so
+colour says nothing about the label, and shapes may overlap. Pairs are easy to confuse on
+purpose: a filled circle and a ring, a cross and a star.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..io import atomic_path, write_json
+
+__all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene"]
+
+SCENE_LABELS = ["circle", "square", "triangle", "cross", "ring", "star"]
+SCENE_PRIORS = [0.40, 0.30, 0.22, 0.14, 0.10, 0.07]
+SCENE_SPLITS = {"train": 3000, "val": 600, "test": 1000}
+SCENE_SIZE = 64
+_VERSION = 1
+_SCALE = 2  # drawn at twice the size, then downsampled, for anti-aliased edges
+
+
+def _polygon(cx, cy, radius, n, angle, inner=None):
+    points = []
+    steps = n * 2 if inner else n
+    for k in range(steps):
+        r = inner if inner and k % 2 else radius
+        a = angle + 2 * math.pi * k / steps
+        points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
+    return points
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx, cy, r, angle, color):
+    if name == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif name == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=max(3, int(r * 0.3)))
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.2, 4, angle), fill=color)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy, r * 1.25, 3, angle), fill=color)
+    elif name == "star":
+        draw.polygon(_polygon(cx, cy, r * 1.3, 5, angle, inner=r * 0.5), fill=color)
+    elif name == "cross":
+        width = max(3, int(r * 0.45))
+        for a in (angle, angle + math.pi / 2):
+            dx, dy = r * 1.2 * math.cos(a), r * 1.2 * math.sin(a)
+            draw.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=color, width=width)
+
+
+def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, np.ndarray]:
+    """One scene and its (6,) 0/1 target."""
+    big = size * _SCALE
+    base = rng.integers(0, 256, 3)
+    tilt = rng.integers(-60, 61, 3)
+    ramp = np.linspace(0, 1, big)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, big)[:, None, None]
+    canvas = np.clip(base + tilt * ramp, 0, 255).astype(np.uint8)
+    canvas = np.broadcast_to(canvas, (big, big, 3)).copy()
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.integers(2, 6)):  # distractor strokes
+        x0, y0, x1, y1 = rng.integers(0, big, 4)
+        draw.line([x0, y0, x1, y1], fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 4)))
+    for _ in range(rng.integers(0, 5)):  # small specks, not shapes
+        x, y = rng.integers(0, big, 2)
+        w, h = rng.integers(2, 7, 2)
+        draw.ellipse([x, y, x + w, y + h], fill=tuple(rng.integers(0, 256, 3).tolist()))
+    target = (rng.random(len(SCENE_LABELS)) < np.asarray(SCENE_PRIORS)).astype(np.float32)
+    for index in rng.permutation(np.flatnonzero(target)):
+        r = rng.uniform(0.13, 0.24) * big
+        cx, cy = rng.uniform(r, big - r, 2)
+        color = rng.integers(0, 256, 3)
+        if np.abs(color.astype(int) - base).sum() < 120:  # keep the shape visible
+            color = 255 - color
+        _draw_shape(draw, SCENE_LABELS[index], cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(color.tolist()))
+    image = image.resize((size, size), Image.LANCZOS)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target
+
+
+def ensure_scenes(root: str | Path, seed: int = 1234, splits: dict[str, int] | None = None) -> Path:
+    """Generate ``root/{train,val,test}.csv`` and ``root/images/`` once; reuse when complete.
+
+    The output depends only on ``seed`` and ``splits``; a marker file records both and the
+    generator version, and any change regenerates the set.
+    """
+    root = Path(root)
+    splits = splits or SCENE_SPLITS
+    spec = {"version": _VERSION, "seed": seed, "splits": splits, "size": SCENE_SIZE, "labels": SCENE_LABELS}
+    marker = root / "scenes.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for offset, (split, count) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, offset])
+        rows = []
+        for i in range(count):
+            image, target = draw_scene(rng)
+            name = f"{split}_{i:05d}.png"
+            image.save(root / "images" / name)
+            rows.append([f"images/{name}", *[int(v) for v in target]])
+        with atomic_path(root / f"{split}.csv") as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", *SCENE_LABELS])
+            writer.writerows(rows)
+    write_json(marker, spec)
+    return root

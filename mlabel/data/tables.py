@@ -1,0 +1,189 @@
+"""Readers that turn a dataset format into image paths and a multi-hot target table.
+
+Targets are float32 ``(N, L)``: 1 positive, 0 negative, -1 unknown. Every reader fails with a
+:class:`DataError` naming the file (and line) and saying how to fix it.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_TRUE = {"1", "1.0", "true", "yes"}
+_FALSE = {"0", "0.0", "false", "no"}
+_UNKNOWN = {"", "-1", "-1.0"}
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the place and the fix."""
+
+
+@dataclass
+class LabelTable:
+    """Images and their targets for one split."""
+
+    paths: list[str]
+    targets: np.ndarray  # (N, L) float32: 1 / 0 / -1 unknown
+    labels: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: Sequence[int], source: str) -> "LabelTable":
+        index = np.asarray(index, dtype=np.int64)
+        return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source)
+
+
+def _resolve_image(root: Path, name: str) -> Path:
+    """``root/name``; a name without extension is matched against the usual image extensions."""
+    path = root / name
+    if path.suffix.lower() in IMAGE_EXTENSIONS or path.exists():
+        return path
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        candidate = path.with_name(path.name + ext)
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def _check_files(paths: list[Path], source: str) -> None:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:10])
+        more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{source}: {len(missing)} of {len(paths)} images not found:\n  {shown}{more}\n"
+                        "Check data.root (image paths are relative to it) and the file names.")
+
+
+def _parse_flag(value: str, path: Path, line: int, column: str) -> float:
+    text = value.strip().lower()
+    if text in _TRUE:
+        return 1.0
+    if text in _FALSE:
+        return 0.0
+    if text in _UNKNOWN:
+        return -1.0
+    raise DataError(f"{path}:{line}: column {column!r} has {value!r}; label columns hold 1, 0, "
+                    "or empty / -1 for unknown. If this column is not a label, set data.label_columns.")
+
+
+def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = None,
+                   image_column: str | None = None, label_columns: Sequence[str] | None = None,
+                   labels_column: str | None = None, label_delimiter: str = " ") -> LabelTable:
+    """Read a CSV of image names with 0/1 label columns, or with one column of joined names.
+
+    Args:
+        labels: the label order fixed by the training split; ``None`` for the training split.
+    """
+    if not path.is_file():
+        raise DataError(f"CSV file {path} not found (relative paths are taken from data.root)")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise DataError(f"{path} is empty; it needs a header row and one row per image")
+    header = [h.strip() for h in rows[0]]
+    image_column = image_column or header[0]
+    if image_column not in header:
+        raise DataError(f"{path}: image column {image_column!r} not in header {header}")
+    img_idx = header.index(image_column)
+    if labels_column:
+        if labels_column not in header:
+            raise DataError(f"{path}: labels column {labels_column!r} not in header {header}")
+        names, targets = _names_column(rows, path, header.index(labels_column), label_delimiter, labels)
+    else:
+        columns = list(label_columns) if label_columns else [h for h in header if h != image_column]
+        absent = [c for c in columns if c not in header]
+        if absent:
+            raise DataError(f"{path}: label columns {absent} not in header {header}")
+        if not columns:
+            raise DataError(f"{path}: no label columns; set data.label_columns or data.labels_column")
+        names, targets = _flag_columns(rows, path, [header.index(c) for c in columns], columns, labels)
+    images = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}; "
+                            "quote fields that contain the delimiter")
+        images.append(_resolve_image(root, row[img_idx].strip()))
+    if not images:
+        raise DataError(f"{path} has a header but no rows")
+    _check_files(images, str(path))
+    return LabelTable([str(p) for p in images], targets, names, str(path))
+
+
+def _flag_columns(rows, path, indices, columns, labels):
+    body = [(line, row) for line, row in enumerate(rows[1:], start=2)]
+    values = np.array([[_parse_flag(row[i], path, line, columns[j]) if i < len(row) else -1.0
+                        for j, i in enumerate(indices)] for line, row in body], dtype=np.float32)
+    values = values.reshape(len(body), len(columns))
+    if labels is None:
+        return list(columns), values
+    unknown = [c for c in columns if c not in labels]
+    if unknown:
+        raise DataError(f"{path}: labels {unknown} are not in the training labels {list(labels)}; "
+                        "every split must use the training split's labels")
+    order = [columns.index(name) if name in columns else -1 for name in labels]
+    out = np.full((len(body), len(labels)), -1.0, dtype=np.float32)
+    for j, src in enumerate(order):
+        if src >= 0:
+            out[:, j] = values[:, src]
+    return list(labels), out
+
+
+def _names_column(rows, path, index, delimiter, labels):
+    per_row = []
+    for line, row in enumerate(rows[1:], start=2):
+        field = row[index] if index < len(row) else ""
+        per_row.append((line, [t.strip() for t in field.split(delimiter or None) if t.strip()]))
+    names = list(labels) if labels is not None else sorted({t for _, tags in per_row for t in tags})
+    if not names:
+        raise DataError(f"{path}: the labels column is empty in every row")
+    position = {name: j for j, name in enumerate(names)}
+    targets = np.zeros((len(per_row), len(names)), dtype=np.float32)
+    for i, (line, tags) in enumerate(per_row):
+        for tag in tags:
+            if tag not in position:
+                raise DataError(f"{path}:{line}: label {tag!r} is not in the training labels {names}")
+            targets[i, position[tag]] = 1.0
+    return names, targets
+
+
+def read_folder_table(folder: Path, *, labels: Sequence[str] | None = None,
+                      task: str = "auto") -> LabelTable:
+    """One sub-folder per class. Two classes and a binary task give one label (the second
+    class in sorted order, or the one named in ``labels``); otherwise one label per class."""
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} not found (relative paths are taken from data.root)")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
+    paths, owner = [], []
+    for c, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += [str(p) for p in files]
+        owner += [name] * len(files)
+    if not paths:
+        raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    if labels is None:
+        if task == "binary" and len(classes) != 2:
+            raise DataError(f"{folder}: task binary needs exactly two class folders, found {classes}")
+        binary = len(classes) == 2 and task in ("auto", "binary")
+        labels = [classes[1]] if binary else classes
+    if len(labels) == 1:
+        stray = sorted(set(classes) - set(labels))
+        if len(stray) > 1 or labels[0] not in classes:
+            raise DataError(f"{folder}: binary label {labels[0]!r} with class folders {classes}; "
+                            "a binary folder dataset has the positive and one negative folder")
+        targets = np.array([[1.0 if o == labels[0] else 0.0] for o in owner], dtype=np.float32)
+    else:
+        unknown = sorted(set(classes) - set(labels))
+        if unknown:
+            raise DataError(f"{folder}: class folders {unknown} are not in the training labels {list(labels)}")
+        targets = np.array([[1.0 if o == name else 0.0 for name in labels] for o in owner], dtype=np.float32)
+    return LabelTable(paths, targets, list(labels), str(folder))

@@ -1,0 +1,164 @@
+"""Multi-label metrics from probabilities, counted once per label in one vectorised pass.
+
+Conventions (named so results can be compared with other tools):
+
+- Targets: 1 positive, 0 negative, -1 unknown. Unknown elements are left out of every metric.
+- ``mAP`` is the macro mean of per-label average precision as scikit-learn defines it
+  (``sum_n (R_n - R_{n-1}) P_n``, no interpolation). A label with no positive target has no AP:
+  it is reported as ``null`` and left out of the mean (torchmetrics does the same; ASL counts 0).
+- ``macro_auroc`` likewise leaves out labels without both positives and negatives.
+- F1, precision and recall follow scikit-learn with ``zero_division=0``: a ratio whose
+  denominator is zero counts as 0. ``samples_f1`` is the mean over images of per-image F1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["average_precision", "auroc", "evaluate_predictions", "ranking_counts"]
+
+
+def _as_tensors(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.as_tensor(np.asarray(probs) if not torch.is_tensor(probs) else probs).double()
+    targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets).double()
+    if probs.ndim == 1:
+        probs, targets = probs[:, None], targets.reshape(-1, 1)
+    if probs.shape != targets.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and targets {tuple(targets.shape)} must match")
+    if torch.isnan(probs).any():
+        raise ValueError("probs contain NaN")
+    return probs, targets
+
+
+def ranking_counts(probs: torch.Tensor, targets: torch.Tensor):
+    """Sort each label's scores (descending) and count tp/fp at every distinct score.
+
+    Args:
+        probs, targets: (N, L).
+
+    Returns:
+        scores (N, L) sorted descending, tp and fp (N, L) cumulative counts, and ``last`` (N, L)
+        bool marking the last element of each run of equal scores: only there is a cut-off
+        ``prob >= score`` realisable, so only there are the counts valid.
+    """
+    scores, order = torch.sort(probs, dim=0, descending=True, stable=True)
+    sorted_targets = torch.gather(targets, 0, order)
+    tp = torch.cumsum((sorted_targets == 1).double(), 0)
+    fp = torch.cumsum((sorted_targets == 0).double(), 0)
+    last = torch.ones_like(scores, dtype=torch.bool)
+    last[:-1] = scores[:-1] != scores[1:]
+    return scores, tp, fp, last
+
+
+def average_precision(probs, targets) -> torch.Tensor:
+    """(N, L) -> (L,) average precision per label; NaN for labels with no positives."""
+    probs, targets = _as_tensors(probs, targets)
+    _, tp, fp, last = ranking_counts(probs, targets)
+    n_pos = tp[-1]
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+    recall = tp / n_pos.clamp(min=1)
+    # Recall at the previous valid cut-off: the running value at each group end.
+    recall_at_ends = torch.where(last, recall, torch.zeros_like(recall))
+    prev = torch.cummax(recall_at_ends, 0).values
+    prev = torch.cat([torch.zeros_like(prev[:1]), prev[:-1]])
+    ap = (torch.where(last, (recall - prev) * precision, torch.zeros_like(recall))).sum(0)
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def auroc(probs, targets) -> torch.Tensor:
+    """(N, L) -> (L,) area under the ROC curve; NaN without both classes present."""
+    probs, targets = _as_tensors(probs, targets)
+    _, tp, fp, last = ranking_counts(probs, targets)
+    n_pos, n_neg = tp[-1], fp[-1]
+    tpr, fpr = tp / n_pos.clamp(min=1), fp / n_neg.clamp(min=1)
+    tpr_ends = torch.cummax(torch.where(last, tpr, torch.zeros_like(tpr)), 0).values
+    fpr_ends = torch.cummax(torch.where(last, fpr, torch.zeros_like(fpr)), 0).values
+    prev_tpr = torch.cat([torch.zeros_like(tpr[:1]), tpr_ends[:-1]])
+    prev_fpr = torch.cat([torch.zeros_like(fpr[:1]), fpr_ends[:-1]])
+    area = torch.where(last, (fpr - prev_fpr) * (tpr + prev_tpr) / 2, torch.zeros_like(tpr)).sum(0)
+    return torch.where((n_pos > 0) & (n_neg > 0), area, torch.full_like(area, math.nan))
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / b.clamp(min=1e-300), torch.zeros_like(a))
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else None
+
+
+def _cutoff_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
+                    binary: bool) -> tuple[dict, dict]:
+    """Metrics that depend on a cut-off: summary dict and per-label tensors."""
+    known = targets >= 0
+    pred = (probs >= thresholds) & known
+    true = (targets == 1) & known
+    tp = (pred & true).sum(0).double()
+    fp = (pred & ~true).sum(0).double()
+    fn = (~pred & true & known).sum(0).double()
+    precision, recall = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
+    row_tp = (pred & true).sum(1).double()
+    row_f1 = _safe_div(2 * row_tp, pred.sum(1).double() + true.sum(1).double())
+    wrong = (pred != true) & known
+    summary = {
+        "macro_f1": float(f1.mean()),
+        "micro_f1": float(_safe_div(2 * stp, 2 * stp + sfp + sfn)),
+        "samples_f1": float(row_f1.mean()),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "micro_precision": float(_safe_div(stp, stp + sfp)),
+        "micro_recall": float(_safe_div(stp, stp + sfn)),
+        "hamming_loss": float(wrong.sum() / known.sum().clamp(min=1)),
+        "subset_accuracy": float((~wrong.any(1)).double().mean()),
+    }
+    if binary:
+        summary["accuracy"] = summary["subset_accuracy"]
+    return summary, {"f1": f1, "precision": precision, "recall": recall}
+
+
+def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] | None = None,
+                         binary: bool | None = None) -> dict:
+    """Every metric of the run contract, at ``thresholds`` and at 0.5 (keys suffixed ``@0.5``).
+
+    Args:
+        probs: (N, L) probabilities (after the sigmoid).
+        targets: (N, L) with 1, 0 or -1 (unknown).
+        thresholds: (L,) per-label cut-offs (``prob >= threshold`` is positive); default 0.5.
+        labels: names for ``per_label``; default ``"0"``, ``"1"``, ...
+        binary: add ``accuracy``; default: when there is a single label.
+
+    Returns:
+        a JSON-ready dict with ``mAP``, ``macro_f1``, ``micro_f1``, ``samples_f1``,
+        ``hamming_loss``, ``subset_accuracy``, ``macro_auroc``, precision/recall twins,
+        ``accuracy`` for binary tasks, their ``@0.5`` twins, and ``per_label``.
+    """
+    probs, targets = _as_tensors(probs, targets)
+    n_labels = probs.shape[1]
+    labels = list(labels) if labels is not None else [str(i) for i in range(n_labels)]
+    binary = n_labels == 1 if binary is None else binary
+    th = torch.full((n_labels,), 0.5, dtype=torch.float64) if thresholds is None \
+        else torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).reshape(-1)
+    ap, roc = average_precision(probs, targets), auroc(probs, targets)
+    tuned, per = _cutoff_metrics(probs, targets, th, binary)
+    half, per_half = _cutoff_metrics(probs, targets, torch.full_like(th, 0.5), binary)
+    result = {"n_images": int(probs.shape[0]), "mAP": _nanmean(ap), "macro_auroc": _nanmean(roc)}
+    result.update(tuned)
+    result.update({f"{k}@0.5": v for k, v in half.items()})
+    support = (targets == 1).sum(0)
+    result["per_label"] = {
+        name: {
+            "ap": None if math.isnan(ap[i]) else float(ap[i]),
+            "auroc": None if math.isnan(roc[i]) else float(roc[i]),
+            "f1": float(per["f1"][i]), "precision": float(per["precision"][i]),
+            "recall": float(per["recall"][i]), "threshold": float(th[i]),
+            "f1@0.5": float(per_half["f1"][i]), "support": int(support[i]),
+        }
+        for i, name in enumerate(labels)
+    }
+    return result

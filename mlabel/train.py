@@ -1,0 +1,218 @@
+"""``python -m mlabel.train RECIPE [key=value ...]`` — train, tune thresholds, evaluate, save.
+
+The run directory receives ``config.yaml``, ``model/``, ``metrics.json``, ``history.csv``,
+``run.json`` (label counts, pos_weight, best epoch, time), ``checkpoint.pt`` and ``report/``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
+from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
+from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
+                     train_one_epoch)
+from .io import write_json, write_text
+from .losses import BCEWithLogits, pos_weight_from_targets
+from .metrics import evaluate_predictions
+from .models import MultiLabelClassifier, create_model
+from .thresholds import tune_thresholds
+
+__all__ = ["main", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _log(quiet: bool, *parts) -> None:
+    if not quiet:
+        print(*parts, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> torch.Tensor | None:
+    spec = cfg.loss.pos_weight
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return pos_weight_from_targets(torch.from_numpy(targets), cfg.loss.pos_weight_max, labels)
+    if len(spec) != len(labels):
+        raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
+    return torch.tensor(spec, dtype=torch.float32)
+
+
+def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device):
+    pre = model.preprocessing
+    common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                  pin_memory=device.type == "cuda")
+    train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment)),
+                        train=True, **common)
+    evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False)), train=False, **common)
+                for name, table in (("val", splits.val), ("test", splits.test)) if table is not None}
+    return train, evaluate
+
+
+def _set_backbone_frozen(model: MultiLabelClassifier, frozen: bool) -> None:
+    for param in model.backbone.parameters():
+        param.requires_grad_(not frozen)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool) -> dict:
+    """The epoch loop; keeps the weights with the best val mAP. Returns the training state."""
+    train_loader, eval_loaders = loaders
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
+    steps = len(train_loader) * cfg.train.epochs
+    scheduler = build_scheduler(optimizer, steps, int(len(train_loader) * cfg.train.warmup_epochs))
+    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "best_state": None, "history": []}
+    checkpoint_path = out_dir / CHECKPOINT
+    if cfg.resume:
+        resume_path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
+        if resume_path.is_file():
+            saved = load_checkpoint(resume_path)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            restore_rng(saved["rng"])
+            state = saved["train_state"]
+            _log(quiet, f"resumed from {resume_path} after epoch {state['epoch']}")
+        elif cfg.resume is not True:
+            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        frozen = epoch <= cfg.train.freeze_backbone_epochs
+        _set_backbone_frozen(model, frozen)
+        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
+                              grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
+                              freeze_backbone=frozen, quiet=quiet)
+        probs, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
+                                                       channels_last=cfg.train.channels_last, quiet=quiet)
+        val_map = evaluate_predictions(probs, targets)["mAP"] or 0.0
+        row = {"epoch": epoch, "train_loss": row["train_loss"], "val_loss": val_loss, "val_mAP": val_map,
+               "lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_time_s": row["train_time_s"]}
+        state["history"].append(row)
+        if val_map > state["best_map"]:
+            state.update(best_map=val_map, best_epoch=epoch,
+                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        state["epoch"] = epoch
+        _log(quiet, f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
+                    f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}  {row['images_per_s']:.0f} img/s"
+                    f"{'  (backbone frozen)' if frozen else ''}")
+        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), "rng": capture_rng(),
+                                          "train_state": state})
+        _write_history(out_dir / "history.csv", state["history"])
+    return state
+
+
+def run(cfg: Config, quiet: bool = False) -> dict:
+    """Train per ``cfg`` and write the run directory; returns the metrics dict."""
+    started = time.perf_counter()
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
+                                                     ("test", splits.test)) if t is not None}
+    _log(quiet, f"task {splits.task}, labels {splits.labels}")
+    for name, c in counts.items():
+        _log(quiet, f"  {name}: {c['images']} images, positives " +
+             ", ".join(f"{k} {v['positive']}" for k, v in c.items() if k != "images"))
+    pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
+    if pos_weight is not None:
+        _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
+    model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
+                         drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
+                         resize=cfg.data.resize)
+    train_targets = torch.from_numpy(splits.train.targets)
+    known = (train_targets >= 0).sum(0).clamp(min=1)
+    model.init_head_bias((train_targets == 1).sum(0) / known)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loss_fn = BCEWithLogits(pos_weight).to(device)
+    loaders = _loaders(cfg, splits, model, device)
+    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet)
+
+    model.load_state_dict(state["best_state"])
+    eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
+    val_probs, val_targets, _ = collect_predictions(model, loaders[1]["val"], device, **eval_kwargs)
+    thresholds = tune_thresholds(val_probs, val_targets, cfg.thresholds.metric, labels=splits.labels)
+    model.set_thresholds(thresholds)
+    metrics = {"val": evaluate_predictions(val_probs, val_targets, thresholds, splits.labels)}
+    if "test" in loaders[1]:
+        test_probs, test_targets, _ = collect_predictions(model, loaders[1]["test"], device, **eval_kwargs)
+        metrics["test"] = evaluate_predictions(test_probs, test_targets, thresholds, splits.labels)
+    model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
+                                                     "threshold_metric": cfg.thresholds.metric})
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "run.json", {
+        "labels": splits.labels, "task": splits.task, "label_counts": counts,
+        "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
+        "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
+        "device": str(device), "wall_time_s": time.perf_counter() - started})
+    from .report import write_report
+    write_report(out_dir, metrics, state["history"], val_probs.numpy(), val_targets.numpy(),
+                 splits.labels, thresholds.numpy(), counts)
+    _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
+    return metrics
+
+
+def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
+    for split, m in metrics.items():
+        acc = f"  accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
+        _log(quiet, f"{split}: mAP {m['mAP']:.4f}  macro_f1 {m['macro_f1']:.4f} "
+                    f"(at 0.5: {m['macro_f1@0.5']:.4f})  micro_f1 {m['micro_f1']:.4f}{acc}")
+    print(f"run directory: {out_dir}  ({seconds:.0f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlabel.train", description="Train a multi-label or binary image classifier.",
+        epilog=f"shipped recipes: {', '.join(list_recipes())}")
+    parser.add_argument("recipe", help="a YAML path or a shipped recipe name")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=3 data.root=/x")
+    parser.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        run(cfg, quiet=args.quiet)
+    except (ConfigError, DataError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

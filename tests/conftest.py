@@ -1,0 +1,43 @@
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlabel.data.synthetic import SCENE_LABELS, draw_scene
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def scene_csv(tmp_path_factory) -> Path:
+    """A small multi-label CSV dataset of generated scenes: root with train.csv and val.csv."""
+    root = tmp_path_factory.mktemp("scenes")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 48), ("val", 24)):
+        with (root / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", *SCENE_LABELS])
+            for i in range(count):
+                image, target = draw_scene(rng)
+                image.save(root / "images" / f"{split}{i}.png")
+                # the CSV names images without extension: mlabel must resolve them
+                writer.writerow([f"images/{split}{i}", *target.astype(int)])
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_dataset(tmp_path_factory) -> Path:
+    """Two class folders (cat = dark images, dog = bright images) with train and test."""
+    root = tmp_path_factory.mktemp("folders")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 20), ("test", 8)):
+        for name, level in (("cat", 40), ("dog", 210)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}{i}.jpg")
+    return root
