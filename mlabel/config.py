@@ -167,30 +167,29 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 # --------------------------------------------------------------------------- merging
 
-def _apply(obj: Any, key: str, value: Any, where: str) -> None:
+def _apply(obj: Any, key: str, value: Any, where: str, prefix: str = "") -> None:
     """Set dotted ``key`` on the dataclass tree ``obj``, checking the name and the type."""
     head, _, rest = key.partition(".")
     hints = typing.get_type_hints(type(obj))
+    full = prefix + head
     if head not in hints:
-        prefix = key[: len(key) - len(rest)].rstrip(".")
         valid = ", ".join(sorted(hints))
-        raise ConfigError(f"{where}: unknown key {prefix!r}; valid keys here: {valid}")
+        raise ConfigError(f"{where}: unknown key {full!r}; valid keys here: {valid}")
     tp = hints[head]
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
         if rest:
-            _apply(current, rest, value, where)
+            _apply(current, rest, value, where, full + ".")
             return
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {head!r} is a section; give a mapping or use {head}.KEY=VALUE")
+            raise ConfigError(f"{where}: {full!r} is a section; give a mapping or use {full}.KEY=VALUE")
         for sub_key, sub_value in value.items():
-            _apply(current, str(sub_key), sub_value, where)
+            _apply(current, str(sub_key), sub_value, where, full + ".")
         return
     if rest:
-        raise ConfigError(f"{where}: {head!r} is a value, not a section (got {key!r})")
+        raise ConfigError(f"{where}: {full!r} is a value, not a section (got {prefix + key!r})")
     if not _matches(value, tp):
-        raise ConfigError(
-            f"{where}: {key.split('.')[-1]!r} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {full!r} must be {_type_name(tp)}, got {value!r}")
     setattr(obj, head, _coerce(value, tp))
 
 

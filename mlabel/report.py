@@ -30,7 +30,7 @@ def _save(fig, path: Path) -> str:
 def _grid(n: int):
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes.flat
@@ -51,7 +51,7 @@ def _label_curves(probs: np.ndarray, targets: np.ndarray):
 
 def _plot_training(history: list[dict], folder: Path) -> str:
     epochs = [r["epoch"] for r in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
     left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
     left.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
     left.set_xlabel("epoch"), left.set_ylabel("BCE"), left.legend(), left.grid(alpha=0.3)

@@ -6,7 +6,6 @@ The run directory receives ``config.yaml``, ``model/``, ``metrics.json``, ``hist
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import random
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="a YAML path or a shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=3 data.root=/x")
     parser.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
         run(cfg, quiet=args.quiet)

@@ -26,9 +26,9 @@ def test_int_is_accepted_where_float_declared():
 @pytest.mark.parametrize("override,fragment", [
     ("train.epoch=3", "unknown key 'train.epoch'; valid keys here: .*epochs"),
     ("trian.epochs=3", "unknown key 'trian'; valid keys here: .*train"),
-    ("train.epochs=three", "'epochs' must be int, got 'three'"),
-    ("train.epochs=2.5", "'epochs' must be int"),
-    ("data.format=parquet", r"'format' must be 'csv' \| 'folder'"),
+    ("train.epochs=three", "'train.epochs' must be int, got 'three'"),
+    ("train.epochs=2.5", "'train.epochs' must be int"),
+    ("data.format=parquet", r"'data.format' must be 'csv' \| 'folder'"),
     ("loss.pos_weight=sometimes", r"'auto' \| 'none' \| list of float"),
     ("task=regression", r"'auto' \| 'multilabel' \| 'binary'"),
     ("train=3", "'train' is a section"),

@@ -1,0 +1,81 @@
+"""End to end: python -m mlabel.train on generated images writes a complete run directory."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.metrics import average_precision_score, f1_score
+
+import mlabel
+from mlabel.data import ImageDataset, build_transform, make_loader
+from mlabel.data.tables import read_csv_table
+from mlabel.train import main
+
+CONTRACT_KEYS = {"mAP", "macro_f1", "micro_f1", "samples_f1", "hamming_loss", "subset_accuracy",
+                 "macro_auroc", "per_label", "macro_f1@0.5", "micro_f1@0.5", "samples_f1@0.5"}
+
+
+def _train(tmp_path, extra):
+    out = tmp_path / "run"
+    code = main(["quickstart", f"out_dir={out}", "model.backbone=test_resnet", "model.pretrained=false",
+                 "data.generate=null", "data.image_size=32", "data.batch_size=16", "data.num_workers=0",
+                 "train.epochs=1", "train.channels_last=false", "--quiet", *extra])
+    assert code == 0
+    return out
+
+
+def test_one_epoch_writes_complete_run_directory(tmp_path, scene_csv):
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv"])
+    for name in ["config.yaml", "metrics.json", "history.csv", "run.json", "checkpoint.pt",
+                 "model/model.safetensors", "model/mlabel.json", "report/report.html",
+                 "report/pr_curves.png", "report/f1_vs_threshold.png", "report/training_curves.png",
+                 "report/label_frequency.png", "report/calibration.png"]:
+        assert (out / name).is_file(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["backbone"] == "test_resnet" and config["train"]["epochs"] == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    for split in metrics.values():
+        assert CONTRACT_KEYS <= set(split)
+        assert set(split["per_label"]["circle"]) >= {"ap", "f1", "precision", "recall", "threshold", "support"}
+    history = list(csv.DictReader((out / "history.csv").open()))
+    assert len(history) == 1 and {"train_loss", "val_mAP", "lr", "epoch_time_s"} <= set(history[0])
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["pos_weight"]) == 6 and all(0 < w <= 10 for w in run["pos_weight"].values())
+
+    # the saved model reproduces the reported figures, checked against scikit-learn
+    model = mlabel.load(out)
+    meta = json.loads((out / "model" / "mlabel.json").read_text())
+    thresholds = np.array(meta["thresholds"])
+    table = read_csv_table(scene_csv / "val.csv", scene_csv, labels=model.labels)
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16,
+                         train=False, num_workers=0, seed=0)
+    probs = torch.cat([model.predict_proba(x) for x, _ in loader]).numpy()
+    targets = table.targets
+    keep = targets.sum(0) > 0
+    assert metrics["val"]["mAP"] == pytest.approx(
+        average_precision_score(targets[:, keep], probs[:, keep], average="macro"), abs=1e-5)
+    assert metrics["val"]["macro_f1"] == pytest.approx(
+        f1_score(targets, probs >= thresholds, average="macro", zero_division=0), abs=1e-6)
+    assert [metrics["val"]["per_label"][n]["threshold"] for n in model.labels] == pytest.approx(thresholds)
+
+
+def test_binary_folder_run_has_one_output_and_accuracy(tmp_path, folder_dataset):
+    out = _train(tmp_path, ["data.format=folder", f"data.root={folder_dataset}", "data.train=train",
+                            "data.val=null", "data.test=test", "data.val_fraction=0.25", "task=binary",
+                            "train.lr=0.01"])
+    model = mlabel.load(out)
+    assert model.labels == ["dog"] and model.head.out_features == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"accuracy", "accuracy@0.5"} <= set(metrics["test"])
+    assert metrics["test"]["n_images"] == 16
+
+
+def test_user_mistakes_exit_2_with_message_and_no_traceback(tmp_path, capsys):
+    assert main(["quickstart", "train.epoch=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.epoch'" in err and "epochs" in err and "Traceback" not in err
+    assert main(["quickstart", f"data.root={tmp_path}", "data.generate=null", f"out_dir={tmp_path}/r"]) == 2
+    assert "train.csv not found" in capsys.readouterr().err
