@@ -60,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     freeze_backbone_epochs: int = 0
+    freeze_norm_stats: bool = False
     grad_clip: float | None = None
     channels_last: bool = False
     device: str = "auto"

@@ -57,14 +57,21 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, scheduler,
                     device: torch.device, epoch: int, *, grad_clip: float | None = None,
                     channels_last: bool = False, freeze_backbone: bool = False,
-                    quiet: bool = False) -> dict:
+                    freeze_norm_stats: bool = False, quiet: bool = False) -> dict:
     """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
 
-    With ``freeze_backbone`` the backbone stays in eval mode (its norm statistics fixed).
+    With ``freeze_backbone`` the backbone stays in eval mode (its norm statistics fixed). With
+    ``freeze_norm_stats`` only its batch-norm layers do: their running statistics stay those
+    of pretraining while every weight trains. Switching a pretrained backbone from running to
+    small-batch statistics when it is unfrozen shifts its features under the fitted head.
     """
     model.train()
     if freeze_backbone:
         model.backbone.eval()
+    elif freeze_norm_stats:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = _progress(loader, len(loader), f"epoch {epoch}", quiet)
     for step, (images, targets) in enumerate(bar):

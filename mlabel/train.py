@@ -112,7 +112,8 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
                               grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
-                              freeze_backbone=frozen, quiet=quiet)
+                              freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
+                              quiet=quiet)
         probs, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
                                                        channels_last=cfg.train.channels_last, quiet=quiet)
         val_map = evaluate_predictions(probs, targets)["mAP"] or 0.0
