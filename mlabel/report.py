@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from .io import atomic_path, write_text  # noqa: E402
 from .metrics import ranking_counts  # noqa: E402
+from .thresholds import _f1_at_cutoffs  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -39,14 +40,13 @@ def _grid(n: int):
 def _label_curves(probs: np.ndarray, targets: np.ndarray):
     """Per label: thresholds, precision, recall, F1 at every distinct score."""
     scores, tp, fp, last = ranking_counts(torch.from_numpy(probs).double(), torch.from_numpy(targets).double())
+    f1 = _f1_at_cutoffs(tp, fp)  # the curve the threshold tuner maximises
     for j in range(probs.shape[1]):
         keep = last[:, j]
         t, p, f = scores[keep, j].numpy(), tp[keep, j].numpy(), fp[keep, j].numpy()
-        pos = tp[-1, j].item()
         precision = p / np.maximum(p + f, 1)
-        recall = p / max(pos, 1)
-        f1 = 2 * p / np.maximum(2 * p + f + (pos - p), 1e-12)
-        yield t, precision, recall, f1
+        recall = p / max(tp[-1, j].item(), 1)
+        yield t, precision, recall, f1[keep, j].numpy()
 
 
 def _plot_training(history: list[dict], folder: Path) -> str:
