@@ -21,9 +21,14 @@ import torch
 __all__ = ["average_precision", "auroc", "evaluate_predictions", "ranking_counts"]
 
 
-def _as_tensors(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.as_tensor(np.asarray(probs) if not torch.is_tensor(probs) else probs).double()
-    targets = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets).double()
+def _as_tensors(probs, targets, dtype: torch.dtype | None = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L) tensors from arrays or tensors; 1-D inputs are one label. ``dtype=None`` keeps the
+    scores' floating dtype (the threshold tuner sorts float32 faster)."""
+    probs = probs if torch.is_tensor(probs) else torch.as_tensor(np.asarray(probs))
+    targets = targets if torch.is_tensor(targets) else torch.as_tensor(np.asarray(targets))
+    if dtype is not None or not probs.is_floating_point():
+        probs = probs.to(dtype or torch.float64)
+    targets = targets.to(device=probs.device, dtype=probs.dtype if dtype else targets.dtype)
     if probs.ndim == 1:
         probs, targets = probs[:, None], targets.reshape(-1, 1)
     if probs.shape != targets.shape:
@@ -91,31 +96,92 @@ def _nanmean(x: torch.Tensor) -> float | None:
     return float(x.mean()) if x.numel() else None
 
 
+def _harmonic(p: torch.Tensor, r: torch.Tensor) -> float:
+    return float(_safe_div(2 * p * r, p + r))
+
+
+def label_ranking(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: coverage error and label-ranking average precision (scikit-learn's definitions).
+
+    Unknown (-1) labels are left out of the image's ranking. An image without positive labels has
+    coverage 0 and LRAP 1, as in scikit-learn. Returns two (N,) tensors.
+    """
+    probs, targets = _as_tensors(probs, targets)
+    relevant = targets == 1
+    scores = torch.where(targets >= 0, probs, torch.full_like(probs, -torch.inf))
+    lowest_relevant = torch.where(relevant, scores, torch.full_like(scores, torch.inf)).min(1, keepdim=True).values
+    coverage = (scores >= lowest_relevant).sum(1).double()
+    # rank_j = #labels scoring >= s_j; hits_j = #relevant labels scoring >= s_j: counts at the end
+    # of each run of equal scores in the descending order of each row.
+    ordered, order = torch.sort(scores, dim=1, descending=True)
+    rel = torch.gather(relevant, 1, order).double()
+    n_labels = scores.shape[1]
+    position = torch.arange(1, n_labels + 1, dtype=torch.float64).expand_as(rel)
+    last = torch.ones_like(rel, dtype=torch.bool)
+    last[:, :-1] = ordered[:, :-1] != ordered[:, 1:]
+    end = torch.where(last, torch.arange(n_labels).expand_as(rel), torch.full_like(order, n_labels))
+    end = torch.flip(torch.cummin(torch.flip(end, [1]), 1).values, [1])
+    rank = position.gather(1, end)
+    hits = rel.cumsum(1).gather(1, end)
+    n_rel = rel.sum(1)
+    lrap = _safe_div((rel * hits / rank).sum(1), n_rel)
+    lrap = torch.where(n_rel > 0, lrap, torch.ones_like(lrap))
+    return torch.where(n_rel > 0, coverage, torch.zeros_like(coverage)), lrap
+
+
+def calibration_error(probs, targets, bins: int = 15) -> torch.Tensor:
+    """(L,) expected calibration error per label: sum over ``bins`` equal-width probability bins
+    of (bin share) x |mean probability - positive rate|; NaN for a label with no known target."""
+    probs, targets = _as_tensors(probs, targets)
+    known = targets >= 0
+    index = (probs * bins).long().clamp(0, bins - 1) + torch.arange(probs.shape[1]) * bins
+    n_labels = probs.shape[1]
+
+    def per_bin(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_labels * bins, dtype=torch.float64).index_add_(
+            0, index[known], values[known]).view(n_labels, bins)
+
+    gap = (per_bin(probs) - per_bin((targets == 1).double())).abs().sum(1)
+    n_known = known.sum(0).double()
+    return torch.where(n_known > 0, gap / n_known.clamp(min=1), torch.full_like(gap, math.nan))
+
+
 def _cutoff_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
                     binary: bool) -> tuple[dict, dict]:
-    """Metrics that depend on a cut-off: summary dict and per-label tensors."""
+    """Metrics that depend on a cut-off: summary dict and per-label tensors.
+
+    ``thresholds`` is (L,) or, for cross-fitted thresholds, (N, L).
+    """
     known = targets >= 0
     pred = (probs >= thresholds) & known
     true = (targets == 1) & known
     tp = (pred & true).sum(0).double()
     fp = (pred & ~true).sum(0).double()
-    fn = (~pred & true & known).sum(0).double()
+    fn = (~pred & true).sum(0).double()
     precision, recall = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn)
     f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
+    support = tp + fn
     row_tp = (pred & true).sum(1).double()
     row_f1 = _safe_div(2 * row_tp, pred.sum(1).double() + true.sum(1).double())
     wrong = (pred != true) & known
+    micro_p, micro_r = _safe_div(stp, stp + sfp), _safe_div(stp, stp + sfn)
     summary = {
         "macro_f1": float(f1.mean()),
         "micro_f1": float(_safe_div(2 * stp, 2 * stp + sfp + sfn)),
         "samples_f1": float(row_f1.mean()),
+        "weighted_f1": float(_safe_div((f1 * support).sum(), support.sum())),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
-        "micro_precision": float(_safe_div(stp, stp + sfp)),
-        "micro_recall": float(_safe_div(stp, stp + sfn)),
+        "micro_precision": float(micro_p),
+        "micro_recall": float(micro_r),
         "hamming_loss": float(wrong.sum() / known.sum().clamp(min=1)),
         "subset_accuracy": float((~wrong.any(1)).double().mean()),
+        # Per-class and overall precision/recall/F1 of the multi-label literature (ML-GCN, ASL):
+        # CF1 is the harmonic mean of CP and CR (not the mean of per-label F1); OF1 = micro F1.
+        "CP": float(precision.mean()), "CR": float(recall.mean()),
+        "CF1": _harmonic(precision.mean(), recall.mean()),
+        "OP": float(micro_p), "OR": float(micro_r), "OF1": _harmonic(micro_p, micro_r),
     }
     if binary:
         summary["accuracy"] = summary["subset_accuracy"]
@@ -129,35 +195,55 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     Args:
         probs: (N, L) probabilities (after the sigmoid).
         targets: (N, L) with 1, 0 or -1 (unknown).
-        thresholds: (L,) per-label cut-offs (``prob >= threshold`` is positive); default 0.5.
+        thresholds: (L,) per-label cut-offs (``prob >= threshold`` is positive), or (N, L) for
+            per-image cut-offs such as cross-fitted ones; default 0.5.
         labels: names for ``per_label``; default ``"0"``, ``"1"``, ...
         binary: add ``accuracy``; default: when there is a single label.
 
     Returns:
-        a JSON-ready dict with ``mAP``, ``macro_f1``, ``micro_f1``, ``samples_f1``,
-        ``hamming_loss``, ``subset_accuracy``, ``macro_auroc``, precision/recall twins,
-        ``accuracy`` for binary tasks, their ``@0.5`` twins, and ``per_label``.
+        a JSON-ready dict: ranking metrics (``mAP``, ``micro_ap``, ``macro_auroc``,
+        ``micro_auroc``, ``coverage_error``, ``label_ranking_ap``, ``macro_ece``), cut-off metrics
+        (``macro_f1``, ``micro_f1``, ``samples_f1``, ``weighted_f1``, precision/recall twins,
+        ``hamming_loss``, ``subset_accuracy``, CP/CR/CF1, OP/OR/OF1, ``accuracy`` for binary tasks)
+        with their ``@0.5`` twins, and ``per_label``.
     """
     probs, targets = _as_tensors(probs, targets)
     n_labels = probs.shape[1]
     labels = list(labels) if labels is not None else [str(i) for i in range(n_labels)]
+    if len(labels) != n_labels:
+        raise ValueError(f"{len(labels)} label names for {n_labels} columns of probs")
     binary = n_labels == 1 if binary is None else binary
     th = torch.full((n_labels,), 0.5, dtype=torch.float64) if thresholds is None \
-        else torch.as_tensor(np.asarray(thresholds, dtype=np.float64)).reshape(-1)
+        else torch.as_tensor(np.asarray(thresholds, dtype=np.float64))
+    if th.ndim != 2:
+        th = th.reshape(-1)
+    if th.shape[-1] != n_labels:
+        raise ValueError(f"{th.shape[-1]} thresholds for {n_labels} labels")
     ap, roc = average_precision(probs, targets), auroc(probs, targets)
+    known = targets >= 0
+    flat_p, flat_t = probs[known][:, None], targets[known][:, None]
+    coverage, lrap = label_ranking(probs, targets)
+    ece = calibration_error(probs, targets)
     tuned, per = _cutoff_metrics(probs, targets, th, binary)
-    half, per_half = _cutoff_metrics(probs, targets, torch.full_like(th, 0.5), binary)
-    result = {"n_images": int(probs.shape[0]), "mAP": _nanmean(ap), "macro_auroc": _nanmean(roc)}
+    half, per_half = _cutoff_metrics(probs, targets, torch.full((n_labels,), 0.5, dtype=torch.float64), binary)
+    result = {"n_images": int(probs.shape[0]), "mAP": _nanmean(ap), "micro_ap": _nanmean(average_precision(flat_p, flat_t)),
+              "macro_auroc": _nanmean(roc), "micro_auroc": _nanmean(auroc(flat_p, flat_t)),
+              "coverage_error": float(coverage.mean()), "label_ranking_ap": float(lrap.mean()),
+              "macro_ece": _nanmean(ece)}
     result.update(tuned)
     result.update({f"{k}@0.5": v for k, v in half.items()})
     support = (targets == 1).sum(0)
+    per_th = th if th.ndim == 1 else torch.full((n_labels,), math.nan, dtype=torch.float64)
+
+    def num(x):
+        return None if math.isnan(x) else float(x)
+
     result["per_label"] = {
         name: {
-            "ap": None if math.isnan(ap[i]) else float(ap[i]),
-            "auroc": None if math.isnan(roc[i]) else float(roc[i]),
+            "ap": num(ap[i]), "auroc": num(roc[i]),
             "f1": float(per["f1"][i]), "precision": float(per["precision"][i]),
-            "recall": float(per["recall"][i]), "threshold": float(th[i]),
-            "f1@0.5": float(per_half["f1"][i]), "support": int(support[i]),
+            "recall": float(per["recall"][i]), "threshold": num(per_th[i]),
+            "f1@0.5": float(per_half["f1"][i]), "ece": num(ece[i]), "support": int(support[i]),
         }
         for i, name in enumerate(labels)
     }

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from .io import atomic_path, write_text  # noqa: E402
 from .metrics import ranking_counts  # noqa: E402
-from .thresholds import _f1_at_cutoffs  # noqa: E402
+from .thresholds import _objective  # noqa: E402
 
 __all__ = ["write_report"]
 
@@ -40,7 +40,8 @@ def _grid(n: int):
 def _label_curves(probs: np.ndarray, targets: np.ndarray):
     """Per label: thresholds, precision, recall, F1 at every distinct score."""
     scores, tp, fp, last = ranking_counts(torch.from_numpy(probs).double(), torch.from_numpy(targets).double())
-    f1 = _f1_at_cutoffs(tp, fp)  # the curve the threshold tuner maximises
+    # The very curve the threshold tuner maximises.
+    f1 = _objective("f1", tp.T.clone(), fp.T, tp[-1:].T, fp[-1:].T, 1.0, 0.0, 0.0).T
     for j in range(probs.shape[1]):
         keep = last[:, j]
         t, p, f = scores[keep, j].numpy(), tp[keep, j].numpy(), fp[keep, j].numpy()

@@ -77,22 +77,60 @@ def test_binary_reports_accuracy():
     assert report["accuracy@0.5"] == pytest.approx(skm.accuracy_score(targets[:, 0], probs[:, 0] >= 0.5))
 
 
-@pytest.mark.parametrize("seed,ties", [(8, False), (9, True), (10, True)])
-def test_tuned_f1_equals_best_f1_on_sklearn_pr_curve(seed, ties):
-    probs, targets = _data(seed, n=400, labels=6, ties=ties)
-    th, best = mlabel.tune_thresholds(probs, targets, return_scores=True)
-    for j in range(probs.shape[1]):
-        precision, recall, _ = skm.precision_recall_curve(targets[:, j], probs[:, j])
-        denom = precision + recall
-        optimum = np.max(np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0))
-        achieved = skm.f1_score(targets[:, j], probs[:, j] >= th[j].item())
-        assert achieved == pytest.approx(optimum, abs=1e-9)
-        assert best[j].item() == pytest.approx(optimum, abs=1e-6)
+@pytest.mark.parametrize("seed,ties", [(12, False), (13, True)])
+def test_more_metrics_equal_sklearn(seed, ties):
+    probs, targets = _data(seed, n=250, labels=6, ties=ties)
+    targets[:3] = 0  # images without any positive label
+    th = np.linspace(0.3, 0.7, 6).astype(np.float32)
+    report = mlabel.evaluate_predictions(probs, targets, thresholds=th)
+    pred = (probs >= th).astype(int)
+    assert report["weighted_f1"] == pytest.approx(skm.f1_score(targets, pred, average="weighted", zero_division=0))
+    cp = skm.precision_score(targets, pred, average="macro", zero_division=0)
+    cr = skm.recall_score(targets, pred, average="macro", zero_division=0)
+    op = skm.precision_score(targets, pred, average="micro", zero_division=0)
+    orr = skm.recall_score(targets, pred, average="micro", zero_division=0)
+    assert (report["CP"], report["CR"], report["OP"], report["OR"]) == pytest.approx((cp, cr, op, orr))
+    assert report["CF1"] == pytest.approx(2 * cp * cr / (cp + cr))
+    assert report["OF1"] == pytest.approx(skm.f1_score(targets, pred, average="micro"))
+    assert report["micro_auroc"] == pytest.approx(skm.roc_auc_score(targets, probs, average="micro"))
+    assert report["micro_ap"] == pytest.approx(skm.average_precision_score(targets, probs, average="micro"))
+    assert report["coverage_error"] == pytest.approx(skm.coverage_error(targets, probs))
+    assert report["label_ranking_ap"] == pytest.approx(skm.label_ranking_average_precision_score(targets, probs))
 
 
-def test_tuning_warns_and_falls_back_without_positives():
-    probs, targets = _data(11, labels=3)
-    targets[:, 1] = 0
-    with pytest.warns(UserWarning, match="no positive example"):
-        th = mlabel.tune_thresholds(torch.from_numpy(probs), torch.from_numpy(targets), labels=["x", "y", "z"])
-    assert th[1].item() == 0.5
+def test_ranking_metrics_leave_unknown_labels_out_of_each_image():
+    probs, targets = _data(14, n=120, labels=7, ties=True)
+    unknown = np.random.default_rng(14).random(targets.shape) < 0.25
+    masked = np.where(unknown, -1, targets)
+    report = mlabel.evaluate_predictions(probs, masked)
+    coverage, lrap = [], []
+    for i in range(len(probs)):
+        keep = ~unknown[i]
+        y, s = targets[i, keep][None], probs[i, keep][None]
+        coverage.append(skm.coverage_error(y, s) if keep.any() else 0.0)
+        lrap.append(skm.label_ranking_average_precision_score(y, s) if keep.sum() > 1 else 1.0)
+    assert report["coverage_error"] == pytest.approx(np.mean(coverage))
+    assert report["label_ranking_ap"] == pytest.approx(np.mean(lrap))
+    known = ~unknown
+    assert report["micro_auroc"] == pytest.approx(skm.roc_auc_score(targets[known], probs[known]))
+
+
+def test_calibration_error_matches_a_direct_loop():
+    probs, targets = _data(15, n=500, labels=3)
+    ece = mlabel.metrics.calibration_error(probs, targets, bins=10).numpy()
+    for j in range(3):
+        total = 0.0
+        for b in range(10):
+            inside = (probs[:, j] >= b / 10) & ((probs[:, j] < (b + 1) / 10) | (b == 9))
+            if inside.any():
+                total += inside.sum() / len(probs) * abs(probs[inside, j].mean() - targets[inside, j].mean())
+        assert ece[j] == pytest.approx(total, abs=1e-6)
+
+
+def test_per_image_thresholds_equal_the_same_cutoff_applied_row_by_row():
+    probs, targets = _data(16, n=60, labels=4)
+    rows = np.random.default_rng(16).uniform(0.2, 0.8, probs.shape).astype(np.float32)
+    report = mlabel.evaluate_predictions(probs, targets, thresholds=rows)
+    pred = (probs >= rows).astype(int)
+    assert report["macro_f1"] == pytest.approx(skm.f1_score(targets, pred, average="macro", zero_division=0))
+    assert report["per_label"]["0"]["threshold"] is None  # no single threshold to report
