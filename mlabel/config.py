@@ -75,7 +75,19 @@ class LossConfig:
 
 @dataclass
 class ThresholdsConfig:
-    metric: Literal["f1"] = "f1"
+    metric: Literal["f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global"] = "f1"
+    beta: float = 1.0             # fbeta
+    min_recall: float = 0.9       # precision_at_recall
+    min_precision: float = 0.9    # recall_at_precision
+    mode: Literal["exact", "histogram"] = "exact"
+    bins: int = 2048              # histogram mode
+    cross_fit: int = 5            # folds for the cross-fitted F1 in metrics.json; 0 = off
+    fallback: float = 0.5         # labels with one class in val
+
+
+@dataclass
+class CalibrationConfig:
+    method: Literal["none", "temperature", "platt"] = "platt"
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -232,6 +245,8 @@ def _check(config: Config) -> None:
     if config.data.label_columns and config.data.labels_column:
         raise ConfigError("give either data.label_columns (0/1 columns) or data.labels_column "
                           "(one column of names), not both")
+    if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
+        raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
                 "data.image_size": config.data.image_size, "loss.pos_weight_max": config.loss.pos_weight_max}
     for key, value in positive.items():

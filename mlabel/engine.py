@@ -105,13 +105,13 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
                         *, channels_last: bool = False, quiet: bool = False, desc: str = "eval"):
-    """Probabilities and targets over a loader, and the mean loss when ``loss_fn`` is given.
+    """Logits and targets over a loader, and the mean loss when ``loss_fn`` is given.
 
     Returns:
-        probs (N, L) float32 on the CPU, targets (N, L), mean loss (or None).
+        logits (N, L) float32 on the CPU, targets (N, L), mean loss (or None).
     """
     model.eval()
-    all_probs, all_targets, total_loss, seen = [], [], 0.0, 0
+    all_logits, all_targets, total_loss, seen = [], [], 0.0, 0
     for images, targets in _progress(loader, len(loader), desc, quiet):
         images = images.to(device, non_blocking=True)
         if channels_last:
@@ -121,7 +121,7 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
         if loss_fn is not None:
             total_loss += loss_fn(logits, targets.to(device)).item() * len(images)
             seen += len(images)
-        all_probs.append(torch.sigmoid(logits).cpu())
+        all_logits.append(logits.cpu())
         all_targets.append(targets)
     loss = total_loss / seen if loss_fn is not None and seen else None
-    return torch.cat(all_probs), torch.cat(all_targets), loss
+    return torch.cat(all_logits), torch.cat(all_targets), loss

@@ -10,14 +10,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .calibration import apply_calibration
 from .io import atomic_path, write_json
 from .weights import load_backbone_weights
 
-__all__ = ["MultiLabelClassifier", "create_model", "load", "FORMAT_VERSION"]
+__all__ = ["MultiLabelClassifier", "create_model", "load", "FORMAT_VERSION", "UnsafeModelFileError"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mlabel.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+class UnsafeModelFileError(ValueError):
+    """A pickle-based weights file offered where only safetensors is trusted."""
 
 
 def _resolve_preprocessing(backbone: nn.Module, image_size: int | None, resize: str) -> dict:
@@ -44,7 +50,7 @@ class MultiLabelClassifier(nn.Module):
     def __init__(self, backbone: str, labels: Sequence[str], *, head: str = "linear",
                  drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
                  resize: str = "crop", thresholds: Sequence[float] | None = None,
-                 preprocessing: dict | None = None):
+                 preprocessing: dict | None = None, calibration: dict | None = None):
         super().__init__()
         if not labels:
             raise ValueError("labels must name at least one label")
@@ -65,6 +71,11 @@ class MultiLabelClassifier(nn.Module):
         self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
         initial = torch.full((len(self.labels),), 0.5) if thresholds is None else torch.as_tensor(thresholds)
         self.register_buffer("thresholds", initial.float().clone(), persistent=False)
+        self.calibration: str | None = None
+        self.register_buffer("calibration_scale", None, persistent=False)
+        self.register_buffer("calibration_bias", None, persistent=False)
+        if calibration:
+            self.set_calibration(calibration["method"], calibration["scale"], calibration["bias"])
 
     @property
     def num_labels(self) -> int:
@@ -86,20 +97,56 @@ class MultiLabelClassifier(nn.Module):
             raise ValueError(f"expected {self.num_labels} thresholds, got {th.numel()}")
         self.thresholds = th.to(self.thresholds.device)
 
+    def set_calibration(self, method: str | None, scale=None, bias=None) -> None:
+        """Use ``sigmoid(scale * logit + bias)`` per label in :meth:`predict_proba` (``None`` turns it off)."""
+        if method in (None, "none"):
+            self.calibration, self.calibration_scale, self.calibration_bias = None, None, None
+            return
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
+        if scale.numel() != self.num_labels or bias.numel() != self.num_labels:
+            raise ValueError(f"calibration needs {self.num_labels} scales and biases")
+        if not bool((scale > 0).all()):
+            raise ValueError("calibration scales must be positive (an increasing map keeps the ranking)")
+        device = self.thresholds.device
+        self.calibration, self.calibration_scale, self.calibration_bias = method, scale.to(device), bias.to(device)
+
+    def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        """Logits (N, L) -> probabilities, calibrated when the model carries a calibration."""
+        if calibrated and self.calibration is not None:
+            return apply_calibration(logits.float(), self.calibration_scale, self.calibration_bias)
+        return torch.sigmoid(logits.float())
+
+    def preprocess(self, images) -> torch.Tensor:
+        """A batch tensor from a tensor (returned as is), or a list of paths / PIL images / arrays,
+        with the model's saved preprocessing (resize, crop, normalisation)."""
+        if torch.is_tensor(images):
+            return images
+        from .data.dataset import build_transform, to_rgb_array
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        transform = build_transform(self.preprocessing, train=False)
+        return torch.stack([transform(image=to_rgb_array(item))["image"] for item in images])
+
     @torch.no_grad()
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (N, 3, H, W) normalised -> probabilities (N, L) via sigmoid."""
+    def predict_proba(self, images, calibrated: bool = True) -> torch.Tensor:
+        """images -> probabilities (N, L) via sigmoid (and the calibration, when present).
+
+        ``images``: a normalised (N, 3, H, W) tensor, or paths, PIL images or uint8 RGB arrays
+        (one or a list), which get the saved preprocessing.
+        """
         was_training = self.training
         self.eval()
         try:
-            return torch.sigmoid(self(images).float())
+            batch = self.preprocess(images).to(self.thresholds.device)
+            return self.probabilities(self(batch), calibrated)
         finally:
             self.train(was_training)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (N, 3, H, W) -> bool (N, L): each label at or above its own threshold."""
-        return self.predict_proba(images) >= self.thresholds.to(images.device)
+    def predict(self, images) -> torch.Tensor:
+        """images (as for :meth:`predict_proba`) -> bool (N, L): each label at or above its threshold."""
+        return self.predict_proba(images) >= self.thresholds
 
     def describe(self) -> dict:
         return {
@@ -111,6 +158,10 @@ class MultiLabelClassifier(nn.Module):
             "head": self.head_name,
             "drop_rate": self.drop_rate,
             "preprocessing": self.preprocessing,
+            "calibration": None if self.calibration is None else {
+                "method": self.calibration,
+                "scale": [float(v) for v in self.calibration_scale.cpu()],
+                "bias": [float(v) for v in self.calibration_bias.cpu()]},
         }
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
@@ -147,10 +198,14 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
     return model
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> MultiLabelClassifier:
+def load(path: str | Path, map_location: str | torch.device = "cpu", *,
+         trust_pickle: bool = False) -> MultiLabelClassifier:
     """Load a model saved by :meth:`MultiLabelClassifier.save_pretrained` (or a run directory).
 
-    Only safetensors and JSON are read, so loading never executes code from the files.
+    Only safetensors and JSON are read, so loading never executes code from the files. A model
+    directory whose weights exist only as a pickle-based file (``.pt``, ``.pth``, ``.bin``,
+    ``.ckpt``, ``.pkl``) is refused unless ``trust_pickle=True``, and even then the file is
+    read with ``torch.load(weights_only=True)``, which builds tensors but calls no code.
     """
     path = Path(path)
     if (path / "model" / META_FILE).is_file():
@@ -159,14 +214,38 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> MultiLab
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not an mlabel model: {META_FILE} is missing "
                                 "(give a model directory or a run directory that holds model/)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err}); the model directory is damaged") from None
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {version!r}; this mlabel reads "
-                         f"version {FORMAT_VERSION}. Re-export the model with a matching mlabel.")
+        raise ValueError(f"{meta_path} has format_version {version!r}; this mlabel (reads version "
+                         f"{FORMAT_VERSION}) cannot load it. Load it with the mlabel version that wrote "
+                         "it, or retrain / re-save the model with this one.")
     model = MultiLabelClassifier(
         meta["backbone"], meta["labels"], head=meta.get("head", "linear"),
         drop_rate=meta.get("drop_rate", 0.0), task=meta.get("task", "multilabel"),
-        thresholds=meta["thresholds"], preprocessing=meta["preprocessing"])
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(map_location)))
+        thresholds=meta["thresholds"], preprocessing=meta["preprocessing"],
+        calibration=meta.get("calibration"))
+    model.load_state_dict(_read_weights(path, map_location, trust_pickle))
     return model.eval()
+
+
+def _read_weights(path: Path, map_location, trust_pickle: bool) -> dict:
+    safe = path / WEIGHTS_FILE
+    if safe.is_file():
+        return load_file(str(safe), device=str(map_location))
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
+    if not trust_pickle:
+        raise UnsafeModelFileError(
+            f"{pickles[0]} is a pickle-based file, and unpickling can run code hidden in it. mlabel "
+            f"reads weights only from {WEIGHTS_FILE}. If you trust where this file came from, pass "
+            "trust_pickle=True (CLI: --trust-pickle); it is then read with weights_only=True.")
+    try:
+        state = torch.load(pickles[0], map_location=map_location, weights_only=True)
+    except Exception as err:  # weights_only raises UnpicklingError for anything but tensors
+        raise UnsafeModelFileError(f"{pickles[0]} holds more than tensors and was not loaded: {err}") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state

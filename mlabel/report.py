@@ -97,50 +97,93 @@ def _plot_frequency(counts: dict, labels: list[str], folder: Path) -> str:
     return _save(fig, folder / "label_frequency.png")
 
 
-def _plot_calibration(probs, targets, folder: Path, bins: int = 10) -> str:
+def _reliability(probs: np.ndarray, targets: np.ndarray, bins: int):
     known = targets >= 0
     p, t = probs[known], targets[known]
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    which = np.clip((p * bins).astype(int), 0, bins - 1)
     count = np.bincount(which, minlength=bins)
     mean_p = np.bincount(which, p, bins) / np.maximum(count, 1)
     mean_t = np.bincount(which, t, bins) / np.maximum(count, 1)
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
-    ax.plot(mean_p[count > 0], mean_t[count > 0], "o-", label="model (all labels)")
-    ece = float(np.sum(count * np.abs(mean_p - mean_t)) / max(count.sum(), 1))
-    ax.set(xlabel="predicted probability", ylabel="observed frequency", title=f"reliability on val (ECE {ece:.3f})")
-    ax.legend(), ax.grid(alpha=0.3)
+    return count, mean_p, mean_t
+
+
+def _plot_calibration(probs, targets, folder: Path, metrics: dict, labels: list[str],
+                      raw_probs=None, bins: int = 10) -> str:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained",
+                                      gridspec_kw={"width_ratios": [1, 1.3]})
+    left.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    curves = [("sigmoid of logits", raw_probs, "C1"), ("calibrated" if raw_probs is not None else "model", probs, "C0")]
+    for name, values, color in curves:
+        if values is None:
+            continue
+        count, mean_p, mean_t = _reliability(values, targets, bins)
+        left.plot(mean_p[count > 0], mean_t[count > 0], "o-", color=color, label=name)
+    left.set(xlabel="predicted probability (all labels pooled)", ylabel="observed positive rate",
+             title="reliability on val", xlim=(0, 1), ylim=(0, 1))
+    left.legend(fontsize=8), left.grid(alpha=0.3)
+    split = "test" if "test" in metrics else "val"
+    per = metrics[split]["per_label"]
+    shown = labels[:MAX_LABELS_PLOTTED * 2]
+    x = np.arange(len(shown))
+    after = [per[n]["ece"] or 0.0 for n in shown]
+    if "ece_uncalibrated" in per[shown[0]]:
+        before = [per[n]["ece_uncalibrated"] or 0.0 for n in shown]
+        right.bar(x - 0.2, before, 0.4, color="C1", label="sigmoid of logits")
+        right.bar(x + 0.2, after, 0.4, color="C0", label="calibrated")
+    else:
+        right.bar(x, after, 0.6, color="C0", label="model")
+    right.set_xticks(x, shown, rotation=45, ha="right")
+    right.set(ylabel="expected calibration error", title=f"per-label ECE on {split} (lower is better)")
+    right.legend(fontsize=8), right.grid(axis="y", alpha=0.3)
     return _save(fig, folder / "calibration.png")
 
 
+SUMMARY_KEYS = ["mAP", "macro_f1", "cross_fit", "macro_f1@0.5", "micro_f1", "micro_f1@0.5", "samples_f1",
+                "weighted_f1", "CF1", "OF1", "hamming_loss", "subset_accuracy", "macro_auroc",
+                "micro_auroc", "coverage_error", "label_ranking_ap", "macro_ece", "macro_ece_uncalibrated",
+                "accuracy", "accuracy@0.5"]
+
+
+def _summary_value(m: dict, key: str):
+    if key == "cross_fit":  # the cross-fitted F1 beside the in-sample one
+        return m["cross_fit"]["macro_f1"] if "cross_fit" in m else None
+    return m.get(key)
+
+
 def _table(metrics: dict, labels: list[str]) -> str:
-    keys = ["mAP", "macro_f1", "macro_f1@0.5", "micro_f1", "micro_f1@0.5", "samples_f1",
-            "hamming_loss", "subset_accuracy", "macro_auroc", "accuracy"]
     head = "".join(f"<th>{s}</th>" for s in metrics)
-    rows = "".join(f"<tr><td>{k}</td>" + "".join(
-        f"<td>{m[k]:.4f}</td>" if isinstance(m.get(k), float) else "<td>-</td>" for m in metrics.values())
-        + "</tr>" for k in keys if any(k in m for m in metrics.values()))
+    names = {"cross_fit": "macro_f1 (thresholds cross-fitted on val)"}
+    rows = "".join(
+        f"<tr><td>{names.get(k, k)}</td>" + "".join(
+            f"<td>{v:.4f}</td>" if isinstance(v := _summary_value(m, k), float) else "<td>-</td>"
+            for m in metrics.values()) + "</tr>"
+        for k in SUMMARY_KEYS if any(_summary_value(m, k) is not None for m in metrics.values()))
     last = list(metrics)[-1]
     per = metrics[last]["per_label"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     label_rows = "".join(
         f"<tr><td>{html.escape(n)}</td><td>{per[n]['support']}</td><td>{fmt(per[n]['ap'])}</td>"
-        f"<td>{per[n]['threshold']:.3f}</td><td>{fmt(per[n]['precision'])}</td><td>{fmt(per[n]['recall'])}</td>"
-        f"<td>{fmt(per[n]['f1'])}</td><td>{fmt(per[n]['f1@0.5'])}</td></tr>" for n in labels)
+        f"<td>{fmt(per[n]['threshold'])}</td><td>{fmt(per[n]['precision'])}</td><td>{fmt(per[n]['recall'])}</td>"
+        f"<td>{fmt(per[n]['f1'])}</td><td>{fmt(per[n]['f1@0.5'])}</td><td>{fmt(per[n]['ece'])}</td></tr>"
+        for n in labels)
     return (f"<h2>Summary</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>"
             f"<h2>Per label ({last})</h2><table><tr><th>label</th><th>support</th><th>AP</th>"
-            f"<th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>F1 at 0.5</th></tr>"
-            f"{label_rows}</table>")
+            f"<th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>F1 at 0.5</th>"
+            f"<th>ECE</th></tr>{label_rows}</table>")
 
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], val_probs: np.ndarray,
-                 val_targets: np.ndarray, labels: list[str], thresholds: np.ndarray, counts: dict) -> Path:
-    """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder."""
+                 val_targets: np.ndarray, labels: list[str], thresholds: np.ndarray, counts: dict,
+                 raw_probs: np.ndarray | None = None) -> Path:
+    """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder.
+
+    ``val_probs`` are the model's (calibrated) probabilities; ``raw_probs`` the plain sigmoid,
+    drawn beside them in the reliability diagram when a calibration is used.
+    """
     folder = Path(run_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
     images = [_plot_training(history, folder), *_plot_pr_and_f1(val_probs, val_targets, labels, thresholds, folder),
-              _plot_frequency(counts, labels, folder), _plot_calibration(val_probs, val_targets, folder)]
+              _plot_frequency(counts, labels, folder), _plot_calibration(val_probs, val_targets, folder, metrics, labels, raw_probs)]
     more = f"<p>Plots show the first {MAX_LABELS_PLOTTED} of {len(labels)} labels.</p>" \
         if len(labels) > MAX_LABELS_PLOTTED else ""
     body = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)

@@ -25,9 +25,8 @@ from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, colle
                      train_one_epoch)
 from .io import write_json, write_text
 from .losses import BCEWithLogits, pos_weight_from_targets
-from .metrics import evaluate_predictions
+from .metrics import _nanmean, average_precision
 from .models import MultiLabelClassifier, create_model
-from .thresholds import tune_thresholds
 
 __all__ = ["main", "run"]
 
@@ -114,9 +113,9 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
                               grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
                               freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
                               quiet=quiet)
-        probs, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
-                                                       channels_last=cfg.train.channels_last, quiet=quiet)
-        val_map = evaluate_predictions(probs, targets)["mAP"] or 0.0
+        logits, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
+                                                        channels_last=cfg.train.channels_last, quiet=quiet)
+        val_map = _nanmean(average_precision(logits, targets)) or 0.0
         row = {"epoch": epoch, "train_loss": row["train_loss"], "val_loss": val_loss, "val_mAP": val_map,
                "lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_time_s": row["train_time_s"]}
         state["history"].append(row)
@@ -166,16 +165,17 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet)
 
     model.load_state_dict(state["best_state"])
+    from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
-    val_probs, val_targets, _ = collect_predictions(model, loaders[1]["val"], device, **eval_kwargs)
-    thresholds = tune_thresholds(val_probs, val_targets, cfg.thresholds.metric, labels=splits.labels)
-    model.set_thresholds(thresholds)
-    metrics = {"val": evaluate_predictions(val_probs, val_targets, thresholds, splits.labels)}
+    val_logits, val_targets, _ = collect_predictions(model, loaders[1]["val"], device, **eval_kwargs)
+    calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration)
+    metrics = {"val": evaluate_outputs(model, val_logits, val_targets, cross_fit=cfg.thresholds, seed=cfg.seed)}
     if "test" in loaders[1]:
-        test_probs, test_targets, _ = collect_predictions(model, loaders[1]["test"], device, **eval_kwargs)
-        metrics["test"] = evaluate_predictions(test_probs, test_targets, thresholds, splits.labels)
+        test_logits, test_targets, _ = collect_predictions(model, loaders[1]["test"], device, **eval_kwargs)
+        metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric})
+    thresholds = model.thresholds.cpu()
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", {
         "labels": splits.labels, "task": splits.task, "label_counts": counts,
@@ -183,17 +183,17 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
         "device": str(device), "wall_time_s": time.perf_counter() - started})
     from .report import write_report
-    write_report(out_dir, metrics, state["history"], val_probs.numpy(), val_targets.numpy(),
-                 splits.labels, thresholds.numpy(), counts)
+    write_report(out_dir, metrics, state["history"], model.probabilities(val_logits).numpy(),
+                 val_targets.numpy(), splits.labels, thresholds.numpy(), counts,
+                 raw_probs=torch.sigmoid(val_logits).numpy() if model.calibration else None)
     _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
+    from .evaluate import summary_line
     for split, m in metrics.items():
-        acc = f"  accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
-        _log(quiet, f"{split}: mAP {m['mAP']:.4f}  macro_f1 {m['macro_f1']:.4f} "
-                    f"(at 0.5: {m['macro_f1@0.5']:.4f})  micro_f1 {m['micro_f1']:.4f}{acc}")
+        _log(quiet, summary_line(split, m))
     print(f"run directory: {out_dir}  ({seconds:.0f} s)", flush=True)
 
 

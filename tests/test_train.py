@@ -79,3 +79,43 @@ def test_user_mistakes_exit_2_with_message_and_no_traceback(tmp_path, capsys):
     assert "unknown key 'train.epoch'" in err and "epochs" in err and "Traceback" not in err
     assert main(["quickstart", f"data.root={tmp_path}", "data.generate=null", f"out_dir={tmp_path}/r"]) == 2
     assert "train.csv not found" in capsys.readouterr().err
+
+
+def test_metrics_carry_calibration_and_cross_fitted_f1(tmp_path, scene_csv):
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=null",
+                            "thresholds.cross_fit=3"])
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    assert val["calibration"] == "platt"
+    assert {"macro_ece", "macro_ece_uncalibrated", "weighted_f1", "CF1", "OF1", "coverage_error"} <= set(val)
+    assert val["cross_fit"]["folds"] == 3 and set(val["cross_fit"]["per_label_f1"]) == set(val["per_label"])
+    assert "ece_uncalibrated" in val["per_label"]["circle"]
+    assert mlabel.load(out).calibration == "platt"
+
+
+def test_tune_and_evaluate_commands_rework_a_saved_model(tmp_path, scene_csv, capsys):
+    from mlabel.evaluate import main as evaluate_main
+    from mlabel.tune import main as tune_main
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert evaluate_main([str(out), "--split", "test", "--quiet"]) == 0
+    again = json.loads((out / "eval-test.json").read_text())["test"]
+    for key in ("mAP", "macro_f1", "micro_f1", "macro_ece"):
+        assert again[key] == pytest.approx(metrics["test"][key], abs=1e-6), key
+
+    assert tune_main([str(out / "model"), "--metric", "fbeta", "--beta", "2", "--calibration", "none",
+                      "--quiet"]) == 0
+    assert "stored in" in capsys.readouterr().out
+    model = mlabel.load(out)
+    assert model.calibration is None
+    meta = json.loads((out / "model" / "mlabel.json").read_text())
+    assert meta["threshold_metric"] == "fbeta" and meta["mlabel_version"]  # other keys kept
+    table = read_csv_table(scene_csv / "val.csv", scene_csv, labels=model.labels)
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16,
+                         train=False, num_workers=0, seed=0)
+    probs = torch.cat([model.predict_proba(x) for x, _ in loader])
+    expected = mlabel.tune_thresholds(probs, torch.from_numpy(table.targets), "fbeta", beta=2.0)
+    assert torch.equal(model.predict(torch.cat([x for x, _ in loader])), probs >= expected)
+    assert (out / "tune.json").is_file()
+
+    assert evaluate_main([str(tmp_path / "nowhere")]) == 2
+    assert "neither a model directory" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .tables import DataError, LabelTable
 
-__all__ = ["ImageDataset", "build_transform", "make_loader", "read_rgb"]
+__all__ = ["ImageDataset", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
 
 _INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
@@ -27,6 +27,17 @@ def read_rgb(path: str) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from None
+
+
+def to_rgb_array(item) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a path, a PIL image or an RGB array."""
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {item.shape} {item.dtype}")
+        return item
+    if isinstance(item, Image.Image):
+        return np.asarray(ImageOps.exif_transpose(item).convert("RGB"))
+    return read_rgb(str(item))
 
 
 def build_transform(preprocessing: dict, train: bool, augment: str = "none") -> A.Compose:

@@ -1,0 +1,169 @@
+"""``python -m mlabel.evaluate MODEL_DIR [RECIPE] [key=value ...] [--split test]``.
+
+Also the steps the trainer and ``mlabel.tune`` share: find a saved model and the config that
+made its splits, run it over a split, calibrate and tune thresholds, and score the outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .calibration import fit_calibration
+from .config import CalibrationConfig, Config, ConfigError, ThresholdsConfig, load_config
+from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
+from .engine import collect_predictions
+from .io import write_json
+from .metrics import _nanmean, calibration_error, evaluate_predictions
+from .models import META_FILE, MultiLabelClassifier, UnsafeModelFileError, load
+from .thresholds import cross_fit_predictions, tune_thresholds
+
+__all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_logits", "main"]
+
+
+def _tuning_kwargs(cfg: ThresholdsConfig) -> dict:
+    return dict(beta=cfg.beta, min_recall=cfg.min_recall, min_precision=cfg.min_precision,
+                mode=cfg.mode, bins=cfg.bins, fallback=cfg.fallback)
+
+
+def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
+                       thresholds: ThresholdsConfig, calibration: CalibrationConfig) -> None:
+    """Fit the calibration (if any) on val logits, then tune thresholds on the calibrated
+    probabilities; both are stored in ``model``."""
+    if calibration.method == "none":
+        model.set_calibration(None)
+    else:
+        scale, bias = fit_calibration(logits, targets, calibration.method)
+        model.set_calibration(calibration.method, scale, bias)
+    probs = model.probabilities(logits)
+    model.set_thresholds(tune_thresholds(probs, targets, thresholds.metric, labels=model.labels,
+                                         **_tuning_kwargs(thresholds)))
+
+
+def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
+                     cross_fit: ThresholdsConfig | None = None, seed: int = 0) -> dict:
+    """Metrics of ``model``'s probabilities and thresholds on (logits, targets).
+
+    With a calibration, ``macro_ece_uncalibrated`` and per-label ``ece_uncalibrated`` give the
+    ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit.cross_fit`` folds,
+    ``cross_fit`` holds the F1 reached by thresholds tuned on the other folds (the honest
+    estimate next to the in-sample ``macro_f1``).
+    """
+    probs = model.probabilities(logits)
+    metrics = evaluate_predictions(probs, targets, model.thresholds.cpu(), model.labels,
+                                   binary=model.task == "binary")
+    metrics["calibration"] = model.calibration or "none"
+    if model.calibration is not None:
+        raw = calibration_error(torch.sigmoid(logits.double()), targets)
+        metrics["macro_ece_uncalibrated"] = _nanmean(raw)
+        for name, value in zip(model.labels, raw.tolist()):
+            metrics["per_label"][name]["ece_uncalibrated"] = None if math.isnan(value) else value
+    if cross_fit is not None and cross_fit.cross_fit:
+        folds = min(cross_fit.cross_fit, len(probs))
+        rows = cross_fit_predictions(probs, targets, folds, seed, metric=cross_fit.metric,
+                                     **_tuning_kwargs(cross_fit))
+        crossed = evaluate_predictions(probs, targets, rows, model.labels)
+        metrics["cross_fit"] = {
+            "folds": folds, **{k: crossed[k] for k in ("macro_f1", "micro_f1", "samples_f1", "weighted_f1")},
+            "per_label_f1": {n: crossed["per_label"][n]["f1"] for n in model.labels}}
+    return metrics
+
+
+def locate_model(model_dir: str | Path) -> tuple[Path, Path | None]:
+    """(model directory, run directory or None) for a model or run directory."""
+    path = Path(model_dir)
+    if (path / "model" / META_FILE).is_file():
+        return path / "model", path
+    if (path / META_FILE).is_file():
+        return path, path.parent if (path.parent / "config.yaml").is_file() else None
+    raise DataError(f"{path} is neither a model directory (with {META_FILE}) nor a run directory "
+                    "(with model/)")
+
+
+def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pickle: bool = False):
+    """The model, the config that describes its data, and where to write results."""
+    model_path, run_dir = locate_model(model_dir)
+    if recipe is None:
+        if run_dir is None:
+            raise ConfigError(f"no config.yaml next to {model_path}: give the RECIPE whose data to use")
+        recipe = str(run_dir / "config.yaml")
+    cfg = load_config(recipe, overrides)
+    model = load(model_path, trust_pickle=trust_pickle)
+    return model, cfg, model_path, run_dir or model_path.parent
+
+
+def split_logits(model: MultiLabelClassifier, cfg: Config, split: str, device: torch.device,
+                 quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` over one split of ``cfg``'s data; targets in the model's label order."""
+    splits = build_splits(cfg.data, cfg.task if cfg.task != "auto" else model.task, cfg.seed)
+    table = getattr(splits, split, None)
+    if table is None:
+        have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
+        raise DataError(f"the data has no {split!r} split; available: {have} "
+                        "(set data.test or data.test_fraction for a test split)")
+    if splits.labels != model.labels:
+        missing = sorted(set(model.labels) - set(splits.labels))
+        extra = sorted(set(splits.labels) - set(model.labels))
+        if missing or extra:
+            raise DataError(f"the data's labels do not match the model's: missing {missing}, "
+                            f"not known to the model {extra}")
+        order = [splits.labels.index(name) for name in model.labels]
+        table.targets = table.targets[:, order]
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)),
+                         batch_size=cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers,
+                         seed=cfg.seed, pin_memory=device.type == "cuda")
+    model.to(device)
+    logits, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                             quiet=quiet, desc=split)
+    return logits, targets
+
+
+def split_arguments(rest: list[str]) -> tuple[str | None, list[str]]:
+    """``[RECIPE] [key=value ...]`` -> (recipe or None, overrides)."""
+    plain = [a for a in rest if "=" not in a]
+    if len(plain) > 1:
+        raise ConfigError(f"expected at most one RECIPE before the key=value overrides, got {plain}")
+    return (plain[0] if plain else None), [a for a in rest if "=" in a]
+
+
+def summary_line(name: str, m: dict) -> str:
+    acc = f"  accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
+    cross = f"  (cross-fitted {m['cross_fit']['macro_f1']:.4f})" if "cross_fit" in m else ""
+    return (f"{name}: mAP {m['mAP']:.4f}  macro_f1 {m['macro_f1']:.4f}{cross}  "
+            f"(at 0.5: {m['macro_f1@0.5']:.4f})  micro_f1 {m['micro_f1']:.4f}{acc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlabel.evaluate",
+                                     description="Metrics of a saved model on one split, written as JSON.")
+    parser.add_argument("model_dir", help="a model directory or a run directory")
+    parser.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value]",
+                        help="the recipe whose data to use (default: the run's config.yaml) and overrides")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    from .train import resolve_device
+    try:
+        recipe, overrides = split_arguments(args.rest)
+        model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
+        device = resolve_device(args.device or cfg.train.device)
+        logits, targets = split_logits(model, cfg, args.split, device, args.quiet)
+        metrics = evaluate_outputs(model, logits, targets)
+    except (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
+    write_json(out, {args.split: metrics})
+    print(summary_line(args.split, metrics))
+    print(f"metrics written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""``python -m mlabel.tune MODEL_DIR [RECIPE] [key=value ...] [--metric f1 ...]``.
+
+Re-tunes the per-label thresholds (and the calibration) of a saved model on the validation split
+of the run's data and stores them in the model's ``mlabel.json``; the weights are not touched.
+Prints old and new threshold and val score per label, and writes ``RUN_DIR/tune.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .calibration import CALIBRATION_METHODS
+from .config import CalibrationConfig, ConfigError, ThresholdsConfig
+from .data import DataError
+from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, split_arguments, split_logits,
+                       summary_line)
+from .io import write_json
+from .models import META_FILE, UnsafeModelFileError
+from .thresholds import OBJECTIVES
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlabel.tune",
+                                     description="(Re)tune per-label thresholds on the validation split.")
+    parser.add_argument("model_dir", help="a model directory or a run directory")
+    parser.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value]",
+                        help="the recipe whose val split to use (default: the run's config.yaml) and overrides")
+    parser.add_argument("--metric", choices=OBJECTIVES, help="objective (default: thresholds.metric of the config)")
+    parser.add_argument("--beta", type=float, help="beta of fbeta")
+    parser.add_argument("--min-recall", type=float, help="for precision_at_recall")
+    parser.add_argument("--min-precision", type=float, help="for recall_at_precision")
+    parser.add_argument("--mode", choices=["exact", "histogram"])
+    parser.add_argument("--cross-fit", type=int, metavar="K", help="folds for the cross-fitted F1 (0 = off)")
+    parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
+                        help="refit the calibration (default: calibration.method of the config)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    from .train import resolve_device
+    try:
+        recipe, overrides = split_arguments(args.rest)
+        model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
+        th_cfg: ThresholdsConfig = cfg.thresholds
+        for key in ("metric", "beta", "min_recall", "min_precision", "mode", "cross_fit"):
+            if getattr(args, key) is not None:
+                setattr(th_cfg, key, getattr(args, key))
+        cal_cfg = CalibrationConfig(args.calibration) if args.calibration else cfg.calibration
+        device = resolve_device(args.device or cfg.train.device)
+        logits, targets = split_logits(model, cfg, "val", device, args.quiet)
+        before = evaluate_outputs(model, logits, targets)
+        calibrate_and_tune(model, logits, targets, th_cfg, cal_cfg)
+        after = evaluate_outputs(model, logits, targets, cross_fit=th_cfg, seed=cfg.seed)
+    except (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta_path = model_path / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta.update(model.describe())
+    meta["threshold_metric"] = th_cfg.metric
+    meta["threshold_params"] = {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall,
+                                "min_precision": th_cfg.min_precision, "mode": th_cfg.mode}
+    write_json(meta_path, meta)
+    score = "f1" if th_cfg.metric in ("f1", "global") else None
+    print(f"{'label':<24}{'old':>8}{'new':>8}" + (f"{'val F1 old':>12}{'new':>8}" if score else ""))
+    for name in model.labels:
+        old, new = before["per_label"][name], after["per_label"][name]
+        line = f"{name:<24}{old['threshold']:>8.3f}{new['threshold']:>8.3f}"
+        print(line + (f"{old['f1']:>12.4f}{new['f1']:>8.4f}" if score else ""))
+    print(summary_line("val before", before))
+    print(summary_line("val after", after))
+    write_json(Path(out_dir) / "tune.json", {"metric": th_cfg.metric, "calibration": cal_cfg.method,
+                                             "val_before": before, "val_after": after})
+    print(f"thresholds ({th_cfg.metric}) stored in {meta_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
