@@ -80,7 +80,7 @@ def _plot_pr_and_f1(probs, targets, labels, thresholds, folder: Path) -> tuple[s
         f1_ax.set(title=name, xlabel="threshold", ylabel="F1", xlim=(0, 1), ylim=(0, 1.02))
         f1_ax.legend(fontsize=7, loc="lower center"), f1_ax.grid(alpha=0.3)
     pr_fig.suptitle("precision-recall on val (dot: tuned threshold)")
-    f1_fig.suptitle("F1 against threshold on val")
+    f1_fig.suptitle("F1 against threshold on val (the model's probabilities, calibrated when enabled)")
     return _save(pr_fig, folder / "pr_curves.png"), _save(f1_fig, folder / "f1_vs_threshold.png")
 
 

@@ -226,21 +226,33 @@ class ScoreHistogram:
         if self.counts.device.type != "cpu":
             self._add_block(probs, targets, 0, self.num_labels)
             return self
-        # On the CPU, blocks of labels whose counts stay in cache, spread over the intra-op threads
-        # (bincount itself runs on one thread).
+        # On the CPU, blocks of labels whose counts stay in cache, spread over a thread per core.
         step = max(1, (1 << 16) // self.bins)
         blocks = [(s, min(s + step, self.num_labels)) for s in range(0, self.num_labels, step)]
         list(_pool().map(lambda b: self._add_block(probs, targets, *b), blocks))
         return self
 
     def _add_block(self, probs: torch.Tensor, targets: torch.Tensor, start: int, stop: int) -> None:
-        index = (probs[:, start:stop] * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
-        index += torch.arange(stop - start, dtype=torch.int32, device=index.device) * self.bins
-        target = targets[:, start:stop]
-        key = index.mul_(2).add_((target == 1).to(torch.int32)).T
-        known = ((target == 0) | (target == 1)).T
-        key = key.flatten() if bool(known.all()) else key[known]
-        self.counts[start:stop].view(-1).add_(torch.bincount(key, minlength=(stop - start) * self.bins * 2))
+        """Count labels ``start:stop`` of a batch: key = (label * bins + bin) * 2 + positive."""
+        size = (stop - start) * self.bins * 2
+        if probs.device.type == "cpu":  # numpy's ufuncs and bincount release the GIL: blocks run in parallel
+            p, t = probs[:, start:stop].numpy(), targets[:, start:stop].numpy()
+            key = (p * self.bins).astype(np.int32)
+            np.clip(key, 0, self.bins - 1, out=key)
+            key += np.arange(stop - start, dtype=np.int32) * self.bins
+            key *= 2
+            key += t == 1
+            known = t >= 0
+            key = key.ravel() if known.all() else key[known]
+            counts = torch.from_numpy(np.bincount(key, minlength=size))
+        else:
+            p, t = probs[:, start:stop], targets[:, start:stop]
+            key = (p * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
+            key += torch.arange(stop - start, dtype=torch.int32, device=key.device) * self.bins
+            key = key.mul_(2).add_((t == 1).to(torch.int32))
+            known = t >= 0
+            counts = torch.bincount(key.flatten() if bool(known.all()) else key[known], minlength=size)
+        self.counts[start:stop].view(-1).add_(counts.to(self.counts))
 
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
         if other.counts.shape != self.counts.shape:
