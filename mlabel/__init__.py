@@ -1,11 +1,31 @@
 """mlabel: multi-label and binary image classification on any timm backbone with BCE on logits,
-per-label pos_weight, and per-label thresholds tuned on validation data and saved with the model."""
+per-label pos_weight, and per-label thresholds tuned on validation data and saved with the model.
+
+Attributes are imported on first use, so ``python -m mlabel.predict model.onnx ...`` runs
+without torch installed.
+"""
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from .losses import BCEWithLogits, pos_weight_from_targets
-from .metrics import evaluate_predictions
-from .models import MultiLabelClassifier, create_model, load
-from .thresholds import tune_thresholds
+_EXPORTS = {
+    "BCEWithLogits": "losses", "pos_weight_from_targets": "losses",
+    "evaluate_predictions": "metrics",
+    "MultiLabelClassifier": "models", "create_model": "models", "load": "models",
+    "tune_thresholds": "thresholds", "ThresholdTuner": "thresholds",
+    "fit_calibration": "calibration", "export_model": "export",
+}
 
-__all__ = ["BCEWithLogits", "MultiLabelClassifier", "create_model", "evaluate_predictions", "load",
-           "pos_weight_from_targets", "tune_thresholds", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlabel' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

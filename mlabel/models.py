@@ -122,11 +122,10 @@ class MultiLabelClassifier(nn.Module):
         with the model's saved preprocessing (resize, crop, normalisation)."""
         if torch.is_tensor(images):
             return images
-        from .data.dataset import build_transform, to_rgb_array
+        from .preprocess import preprocess_image
         if not isinstance(images, (list, tuple)):
             images = [images]
-        transform = build_transform(self.preprocessing, train=False)
-        return torch.stack([transform(image=to_rgb_array(item))["image"] for item in images])
+        return torch.stack([torch.from_numpy(preprocess_image(item, self.preprocessing)) for item in images])
 
     @torch.no_grad()
     def predict_proba(self, images, calibrated: bool = True) -> torch.Tensor:

@@ -8,63 +8,46 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from .tables import DataError, LabelTable
+from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
+from .tables import LabelTable
 
-__all__ = ["ImageDataset", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
+__all__ = ["EvalTransform", "ImageDataset", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
 
-_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
+class EvalTransform:
+    """The evaluation preprocessing of :func:`mlabel.preprocess.preprocess_image`, called like
+    an albumentations pipeline (``transform(image=array)["image"]`` is a tensor)."""
 
+    def __init__(self, preprocessing: dict):
+        self.preprocessing = preprocessing
 
-def read_rgb(path: str) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB, honouring EXIF orientation."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from None
+    def __call__(self, image: np.ndarray) -> dict:
+        return {"image": torch.from_numpy(preprocess_image(image, self.preprocessing))}
 
 
-def to_rgb_array(item) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from a path, a PIL image or an RGB array."""
-    if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {item.shape} {item.dtype}")
-        return item
-    if isinstance(item, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(item).convert("RGB"))
-    return read_rgb(str(item))
+def build_transform(preprocessing: dict, train: bool, augment: str = "none"):
+    """The pipeline for a model's saved preprocessing.
 
-
-def build_transform(preprocessing: dict, train: bool, augment: str = "none") -> A.Compose:
-    """The albumentations pipeline for a model's saved preprocessing.
-
-    Evaluation: ``crop`` resizes the shorter side to ``size / crop_pct`` and centre-crops
-    ``size``; ``squish`` resizes to ``size x size``. Training with augmentation replaces the
-    resize by a random resized crop (or a squish) and adds a horizontal flip; ``flips`` adds
-    vertical flips and 90-degree rotations, ``medium`` a wider crop range and colour jitter.
+    Evaluation (and training without augmentation) uses :class:`EvalTransform`: ``crop`` resizes
+    the shorter side to ``size / crop_pct`` and centre-crops ``size``; ``squish`` resizes to
+    ``size x size``. Training with augmentation is an albumentations pipeline: a random resized
+    crop (or a squish) and a horizontal flip; ``flips`` adds vertical flips and 90-degree
+    rotations, ``medium`` a wider crop range and colour jitter.
     """
+    if not train or augment == "none":
+        return EvalTransform(preprocessing)
     size = int(preprocessing["image_size"])
-    interp = _INTERPOLATION.get(preprocessing.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
+    interp = INTERPOLATION.get(preprocessing.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     squish = preprocessing.get("resize", "crop") == "squish"
-    if train and augment != "none":
-        scale = (0.6, 1.0) if augment in ("light", "flips") else (0.35, 1.0)
-        ops = [A.Resize(size, size, interpolation=interp) if squish
-               else A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interp),
-               A.HorizontalFlip(p=0.5)]
-        if augment == "flips":  # all 8 flips/rotations: for content without an up (shapes, aerial, cells)
-            ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
-        if augment == "medium":
-            ops.append(A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.8))
-    elif squish:
-        ops = [A.Resize(size, size, interpolation=interp)]
-    else:
-        short = int(round(size / float(preprocessing.get("crop_pct", 1.0))))
-        ops = [A.SmallestMaxSize(max_size=short, interpolation=interp), A.CenterCrop(size, size)]
+    scale = (0.6, 1.0) if augment in ("light", "flips") else (0.35, 1.0)
+    ops = [A.Resize(size, size, interpolation=interp) if squish
+           else A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interp),
+           A.HorizontalFlip(p=0.5)]
+    if augment == "flips":  # all 8 flips/rotations: for content without an up (shapes, aerial, cells)
+        ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
+    if augment == "medium":
+        ops.append(A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.8))
     ops += [A.Normalize(mean=preprocessing["mean"], std=preprocessing["std"], max_pixel_value=255.0),
             ToTensorV2()]
     return A.Compose(ops)

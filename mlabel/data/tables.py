@@ -12,16 +12,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import DataError
+from ..preprocess import IMAGE_EXTENSIONS
+
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no"}
 _UNKNOWN = {"", "-1", "-1.0"}
-
-
-class DataError(ValueError):
-    """A problem with the user's data; the message names the place and the fix."""
 
 
 @dataclass

@@ -1,0 +1,222 @@
+"""``python -m mlabel.predict MODEL INPUT... [--out preds.csv]``.
+
+MODEL is a model directory, a run directory, or an ``.onnx`` file from ``mlabel.export`` (then
+only onnxruntime, NumPy, Pillow and OpenCV are needed: torch is not imported). INPUT is any mix of
+image files, folders (searched recursively) and CSV files listing image paths (column ``path``,
+``image`` or ``filename``, else the first; relative paths are taken from the CSV's folder).
+
+Writes one row per image: ``path``, ``labels`` (every label at or above its threshold, joined by
+``;``, possibly empty), then one probability column per label; ``.jsonl`` output gives one JSON
+object per line instead. ``--threshold T`` replaces every per-label threshold by T; ``--topk K``
+keeps the K most probable labels (among those passing ``--threshold`` when both are given).
+Unreadable inputs are reported, skipped, listed in ``OUT.skipped.csv`` and counted at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .preprocess import IMAGE_EXTENSIONS, preprocess_image
+
+__all__ = ["main", "expand_inputs", "load_backend"]
+
+PATH_COLUMNS = ("path", "image", "filename", "file")
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Image files, folders (recursive, sorted) and CSV lists of paths -> image paths."""
+    paths: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                print(f"warning: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}", file=sys.stderr)
+            paths.extend(str(p) for p in found)
+        elif path.suffix.lower() == ".csv":
+            if not path.is_file():
+                raise DataError(f"CSV file {path} not found")
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                if not reader.fieldnames:
+                    raise DataError(f"{path} is empty: expected a header row and one image path per row")
+                column = next((c for c in PATH_COLUMNS if c in reader.fieldnames), reader.fieldnames[0])
+                for row in reader:
+                    value = (row.get(column) or "").strip()
+                    if value:
+                        paths.append(str(Path(value) if Path(value).is_absolute() else path.parent / value))
+        else:
+            paths.append(str(path))  # a file, or a missing one: reported when it cannot be read
+    return paths
+
+
+class _TorchBackend:
+    def __init__(self, model_dir: str, device: str | None, trust_pickle: bool):
+        import torch
+
+        from .engine import autocast_for
+        from .models import load
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load(model_dir, trust_pickle=trust_pickle).to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.autocast = lambda: autocast_for(self.device)
+        self.labels = self.model.labels
+        self.thresholds = self.model.thresholds.cpu().numpy()
+        self.preprocessing = self.model.preprocessing
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode(), self.autocast():
+            images = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            return self.model.probabilities(self.model(images)).float().cpu().numpy()
+
+
+class _OnnxBackend:
+    def __init__(self, path: str):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DataError("predicting with an .onnx file needs onnxruntime: pip install onnxruntime") from None
+        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map.get("mlabel")
+        if meta is None:
+            raise DataError(f"{path} carries no mlabel metadata; export it with python -m mlabel.export")
+        meta = json.loads(meta)
+        self.labels = meta["labels"]
+        self.thresholds = np.asarray(meta["thresholds"], dtype=np.float32)
+        self.preprocessing = meta["preprocessing"]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["probs"], {"images": batch})[0]
+
+
+def load_backend(model: str, device: str | None = None, trust_pickle: bool = False):
+    if model.lower().endswith(".onnx"):
+        return _OnnxBackend(model)
+    return _TorchBackend(model, device, trust_pickle)
+
+
+def _decisions(probs: np.ndarray, thresholds: np.ndarray, threshold: float | None, topk: int | None) -> np.ndarray:
+    passing = probs >= (thresholds if threshold is None else threshold)
+    if topk is not None:
+        if threshold is None:
+            passing = np.ones_like(passing)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
+        top = np.zeros_like(passing)
+        np.put_along_axis(top, order, True, axis=1)
+        passing &= top
+    return passing
+
+
+def _load(path: str, preprocessing: dict):
+    try:
+        return preprocess_image(path, preprocessing), None
+    except (DataError, ValueError, OSError) as err:
+        return None, str(err)
+
+
+def predict_paths(backend, paths: list[str], *, batch_size: int = 32, workers: int = 4, quiet: bool = False):
+    """Yield (path, probs row) for every readable image and (path, None, error) otherwise.
+
+    Decoding runs in a thread pool one batch ahead of inference.
+    """
+    from tqdm import tqdm
+    pool = ThreadPoolExecutor(max(1, workers))
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    submit = lambda chunk: [pool.submit(_load, p, backend.preprocessing) for p in chunk]  # noqa: E731
+    pending = submit(chunks[0]) if chunks else []
+    bar = tqdm(total=len(paths), unit="img", disable=quiet or not sys.stderr.isatty(), desc="predict")
+    try:
+        for k, chunk in enumerate(chunks):
+            loaded = [f.result() for f in pending]
+            pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
+            good = [i for i, (array, _) in enumerate(loaded) if array is not None]
+            probs = backend(np.stack([loaded[i][0] for i in good])) if good else None
+            row = dict(zip(good, range(len(good))))
+            for i, path in enumerate(chunk):
+                yield (path, probs[row[i]], None) if i in row else (path, None, loaded[i][1])
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        pool.shutdown(cancel_futures=True)
+
+
+def _write(out: Path, labels: list[str], rows: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    from .io import write_text
+    buffer = io.StringIO()
+    if out.suffix.lower() == ".jsonl":
+        for path, probs, keep in rows:
+            buffer.write(json.dumps({"path": path, "labels": [n for n, k in zip(labels, keep) if k],
+                                     "probs": {n: round(float(p), 6) for n, p in zip(labels, probs)}}) + "\n")
+    else:
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "labels", *labels])
+        for path, probs, keep in rows:
+            writer.writerow([path, ";".join(n for n, k in zip(labels, keep) if k), *(f"{p:.6f}" for p in probs)])
+    write_text(out, buffer.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlabel.predict", description=__doc__.split("\n\n")[1])
+    parser.add_argument("model", help="a model directory, a run directory or an exported .onnx file")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV files of paths")
+    parser.add_argument("--out", default="preds.csv", help="output .csv (default preds.csv) or .jsonl")
+    parser.add_argument("--topk", type=int, help="keep the K most probable labels per image")
+    parser.add_argument("--threshold", type=float, help="one threshold for every label instead of the tuned ones")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.topk is not None and args.topk < 1:
+        parser.error("--topk must be at least 1")
+    try:
+        paths = expand_inputs(args.inputs)
+        if not paths:
+            raise DataError("no images found in the inputs")
+        backend = load_backend(args.model, args.device, args.trust_pickle)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows, skipped = [], []
+    for path, probs, error in predict_paths(backend, paths, batch_size=args.batch_size,
+                                            workers=args.workers, quiet=args.quiet):
+        if probs is None:
+            print(f"skipped {path}: {error}", file=sys.stderr)
+            skipped.append((path, error))
+        else:
+            rows.append((path, probs))
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    if rows:
+        probs = np.stack([p for _, p in rows])
+        keep = _decisions(probs, backend.thresholds, args.threshold, args.topk)
+        _write(out, backend.labels, [(path, p, k) for (path, _), p, k in zip(rows, probs, keep)])
+    if skipped:
+        from .io import write_text
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([("path", "error"), *skipped])
+        write_text(out.with_name(out.name + ".skipped.csv"), buffer.getvalue())
+    print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
+          + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
+                                              f"{out.name}.skipped.csv)" if skipped else ""))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
