@@ -48,8 +48,12 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     pretrained: bool | str = True
-    head: Literal["linear"] = "linear"
+    head: Literal["linear", "mlp", "csra"] = "linear"
     drop_rate: float = 0.0
+    head_hidden: int = 512            # mlp
+    head_dropout: float = 0.2         # mlp
+    csra_lambda: float = 0.1          # csra: weight of the attention-pooled score
+    csra_temperature: float = 1.0     # csra: softmax temperature over locations (>= 99: max)
 
 
 @dataclass
@@ -68,9 +72,19 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["bce"] = "bce"
+    name: Literal["bce", "bce_prob", "focal", "asl", "hinge"] = "bce"
     pos_weight: Literal["auto", "none"] | list[float] = "auto"
     pos_weight_max: float = 10.0
+    label_smoothing: float = 0.0      # bce, bce_prob
+    eps: float = 1.0e-7               # bce_prob: probabilities clamped to [eps, 1 - eps]
+    gamma: float = 2.0                # focal
+    alpha: float | None = 0.25        # focal; null = no class balancing
+    gamma_neg: float = 4.0            # asl
+    gamma_pos: float = 0.0            # asl
+    clip: float = 0.05                # asl: probability shift of negatives
+    margin: float = 1.0               # hinge
+    regression: Literal["mse", "l1"] = "mse"   # loss of data.regression_columns
+    regression_weight: float = 1.0             # its weight in the sum with the classification loss
 
 
 @dataclass

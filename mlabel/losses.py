@@ -1,7 +1,9 @@
-"""BCE on logits with per-label ``pos_weight``, and the rule that derives it from label counts.
+"""The loss registry (``loss.name``: bce, bce_prob, focal, asl, hinge) and the rule that derives
+the per-label ``pos_weight`` from label counts.
 
-Targets are float 0/1 with the shape of the logits; -1 marks an unknown target, which is left
-out of the loss (the mean is taken over the known elements only).
+Targets are float 0/1 with the shape of the logits; -1 marks an unknown target, which every loss
+leaves out (the mean is taken over the known elements only). ``pos_weight`` multiplies each
+loss's positive term; ``weight`` multiplies elements.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BCEWithLogits", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
+__all__ = ["BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
+           "build_loss", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
 
 # neg/pos is bounded because a label with 3 positives in 30,000 would otherwise get a weight of
 # 10,000: its few examples dominate every batch they appear in, gradients spike, and the
@@ -51,12 +54,10 @@ def pos_weight_from_targets(targets: torch.Tensor, max_weight: float = DEFAULT_P
     return weight.clamp(1.0 / max_weight, max_weight)
 
 
-class BCEWithLogits(nn.Module):
-    """``BCEWithLogitsLoss`` with a per-label ``pos_weight``, per-element ``weight`` and
-    unknown targets (-1) masked out.
-
-    With no unknown targets it equals ``F.binary_cross_entropy_with_logits`` exactly.
-    """
+class _MaskedLoss(nn.Module):
+    """Shared frame: unknown targets (-1) masked out, per-element ``weight``, a per-label
+    ``pos_weight`` on the positive term, and ``reduction`` mean (over known elements) | sum | none.
+    Subclasses give the per-element loss of their positive and negative terms."""
 
     def __init__(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean"):
         super().__init__()
@@ -65,6 +66,9 @@ class BCEWithLogits(nn.Module):
         self.reduction = reduction
         self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight).float())
 
+    def elementwise(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """logits, targets: (N, L); weight: broadcastable to (N, L)."""
@@ -72,11 +76,135 @@ class BCEWithLogits(nn.Module):
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
                              "must have the same shape")
         known = (targets >= 0).to(logits.dtype)
-        loss = F.binary_cross_entropy_with_logits(
-            logits, targets.clamp(min=0).to(logits.dtype), weight=weight,
-            pos_weight=self.pos_weight, reduction="none") * known
+        loss = self.elementwise(logits, targets.clamp(min=0).to(logits.dtype))
+        if weight is not None:
+            loss = loss * weight
+        loss = loss * known  # a product, so NaN cannot leak from masked elements: they are finite
         if self.reduction == "none":
             return loss
         if self.reduction == "sum":
             return loss.sum()
         return loss.sum() / known.sum().clamp(min=1)
+
+    def _weigh(self, positive: torch.Tensor, negative: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.pos_weight is not None:
+            positive = positive * self.pos_weight
+        return targets * positive + (1 - targets) * negative
+
+
+class BCEWithLogits(_MaskedLoss):
+    """``BCEWithLogitsLoss`` with a per-label ``pos_weight``, per-element ``weight``, optional
+    label smoothing (targets become ``y (1 - s) + s / 2``) and unknown targets (-1) masked out.
+
+    With no unknown targets and no smoothing it equals ``F.binary_cross_entropy_with_logits``.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
+        super().__init__(pos_weight, reduction)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def elementwise(self, logits, targets):
+        targets = targets * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+
+
+class BCEOnProbabilities(_MaskedLoss):
+    """``BCELoss`` on ``sigmoid(logits)``: the textbook path, kept for comparison.
+
+    Less stable than :class:`BCEWithLogits`: in float32 ``sigmoid(17)`` is exactly 1, so
+    ``log(1 - p)`` is ``-inf`` and its gradient ``1 / (1 - p)`` is infinite. The probabilities are
+    therefore clamped to ``[eps, 1 - eps]``: the loss saturates at ``-log(eps)`` and the gradient
+    of a saturated element is 0 (the model stops learning from its worst mistakes, which
+    BCE on logits never does).
+    """
+
+    def __init__(self, pos_weight=None, reduction: str = "mean", eps: float = 1e-7, label_smoothing: float = 0.0):
+        super().__init__(pos_weight, reduction)
+        self.eps = eps
+        self.label_smoothing = label_smoothing
+
+    def elementwise(self, logits, targets):
+        targets = targets * (1 - self.label_smoothing) + self.label_smoothing / 2
+        p = torch.sigmoid(logits).clamp(self.eps, 1 - self.eps)
+        return self._weigh(-torch.log(p), -torch.log1p(-p), targets)
+
+
+class FocalLoss(_MaskedLoss):
+    """Sigmoid focal loss (Lin et al. 2017): ``alpha_t (1 - p_t)^gamma BCE``; ``alpha`` None or
+    negative turns the class balancing off. Equals ``torchvision.ops.sigmoid_focal_loss``."""
+
+    def __init__(self, pos_weight=None, reduction: str = "mean", gamma: float = 2.0, alpha: float | None = 0.25):
+        super().__init__(pos_weight, reduction)
+        self.gamma, self.alpha = gamma, alpha
+
+    def elementwise(self, logits, targets):
+        p = torch.sigmoid(logits)
+        positive = (1 - p).pow(self.gamma) * -F.logsigmoid(logits)
+        negative = p.pow(self.gamma) * -F.logsigmoid(-logits)
+        if self.alpha is not None and self.alpha >= 0:
+            positive, negative = self.alpha * positive, (1 - self.alpha) * negative
+        return self._weigh(positive, negative, targets)
+
+
+class AsymmetricLoss(_MaskedLoss):
+    """Asymmetric loss (Ridnik et al. 2021): positives ``(1 - p)^gamma_pos * -log p``; negatives
+    use the shifted probability ``p_m = max(p - clip, 0)``: ``p_m^gamma_neg * -log(1 - p_m)``.
+
+    Scale: the authors' code returns the **sum** over images and labels; here the default
+    reduction is the **mean** over known elements, i.e. their value / (N * L). Learning rates
+    from their recipes must be scaled accordingly (or use ``reduction="sum"``).
+    """
+
+    def __init__(self, pos_weight=None, reduction: str = "mean", gamma_neg: float = 4.0,
+                 gamma_pos: float = 0.0, clip: float = 0.05):
+        super().__init__(pos_weight, reduction)
+        if not 0.0 <= clip < 1.0:
+            raise ValueError(f"clip must lie in [0, 1), got {clip}")
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+
+    def elementwise(self, logits, targets):
+        p = torch.sigmoid(logits)
+        positive = (1 - p).pow(self.gamma_pos) * -F.logsigmoid(logits)
+        if self.clip > 0:
+            shifted = (p - self.clip).clamp(min=0)
+            log_not = torch.log((1 - shifted).clamp(min=self.clip))  # 1 - p_m >= clip: finite
+        else:
+            shifted, log_not = p, F.logsigmoid(-logits)
+        negative = shifted.pow(self.gamma_neg) * -log_not
+        return self._weigh(positive, negative, targets)
+
+
+class HingeLoss(_MaskedLoss):
+    """Hinge on logits with ±1 targets (``t = 2y - 1``): ``max(0, margin - t * logit)``.
+
+    The ±1 target convention and margin of ``HingeEmbeddingLoss``, applied to logits as scores:
+    ``HingeEmbeddingLoss`` itself takes distances (its positive term ``x`` pulls toward 0), so on
+    logits both terms are hinges. Hinge logits are not probabilities: the per-label calibration
+    fitted on val (``calibration.method: platt``) maps them to calibrated ones.
+    """
+
+    def __init__(self, pos_weight=None, reduction: str = "mean", margin: float = 1.0):
+        super().__init__(pos_weight, reduction)
+        self.margin = margin
+
+    def elementwise(self, logits, targets):
+        return self._weigh(F.relu(self.margin - logits), F.relu(self.margin + logits), targets)
+
+
+LOSSES = {"bce": BCEWithLogits, "bce_prob": BCEOnProbabilities, "focal": FocalLoss,
+          "asl": AsymmetricLoss, "hinge": HingeLoss}
+
+
+def build_loss(cfg, pos_weight: torch.Tensor | None = None) -> _MaskedLoss:
+    """The classification loss of a :class:`mlabel.config.LossConfig`."""
+    if cfg.name not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.name!r}; available: {sorted(LOSSES)}")
+    extra = {"bce": dict(label_smoothing=cfg.label_smoothing),
+             "bce_prob": dict(label_smoothing=cfg.label_smoothing, eps=cfg.eps),
+             "focal": dict(gamma=cfg.gamma, alpha=cfg.alpha),
+             "asl": dict(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip),
+             "hinge": dict(margin=cfg.margin)}[cfg.name]
+    return LOSSES[cfg.name](pos_weight, **extra)

