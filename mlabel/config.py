@@ -34,6 +34,7 @@ class DataConfig:
     label_columns: list[str] | None = None
     labels_column: str | None = None
     label_delimiter: str = " "
+    regression_columns: list[str] | None = None   # csv: numeric columns for an auxiliary regression head
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     generate: Literal["scenes"] | None = None
@@ -259,6 +260,12 @@ def _check(config: Config) -> None:
     if config.data.label_columns and config.data.labels_column:
         raise ConfigError("give either data.label_columns (0/1 columns) or data.labels_column "
                           "(one column of names), not both")
+    if config.data.regression_columns:
+        if config.data.format != "csv":
+            raise ConfigError("data.regression_columns needs data.format: csv")
+        both = set(config.data.regression_columns) & set(config.data.label_columns or ())
+        if both:
+            raise ConfigError(f"columns {sorted(both)} are in both data.label_columns and data.regression_columns")
     if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,

@@ -25,6 +25,11 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
+def model_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Everything the model predicts: logits, then any regression outputs (see ``outputs``)."""
+    return model.outputs(images) if hasattr(model, "outputs") else model(images)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights; the backbone at ``lr * scale``."""
@@ -80,7 +85,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
             images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast_for(device):
-            logits = model(images)
+            logits = model_outputs(model, images)
         loss = loss_fn(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -117,7 +122,7 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
-            logits = model(images).float()
+            logits = model_outputs(model, images).float()
         if loss_fn is not None:
             total_loss += loss_fn(logits, targets.to(device)).item() * len(images)
             seen += len(images)

@@ -32,7 +32,8 @@ def _tuning_kwargs(cfg: ThresholdsConfig) -> dict:
 def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
                        thresholds: ThresholdsConfig, calibration: CalibrationConfig) -> None:
     """Fit the calibration (if any) on val logits, then tune thresholds on the calibrated
-    probabilities; both are stored in ``model``."""
+    probabilities; both are stored in ``model``. Regression columns (after the L logits) are ignored."""
+    logits, targets = logits[:, :model.num_labels], targets[:, :model.num_labels]
     if calibration.method == "none":
         model.set_calibration(None)
     else:
@@ -50,8 +51,12 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
     With a calibration, ``macro_ece_uncalibrated`` and per-label ``ece_uncalibrated`` give the
     ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit.cross_fit`` folds,
     ``cross_fit`` holds the F1 reached by thresholds tuned on the other folds (the honest
-    estimate next to the in-sample ``macro_f1``).
+    estimate next to the in-sample ``macro_f1``). Outputs beyond the L logits are regression
+    values: ``regression`` gets their MSE and MAE (in the targets' units) over known targets.
     """
+    n = model.num_labels
+    regression = _regression_metrics(model, logits[:, n:], targets[:, n:]) if logits.shape[1] > n else None
+    logits, targets = logits[:, :n], targets[:, :n]
     probs = model.probabilities(logits)
     metrics = evaluate_predictions(probs, targets, model.thresholds.cpu(), model.labels,
                                    binary=model.task == "binary")
@@ -69,7 +74,21 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
         metrics["cross_fit"] = {
             "folds": folds, **{k: crossed[k] for k in ("macro_f1", "micro_f1", "samples_f1", "weighted_f1")},
             "per_label_f1": {n: crossed["per_label"][n]["f1"] for n in model.labels}}
+    if regression is not None:
+        metrics["regression"] = regression
     return metrics
+
+
+def _regression_metrics(model: MultiLabelClassifier, outputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    values = model.regression_values(outputs).double().cpu()
+    targets = targets.double()
+    result = {}
+    for j, name in enumerate(model.regression_names):
+        known = ~torch.isnan(targets[:, j])
+        error = values[known, j] - targets[known, j]
+        result[name] = {"mse": float(error.square().mean()) if known.any() else None,
+                        "mae": float(error.abs().mean()) if known.any() else None, "n": int(known.sum())}
+    return result
 
 
 def locate_model(model_dir: str | Path) -> tuple[Path, Path | None]:

@@ -1,7 +1,8 @@
 """``python -m mlabel.export MODEL_DIR --format onnx|torchscript [--out FILE]``.
 
 The exported graph takes normalised images ``(batch, 3, size, size)`` (batch is dynamic) and
-returns ``probs`` (sigmoid, calibrated when the model is) and ``mask`` (``probs >= thresholds``).
+returns ``probs`` (sigmoid, calibrated when the model is) and ``mask`` (``probs >= thresholds``),
+plus ``regression`` (values in the targets' units) for a multi-task model.
 The model's ``mlabel.json`` (labels, thresholds, calibration, preprocessing) travels inside the
 file: ONNX ``metadata_props["mlabel"]``, TorchScript ``extra_files["mlabel.json"]``. A parity check
 against the PyTorch model runs right after export and prints the largest difference.
@@ -40,8 +41,12 @@ class _Exported(nn.Module):
         self.register_buffer("thresholds", model.thresholds.clone())
 
     def forward(self, images: torch.Tensor):
-        probs = torch.sigmoid(self.model(images) * self.scale + self.bias)
-        return probs, probs >= self.thresholds
+        out = self.model.outputs(images)
+        n = self.model.num_labels
+        probs = torch.sigmoid(out[:, :n] * self.scale + self.bias)
+        if self.model.regression_head is None:
+            return probs, probs >= self.thresholds
+        return probs, probs >= self.thresholds, self.model.regression_values(out[:, n:])
 
 
 def _example(model: MultiLabelClassifier, batch: int, seed: int = 0) -> torch.Tensor:
@@ -61,7 +66,8 @@ def export_model(model: MultiLabelClassifier, out: str | Path, fmt: str = "onnx"
         if fmt == "onnx":
             import onnx
             program = torch.onnx.export(
-                wrapper, (example,), dynamo=True, input_names=["images"], output_names=["probs", "mask"],
+                wrapper, (example,), dynamo=True, input_names=["images"],
+                output_names=["probs", "mask"] + (["regression"] if model.regression_names else []),
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=65536)}}, verbose=False)
             proto = program.model_proto
             entry = proto.metadata_props.add()
@@ -86,11 +92,11 @@ def check_parity(model: MultiLabelClassifier, path: Path, fmt: str, batch: int =
     if fmt == "onnx":
         import onnxruntime as ort
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        probs, mask = session.run(None, {"images": images.numpy()})
+        probs, mask = session.run(["probs", "mask"], {"images": images.numpy()})
     else:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            probs, mask = (t.numpy() for t in torch.jit.load(str(path))(images))
+            probs, mask = (t.numpy() for t in torch.jit.load(str(path))(images)[:2])
     diff = float(np.abs(probs - expected.numpy()).max())
     # A probability within float noise of its threshold may flip; all others must agree.
     near = np.abs(expected.numpy() - model.thresholds.numpy()) < 1e-5

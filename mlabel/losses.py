@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
+__all__ = ["MultiTaskLoss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
            "build_loss", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
 
 # neg/pos is bounded because a label with 3 positives in 30,000 would otherwise get a weight of
@@ -192,6 +192,33 @@ class HingeLoss(_MaskedLoss):
 
     def elementwise(self, logits, targets):
         return self._weigh(F.relu(self.margin - logits), F.relu(self.margin + logits), targets)
+
+
+class MultiTaskLoss(nn.Module):
+    """Classification loss on the first ``num_labels`` outputs plus ``weight`` x a regression loss
+    (``mse`` or ``l1``, mean over known targets; NaN = missing) on the rest. The regression
+    targets are standardised with the training split's ``mean``/``std`` so both terms have
+    comparable scales whatever the units."""
+
+    def __init__(self, classification: nn.Module, num_labels: int, kind: str = "mse", weight: float = 1.0,
+                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        if kind not in ("mse", "l1"):
+            raise ValueError(f"unknown regression loss {kind!r}; available: ['l1', 'mse']")
+        self.classification, self.num_labels, self.kind, self.weight = classification, num_labels, kind, weight
+        self.register_buffer("mean", torch.as_tensor(mean if mean is not None else 0.0).float())
+        self.register_buffer("std", torch.as_tensor(std if std is not None else 1.0).float())
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = self.num_labels
+        loss = self.classification(outputs[:, :n], targets[:, :n])
+        values = targets[:, n:]
+        known = ~torch.isnan(values)
+        if known.any():
+            error = outputs[:, n:] - ((values - self.mean) / self.std).nan_to_num()
+            per = error.square() if self.kind == "mse" else error.abs()
+            loss = loss + self.weight * (per * known).sum() / known.sum()
+        return loss
 
 
 LOSSES = {"bce": BCEWithLogits, "bce_prob": BCEOnProbabilities, "focal": FocalLoss,

@@ -97,7 +97,7 @@ class MultiLabelClassifier(nn.Module):
                  drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
                  resize: str = "crop", thresholds: Sequence[float] | None = None,
                  preprocessing: dict | None = None, calibration: dict | None = None,
-                 head_args: dict | None = None):
+                 head_args: dict | None = None, regression: dict | None = None):
         super().__init__()
         if not labels:
             raise ValueError("labels must name at least one label")
@@ -122,6 +122,19 @@ class MultiLabelClassifier(nn.Module):
             self.head = CSRAHead(features, len(self.labels), **self.head_args)
         else:
             self.head = nn.Linear(features, len(self.labels))
+        # Auxiliary regression targets: a linear head on the pooled features that predicts
+        # standardised values; ``mean``/``std`` (from the training split) map them back.
+        regression = regression or {}
+        self.regression_names: list[str] = list(regression.get("names", []))
+        overlap = set(self.regression_names) & set(self.labels)
+        if overlap:
+            raise ValueError(f"regression targets {sorted(overlap)} share names with labels")
+        n_reg = len(self.regression_names)
+        self.regression_head = nn.Linear(features, n_reg) if n_reg else None
+        self.register_buffer("regression_mean", torch.tensor(regression.get("mean", [0.0] * n_reg)).float(),
+                             persistent=False)
+        self.register_buffer("regression_std", torch.tensor(regression.get("std", [1.0] * n_reg)).float(),
+                             persistent=False)
         self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
         initial = torch.full((len(self.labels),), 0.5) if thresholds is None else torch.as_tensor(thresholds)
         self.register_buffer("thresholds", initial.float().clone(), persistent=False)
@@ -143,11 +156,43 @@ class MultiLabelClassifier(nn.Module):
         prefix = getattr(self.backbone, "num_prefix_tokens", 0)
         return features[:, prefix:].transpose(1, 2)
 
+    def outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """images -> (N, L + R): the L logits, then the R standardised regression outputs."""
+        if self.head_name == "csra":
+            feature_map = self._feature_map(images)
+            logits, pooled = self.head(self.dropout(feature_map)), feature_map.mean(2)
+        else:
+            pooled = self.backbone(images)
+            logits = self.head(self.dropout(pooled))
+        if self.regression_head is None:
+            return logits
+        return torch.cat([logits, self.regression_head(pooled)], dim=1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, 3, H, W) normalised -> logits (N, L)."""
-        if self.head_name == "csra":
-            return self.head(self.dropout(self._feature_map(images)))
-        return self.head(self.dropout(self.backbone(images)))
+        out = self.outputs(images)
+        return out if self.regression_head is None else out[:, :self.num_labels]
+
+    def set_regression_scale(self, mean, std) -> None:
+        self.regression_mean = torch.as_tensor(mean, dtype=torch.float32).to(self.thresholds.device)
+        self.regression_std = torch.as_tensor(std, dtype=torch.float32).clamp(min=1e-8).to(self.thresholds.device)
+
+    def regression_values(self, standardised: torch.Tensor) -> torch.Tensor:
+        """Standardised regression outputs (N, R) -> values in the targets' units."""
+        return standardised.float() * self.regression_std + self.regression_mean
+
+    @torch.no_grad()
+    def predict_regression(self, images) -> torch.Tensor:
+        """images (as for :meth:`predict_proba`) -> (N, R) regression values in the targets' units."""
+        if self.regression_head is None:
+            raise ValueError("this model has no regression targets (data.regression_columns)")
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.outputs(self.preprocess(images).to(self.thresholds.device))
+            return self.regression_values(out[:, self.num_labels:])
+        finally:
+            self.train(was_training)
 
     def init_head_bias(self, prior: torch.Tensor) -> None:
         """Start each logit at log(p / (1 - p)) of its label's training frequency."""
@@ -222,6 +267,10 @@ class MultiLabelClassifier(nn.Module):
             "head_args": self.head_args,
             "drop_rate": self.drop_rate,
             "preprocessing": self.preprocessing,
+            "regression": None if not self.regression_names else {
+                "names": self.regression_names,
+                "mean": [float(v) for v in self.regression_mean.cpu()],
+                "std": [float(v) for v in self.regression_std.cpu()]},
             "calibration": None if self.calibration is None else {
                 "method": self.calibration,
                 "scale": [float(v) for v in self.calibration_scale.cpu()],
@@ -242,7 +291,7 @@ class MultiLabelClassifier(nn.Module):
 def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
                  head: str = "linear", drop_rate: float = 0.0, task: str | None = None,
                  image_size: int | None = None, resize: str = "crop",
-                 head_args: dict | None = None) -> MultiLabelClassifier:
+                 head_args: dict | None = None, regression: Sequence[str] = ()) -> MultiLabelClassifier:
     """Build a multi-label (or, with one label, binary) classifier over any timm backbone.
 
     Args:
@@ -254,7 +303,8 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
     """
     task = task or ("binary" if len(labels) == 1 else "multilabel")
     model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
-                                 image_size=image_size, resize=resize, head_args=head_args)
+                                 image_size=image_size, resize=resize, head_args=head_args,
+                                 regression={"names": list(regression)} if regression else None)
     if pretrained is True:
         hub = timm.create_model(backbone, pretrained=True, num_classes=0)
         model.backbone.load_state_dict(hub.state_dict())
@@ -293,7 +343,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
         meta["backbone"], meta["labels"], head=meta.get("head", "linear"),
         drop_rate=meta.get("drop_rate", 0.0), task=meta.get("task", "multilabel"),
         thresholds=meta["thresholds"], preprocessing=meta["preprocessing"],
-        calibration=meta.get("calibration"), head_args=meta.get("head_args"))
+        calibration=meta.get("calibration"), head_args=meta.get("head_args"),
+        regression=meta.get("regression"))
     model.load_state_dict(_read_weights(path, map_location, trust_pickle))
     return model.eval()
 

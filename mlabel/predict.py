@@ -6,7 +6,8 @@ image files, folders (searched recursively) and CSV files listing image paths (c
 ``image`` or ``filename``, else the first; relative paths are taken from the CSV's folder).
 
 Writes one row per image: ``path``, ``labels`` (every label at or above its threshold, joined by
-``;``, possibly empty), then one probability column per label; ``.jsonl`` output gives one JSON
+``;``, possibly empty), then one probability column per label (and one value column per
+regression target of a multi-task model); ``.jsonl`` output gives one JSON
 object per line instead. ``--threshold T`` replaces every per-label threshold by T; ``--topk K``
 keeps the K most probable labels (among those passing ``--threshold`` when both are given).
 Unreadable inputs are reported, skipped, listed in ``OUT.skipped.csv`` and counted at the end.
@@ -75,6 +76,7 @@ class _TorchBackend:
         self.batch_size = 64 if self.device.type == "cuda" else 4
         self.autocast = lambda: autocast_for(self.device)
         self.labels = self.model.labels
+        self.regression_names = self.model.regression_names
         self.thresholds = self.model.thresholds.cpu().numpy()
         self.preprocessing = self.model.preprocessing
 
@@ -83,7 +85,12 @@ class _TorchBackend:
         with torch.inference_mode(), self.autocast():
             images = torch.from_numpy(batch).to(self.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
-            return self.model.probabilities(self.model(images)).float().cpu().numpy()
+            out = self.model.outputs(images)
+            n = self.model.num_labels
+            probs = self.model.probabilities(out[:, :n]).float()
+            if self.regression_names:
+                probs = torch.cat([probs, self.model.regression_values(out[:, n:])], dim=1)
+            return probs.cpu().numpy()
 
 
 class _OnnxBackend:
@@ -98,12 +105,14 @@ class _OnnxBackend:
             raise DataError(f"{path} carries no mlabel metadata; export it with python -m mlabel.export")
         meta = json.loads(meta)
         self.labels = meta["labels"]
+        self.regression_names = (meta.get("regression") or {}).get("names", [])
+        self.outputs = ["probs"] + (["regression"] if self.regression_names else [])
         self.thresholds = np.asarray(meta["thresholds"], dtype=np.float32)
         self.preprocessing = meta["preprocessing"]
         self.batch_size = 32
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(["probs"], {"images": batch})[0]
+        return np.concatenate(self.session.run(self.outputs, {"images": batch}), axis=1)
 
 
 def load_backend(model: str, device: str | None = None, trust_pickle: bool = False):
@@ -159,18 +168,24 @@ def predict_paths(backend, paths: list[str], *, batch_size: int | None = None, w
         pool.shutdown(cancel_futures=True)
 
 
-def _write(out: Path, labels: list[str], rows: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
+    """rows: (path, probabilities then regression values, decisions)."""
     from .io import write_text
     buffer = io.StringIO()
+    n = len(labels)
     if out.suffix.lower() == ".jsonl":
-        for path, probs, keep in rows:
-            buffer.write(json.dumps({"path": path, "labels": [n for n, k in zip(labels, keep) if k],
-                                     "probs": {n: round(float(p), 6) for n, p in zip(labels, probs)}}) + "\n")
+        for path, values, keep in rows:
+            record = {"path": path, "labels": [name for name, k in zip(labels, keep) if k],
+                      "probs": {name: round(float(p), 6) for name, p in zip(labels, values[:n])}}
+            if regression:
+                record["regression"] = {name: float(v) for name, v in zip(regression, values[n:])}
+            buffer.write(json.dumps(record) + "\n")
     else:
         writer = csv.writer(buffer)
-        writer.writerow(["path", "labels", *labels])
-        for path, probs, keep in rows:
-            writer.writerow([path, ";".join(n for n, k in zip(labels, keep) if k), *(f"{p:.6f}" for p in probs)])
+        writer.writerow(["path", "labels", *labels, *regression])
+        for path, values, keep in rows:
+            writer.writerow([path, ";".join(name for name, k in zip(labels, keep) if k),
+                             *(f"{p:.6f}" for p in values[:n]), *(f"{v:.6g}" for v in values[n:])])
     write_text(out, buffer.getvalue())
 
 
@@ -209,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     out = Path(args.out)
     if rows:
-        probs = np.stack([p for _, p in rows])
-        keep = _decisions(probs, backend.thresholds, args.threshold, args.topk)
-        _write(out, backend.labels, [(path, p, k) for (path, _), p, k in zip(rows, probs, keep)])
+        values = np.stack([p for _, p in rows])
+        keep = _decisions(values[:, :len(backend.labels)], backend.thresholds, args.threshold, args.topk)
+        _write(out, backend.labels, backend.regression_names,
+               [(path, v, k) for (path, _), v, k in zip(rows, values, keep)])
     if skipped:
         from .io import write_text
         buffer = io.StringIO()

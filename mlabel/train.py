@@ -24,7 +24,7 @@ from .data import DataError, ImageDataset, build_splits, build_transform, label_
 from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
                      train_one_epoch)
 from .io import write_json, write_text
-from .losses import build_loss, pos_weight_from_targets
+from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
 from .models import MultiLabelClassifier, create_model
 
@@ -123,7 +123,8 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
                               quiet=quiet)
         logits, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
                                                         channels_last=cfg.train.channels_last, quiet=quiet)
-        val_map = _nanmean(average_precision(logits, targets)) or 0.0
+        n = model.num_labels
+        val_map = _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0
         row = {"epoch": epoch, "train_loss": row["train_loss"], "val_loss": val_loss, "val_mAP": val_map,
                "lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_time_s": row["train_time_s"]}
         state["history"].append(row)
@@ -161,14 +162,25 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
-                         resize=cfg.data.resize, head_args=head_args(cfg))
+                         resize=cfg.data.resize, head_args=head_args(cfg),
+                         regression=splits.train.regression_names)
     train_targets = torch.from_numpy(splits.train.targets)
     known = (train_targets >= 0).sum(0).clamp(min=1)
     model.init_head_bias((train_targets == 1).sum(0) / known)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss, pos_weight).to(device)
+    loss_fn = build_loss(cfg.loss, pos_weight)
+    if splits.train.regression_names:
+        values = splits.train.regression
+        mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
+        if np.isnan(mean).any():
+            missing = [n for n, m in zip(splits.train.regression_names, mean) if np.isnan(m)]
+            raise DataError(f"regression columns {missing} have no value in the training split")
+        model.set_regression_scale(mean, std)
+        loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
+                                torch.from_numpy(mean), torch.from_numpy(np.maximum(std, 1e-8)))
+    loss_fn = loss_fn.to(device)
     loaders = _loaders(cfg, splits, model, device)
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet)
 
@@ -191,6 +203,8 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
         "device": str(device), "wall_time_s": time.perf_counter() - started})
     from .report import write_report
+    n = model.num_labels
+    val_logits, val_targets = val_logits[:, :n], val_targets[:, :n]
     write_report(out_dir, metrics, state["history"], model.probabilities(val_logits).numpy(),
                  val_targets.numpy(), splits.labels, thresholds.numpy(), counts,
                  raw_probs=torch.sigmoid(val_logits).numpy() if model.calibration else None)

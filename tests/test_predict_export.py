@@ -183,3 +183,19 @@ def test_onnx_predict_runs_without_torch_and_agrees(model_dir, images, tmp_path)
     got = np.array([[float(r[n]) for n in LABELS] for r in b])
     want = np.array([[float(r[n]) for n in LABELS] for r in a])
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_onnx_export_of_a_multitask_model_carries_the_regression_output(tmp_path):
+    import onnxruntime as ort
+
+    from mlabel.export import export_model
+    model = mlabel.create_model("test_resnet", LABELS, image_size=32, resize="squish", regression=["age"])
+    model.set_regression_scale([40.0], [12.0])
+    path = export_model(model, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path))
+    images = torch.randn(4, 3, 32, 32)
+    probs, mask, values = session.run(["probs", "mask", "regression"], {"images": images.numpy()})
+    model.eval()
+    np.testing.assert_allclose(values, model.predict_regression(images).numpy(), atol=1e-4)
+    np.testing.assert_allclose(probs, model.predict_proba(images).numpy(), atol=1e-5)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["mlabel"])["regression"]["names"] == ["age"]

@@ -160,3 +160,36 @@ def test_partial_labels_train_end_to_end_with_a_wholly_unknown_val_column(tmp_pa
     assert np.isfinite(val["mAP"]) and np.isfinite(val["macro_f1"])
     model = mlabel.load(out)
     assert model.calibration_scale[model.labels.index("star")].item() == 1.0  # nothing to fit: identity
+
+
+def test_multitask_regression_head_trains_reports_and_predicts(tmp_path, scene_csv):
+    from PIL import Image
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    from mlabel.predict import main as predict_main
+    for split in ("train", "val"):
+        rows = list(csv.reader((scene_csv / f"{split}.csv").open()))
+        rows[0].append("brightness")
+        for k, row in enumerate(rows[1:]):
+            pixels = np.asarray(Image.open(scene_csv / f"{row[0]}.png").convert("RGB"), dtype=np.float64)
+            row.append("" if k == 3 else f"{100 * pixels.mean() / 255:.4f}")  # one value missing
+        with (tmp_path / f"{split}.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+    out = _train(tmp_path, [f"data.root={scene_csv}", f"data.train={tmp_path / 'train.csv'}",
+                            f"data.val={tmp_path / 'val.csv'}", "data.test=null",
+                            "data.regression_columns=[brightness]", "loss.regression=l1"])
+    val = json.loads((out / "metrics.json").read_text())["val"]
+    assert "brightness" not in val["per_label"] and val["regression"]["brightness"]["n"] == 23
+    model = mlabel.load(out)
+    assert model.regression_names == ["brightness"] and model.labels[0] == "circle"
+    table = read_csv_table(tmp_path / "val.csv", scene_csv, labels=model.labels, regression_columns=["brightness"])
+    predicted = model.predict_regression(table.paths).numpy()[:, 0]
+    known = ~np.isnan(table.regression[:, 0])
+    assert val["regression"]["brightness"]["mse"] == pytest.approx(
+        mean_squared_error(table.regression[known, 0], predicted[known]), rel=1e-4)
+    assert val["regression"]["brightness"]["mae"] == pytest.approx(
+        mean_absolute_error(table.regression[known, 0], predicted[known]), rel=1e-4)
+    preds = tmp_path / "preds.csv"
+    assert predict_main([str(out), *table.paths[:3], "--out", str(preds), "--quiet"]) == 0
+    rows = list(csv.DictReader(preds.open()))
+    assert [float(r["brightness"]) for r in rows] == pytest.approx(predicted[:3], rel=1e-4)

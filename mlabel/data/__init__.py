@@ -31,7 +31,7 @@ def _read(data, name: str, labels, task: str) -> LabelTable:
         return read_folder_table(path, labels=labels, task=task)
     return read_csv_table(path, root, labels=labels, image_column=data.image_column,
                           label_columns=data.label_columns, labels_column=data.labels_column,
-                          label_delimiter=data.label_delimiter)
+                          label_delimiter=data.label_delimiter, regression_columns=data.regression_columns)
 
 
 def label_counts(table: LabelTable) -> dict:

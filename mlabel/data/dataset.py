@@ -66,7 +66,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         image = read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
-        return tensor, torch.from_numpy(self.table.targets[index])
+        target = self.table.targets[index]
+        if self.table.regression is not None:  # classification targets, then regression targets
+            target = np.concatenate([target, self.table.regression[index]])
+        return tensor, torch.from_numpy(target)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -6,7 +6,7 @@ Targets are float32 ``(N, L)``: 1 positive, 0 negative, -1 unknown. Every reader
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -30,13 +30,17 @@ class LabelTable:
     targets: np.ndarray  # (N, L) float32: 1 / 0 / -1 unknown
     labels: list[str]
     source: str
+    regression: np.ndarray | None = None  # (N, R) float32 auxiliary targets, NaN = missing
+    regression_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
-        return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source)
+        regression = None if self.regression is None else self.regression[index]
+        return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source,
+                          regression, self.regression_names)
 
 
 def _resolve_image(root: Path, name: str) -> Path:
@@ -74,11 +78,13 @@ def _parse_flag(value: str, path: Path, line: int, column: str) -> float:
 
 def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = None,
                    image_column: str | None = None, label_columns: Sequence[str] | None = None,
-                   labels_column: str | None = None, label_delimiter: str = " ") -> LabelTable:
+                   labels_column: str | None = None, label_delimiter: str = " ",
+                   regression_columns: Sequence[str] | None = None) -> LabelTable:
     """Read a CSV of image names with 0/1 label columns, or with one column of joined names.
 
     Args:
         labels: the label order fixed by the training split; ``None`` for the training split.
+        regression_columns: numeric columns read as auxiliary regression targets (empty = missing).
     """
     if not path.is_file():
         raise DataError(f"CSV file {path} not found (relative paths are taken from data.root)")
@@ -96,7 +102,9 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
             raise DataError(f"{path}: labels column {labels_column!r} not in header {header}")
         names, targets = _names_column(rows, path, header.index(labels_column), label_delimiter, labels)
     else:
-        columns = list(label_columns) if label_columns else [h for h in header if h != image_column]
+        regression_set = set(regression_columns or ())
+        columns = list(label_columns) if label_columns else [
+            h for h in header if h != image_column and h not in regression_set]
         absent = [c for c in columns if c not in header]
         if absent:
             raise DataError(f"{path}: label columns {absent} not in header {header}")
@@ -112,7 +120,26 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
     if not images:
         raise DataError(f"{path} has a header but no rows")
     _check_files(images, str(path))
-    return LabelTable([str(p) for p in images], targets, names, str(path))
+    regression = _numeric_columns(rows, path, header, list(regression_columns)) if regression_columns else None
+    return LabelTable([str(p) for p in images], targets, names, str(path), regression,
+                      list(regression_columns or ()))
+
+
+def _numeric_columns(rows, path, header, columns) -> np.ndarray:
+    absent = [c for c in columns if c not in header]
+    if absent:
+        raise DataError(f"{path}: regression columns {absent} not in header {header}")
+    out = np.full((len(rows) - 1, len(columns)), np.nan, dtype=np.float32)
+    for line, row in enumerate(rows[1:], start=2):
+        for j, column in enumerate(columns):
+            text = row[header.index(column)].strip()
+            if text:
+                try:
+                    out[line - 2, j] = float(text)
+                except ValueError:
+                    raise DataError(f"{path}:{line}: regression column {column!r} has {text!r}; "
+                                    "give a number, or leave it empty when unknown") from None
+    return out
 
 
 def _flag_columns(rows, path, indices, columns, labels):
