@@ -155,17 +155,26 @@ def summary_line(name: str, m: dict) -> str:
             f"(at 0.5: {m['macro_f1@0.5']:.4f})  micro_f1 {m['micro_f1']:.4f}{acc}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlabel.evaluate",
-                                     description="Metrics of a saved model on one split, written as JSON.")
+# What a user's mistake raises in the model commands: reported in one line, exit status 2.
+USER_ERRORS = (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError)
+
+
+def model_command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments ``mlabel.evaluate`` and ``mlabel.tune`` share."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("model_dir", help="a model directory or a run directory")
     parser.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value]",
                         help="the recipe whose data to use (default: the run's config.yaml) and overrides")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
     parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = model_command_parser("python -m mlabel.evaluate", "Metrics of a saved model on one split, written as JSON.")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
     args = parser.parse_intermixed_args(argv)
     from .train import resolve_device
     try:
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device or cfg.train.device)
         logits, targets = split_logits(model, cfg, args.split, device, args.quiet)
         metrics = evaluate_outputs(model, logits, targets)
-    except (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"

@@ -6,29 +6,23 @@ Prints old and new threshold and val score per label, and writes ``RUN_DIR/tune.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from .calibration import CALIBRATION_METHODS
-from .config import CalibrationConfig, ConfigError, ThresholdsConfig
-from .data import DataError
-from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, split_arguments, split_logits,
-                       summary_line)
+from .config import CalibrationConfig, ThresholdsConfig
+from .evaluate import (USER_ERRORS, calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
+                       split_arguments, split_logits, summary_line)
 from .io import write_json
-from .models import META_FILE, UnsafeModelFileError
+from .models import META_FILE
 from .thresholds import OBJECTIVES
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlabel.tune",
-                                     description="(Re)tune per-label thresholds on the validation split.")
-    parser.add_argument("model_dir", help="a model directory or a run directory")
-    parser.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value]",
-                        help="the recipe whose val split to use (default: the run's config.yaml) and overrides")
+    parser = model_command_parser("python -m mlabel.tune", "(Re)tune per-label thresholds on the validation split.")
     parser.add_argument("--metric", choices=OBJECTIVES, help="objective (default: thresholds.metric of the config)")
     parser.add_argument("--beta", type=float, help="beta of fbeta")
     parser.add_argument("--min-recall", type=float, help="for precision_at_recall")
@@ -37,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cross-fit", type=int, metavar="K", help="folds for the cross-fitted F1 (0 = off)")
     parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
                         help="refit the calibration (default: calibration.method of the config)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_intermixed_args(argv)
     from .train import resolve_device
     try:
@@ -55,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         before = evaluate_outputs(model, logits, targets)
         calibrate_and_tune(model, logits, targets, th_cfg, cal_cfg)
         after = evaluate_outputs(model, logits, targets, cross_fit=th_cfg, seed=cfg.seed)
-    except (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     meta_path = model_path / META_FILE

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from sklearn import metrics as skm
 
 import mlabel
