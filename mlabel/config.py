@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: Literal["csv", "folder"] = "csv"
+    format: Literal["csv", "folder", "jsonl", "voc", "coco"] = "csv"
     root: str = "."
     train: str = "train.csv"
     val: str | None = None
@@ -40,9 +40,13 @@ class DataConfig:
     generate: Literal["scenes"] | None = None
     image_size: int = 224
     resize: Literal["crop", "squish"] = "crop"
-    augment: Literal["none", "light", "flips", "medium"] = "light"
+    # a preset, or a list of albumentations transforms: [{name: HorizontalFlip, p: 0.5}, ...]
+    augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = "light"
+    on_bad_image: Literal["error", "skip"] = "error"   # skip: drop unreadable images, list them in skipped.csv
     batch_size: int = 64
     num_workers: int = 4
+    pin_memory: bool | None = None      # null: on when training on CUDA
+    persistent_workers: bool = True
 
 
 @dataclass

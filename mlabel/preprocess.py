@@ -6,6 +6,8 @@ identical pixels.
 """
 from __future__ import annotations
 
+import warnings
+
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,13 +21,40 @@ INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                  "nearest": cv2.INTER_NEAREST, "area": cv2.INTER_AREA}
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB, honouring EXIF orientation."""
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any PIL mode to (H, W, 3) uint8: EXIF orientation applied; 16/32-bit integer and float
+    images scaled by their range (``convert("RGB")`` would clip them to white); alpha dropped;
+    palette, grayscale and CMYK converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"))
+
+
+def read_rgb(path: str, draft: int | None = None) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB (see :func:`_to_rgb`).
+
+    Truncated or corrupt files and decompression bombs (more than ``Image.MAX_IMAGE_PIXELS``
+    pixels) raise :class:`DataError`. ``draft`` lets JPEGs decode at a reduced size (checks).
+    """
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if draft:
+                    image.draft("RGB", (draft, draft))
+                image.load()
+                return _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"refused image {path}: {err}. A real photo this large is better resized first.") from None
+    except FileNotFoundError:
+        raise DataError(f"image {path} not found. Check data.root and the file name.") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from None
 
 

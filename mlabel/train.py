@@ -20,6 +20,7 @@ import yaml
 from . import __version__
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
+from .data.check import drop_bad_images
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
                      train_one_epoch)
@@ -71,8 +72,9 @@ def head_args(cfg: Config) -> dict:
 
 def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device):
     pre = model.preprocessing
+    pin = device.type == "cuda" if cfg.data.pin_memory is None else cfg.data.pin_memory
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                  pin_memory=device.type == "cuda")
+                  pin_memory=pin, persistent_workers=cfg.data.persistent_workers)
     train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment)),
                         train=True, **common)
     evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False)), train=False, **common)
@@ -151,6 +153,8 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    splits = drop_bad_images(splits, cfg.data.on_bad_image, out_dir, max(2, cfg.data.num_workers),
+                             log=lambda *a: _log(quiet, *a))
     counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
                                                      ("test", splits.test)) if t is not None}
     _log(quiet, f"task {splits.task}, labels {splits.labels}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats import read_coco_table, read_jsonl_table, read_voc_table
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .split import iterative_split
 from .synthetic import ensure_scenes
@@ -29,6 +30,12 @@ def _read(data, name: str, labels, task: str) -> LabelTable:
     path = Path(name) if Path(name).is_absolute() else root / name
     if data.format == "folder":
         return read_folder_table(path, labels=labels, task=task)
+    if data.format == "jsonl":
+        return read_jsonl_table(path, root, labels=labels)
+    if data.format == "voc":
+        return read_voc_table(root, name, labels=labels)
+    if data.format == "coco":
+        return read_coco_table(path, root, labels=labels)
     return read_csv_table(path, root, labels=labels, image_column=data.image_column,
                           label_columns=data.label_columns, labels_column=data.labels_column,
                           label_delimiter=data.label_delimiter, regression_columns=data.regression_columns)

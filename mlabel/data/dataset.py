@@ -11,6 +11,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
+from ..errors import DataError
 from .tables import LabelTable
 
 __all__ = ["EvalTransform", "ImageDataset", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
@@ -26,28 +27,57 @@ class EvalTransform:
         return {"image": torch.from_numpy(preprocess_image(image, self.preprocessing))}
 
 
-def build_transform(preprocessing: dict, train: bool, augment: str = "none"):
+def augmentation_ops(spec: list[dict]) -> list:
+    """``[{name: HorizontalFlip, p: 0.5}, ...]`` -> albumentations transforms, with a clear error
+    for an unknown name or argument."""
+    ops = []
+    for k, item in enumerate(spec):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise DataError(f"data.augment[{k}] must be a mapping with a 'name', like {{name: HorizontalFlip, p: 0.5}}")
+        kwargs = {key: value for key, value in item.items() if key != "name"}
+        cls = getattr(A, item["name"], None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            raise DataError(f"data.augment[{k}]: {item['name']!r} is not an albumentations transform "
+                            "(names as in albumentations, e.g. HorizontalFlip, ColorJitter, Affine)")
+        try:
+            ops.append(cls(**kwargs))
+        except (TypeError, ValueError) as err:
+            raise DataError(f"data.augment[{k}] ({item['name']}): {err}") from None
+    return ops
+
+
+def build_transform(preprocessing: dict, train: bool, augment: str | list = "none"):
     """The pipeline for a model's saved preprocessing.
 
     Evaluation (and training without augmentation) uses :class:`EvalTransform`: ``crop`` resizes
     the shorter side to ``size / crop_pct`` and centre-crops ``size``; ``squish`` resizes to
-    ``size x size``. Training with augmentation is an albumentations pipeline: a random resized
-    crop (or a squish) and a horizontal flip; ``flips`` adds vertical flips and 90-degree
-    rotations, ``medium`` a wider crop range and colour jitter.
+    ``size x size``. Training presets (albumentations): a random resized crop (or, with
+    ``squish``, a resize) and a horizontal flip; ``flips`` adds vertical flips and 90-degree
+    rotations; ``medium`` a wider crop range and colour jitter; ``strong`` adds to ``medium``
+    small affine moves, blur or noise, and coarse dropout. A list of transforms replaces the
+    preset; the result is resized to the model's size. Normalisation always comes last.
     """
     if not train or augment == "none":
         return EvalTransform(preprocessing)
     size = int(preprocessing["image_size"])
     interp = INTERPOLATION.get(preprocessing.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     squish = preprocessing.get("resize", "crop") == "squish"
-    scale = (0.6, 1.0) if augment in ("light", "flips") else (0.35, 1.0)
-    ops = [A.Resize(size, size, interpolation=interp) if squish
-           else A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interp),
-           A.HorizontalFlip(p=0.5)]
-    if augment == "flips":  # all 8 flips/rotations: for content without an up (shapes, aerial, cells)
-        ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
-    if augment == "medium":
-        ops.append(A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.8))
+    if isinstance(augment, list):
+        ops = augmentation_ops(augment) + [A.Resize(size, size, interpolation=interp)]
+    else:
+        scale = (0.6, 1.0) if augment in ("light", "flips") else (0.35, 1.0)
+        ops = [A.Resize(size, size, interpolation=interp) if squish
+               else A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interp),
+               A.HorizontalFlip(p=0.5)]
+        if augment == "flips":  # all 8 flips/rotations: for content without an up (shapes, aerial, cells)
+            ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
+        if augment in ("medium", "strong"):
+            ops.append(A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.8))
+        if augment == "strong":
+            ops += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.5),
+                    A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise()], p=0.3),
+                    A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
+                                    hole_width_range=(0.05, 0.15), p=0.3)]
     ops += [A.Normalize(mean=preprocessing["mean"], std=preprocessing["std"], max_pixel_value=255.0),
             ToTensorV2()]
     return A.Compose(ops)
@@ -79,9 +109,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
-                seed: int, pin_memory: bool = False) -> DataLoader:
-    """Seeded shuffling and worker seeding, so a run is reproducible for a given seed."""
+                seed: int, pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
+    """Seeded shuffling and worker seeding (each worker's NumPy and ``random`` seeded from
+    torch's per-worker seed), so a run is reproducible for a given seed and worker count."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
                       num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_seed_worker, persistent_workers=num_workers > 0)
+                      worker_init_fn=_seed_worker, persistent_workers=persistent_workers and num_workers > 0)

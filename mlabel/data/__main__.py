@@ -1,0 +1,131 @@
+"""``python -m mlabel.data RECIPE [key=value ...] [--out DIR]``: what a dataset holds before you
+train on it. Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
+unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.png`` to DIR."""
+from __future__ import annotations
+
+import argparse
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, load_config
+from ..errors import DataError
+from ..io import atomic_path, write_json
+from . import build_splits, label_counts
+from .check import find_bad_images
+
+TOP_PAIRS = 10
+
+
+def summarise(splits, workers: int = 4) -> dict:
+    tables = {n: getattr(splits, n) for n in ("train", "val", "test") if getattr(splits, n) is not None}
+    targets = np.concatenate([t.targets for t in tables.values()])
+    labels = splits.labels
+    positive, known = targets == 1, targets >= 0
+    n_pos = positive.sum(0)
+    n_neg = (known & ~positive).sum(0)
+    per_image = positive.sum(1)
+    pairs = []
+    for a, b in combinations(range(len(labels)), 2):
+        both = int((positive[:, a] & positive[:, b]).sum())
+        if both:
+            either = int((positive[:, a] | positive[:, b]).sum())
+            pairs.append({"labels": [labels[a], labels[b]], "images": both, "jaccard": both / either})
+    pairs.sort(key=lambda p: (-p["images"], p["labels"]))
+    paths = [p for t in tables.values() for p in t.paths]
+    bad = find_bad_images(paths, workers)
+    with_pos = n_pos[n_pos > 0]
+    return {
+        "task": splits.task, "labels": labels,
+        "images": {name: len(t) for name, t in tables.items()}, "total_images": int(len(targets)),
+        "label_counts": {name: label_counts(t) for name, t in tables.items()},
+        "label_frequency": {n: float(p / max(k, 1)) for n, p, k in zip(labels, n_pos, known.sum(0))},
+        "negatives_per_positive": {n: (float(ng / p) if p else None) for n, ng, p in zip(labels, n_neg, n_pos)},
+        "imbalance_ratio": float(with_pos.max() / with_pos.min()) if len(with_pos) else None,
+        "label_cardinality": float(per_image.mean()),
+        "label_density": float(per_image.mean() / len(labels)),
+        "images_without_positive": int((per_image == 0).sum()),
+        "distinct_label_sets": int(len({tuple(row) for row in positive.astype(np.int8)})),
+        "top_cooccurring_pairs": pairs[:TOP_PAIRS],
+        "unknown_rate": float(1 - known.mean()),
+        "unreadable_images": [{"path": p, "reason": r} for p, r in bad],
+    }
+
+
+def _chart(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = summary["labels"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained",
+                                      gridspec_kw={"width_ratios": [1.4, 1]})
+    splits = summary["label_counts"]
+    width = 0.8 / len(splits)
+    x = np.arange(len(labels))
+    for k, (name, counts) in enumerate(splits.items()):
+        left.bar(x + k * width, [counts[n]["positive"] for n in labels], width, label=f"{name} ({counts['images']})")
+    left.set_xticks(x + width * (len(splits) - 1) / 2, labels, rotation=45, ha="right")
+    left.set(ylabel="positive images", title="positives per label and split")
+    left.legend(), left.grid(axis="y", alpha=0.3)
+    matrix = np.zeros((len(labels), len(labels)))
+    for pair in summary["top_cooccurring_pairs"]:
+        a, b = (labels.index(n) for n in pair["labels"])
+        matrix[a, b] = matrix[b, a] = pair["jaccard"]
+    image = right.imshow(matrix, cmap="Blues", vmin=0)
+    right.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    right.set_yticks(range(len(labels)), labels)
+    right.set_title(f"co-occurrence (Jaccard) of the top {TOP_PAIRS} pairs")
+    fig.colorbar(image, ax=right, shrink=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _print(summary: dict) -> None:
+    print(f"task {summary['task']}, {len(summary['labels'])} labels, {summary['total_images']} images "
+          f"({', '.join(f'{k} {v}' for k, v in summary['images'].items())})")
+    print(f"{'label':<20}{'positives':>10}{'frequency':>11}{'neg/pos':>9}")
+    train = summary["label_counts"]
+    for name in summary["labels"]:
+        pos = sum(c[name]["positive"] for c in train.values())
+        ratio = summary["negatives_per_positive"][name]
+        print(f"{name:<20}{pos:>10}{summary['label_frequency'][name]:>11.3f}"
+              f"{'-' if ratio is None else f'{ratio:.1f}':>9}")
+    imbalance = summary["imbalance_ratio"]
+    print(f"imbalance (most / fewest positives): {'-' if imbalance is None else f'{imbalance:.1f}'}; "
+          f"label cardinality {summary['label_cardinality']:.2f} (density {summary['label_density']:.3f}); "
+          f"images without a positive {summary['images_without_positive']}; "
+          f"distinct label sets {summary['distinct_label_sets']}; unknown targets {summary['unknown_rate']:.1%}")
+    if summary["top_cooccurring_pairs"]:
+        print("most frequent pairs: " + ", ".join(
+            f"{'+'.join(p['labels'])} {p['images']} (J {p['jaccard']:.2f})" for p in summary["top_cooccurring_pairs"][:5]))
+    bad = summary["unreadable_images"]
+    print(f"unreadable images: {len(bad)}" + "".join(f"\n  {b['reason']}" for b in bad[:10]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlabel.data", description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
+    parser.add_argument("--out", default="data-summary", help="folder for summary.json and summary.png")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        splits = build_splits(cfg.data, cfg.task, cfg.seed)
+        summary = summarise(splits, max(2, cfg.data.num_workers))
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    _chart(summary, out / "summary.png")
+    _print(summary)
+    print(f"written: {out / 'summary.json'}, {out / 'summary.png'}")
+    return 1 if summary["unreadable_images"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
