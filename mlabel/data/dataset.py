@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import albumentations as A
 import cv2
@@ -40,9 +41,14 @@ def augmentation_ops(spec: list[dict]) -> list:
             raise DataError(f"data.augment[{k}]: {item['name']!r} is not an albumentations transform "
                             "(names as in albumentations, e.g. HorizontalFlip, ColorJitter, Affine)")
         try:
-            ops.append(cls(**kwargs))
+            with warnings.catch_warnings(record=True) as caught:  # albumentations warns on bad arguments
+                warnings.simplefilter("always")
+                ops.append(cls(**kwargs))
         except (TypeError, ValueError) as err:
             raise DataError(f"data.augment[{k}] ({item['name']}): {err}") from None
+        invalid = [str(w.message) for w in caught if "not valid" in str(w.message)]
+        if invalid:
+            raise DataError(f"data.augment[{k}] ({item['name']}): {invalid[0]}")
     return ops
 
 
