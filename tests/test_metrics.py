@@ -80,6 +80,7 @@ def test_binary_reports_accuracy():
 def test_more_metrics_equal_sklearn(seed, ties):
     probs, targets = _data(seed, n=250, labels=6, ties=ties)
     targets[:3] = 0  # images without any positive label
+    targets[:, 5] = 0  # a label without any positive image
     th = np.linspace(0.3, 0.7, 6).astype(np.float32)
     report = mlabel.evaluate_predictions(probs, targets, thresholds=th)
     pred = (probs >= th).astype(int)
