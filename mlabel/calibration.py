@@ -60,4 +60,4 @@ def apply_calibration(logits: torch.Tensor, scale: torch.Tensor | None, bias: to
     """Calibrated probabilities ``sigmoid(scale * logits + bias)`` (plain sigmoid without them)."""
     if scale is None:
         return torch.sigmoid(logits)
-    return torch.sigmoid(logits * scale.to(logits) + bias.to(logits))
+    return torch.sigmoid(logits * scale.to(logits) + bias.to(logits))  # in the logits' dtype and device

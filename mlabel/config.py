@@ -73,6 +73,17 @@ class TrainConfig:
     grad_clip: float | None = None
     channels_last: bool = False
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on the CPU
+    accumulate: int = 1               # optimizer step every N batches (effective batch N x batch_size)
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    early_stop_patience: int = 0      # stop after N epochs without a better val mAP; 0 = never
+    mixup_alpha: float = 0.0          # > 0: mixup with lambda ~ Beta(a, a); targets mixed with the same lambda
+    cutmix_alpha: float = 0.0         # > 0: cutmix; with both, each batch picks one at random
+    mix_prob: float = 1.0             # share of batches mixed
+    ema: bool = False                 # keep an exponential moving average of the weights
+    ema_decay: float = 0.999
+    ema_warmup: bool = True           # decay ramps up as (1 + step) / (10 + step) early on
+    compile: bool = False             # torch.compile the model for training
 
 
 @dataclass
@@ -272,6 +283,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"columns {sorted(both)} are in both data.label_columns and data.regression_columns")
     if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
+    if config.train.accumulate < 1:
+        raise ConfigError(f"train.accumulate must be >= 1, got {config.train.accumulate}")
     positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
                 "data.image_size": config.data.image_size, "loss.pos_weight_max": config.loss.pos_weight_max}
     for key, value in positive.items():

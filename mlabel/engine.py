@@ -11,18 +11,86 @@ from torch import nn
 from tqdm.auto import tqdm
 
 __all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions",
-           "autocast_for", "NonFiniteLossError"]
+           "autocast_for", "grad_scaler_for", "mix_batch", "ModelEma", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and step."""
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 on the CPU (CPU bf16 is slow and less accurate)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """``auto``: bf16 autocast on CUDA, full fp32 on the CPU (CPU bf16 is slow and less
+    accurate); ``bf16`` / ``fp16``: autocast to that type on any device; ``fp32``: none."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_scaler_for(device: torch.device, precision: str):
+    """A loss scaler for fp16 (its small range underflows gradients); disabled otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+class ModelEma:
+    """Exponential moving average of a model's weights (buffers copied), updated after each
+    optimizer step: ``ema = d * ema + (1 - d) * weights`` with ``d = min(decay, (1 + n) / (10 + n))``
+    during warm-up, so early averages do not remember the random start."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        import copy
+        self.module = copy.deepcopy(model).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        current = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(current[name].detach(), alpha=1 - d)
+            else:
+                value.copy_(current[name])
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
+              prob: float = 1.0, num_labels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-hot mixup / cutmix: the batch is paired with its reverse and images and targets are
+    mixed with the same lambda (for cutmix, the pasted area's share). A target unknown (-1) in
+    either image stays unknown. Draws from torch's global RNG (restored on resume)."""
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or torch.rand(()).item() >= prob or len(images) < 2:
+        return images, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    other_images, other_targets = images.flip(0), targets.flip(0)
+    if use_cutmix:
+        h, w = images.shape[-2:]
+        cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = other_images[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        images = images * lam + other_images * (1 - lam)
+    n = targets.shape[1] if num_labels is None else num_labels
+    mixed = targets * lam + other_targets * (1 - lam)  # regression columns (after n) mix linearly
+    unknown = (targets[:, :n] < 0) | (other_targets[:, :n] < 0)
+    mixed[:, :n] = torch.where(unknown, torch.full_like(mixed[:, :n], -1.0), mixed[:, :n])
+    return images, mixed
 
 
 def model_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -44,13 +112,25 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(param_groups, lr=lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warmup to the base learning rate, then cosine decay to 1 % of it."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    kind: str = "cosine"):
+    """``cosine``: linear warmup to the base learning rate, then cosine decay to 1 % of it.
+    ``onecycle``: cosine rise from 4 % to the base rate over the warmup (at least 10 % of the
+    steps), then cosine decay to 1e-4 of it (the one-cycle policy, momentum left alone)."""
+    if kind == "onecycle":
+        warmup_steps = max(warmup_steps, int(0.1 * total_steps), 1)
+
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / warmup_steps))
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        def factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -62,13 +142,17 @@ def _progress(iterable, total: int, desc: str, quiet: bool):
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, scheduler,
                     device: torch.device, epoch: int, *, grad_clip: float | None = None,
                     channels_last: bool = False, freeze_backbone: bool = False,
-                    freeze_norm_stats: bool = False, quiet: bool = False) -> dict:
+                    freeze_norm_stats: bool = False, quiet: bool = False, precision: str = "auto",
+                    scaler=None, accumulate: int = 1, ema: ModelEma | None = None,
+                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0) -> dict:
     """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
 
     With ``freeze_backbone`` the backbone stays in eval mode (its norm statistics fixed). With
     ``freeze_norm_stats`` only its batch-norm layers do: their running statistics stay those
     of pretraining while every weight trains. Switching a pretrained backbone from running to
     small-batch statistics when it is unfrozen shifts its features under the fitted head.
+    ``accumulate`` batches make one optimizer step (each loss divided by their number); the
+    scheduler and the EMA advance once per optimizer step.
     """
     model.train()
     if freeze_backbone:
@@ -77,26 +161,36 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
         for module in model.backbone.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    scaler = scaler or grad_scaler_for(device, "fp32")
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = _progress(loader, len(loader), f"epoch {epoch}", quiet)
+    optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        images, targets = mix_batch(images, targets, mixup_alpha, cutmix_alpha, mix_prob,
+                                    getattr(model, "num_labels", None))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        with autocast_for(device):
+        with autocast_for(device, precision):
             logits = model_outputs(model, images)
         loss = loss_fn(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch}, step {step}; lower train.lr, set "
-                "train.grad_clip, or check the inputs of that batch")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
+                "train.grad_clip, or check the inputs of that batch. The last good checkpoint "
+                "(end of the previous epoch) is kept: resume=true continues from it")
+        scaler.scale(loss / accumulate).backward()
+        if (step + 1) % accumulate == 0 or step + 1 == len(loader):
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
         total_loss += loss.item() * len(images)
         seen += len(images)
         rate = seen / (time.perf_counter() - start)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import fit_calibration
+from .calibration import apply_calibration, fit_calibration
 from .config import CalibrationConfig, Config, ConfigError, ThresholdsConfig, load_config
 from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
 from .engine import collect_predictions
@@ -58,8 +58,11 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
     regression = _regression_metrics(model, logits[:, n:], targets[:, n:]) if logits.shape[1] > n else None
     logits, targets = logits[:, :n], targets[:, :n]
     probs = model.probabilities(logits)
+    # Ranking metrics from float64 scores: float32 probabilities of large or strongly scaled
+    # logits tie, and ties change AP. (The map is increasing, so the ranking is the logits'.)
+    scores = apply_calibration(logits.double(), model.calibration_scale, model.calibration_bias)
     metrics = evaluate_predictions(probs, targets, model.thresholds.cpu(), model.labels,
-                                   binary=model.task == "binary")
+                                   binary=model.task == "binary", scores=scores)
     metrics["calibration"] = model.calibration or "none"
     if model.calibration is not None:
         raw = calibration_error(torch.sigmoid(logits.double()), targets)

@@ -189,7 +189,7 @@ def _cutoff_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: torc
 
 
 def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] | None = None,
-                         binary: bool | None = None) -> dict:
+                         binary: bool | None = None, scores=None) -> dict:
     """Every metric of the run contract, at ``thresholds`` and at 0.5 (keys suffixed ``@0.5``).
 
     Args:
@@ -199,6 +199,8 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
             per-image cut-offs such as cross-fitted ones; default 0.5.
         labels: names for ``per_label``; default ``"0"``, ``"1"``, ...
         binary: add ``accuracy``; default: when there is a single label.
+        scores: (N, L) scores for the ranking metrics (AP, AUROC, coverage, LRAP) when ``probs``
+            lost resolution (float32 probabilities of logits far from 0 tie); default ``probs``.
 
     Returns:
         a JSON-ready dict: ranking metrics (``mAP``, ``micro_ap``, ``macro_auroc``,
@@ -219,10 +221,11 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
         th = th.reshape(-1)
     if th.shape[-1] != n_labels:
         raise ValueError(f"{th.shape[-1]} thresholds for {n_labels} labels")
-    ap, roc = average_precision(probs, targets), auroc(probs, targets)
+    ranked = probs if scores is None else _as_tensors(scores, targets)[0]
+    ap, roc = average_precision(ranked, targets), auroc(ranked, targets)
     known = targets >= 0
-    flat_p, flat_t = probs[known][:, None], targets[known][:, None]
-    coverage, lrap = label_ranking(probs, targets)
+    flat_p, flat_t = ranked[known][:, None], targets[known][:, None]
+    coverage, lrap = label_ranking(ranked, targets)
     ece = calibration_error(probs, targets)
     tuned, per = _cutoff_metrics(probs, targets, th, binary)
     half, per_half = _cutoff_metrics(probs, targets, torch.full((n_labels,), 0.5, dtype=torch.float64), binary)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import math
 import random
 import sys
 import time
@@ -22,8 +23,8 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
 from .data.check import drop_bad_images
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
-from .engine import (NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
-                     train_one_epoch)
+from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
+                     grad_scaler_for, train_one_epoch)
 from .io import write_json, write_text
 from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
@@ -95,13 +96,30 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
+def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool) -> tuple[float, float]:
+    logits, targets, val_loss = collect_predictions(model, loader, device, loss_fn,
+                                                    channels_last=cfg.train.channels_last, quiet=quiet)
+    n = model.num_labels
+    return _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0, val_loss
+
+
 def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool) -> dict:
-    """The epoch loop; keeps the weights with the best val mAP. Returns the training state."""
+    """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
+    after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
+
+    The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad scaler,
+    RNG states, epoch, optimizer step and the best weights so far; ``resume=true`` restarts the
+    interrupted epoch from it and finishes with the same result as an uninterrupted run.
+    """
     train_loader, eval_loaders = loaders
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
-    steps = len(train_loader) * cfg.train.epochs
-    scheduler = build_scheduler(optimizer, steps, int(len(train_loader) * cfg.train.warmup_epochs))
-    state = {"epoch": 0, "best_map": -1.0, "best_epoch": 0, "best_state": None, "history": []}
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
+    scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
+                                int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
+    scaler = grad_scaler_for(device, cfg.train.precision)
+    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+    state = {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
+             "best_state": None, "history": [], "stopped_early": False}
     checkpoint_path = out_dir / CHECKPOINT
     if cfg.resume:
         resume_path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
@@ -110,36 +128,54 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            if ema is not None:
+                ema.load_state_dict(saved["ema"])
             restore_rng(saved["rng"])
             state = saved["train_state"]
             _log(quiet, f"resumed from {resume_path} after epoch {state['epoch']}")
         elif cfg.resume is not True:
             raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
+    forward_model = torch.compile(model) if cfg.train.compile else model
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+        if state["stopped_early"]:
+            break
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
+        row = train_one_epoch(forward_model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
                               grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
                               freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
-                              quiet=quiet)
-        logits, targets, val_loss = collect_predictions(model, eval_loaders["val"], device, loss_fn,
-                                                        channels_last=cfg.train.channels_last, quiet=quiet)
-        n = model.num_labels
-        val_map = _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0
+                              quiet=quiet, precision=cfg.train.precision, scaler=scaler,
+                              accumulate=cfg.train.accumulate, ema=ema, mixup_alpha=cfg.train.mixup_alpha,
+                              cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob)
+        val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet)
         row = {"epoch": epoch, "train_loss": row["train_loss"], "val_loss": val_loss, "val_mAP": val_map,
                "lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_time_s": row["train_time_s"]}
+        candidates = [("model", val_map, model)]
+        if ema is not None:
+            ema_map, _ = _evaluate_val(ema.module, eval_loaders["val"], None, device, cfg, quiet)
+            row["val_mAP_ema"] = ema_map
+            candidates.append(("ema", ema_map, ema.module))
         state["history"].append(row)
-        if val_map > state["best_map"]:
-            state.update(best_map=val_map, best_epoch=epoch,
-                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        state["step"] += steps_per_epoch
+        source, best_here, module = max(candidates, key=lambda c: c[1])
+        if best_here > state["best_map"]:
+            state.update(best_map=best_here, best_epoch=epoch, best_weights=source,
+                         best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        elif cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
+            state["stopped_early"] = True
         state["epoch"] = epoch
         _log(quiet, f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
-                    f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}  {row['images_per_s']:.0f} img/s"
-                    f"{'  (backbone frozen)' if frozen else ''}")
-        save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(), "rng": capture_rng(),
-                                          "train_state": state})
+                    f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}"
+                    + (f"  (EMA {row['val_mAP_ema']:.4f})" if ema is not None else "")
+                    + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
+                    + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
+                       if state["stopped_early"] else ""))
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state})
         _write_history(out_dir / "history.csv", state["history"])
     return state
 
@@ -197,6 +233,8 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     if "test" in loaders[1]:
         test_logits, test_targets, _ = collect_predictions(model, loaders[1]["test"], device, **eval_kwargs)
         metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
+    for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
+        section["weights"] = state["best_weights"]
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric})
     thresholds = model.thresholds.cpu()
@@ -205,6 +243,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         "labels": splits.labels, "task": splits.task, "label_counts": counts,
         "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
         "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
+        "weights": state["best_weights"], "stopped_early": state["stopped_early"],
         "device": str(device), "wall_time_s": time.perf_counter() - started})
     from .report import write_report
     n = model.num_labels

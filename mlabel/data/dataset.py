@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
 from ..errors import DataError
@@ -99,7 +99,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item):
+        """``item``: an index, or (index, seed) from :class:`SeededSampler`: the augmentation of
+        that sample is then a function of the seed alone, whatever the worker or a resume."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
         image = read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
         target = self.table.targets[index]
@@ -114,11 +119,29 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs: the order (shuffled or not) and one seed per sample drawn from
+    ``generator``. Re-seeding the generator before an epoch fixes that epoch's order and every
+    sample's augmentation, in any worker, also after a resume."""
+
+    def __init__(self, size: int, generator: torch.Generator, shuffle: bool):
+        self.size, self.generator, self.shuffle = size, generator, shuffle
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)
+        base = int(torch.randint(0, 2**31 - self.size, (1,), generator=self.generator))
+        return iter([(int(i), base + k) for k, i in enumerate(order)])
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
                 seed: int, pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
     """Seeded shuffling and worker seeding (each worker's NumPy and ``random`` seeded from
     torch's per-worker seed), so a run is reproducible for a given seed and worker count."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                      num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                      worker_init_fn=_seed_worker, persistent_workers=persistent_workers and num_workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train),
+                      drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
+                      pin_memory=pin_memory, generator=generator, worker_init_fn=_seed_worker,
+                      persistent_workers=persistent_workers and num_workers > 0)

@@ -1,0 +1,157 @@
+"""Training-engine features: EMA, mixing, accumulation, precision, schedules, early stopping,
+and resume after SIGKILL."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlabel.engine import ModelEma, build_scheduler, mix_batch, train_one_epoch
+from mlabel.losses import BCEWithLogits
+from mlabel.train import main as train_main
+
+
+def test_ema_follows_its_update_rule():
+    model = nn.Linear(3, 2)
+    ema = ModelEma(model, decay=0.9, warmup=True)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    d = min(0.9, 2 / 11)
+    torch.testing.assert_close(ema.module.weight, d * start + (1 - d) * model.weight)
+    again = ModelEma(nn.Linear(3, 2), decay=0.9)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 1 and torch.equal(again.module.weight, ema.module.weight)
+
+
+def test_mixup_and_cutmix_mix_targets_with_the_image_lambda():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16)
+    targets = torch.tensor([[1.0, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    mixed, t = mix_batch(images, targets, mixup_alpha=0.4, cutmix_alpha=0.0)
+    lam = float(((mixed[0] - images[3]) / (images[0] - images[3]))[0, 0, 0])
+    torch.testing.assert_close(t[0, :2], lam * targets[0, :2] + (1 - lam) * targets[3, :2])
+    assert t[0, 2] == -1  # unknown in one image: unknown in the mix
+    torch.manual_seed(1)
+    images = torch.zeros(4, 1, 20, 20) + torch.arange(4.0)[:, None, None, None]
+    mixed, t = mix_batch(images, targets, mixup_alpha=0.0, cutmix_alpha=1.0)
+    pasted = float((mixed[1] == images[2]).float().mean())  # share of image 1 now from image 2
+    torch.testing.assert_close(t[1], (1 - pasted) * targets[1] + pasted * targets[2])
+    same, t2 = mix_batch(images, targets, 0.4, 0.0, prob=0.0)
+    assert same is images and t2 is targets
+
+
+def _toy(batch_size):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 4, 4, generator=g), (torch.rand(16, 2, generator=g) > 0.5).float()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _run(batch_size, accumulate, precision="fp32"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = build_scheduler(optimizer, 100, 0)
+    from mlabel.engine import grad_scaler_for
+    row = train_one_epoch(model, _toy(batch_size), BCEWithLogits(), optimizer, scheduler, torch.device("cpu"), 1,
+                          accumulate=accumulate, precision=precision,
+                          scaler=grad_scaler_for(torch.device("cpu"), precision), quiet=True)
+    return model, row
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    big, _ = _run(8, 1)
+    accumulated, _ = _run(4, 2)
+    for a, b in zip(big.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_with_a_scaler_for_fp16(precision):
+    reference, _ = _run(8, 1)
+    model, row = _run(8, 1, precision)
+    assert np.isfinite(row["train_loss"])
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, atol=0.02, rtol=0)  # the same steps up to rounding
+
+
+def test_onecycle_rises_then_decays():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, 100, 0, "onecycle")
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(0.04) and max(lrs) == pytest.approx(1.0, abs=1e-3)
+    assert int(np.argmax(lrs)) == 10 and lrs[-1] < 0.01
+
+
+def _cmd(out, scene_csv, extra=()):
+    return ["quickstart", f"out_dir={out}", "model.backbone=test_resnet", "model.pretrained=false",
+            "data.generate=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
+            "train.channels_last=false", f"data.root={scene_csv}", "data.val=val.csv", "data.test=null",
+            "thresholds.cross_fit=0", "--quiet", *extra]
+
+
+def test_ema_winner_is_recorded_and_saved(tmp_path, scene_csv):
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=2", "train.ema=true", "train.ema_decay=0.9",
+                                            "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0"])) == 0
+    run = json.loads((out / "run.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())["val"]
+    assert metrics["weights"] == run["weights"] in ("model", "ema")
+    history = [json.loads(json.dumps(r)) for r in __import__("csv").DictReader((out / "history.csv").open())]
+    assert all("val_mAP_ema" in r for r in history)
+    # The saved weights are the ones that won: their val mAP is the best one recorded.
+    assert metrics["mAP"] == pytest.approx(run["best_val_mAP"], abs=1e-6)
+
+
+def test_early_stopping_stops_after_patience(tmp_path, scene_csv):
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=6", "train.lr=0", "train.early_stop_patience=1"])) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["stopped_early"] is True
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 2  # header, epochs 1 and 2
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_same_result(tmp_path, scene_csv):
+    extra = ["train.epochs=5", "train.ema=true", "train.accumulate=2", "train.mixup_alpha=0.2"]
+    reference = tmp_path / "reference"
+    assert train_main(_cmd(reference, scene_csv, extra)) == 0
+    expected = json.loads((reference / "metrics.json").read_text())
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "mlabel.train", *_cmd(out, scene_csv, extra + ["resume=true"])]
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    rng = random.Random(0)
+    kills = 0
+    started_total = time.perf_counter()
+    while kills < 3:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        delay = rng.uniform(3.0, 9.0)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        break  # finished before the kill: start over with a fresh directory would skip kills
+    assert kills == 3, "the run finished before three kills; the test needs a longer run"
+    final = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    got = json.loads((out / "metrics.json").read_text())
+    for key in ("mAP", "macro_f1", "micro_f1", "macro_auroc"):
+        assert got["val"][key] == pytest.approx(expected["val"][key], abs=1e-9), key
+    assert got["val"]["per_label"] == expected["val"]["per_label"]
+    assert time.perf_counter() - started_total < 300
