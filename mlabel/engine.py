@@ -144,7 +144,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
                     channels_last: bool = False, freeze_backbone: bool = False,
                     freeze_norm_stats: bool = False, quiet: bool = False, precision: str = "auto",
                     scaler=None, accumulate: int = 1, ema: ModelEma | None = None,
-                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0) -> dict:
+                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
+                    forward=None) -> dict:
     """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
 
     With ``freeze_backbone`` the backbone stays in eval mode (its norm statistics fixed). With
@@ -152,7 +153,8 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
     of pretraining while every weight trains. Switching a pretrained backbone from running to
     small-batch statistics when it is unfrozen shifts its features under the fitted head.
     ``accumulate`` batches make one optimizer step (each loss divided by their number); the
-    scheduler and the EMA advance once per optimizer step.
+    scheduler and the EMA advance once per optimizer step. ``forward`` (images -> outputs)
+    replaces the model's own, e.g. by its DDP or compiled wrapper.
     """
     model.train()
     if freeze_backbone:
@@ -173,7 +175,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, precision):
-            logits = model_outputs(model, images)
+            logits = forward(images) if forward is not None else model_outputs(model, images)
         loss = loss_fn(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(

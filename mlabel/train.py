@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
@@ -25,6 +26,7 @@ from .data.check import drop_bad_images
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, train_one_epoch)
+from .distributed import OutputsModule, World, close_world, gather_rows, init_world, mean_across
 from .io import write_json, write_text
 from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
@@ -71,16 +73,25 @@ def head_args(cfg: Config) -> dict:
     return {}
 
 
-def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device):
+def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device, world: World):
     pre = model.preprocessing
     pin = device.type == "cuda" if cfg.data.pin_memory is None else cfg.data.pin_memory
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                  pin_memory=pin, persistent_workers=cfg.data.persistent_workers)
+                  pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
+                  world=world.size)
     train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment)),
                         train=True, **common)
     evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False)), train=False, **common)
                 for name, table in (("val", splits.val), ("test", splits.test)) if table is not None}
     return train, evaluate
+
+
+def _collect(model, loader, device, world: World, loss_fn=None, **kwargs):
+    """Outputs and targets of a whole split: each rank runs its shard, then they are gathered."""
+    logits, targets, loss = collect_predictions(model, loader, device, loss_fn, **kwargs)
+    total = len(loader.dataset)
+    loss = None if loss is None else mean_across(loss, world)
+    return gather_rows(logits, total, world), gather_rows(targets, total, world), loss
 
 
 def _set_backbone_frozen(model: MultiLabelClassifier, frozen: bool) -> None:
@@ -96,14 +107,14 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
-def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool) -> tuple[float, float]:
-    logits, targets, val_loss = collect_predictions(model, loader, device, loss_fn,
-                                                    channels_last=cfg.train.channels_last, quiet=quiet)
+def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, world: World) -> tuple[float, float]:
+    logits, targets, val_loss = _collect(model, loader, device, world, loss_fn,
+                                         channels_last=cfg.train.channels_last, quiet=quiet)
     n = model.num_labels
     return _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0, val_loss
 
 
-def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool) -> dict:
+def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World()) -> dict:
     """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
     after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
 
@@ -136,25 +147,34 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
             _log(quiet, f"resumed from {resume_path} after epoch {state['epoch']}")
         elif cfg.resume is not True:
             raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
-    forward_model = torch.compile(model) if cfg.train.compile else model
+    wrapped = {"frozen": None, "forward": None}
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
+        if wrapped["frozen"] != frozen:  # DDP registers the trainable parameters when it is built
+            wrapped.update(frozen=frozen, forward=None)
+            forward = OutputsModule(model)
+            if world.distributed:
+                forward = DistributedDataParallel(
+                    forward, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped["forward"] = torch.compile(forward) if cfg.train.compile else forward
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        row = train_one_epoch(forward_model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
+        row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
                               grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
                               freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
                               quiet=quiet, precision=cfg.train.precision, scaler=scaler,
                               accumulate=cfg.train.accumulate, ema=ema, mixup_alpha=cfg.train.mixup_alpha,
-                              cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob)
-        val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet)
-        row = {"epoch": epoch, "train_loss": row["train_loss"], "val_loss": val_loss, "val_mAP": val_map,
-               "lr": row["lr"], "images_per_s": row["images_per_s"], "epoch_time_s": row["train_time_s"]}
+                              cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob,
+                              forward=wrapped["forward"])
+        val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet, world)
+        row = {"epoch": epoch, "train_loss": mean_across(row["train_loss"], world), "val_loss": val_loss,
+               "val_mAP": val_map, "lr": row["lr"], "images_per_s": row["images_per_s"] * world.size,
+               "epoch_time_s": row["train_time_s"]}
         candidates = [("model", val_map, model)]
         if ema is not None:
-            ema_map, _ = _evaluate_val(ema.module, eval_loaders["val"], None, device, cfg, quiet)
+            ema_map, _ = _evaluate_val(ema.module, eval_loaders["val"], None, device, cfg, quiet, world)
             row["val_mAP_ema"] = ema_map
             candidates.append(("ema", ema_map, ema.module))
         state["history"].append(row)
@@ -172,25 +192,35 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
                     + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
                     + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
                        if state["stopped_early"] else ""))
-        save_checkpoint(checkpoint_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state})
-        _write_history(out_dir / "history.csv", state["history"])
+        if world.main:  # one writer; every rank holds the same state
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state})
+            _write_history(out_dir / "history.csv", state["history"])
     return state
 
 
 def run(cfg: Config, quiet: bool = False) -> dict:
-    """Train per ``cfg`` and write the run directory; returns the metrics dict."""
+    """Train per ``cfg`` and write the run directory; returns the metrics dict. Under torchrun
+    every rank trains on its shard and only rank 0 writes files."""
+    world, device = init_world(cfg.train.device)
+    try:
+        return _run(cfg, quiet or not world.main, world, device)
+    finally:
+        close_world(world)
+
+
+def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if world.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    splits = drop_bad_images(splits, cfg.data.on_bad_image, out_dir, max(2, cfg.data.num_workers),
-                             log=lambda *a: _log(quiet, *a))
+    splits = drop_bad_images(splits, cfg.data.on_bad_image, out_dir if world.main else None,
+                             max(2, cfg.data.num_workers), log=lambda *a: _log(quiet, *a))
     counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
                                                      ("test", splits.test)) if t is not None}
     _log(quiet, f"task {splits.task}, labels {splits.labels}")
@@ -221,20 +251,22 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
                                 torch.from_numpy(mean), torch.from_numpy(np.maximum(std, 1e-8)))
     loss_fn = loss_fn.to(device)
-    loaders = _loaders(cfg, splits, model, device)
-    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet)
+    loaders = _loaders(cfg, splits, model, device, world)
+    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)
 
     model.load_state_dict(state["best_state"])
     from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
-    val_logits, val_targets, _ = collect_predictions(model, loaders[1]["val"], device, **eval_kwargs)
+    val_logits, val_targets, _ = _collect(model, loaders[1]["val"], device, world, **eval_kwargs)
     calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration)
     metrics = {"val": evaluate_outputs(model, val_logits, val_targets, cross_fit=cfg.thresholds, seed=cfg.seed)}
     if "test" in loaders[1]:
-        test_logits, test_targets, _ = collect_predictions(model, loaders[1]["test"], device, **eval_kwargs)
+        test_logits, test_targets, _ = _collect(model, loaders[1]["test"], device, world, **eval_kwargs)
         metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
     for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
         section["weights"] = state["best_weights"]
+    if not world.main:
+        return metrics
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric})
     thresholds = model.thresholds.cpu()
@@ -244,7 +276,7 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
         "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
         "weights": state["best_weights"], "stopped_early": state["stopped_early"],
-        "device": str(device), "wall_time_s": time.perf_counter() - started})
+        "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started})
     from .report import write_report
     n = model.num_labels
     val_logits, val_targets = val_logits[:, :n], val_targets[:, :n]

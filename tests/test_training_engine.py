@@ -155,3 +155,30 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_result(tmp_path, s
         assert got["val"][key] == pytest.approx(expected["val"][key], abs=1e-9), key
     assert got["val"]["per_label"] == expected["val"]["per_label"]
     assert time.perf_counter() - started_total < 300
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, scene_csv):
+    # freeze_norm_stats keeps batch-norm on its running statistics: per-rank batch statistics
+    # would otherwise differ from the single process's by construction.
+    extra = ["train.epochs=2", "train.freeze_norm_stats=true", "train.freeze_backbone_epochs=1",
+             "train.lr=0.01", "data.test=val.csv"]
+    single = tmp_path / "single"
+    base = _cmd(single, scene_csv, extra)
+    base[base.index("data.batch_size=8")] = "data.batch_size=16"
+    assert train_main(base) == 0
+    double = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "mlabel.train", *_cmd(double, scene_csv, extra + ["train.device=cpu"])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((single / "metrics.json").read_text())
+    two = json.loads((double / "metrics.json").read_text())
+    assert json.loads((double / "run.json").read_text())["world_size"] == 2
+    assert two["val"]["n_images"] == one["val"]["n_images"] == 24  # the whole val set, gathered
+    for split in ("val", "test"):
+        for key in ("mAP", "macro_auroc", "micro_f1"):
+            assert two[split][key] == pytest.approx(one[split][key], abs=2e-3), (split, key)
+    h1 = [float(r["train_loss"]) for r in __import__("csv").DictReader((single / "history.csv").open())]
+    h2 = [float(r["train_loss"]) for r in __import__("csv").DictReader((double / "history.csv").open())]
+    assert h2 == pytest.approx(h1, rel=1e-3)

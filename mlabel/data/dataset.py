@@ -122,26 +122,35 @@ def _seed_worker(worker_id: int) -> None:
 class SeededSampler(Sampler):
     """Yields (index, seed) pairs: the order (shuffled or not) and one seed per sample drawn from
     ``generator``. Re-seeding the generator before an epoch fixes that epoch's order and every
-    sample's augmentation, in any worker, also after a resume."""
+    sample's augmentation, in any worker, also after a resume.
 
-    def __init__(self, size: int, generator: torch.Generator, shuffle: bool):
-        self.size, self.generator, self.shuffle = size, generator, shuffle
+    Under DDP, rank r takes positions r, r + W, ... : training drops the last ``N mod W``
+    positions so every rank has as many samples (and the union of the ranks' k-th batches is
+    the single-process k-th batch of W times the size); evaluation pads with the first samples
+    so that every image is seen (see :func:`mlabel.distributed.gather_rows`).
+    """
+
+    def __init__(self, size: int, generator: torch.Generator, shuffle: bool, rank: int = 0, world: int = 1):
+        self.size, self.generator, self.shuffle, self.rank, self.world = size, generator, shuffle, rank, world
+        self.positions = (size // world) * world if shuffle else -(-size // world) * world
 
     def __len__(self) -> int:
-        return self.size
+        return self.positions // self.world
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)
-        base = int(torch.randint(0, 2**31 - self.size, (1,), generator=self.generator))
-        return iter([(int(i), base + k) for k, i in enumerate(order)])
+        base = int(torch.randint(0, 2**31 - self.positions, (1,), generator=self.generator))
+        mine = range(self.rank, self.positions, self.world)
+        return iter([(int(order[k % self.size]), base + k) for k in mine])
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
-                seed: int, pin_memory: bool = False, persistent_workers: bool = True) -> DataLoader:
+                seed: int, pin_memory: bool = False, persistent_workers: bool = True,
+                rank: int = 0, world: int = 1) -> DataLoader:
     """Seeded shuffling and worker seeding (each worker's NumPy and ``random`` seeded from
     torch's per-worker seed), so a run is reproducible for a given seed and worker count."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train),
+    return DataLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train, rank, world),
                       drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, generator=generator, worker_init_fn=_seed_worker,
                       persistent_workers=persistent_workers and num_workers > 0)
