@@ -121,6 +121,11 @@ class CalibrationConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False         # write per-epoch scalars to out_dir/tensorboard (needs tensorboard)
+
+
+@dataclass
 class Config:
     seed: int = 0
     out_dir: str = "runs/default"
@@ -132,6 +137,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # --------------------------------------------------------------------------- recipes

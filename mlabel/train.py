@@ -148,6 +148,7 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
         elif cfg.resume is not True:
             raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
     wrapped = {"frozen": None, "forward": None}
+    board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
@@ -198,7 +199,22 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state})
             _write_history(out_dir / "history.csv", state["history"])
+        if board is not None:
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    board.add_scalar(key, value, epoch)
+            board.flush()
+    if board is not None:
+        board.close()
     return state
+
+
+def _tensorboard(out_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out_dir / "tensorboard"))
 
 
 def run(cfg: Config, quiet: bool = False) -> dict:

@@ -182,3 +182,23 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     h1 = [float(r["train_loss"]) for r in __import__("csv").DictReader((single / "history.csv").open())]
     h2 = [float(r["train_loss"]) for r in __import__("csv").DictReader((double / "history.csv").open())]
     assert h2 == pytest.approx(h1, rel=1e-3)
+
+
+def test_tensorboard_scalars_are_written_when_asked(tmp_path, scene_csv):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=2", "log.tensorboard=true"])) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_mAP")] == [1, 2]
+    assert {"train_loss", "val_loss", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_compile_opt_in_trains(tmp_path, scene_csv, monkeypatch):
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: calls.append(module) or real(module, backend="eager"))
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "train.compile=true"])) == 0
+    assert len(calls) == 1 and (out / "model" / "model.safetensors").is_file()
