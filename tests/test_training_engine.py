@@ -106,7 +106,8 @@ def _cmd(out, scene_csv, extra=()):
 def test_ema_winner_is_recorded_and_saved(tmp_path, scene_csv):
     out = tmp_path / "run"
     assert train_main(_cmd(out, scene_csv, ["train.epochs=2", "train.ema=true", "train.ema_decay=0.9",
-                                            "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0"])) == 0
+                                            "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
+                                            "train.grad_clip=1.0", "train.schedule=onecycle"])) == 0
     run = json.loads((out / "run.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())["val"]
     assert metrics["weights"] == run["weights"] in ("model", "ema")
@@ -202,3 +203,26 @@ def test_compile_opt_in_trains(tmp_path, scene_csv, monkeypatch):
     out = tmp_path / "run"
     assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "train.compile=true"])) == 0
     assert len(calls) == 1 and (out / "model" / "model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, scene_csv, monkeypatch, capsys):
+    import mlabel.engine as engine
+    from mlabel.checkpoint import load_checkpoint
+    real, calls = engine.mix_batch, []
+
+    def poisoned(images, targets, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2, step 2 (six batches of 8 per epoch)
+            images = torch.full_like(images, float("nan"))
+        return real(images, targets, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "mix_batch", poisoned)
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=3"])) == 2
+    err = capsys.readouterr().err
+    assert "at epoch 2, step 2" in err and "resume=true" in err and "Traceback" not in err
+    assert load_checkpoint(out / "checkpoint.pt")["train_state"]["epoch"] == 1
+    monkeypatch.setattr(engine, "mix_batch", real)
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=3", "resume=true"])) == 0
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 3
