@@ -43,6 +43,8 @@ class DataConfig:
     # a preset, or a list of albumentations transforms: [{name: HorizontalFlip, p: 0.5}, ...]
     augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = "light"
     on_bad_image: Literal["error", "skip"] = "error"   # skip: drop unreadable images, list them in skipped.csv
+    cache: bool = False                 # decode every image once into a memory-mapped uint8 cache
+    cache_dir: str | None = None        # default: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel
     batch_size: int = 64
     num_workers: int = 4
     pin_memory: bool | None = None      # null: on when training on CUDA

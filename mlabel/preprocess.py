@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from .errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "read_rgb", "to_rgb_array", "preprocess_image"]
+__all__ = ["IMAGE_EXTENSIONS", "read_rgb", "to_rgb_array", "preprocess_image", "resize_square", "cache_side"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
@@ -69,21 +69,38 @@ def to_rgb_array(item) -> np.ndarray:
     return read_rgb(str(item))
 
 
-def resize_for_eval(image: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """``squish``: resize to size x size. ``crop``: shorter side to ``size / crop_pct``, then
-    the centre size x size (timm's evaluation transform)."""
+def cache_side(preprocessing: dict) -> int:
+    """Side of the square a decoded image is reduced to before the final crop (and in the cache)."""
     size = int(preprocessing["image_size"])
-    interp = INTERPOLATION.get(preprocessing.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     if preprocessing.get("resize", "crop") == "squish":
-        return cv2.resize(image, (size, size), interpolation=interp)
-    short = int(round(size / float(preprocessing.get("crop_pct", 1.0))))
+        return size
+    return max(size, int(round(size / float(preprocessing.get("crop_pct", 1.0)))))
+
+
+def resize_square(image: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """``squish``: resize to size x size. ``crop``: shorter side to ``size / crop_pct``, then the
+    centre square. This is what :mod:`mlabel.data.cache` stores."""
+    side = cache_side(preprocessing)
+    interp = INTERPOLATION.get(preprocessing.get("interpolation", "bilinear"), cv2.INTER_LINEAR)
     h, w = image.shape[:2]
-    scale = short / min(h, w)
-    nh, nw = max(size, int(round(h * scale))), max(size, int(round(w * scale)))
+    if preprocessing.get("resize", "crop") == "squish":
+        return image if (h, w) == (side, side) else cv2.resize(image, (side, side), interpolation=interp)
+    scale = side / min(h, w)
+    nh, nw = max(side, int(round(h * scale))), max(side, int(round(w * scale)))
     if (nh, nw) != (h, w):
         image = cv2.resize(image, (nw, nh), interpolation=interp)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return image[top:top + size, left:left + size]
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def resize_for_eval(image: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """timm's evaluation transform: ``squish`` resizes to size x size; ``crop`` takes the centre
+    size x size of the :func:`resize_square` square (shorter side at ``size / crop_pct``).
+    Applied to a cached square it gives the same pixels as applied to the original image."""
+    size = int(preprocessing["image_size"])
+    square = resize_square(image, preprocessing)
+    offset = (square.shape[0] - size) // 2
+    return square[offset:offset + size, offset:offset + size]
 
 
 def preprocess_image(item, preprocessing: dict) -> np.ndarray:

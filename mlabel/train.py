@@ -79,11 +79,33 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                   pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
                   world=world.size)
-    train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment)),
+    caches = _caches(cfg, splits, pre, world) if cfg.data.cache else {}
+    train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment), caches.get("train")),
                         train=True, **common)
-    evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False)), train=False, **common)
+    evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
+                                  train=False, **common)
                 for name, table in (("val", splits.val), ("test", splits.test)) if table is not None}
     return train, evaluate
+
+
+def _caches(cfg: Config, splits, preprocessing: dict, world: World) -> dict:
+    """Decoded caches of every split; rank 0 builds them while the other ranks wait."""
+    from .data.cache import DecodedCache
+    tables = {n: getattr(splits, n) for n in ("train", "val", "test") if getattr(splits, n) is not None}
+
+    def build():
+        return {n: DecodedCache(t, preprocessing, cfg.data.cache_dir, max(2, cfg.data.num_workers),
+                                quiet=not world.main) for n, t in tables.items()}
+
+    if not world.distributed:
+        return build()
+    import torch.distributed as dist
+    if world.main:
+        caches = build()
+        dist.barrier()
+        return caches
+    dist.barrier()
+    return build()
 
 
 def _collect(model, loader, device, world: World, loss_fn=None, **kwargs):

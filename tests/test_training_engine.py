@@ -226,3 +226,29 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     monkeypatch.setattr(engine, "mix_batch", real)
     assert train_main(_cmd(out, scene_csv, ["train.epochs=3", "resume=true"])) == 0
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_decoded_cache_gives_the_same_validation_metrics(tmp_path, scene_csv):
+    from mlabel.data.cache import DecodedCache
+    from mlabel.data.tables import read_csv_table
+    from mlabel.preprocess import preprocess_image
+    cache_dir = tmp_path / "cache"
+    extra = ["train.epochs=2", "data.augment=none", "data.test=val.csv"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train_main(_cmd(plain, scene_csv, extra)) == 0
+    assert train_main(_cmd(cached, scene_csv, extra + ["data.cache=true", f"data.cache_dir={cache_dir}"])) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (plain, cached))
+    for split in ("val", "test"):
+        for key in ("mAP", "macro_f1", "micro_f1", "macro_auroc"):
+            assert a[split][key] == b[split][key], (split, key)
+    # evaluation pixels from the cache are the pixels from the files; the cache is reused and
+    # rebuilt when the resize settings change
+    table = read_csv_table(scene_csv / "val.csv", scene_csv)
+    pre = {"image_size": 32, "resize": "crop", "crop_pct": 0.875, "interpolation": "bilinear",
+           "mean": [0.5] * 3, "std": [0.25] * 3}
+    cache = DecodedCache(table, pre, cache_dir, quiet=True)
+    for i in (0, 5, 23):
+        np.testing.assert_array_equal(preprocess_image(np.asarray(cache.images[i]), pre),
+                                      preprocess_image(table.paths[i], pre))
+    assert not DecodedCache(table, pre, cache_dir, quiet=True).built
+    assert DecodedCache(table, dict(pre, interpolation="bicubic"), cache_dir, quiet=True).built

@@ -92,9 +92,10 @@ def build_transform(preprocessing: dict, train: bool, augment: str | list = "non
 class ImageDataset(Dataset):
     """(image tensor (3, H, W), target (L,)) pairs of a :class:`LabelTable`."""
 
-    def __init__(self, table: LabelTable, transform: A.Compose):
+    def __init__(self, table: LabelTable, transform, cache=None):
         self.table = table
         self.transform = transform
+        self.cache = cache  # a DecodedCache: decoded squares instead of the files
 
     def __len__(self) -> int:
         return len(self.table)
@@ -105,7 +106,7 @@ class ImageDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
-        image = read_rgb(self.table.paths[index])
+        image = np.asarray(self.cache.images[index]) if self.cache is not None else read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
         target = self.table.targets[index]
         if self.table.regression is not None:  # classification targets, then regression targets

@@ -1,0 +1,80 @@
+"""Decoded-image cache: every image of a split decoded once, reduced to the model's square
+(:func:`mlabel.preprocess.resize_square`) and stored as uint8 in a memory-mapped file.
+
+The file is keyed by the images' bytes and the resize settings (side, mode, interpolation), so
+changing either builds a new one; it is written to a temporary name and renamed when complete,
+so an interrupted build is never read. Later epochs and runs read slices of the map instead of
+decoding JPEGs. Evaluation from the cache gives the same pixels as from the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..preprocess import cache_side, read_rgb, resize_square
+from .tables import LabelTable
+
+__all__ = ["DecodedCache", "default_cache_dir"]
+
+KEY_FIELDS = ("resize", "interpolation")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlabel"
+
+
+def _key(paths: list[str], preprocessing: dict) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {"side": cache_side(preprocessing), **{k: preprocessing.get(k) for k in KEY_FIELDS}}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in paths:
+        digest.update(path.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class DecodedCache:
+    """``images[i]``: the (side, side, 3) uint8 square of ``table.paths[i]``."""
+
+    def __init__(self, table: LabelTable, preprocessing: dict, folder: str | Path | None = None,
+                 workers: int = 4, quiet: bool = False):
+        self.side = cache_side(preprocessing)
+        folder = Path(folder) if folder else default_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.key = _key(table.paths, preprocessing)
+        self.path = folder / f"{self.key}.u8"
+        shape = (len(table.paths), self.side, self.side, 3)
+        self.built = not self.path.is_file()
+        if self.built:
+            self._build(table.paths, preprocessing, shape, workers, quiet)
+        self.images = np.memmap(self.path, dtype=np.uint8, mode="r", shape=shape)
+
+    def _build(self, paths, preprocessing, shape, workers: int, quiet: bool) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+
+        def put(i: int) -> None:
+            out[i] = resize_square(read_rgb(paths[i]), preprocessing)
+
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                for _ in tqdm(pool.map(put, range(len(paths))), total=len(paths), desc="decoding into cache",
+                              unit="img", disable=quiet, leave=False):
+                    pass
+            out.flush()
+            del out
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def __len__(self) -> int:
+        return len(self.images)
