@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class DecodedCache:
         try:
             with ThreadPoolExecutor(max(1, workers)) as pool:
                 for _ in tqdm(pool.map(put, range(len(paths))), total=len(paths), desc="decoding into cache",
-                              unit="img", disable=quiet, leave=False):
+                              unit="img", disable=quiet or not sys.stderr.isatty(), leave=False):
                     pass
             out.flush()
             del out
