@@ -71,7 +71,6 @@ class DecodedCache:
                               unit="img", disable=quiet or not sys.stderr.isatty(), leave=False):
                     pass
             out.flush()
-            del out
             os.replace(tmp, self.path)
         finally:
             if tmp.exists():
