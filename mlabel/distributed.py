@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "init_world", "gather_rows", "close_world", "mean_across", "OutputsModule"]
+__all__ = ["World", "resolve_device", "init_world", "gather_rows", "close_world", "mean_across", "OutputsModule"]
 
 
 @dataclass
@@ -30,14 +30,19 @@ class World:
         return self.size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_world(device_name: str) -> tuple[World, torch.device]:
     """Join the process group when launched by torchrun (NCCL with CUDA, gloo on the CPU)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_name != "cpu"
     if size <= 1:
-        device = torch.device("cuda" if cuda and device_name == "auto" else
-                              ("cpu" if device_name == "auto" else device_name))
-        return World(), device
+        return World(), resolve_device(device_name)
+    cuda = torch.cuda.is_available() and device_name != "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))

@@ -15,9 +15,10 @@ import torch
 from .calibration import apply_calibration, fit_calibration
 from .config import CalibrationConfig, Config, ConfigError, ThresholdsConfig, load_config
 from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
+from .distributed import resolve_device
 from .engine import collect_predictions
 from .io import write_json
-from .metrics import _nanmean, calibration_error, evaluate_predictions
+from .metrics import _as_tensors, _cutoff_metrics, _nanmean, calibration_error, evaluate_predictions
 from .models import META_FILE, MultiLabelClassifier, UnsafeModelFileError, load
 from .thresholds import cross_fit_predictions, tune_thresholds
 
@@ -73,10 +74,11 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
         folds = min(cross_fit.cross_fit, len(probs))
         rows = cross_fit_predictions(probs, targets, folds, seed, metric=cross_fit.metric,
                                      **_tuning_kwargs(cross_fit))
-        crossed = evaluate_predictions(probs, targets, rows, model.labels)
+        # only the cut-off figures: the ranking metrics do not depend on the thresholds
+        crossed, per = _cutoff_metrics(*_as_tensors(probs, targets), rows.double(), binary=False)
         metrics["cross_fit"] = {
             "folds": folds, **{k: crossed[k] for k in ("macro_f1", "micro_f1", "samples_f1", "weighted_f1")},
-            "per_label_f1": {n: crossed["per_label"][n]["f1"] for n in model.labels}}
+            "per_label_f1": {n: float(f) for n, f in zip(model.labels, per["f1"])}}
     if regression is not None:
         metrics["regression"] = regression
     return metrics
@@ -179,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
     args = parser.parse_intermixed_args(argv)
-    from .train import resolve_device
     try:
         recipe, overrides = split_arguments(args.rest)
         model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)

@@ -186,11 +186,15 @@ class MultiLabelClassifier(nn.Module):
         """images (as for :meth:`predict_proba`) -> (N, R) regression values in the targets' units."""
         if self.regression_head is None:
             raise ValueError("this model has no regression targets (data.regression_columns)")
+        return self.regression_values(self._eval_outputs(images)[:, self.num_labels:])
+
+    @torch.no_grad()
+    def _eval_outputs(self, images) -> torch.Tensor:
+        """:meth:`outputs` in eval mode on preprocessed ``images``; the mode is restored after."""
         was_training = self.training
         self.eval()
         try:
-            out = self.outputs(self.preprocess(images).to(self.thresholds.device))
-            return self.regression_values(out[:, self.num_labels:])
+            return self.outputs(self.preprocess(images).to(self.thresholds.device))
         finally:
             self.train(was_training)
 
@@ -243,13 +247,7 @@ class MultiLabelClassifier(nn.Module):
         ``images``: a normalised (N, 3, H, W) tensor, or paths, PIL images or uint8 RGB arrays
         (one or a list), which get the saved preprocessing.
         """
-        was_training = self.training
-        self.eval()
-        try:
-            batch = self.preprocess(images).to(self.thresholds.device)
-            return self.probabilities(self(batch), calibrated)
-        finally:
-            self.train(was_training)
+        return self.probabilities(self._eval_outputs(images)[:, :self.num_labels], calibrated)
 
     @torch.no_grad()
     def predict(self, images) -> torch.Tensor:

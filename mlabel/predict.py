@@ -64,10 +64,11 @@ class _TorchBackend:
     def __init__(self, model_dir: str, device: str | None, trust_pickle: bool):
         import torch
 
+        from .distributed import resolve_device
         from .engine import autocast_for
         from .models import load
         self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         # channels_last: faster convolutions on CUDA and, measured on a 2-core CPU, 1.6x there too.
         self.model = load(model_dir, trust_pickle=trust_pickle).to(self.device).eval()
         self.model.to(memory_format=torch.channels_last)

@@ -48,12 +48,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> torch.Tensor | None:
     spec = cfg.loss.pos_weight
     if spec == "none":
@@ -97,15 +91,12 @@ def _caches(cfg: Config, splits, preprocessing: dict, world: World) -> dict:
         return {n: DecodedCache(t, preprocessing, cfg.data.cache_dir, max(2, cfg.data.num_workers),
                                 quiet=not world.main) for n, t in tables.items()}
 
-    if not world.distributed:
-        return build()
-    import torch.distributed as dist
-    if world.main:
-        caches = build()
-        dist.barrier()
-        return caches
-    dist.barrier()
-    return build()
+    if world.distributed and not world.main:
+        torch.distributed.barrier()  # wait until rank 0 has written the files, then map them
+    caches = build()
+    if world.distributed and world.main:
+        torch.distributed.barrier()
+    return caches
 
 
 def _collect(model, loader, device, world: World, loss_fn=None, **kwargs):
@@ -169,7 +160,7 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
             _log(quiet, f"resumed from {resume_path} after epoch {state['epoch']}")
         elif cfg.resume is not True:
             raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
-    wrapped = {"frozen": None, "forward": None}
+    wrapped = {"frozen": None}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
@@ -177,12 +168,12 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
         if wrapped["frozen"] != frozen:  # DDP registers the trainable parameters when it is built
-            wrapped.update(frozen=frozen, forward=None)
+            wrapped.pop("forward", None)  # release the old DDP (and its gradient hooks) first
             forward = OutputsModule(model)
             if world.distributed:
                 forward = DistributedDataParallel(
                     forward, device_ids=[device.index] if device.type == "cuda" else None)
-            wrapped["forward"] = torch.compile(forward) if cfg.train.compile else forward
+            wrapped.update(frozen=frozen, forward=torch.compile(forward) if cfg.train.compile else forward)
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
                               grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
@@ -285,9 +276,9 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         if np.isnan(mean).any():
             missing = [n for n, m in zip(splits.train.regression_names, mean) if np.isnan(m)]
             raise DataError(f"regression columns {missing} have no value in the training split")
-        model.set_regression_scale(mean, std)
+        model.set_regression_scale(mean, std)  # the loss standardises with the model's own scale
         loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
-                                torch.from_numpy(mean), torch.from_numpy(np.maximum(std, 1e-8)))
+                                model.regression_mean.cpu(), model.regression_std.cpu())
     loss_fn = loss_fn.to(device)
     loaders = _loaders(cfg, splits, model, device, world)
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .calibration import CALIBRATION_METHODS
+from .distributed import resolve_device
 from .config import CalibrationConfig, ThresholdsConfig
 from .evaluate import (USER_ERRORS, calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
                        split_arguments, split_logits, summary_line)
@@ -32,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
                         help="refit the calibration (default: calibration.method of the config)")
     args = parser.parse_intermixed_args(argv)
-    from .train import resolve_device
     try:
         recipe, overrides = split_arguments(args.rest)
         model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
