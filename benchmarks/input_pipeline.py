@@ -3,7 +3,17 @@ the decoded cache on the same images and settings, in one run.
 
     python benchmarks/input_pipeline.py --data ../shared/data/miml-scene/images [--size 224] [--workers 2]
 
-The last line prints ``cached/uncached ratio: X`` (training loader, ``light`` augmentation).
+Loaders, each one pass over the same images with ``light`` augmentation (random resized crop,
+flip, normalise) and the same batch size and workers:
+
+- uncached: files decoded and augmented per image by albumentations in the workers (float32
+  batches), the loader mlabel uses without ``data.cache``;
+- cached, albumentations: the same per-image pipeline reading decoded squares from the cache;
+- cached, batched: ``data.cache`` with ``data.augment_on=device`` (the default with the cache):
+  uint8 batches from the memory map, crop and flip on uint8, normalisation as a batched tensor
+  op on the device; the time includes that device stage.
+
+The last line prints ``cached/uncached ratio: X`` (cached batched against uncached).
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import torch
 from PIL import Image
 
 from mlabel.data import ImageDataset, build_transform, make_loader
+from mlabel.data.batched import BatchImages, DeviceBatches, TensorAugment
 from mlabel.data.cache import DecodedCache
 from mlabel.data.tables import LabelTable
 from mlabel.preprocess import IMAGE_EXTENSIONS, read_rgb, resize_square
@@ -42,13 +53,27 @@ def stage_times(paths: list[str], pre: dict, augment) -> dict:
     return {k: 1000 * v / len(paths) for k, v in times.items()}
 
 
-def loader_rate(dataset, batch_size: int, workers: int) -> float:
-    """Images/s over one pass of the training loader (workers started beforehand)."""
-    loader = make_loader(dataset, batch_size, train=True, num_workers=workers, seed=0)
-    next(iter(loader))  # start the workers
-    start, seen = time.perf_counter(), 0
-    for images, _ in loader:
-        seen += len(images)
+def loader_rate(dataset, batch_size: int, workers: int, device: torch.device, passes: int = 2) -> float:
+    """Images/s of the training loader over ``passes`` epochs, the batches moved to ``device``.
+    A per-image dataset goes through mlabel's DataLoader (persistent worker processes, started
+    beforehand); :class:`BatchImages` through :class:`DeviceBatches` (threads), whose time
+    includes the stages it runs on the device."""
+    if isinstance(dataset, BatchImages):
+        batches = DeviceBatches(dataset, batch_size, device=device, train=True, seed=0, workers=workers)
+        generator = batches.generator
+    else:
+        batches = make_loader(dataset, batch_size, train=True, num_workers=workers, seed=0,
+                              pin_memory=device.type == "cuda")
+        generator = batches.generator
+        next(iter(batches))  # start the workers
+    seen, start = 0, time.perf_counter()
+    for epoch in range(passes):
+        generator.manual_seed(epoch)
+        for images, _ in batches:
+            images = images.to(device, non_blocking=True)
+            seen += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -71,34 +96,64 @@ def main() -> None:
     print(f"{len(paths)} images from {args.data} (e.g. {shapes[0][1]}x{shapes[0][0]}), {args.size} px, "
           f"'light' augmentation, batch {args.batch_size}, {args.workers} workers, torch {torch.__version__}")
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tensor_augment = TensorAugment(pre, "light")
+
     stages = stage_times(paths[:200], pre, augment)
     print("per image, one thread (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    uncached = loader_rate(ImageDataset(table, augment), args.batch_size, args.workers)
+    rates = {"uncached: decode + albumentations in workers":
+             loader_rate(ImageDataset(table, augment), args.batch_size, args.workers, device=device)}
+    if device.type == "cuda":
+        rates["uncached: JPEG bytes decoded on the GPU, batched augmentation"] = loader_rate(
+            BatchImages(table, pre, tensor_augment, encoded=True, pin=True), args.batch_size, args.workers, device)
+    else:
+        rates["uncached: decode in workers, batched augmentation"] = loader_rate(
+            BatchImages(table, pre, tensor_augment, crop=True), args.batch_size, args.workers, device)
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         cache = DecodedCache(table, pre, tmp, workers=args.workers)
         build = time.perf_counter() - start
         size_mb = cache.images.nbytes / 1e6
-        cached = loader_rate(ImageDataset(table, augment, cache), args.batch_size, args.workers)
-        cached_stages = stage_times_cached(cache, augment)
+        rates["cached: albumentations in workers"] = loader_rate(
+            ImageDataset(table, augment, cache), args.batch_size, args.workers, device=device)
+        rates["cached: batched augmentation (data.augment_on=device)"] = loader_rate(
+            BatchImages(table, pre, tensor_augment, cache, crop=device.type == "cpu", pin=device.type == "cuda"),
+            args.batch_size, args.workers, device)
+        cached_stages = stage_times_cached(cache, augment, tensor_augment)
     print(f"cache build: {build:.1f} s ({len(paths) / build:.0f} img/s), {size_mb:.0f} MB on disk")
-    print("per image from the cache, one thread (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in cached_stages.items()))
-    print(f"{'loader':<44}{'img/s':>8}")
-    print(f"{'uncached (decode + albumentations)':<44}{uncached:>8.0f}")
-    print(f"{'cached (memory-mapped squares + albumentations)':<44}{cached:>8.0f}")
+    print("per image from the cache, one thread (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in cached_stages.items()))
+    print(f"{'training loader, ' + device.type:<64}{'img/s':>8}")
+    for name, rate in rates.items():
+        print(f"{name:<64}{rate:>8.0f}")
+    uncached, cached = rates["uncached: decode + albumentations in workers"], rates[
+        "cached: batched augmentation (data.augment_on=device)"]
     print(f"cached/uncached ratio: {cached / uncached:.1f}")
 
 
-def stage_times_cached(cache: DecodedCache, augment) -> dict:
-    n = min(200, len(cache))
+def stage_times_cached(cache: DecodedCache, augment, tensor_augment: TensorAugment, batch: int = 32) -> dict:
+    n = min(200, len(cache)) // batch * batch
     t0 = time.perf_counter()
     squares = [np.asarray(cache.images[i]) for i in range(n)]
     t1 = time.perf_counter()
     for square in squares:
         augment(image=square)
     t2 = time.perf_counter()
-    return {"read square": 1000 * (t1 - t0) / n, "augment + normalise": 1000 * (t2 - t1) / n}
+    times = {"read square": t1 - t0, "albumentations augment + normalise": t2 - t1,
+             "batched: gather": 0.0, "draw": 0.0, "crop + flip (uint8)": 0.0, "to float + normalise": 0.0}
+    for start in range(0, n, batch):
+        t0 = time.perf_counter()
+        images = torch.from_numpy(np.array(cache.images[start:start + batch])).permute(0, 3, 1, 2)
+        t1 = time.perf_counter()
+        params = tensor_augment.draw(range(start, start + batch))
+        t2 = time.perf_counter()
+        cropped = tensor_augment.geometric(images, params)
+        t3 = time.perf_counter()
+        tensor_augment.photometric(cropped, params)
+        t4 = time.perf_counter()
+        for key, dt in zip(list(times)[2:], (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[key] += dt
+    return {k: 1000 * v / n for k, v in times.items()}
 
 
 if __name__ == "__main__":

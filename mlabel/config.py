@@ -42,6 +42,9 @@ class DataConfig:
     resize: Literal["crop", "squish"] = "crop"
     # a preset, or a list of albumentations transforms: [{name: HorizontalFlip, p: 0.5}, ...]
     augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = "light"
+    # device: the preset runs as batched tensor ops on uint8 batches (GPU decoding of JPEGs when
+    # uncached on CUDA); workers: per-image albumentations in the loader; auto: device when cached
+    augment_on: Literal["auto", "workers", "device"] = "auto"
     on_bad_image: Literal["error", "skip"] = "error"   # skip: drop unreadable images, list them in skipped.csv
     cache: bool = False                 # decode every image once into a memory-mapped uint8 cache
     cache_dir: str | None = None        # default: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel

@@ -14,7 +14,8 @@ from PIL import Image, ImageOps
 
 from .errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "read_rgb", "to_rgb_array", "preprocess_image", "resize_square", "cache_side"]
+__all__ = ["IMAGE_EXTENSIONS", "read_rgb", "to_rgb_array", "preprocess_image", "resize_square", "cache_side",
+           "normalisation"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
@@ -106,6 +107,13 @@ def resize_for_eval(image: np.ndarray, preprocessing: dict) -> np.ndarray:
 def preprocess_image(item, preprocessing: dict) -> np.ndarray:
     """A path / PIL image / RGB array -> normalised float32 (3, size, size)."""
     image = resize_for_eval(to_rgb_array(item), preprocessing)
-    mean = np.asarray(preprocessing["mean"], dtype=np.float32) * 255.0
-    std = np.asarray(preprocessing["std"], dtype=np.float32) * 255.0
-    return np.ascontiguousarray(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1))
+    mean, scale = normalisation(preprocessing)
+    return np.ascontiguousarray(((image.astype(np.float32) - mean) * scale).transpose(2, 0, 1))
+
+
+def normalisation(preprocessing: dict) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (mean * 255, 1 / (std * 255)): pixels normalise as ``(x - mean) * scale``, the
+    same float32 operations wherever it is done (here, and batched in mlabel.data.batched)."""
+    mean = np.asarray(preprocessing["mean"], dtype=np.float32) * np.float32(255)
+    scale = np.float32(1) / (np.asarray(preprocessing["std"], dtype=np.float32) * np.float32(255))
+    return mean, scale

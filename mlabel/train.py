@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
-from .data.check import drop_bad_images
+from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, train_one_epoch)
@@ -67,19 +67,52 @@ def head_args(cfg: Config) -> dict:
     return {}
 
 
-def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device, world: World):
+def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device, world: World, caches: dict):
     pre = model.preprocessing
     pin = device.type == "cuda" if cfg.data.pin_memory is None else cfg.data.pin_memory
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                   pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
                   world=world.size)
-    caches = _caches(cfg, splits, pre, world) if cfg.data.cache else {}
-    train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment), caches.get("train")),
-                        train=True, **common)
+    if augment_on_device(cfg.data, device):
+        from .data.batched import BatchImages, DeviceBatches, TensorAugment
+        images = BatchImages(splits.train, pre, TensorAugment(pre, cfg.data.augment), caches.get("train"),
+                             crop=device.type == "cpu", encoded=device.type == "cuda", pin=pin)
+        train = DeviceBatches(images, cfg.data.batch_size, device=device, train=True, seed=cfg.seed,
+                              workers=cfg.data.num_workers, rank=world.rank, world=world.size)
+    else:
+        train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment), caches.get("train")),
+                            train=True, **common)
     evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
                                   train=False, **common)
                 for name, table in (("val", splits.val), ("test", splits.test)) if table is not None}
     return train, evaluate
+
+
+def augment_on_device(data, device: torch.device) -> bool:
+    """``data.augment_on``: auto means on the device when the images come from the cache and the
+    augmentation is a preset: on a GPU any preset; on the CPU those without colour jitter (as
+    tensor ops it costs about 2.5 ms per image there, several times albumentations' uint8 jitter;
+    docs/INPUT_PIPELINE.md). An albumentations list always runs in the workers."""
+    if data.augment_on == "auto":
+        cheap = device.type == "cuda" or data.augment in ("none", "light", "flips")
+        return bool(data.cache) and isinstance(data.augment, str) and cheap
+    return data.augment_on == "device"
+
+
+def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, quiet: bool, world: World):
+    """Every image checked (``data.on_bad_image``), and with ``data.cache`` the decoded caches:
+    building a cache decodes every image, so it is the check (and a later run reads the
+    problems recorded with the cache instead of decoding again)."""
+    log, folder = (lambda *a: _log(quiet, *a)), out_dir if world.main else None
+    workers = max(2, cfg.data.num_workers)
+    if not cfg.data.cache:
+        return drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log), {}
+    caches = _caches(cfg, splits, preprocessing, world)
+    tables = {name: getattr(splits, name) for name in caches}
+    splits = drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log,
+                             found={name: cache.bad for name, cache in caches.items()})
+    return splits, {name: cache.without(kept_rows(tables[name], cache.bad)) if cache.bad else cache
+                    for name, cache in caches.items()}
 
 
 def _caches(cfg: Config, splits, preprocessing: dict, world: World) -> dict:
@@ -248,8 +281,11 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    splits = drop_bad_images(splits, cfg.data.on_bad_image, out_dir if world.main else None,
-                             max(2, cfg.data.num_workers), log=lambda *a: _log(quiet, *a))
+    model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
+                         drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
+                         resize=cfg.data.resize, head_args=head_args(cfg),
+                         regression=splits.train.regression_names)
+    splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
     counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
                                                      ("test", splits.test)) if t is not None}
     _log(quiet, f"task {splits.task}, labels {splits.labels}")
@@ -259,10 +295,6 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
     if pos_weight is not None:
         _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
-    model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
-                         drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
-                         resize=cfg.data.resize, head_args=head_args(cfg),
-                         regression=splits.train.regression_names)
     train_targets = torch.from_numpy(splits.train.targets)
     known = (train_targets >= 0).sum(0).clamp(min=1)
     model.init_head_bias((train_targets == 1).sum(0) / known)
@@ -280,7 +312,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
                                 model.regression_mean.cpu(), model.regression_std.cpu())
     loss_fn = loss_fn.to(device)
-    loaders = _loaders(cfg, splits, model, device, world)
+    loaders = _loaders(cfg, splits, model, device, world, caches)
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)
 
     model.load_state_dict(state["best_state"])

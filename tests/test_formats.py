@@ -126,8 +126,13 @@ def test_every_format_trains_end_to_end(tmp_path, fmt):
     assert run["label_counts"]["train"]["images"] == 40
 
 
-def test_bad_images_are_all_listed_or_skipped_into_skipped_csv(tmp_path, scene_csv, capsys):
+@pytest.mark.parametrize("cached", [False, True])
+def test_bad_images_are_all_listed_or_skipped_into_skipped_csv(tmp_path, scene_csv, capsys, monkeypatch, cached):
     import csv
+
+    from mlabel.data import check
+    if cached:  # building the cache is the check: no second decoding pass
+        monkeypatch.setattr(check, "find_bad_images", lambda *a, **k: pytest.fail("decoded twice"))
     rows = list(csv.reader((scene_csv / "train.csv").open()))
     (tmp_path / "bad1.png").write_bytes(b"not a png")
     (tmp_path / "bad2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -138,10 +143,15 @@ def test_bad_images_are_all_listed_or_skipped_into_skipped_csv(tmp_path, scene_c
               "data.generate=null", "data.image_size=32", "data.batch_size=16", "data.num_workers=0",
               "train.epochs=1", f"data.root={scene_csv}", f"data.train={tmp_path / 'train.csv'}",
               "data.val=val.csv", "data.test=null", "--quiet"]
+    if cached:
+        common += ["data.cache=true", f"data.cache_dir={tmp_path / 'cache'}"]
     assert train_main(common) == 2
     err = capsys.readouterr().err
     assert "2 images cannot be used" in err and "bad1.png" in err and "bad2.jpg" in err
     assert "data.on_bad_image=skip" in err and "Traceback" not in err
+    if cached:  # the second run reads the problems recorded with the cache the first one built
+        from mlabel.data.cache import DecodedCache
+        monkeypatch.setattr(DecodedCache, "_build", lambda *a: pytest.fail("cache rebuilt"))
     assert train_main(common + ["data.on_bad_image=skip"]) == 0
     skipped = list(csv.DictReader((tmp_path / "r" / "skipped.csv").open()))
     assert {r["path"] for r in skipped} == {str(tmp_path / "bad1.png"), str(tmp_path / "bad2.jpg")}

@@ -178,8 +178,11 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     assert json.loads((double / "run.json").read_text())["world_size"] == 2
     assert two["val"]["n_images"] == one["val"]["n_images"] == 24  # the whole val set, gathered
     for split in ("val", "test"):
-        for key in ("mAP", "macro_auroc", "micro_f1"):
+        for key in ("mAP", "macro_auroc"):
             assert two[split][key] == pytest.approx(one[split][key], abs=2e-3), (split, key)
+        # micro F1 counts 120 thresholded decisions: one decision flipped by the ranks' different
+        # float summation order moves it by about 0.003 here; allow that one, not two
+        assert two[split]["micro_f1"] == pytest.approx(one[split]["micro_f1"], abs=4e-3), split
     h1 = [float(r["train_loss"]) for r in __import__("csv").DictReader((single / "history.csv").open())]
     h2 = [float(r["train_loss"]) for r in __import__("csv").DictReader((double / "history.csv").open())]
     assert h2 == pytest.approx(h1, rel=1e-3)

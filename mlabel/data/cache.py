@@ -3,11 +3,13 @@
 
 The file is keyed by the images' bytes and the resize settings (side, mode, interpolation), so
 changing either builds a new one; it is written to a temporary name and renamed when complete,
-so an interrupted build is never read. Later epochs and runs read slices of the map instead of
+so an interrupted build is never read. The build decodes every image, so it doubles as the
+check for unreadable files (``bad``), recorded beside the map. Later epochs and runs read slices of the map instead of
 decoding JPEGs. Evaluation from the cache gives the same pixels as from the files.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+from ..io import write_text
 from ..preprocess import cache_side, read_rgb, resize_square
 from .tables import LabelTable
 
@@ -43,7 +47,13 @@ def _key(paths: list[str], preprocessing: dict) -> str:
 
 
 class DecodedCache:
-    """``images[i]``: the (side, side, 3) uint8 square of ``table.paths[i]``."""
+    """``cache[i]``: the (side, side, 3) uint8 square of ``table.paths[i]``.
+
+    Building the cache is also the check of every image: a file that does not decode is
+    recorded in ``bad`` as (path, reason) (its square stays black) and in a ``.json`` beside the
+    map, so a later run knows it without decoding anything. ``without(rows)`` drops table rows
+    (the skipped images) and keeps the map: ``rows`` maps each table row to its square.
+    """
 
     def __init__(self, table: LabelTable, preprocessing: dict, folder: str | Path | None = None,
                  workers: int = 4, quiet: bool = False):
@@ -56,25 +66,43 @@ class DecodedCache:
         self.built = not self.path.is_file()
         if self.built:
             self._build(table.paths, preprocessing, shape, workers, quiet)
+        record = self.path.with_suffix(".json")
+        bad = json.loads(record.read_text())["bad"] if record.is_file() else []
+        self.bad = [(table.paths[i], reason) for i, reason in bad]
         self.images = np.memmap(self.path, dtype=np.uint8, mode="r", shape=shape)
+        self.rows = np.arange(len(table.paths))
 
     def _build(self, paths, preprocessing, shape, workers: int, quiet: bool) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
 
-        def put(i: int) -> None:
-            out[i] = resize_square(read_rgb(paths[i]), preprocessing)
+        def put(i: int) -> str | None:
+            try:
+                out[i] = resize_square(read_rgb(paths[i]), preprocessing)
+            except DataError as err:
+                return str(err)
+            return None
 
         try:
             with ThreadPoolExecutor(max(1, workers)) as pool:
-                for _ in tqdm(pool.map(put, range(len(paths))), total=len(paths), desc="decoding into cache",
-                              unit="img", disable=quiet or not sys.stderr.isatty(), leave=False):
-                    pass
+                reasons = list(tqdm(pool.map(put, range(len(paths))), total=len(paths), desc="decoding into cache",
+                                    unit="img", disable=quiet or not sys.stderr.isatty(), leave=False))
             out.flush()
+            bad = [(i, reason) for i, reason in enumerate(reasons) if reason is not None]
+            write_text(self.path.with_suffix(".json"), json.dumps({"images": len(paths), "bad": bad}))
             os.replace(tmp, self.path)
         finally:
             if tmp.exists():
                 tmp.unlink()
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.images[self.rows[index]]
+
+    def without(self, keep: np.ndarray) -> "DecodedCache":
+        """The same map for the table rows ``keep`` (in that order)."""
+        subset = copy.copy(self)
+        subset.rows = self.rows[keep]
+        return subset

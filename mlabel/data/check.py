@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..io import write_text
 from ..preprocess import read_rgb
 
-__all__ = ["find_bad_images", "drop_bad_images"]
+__all__ = ["find_bad_images", "drop_bad_images", "kept_rows"]
 
 SHOWN = 20
 
@@ -32,16 +32,23 @@ def find_bad_images(paths: list[str], workers: int = 4) -> list[tuple[str, str]]
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
-def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4, log=print):
+def kept_rows(table, found: list[tuple[str, str]]) -> np.ndarray:
+    """Rows of ``table`` whose image is not among ``found`` (path, reason) pairs."""
+    dropped = {path for path, _ in found}
+    return np.array([i for i, p in enumerate(table.paths) if p not in dropped], dtype=np.int64)
+
+
+def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4, log=print, found=None):
     """Check train/val/test. ``policy="error"`` raises a :class:`DataError` listing every bad
-    image; ``"skip"`` removes them and writes ``out_dir/skipped.csv`` (split, path, reason)."""
+    image; ``"skip"`` removes them and writes ``out_dir/skipped.csv`` (split, path, reason).
+    ``found`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check."""
     bad = {}
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
         if table is not None:
-            found = find_bad_images(table.paths, workers)
-            if found:
-                bad[name] = found
+            problems = found.get(name, []) if found is not None else find_bad_images(table.paths, workers)
+            if problems:
+                bad[name] = problems
     if not bad:
         return splits
     rows = [(split, path, reason) for split, found in bad.items() for path, reason in found]
@@ -52,8 +59,7 @@ def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4,
                         "or set data.on_bad_image=skip to train without them (they are then listed in skipped.csv)")
     for split, found in bad.items():
         table = getattr(splits, split)
-        dropped = {path for path, _ in found}
-        keep = np.array([i for i, p in enumerate(table.paths) if p not in dropped], dtype=np.int64)
+        keep = kept_rows(table, found)
         if not len(keep):
             raise DataError(f"every image of the {split} split is unreadable; nothing left to use")
         setattr(splits, split, table.subset(keep, table.source))

@@ -106,7 +106,7 @@ class ImageDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
-        image = np.asarray(self.cache.images[index]) if self.cache is not None else read_rgb(self.table.paths[index])
+        image = np.asarray(self.cache[index]) if self.cache is not None else read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
         target = self.table.targets[index]
         if self.table.regression is not None:  # classification targets, then regression targets

@@ -1,0 +1,489 @@
+"""Training augmentation as batched tensor ops on uint8 images, on any device.
+
+The per-sample albumentations pipeline turns every image into float32 in a loader worker, and
+the workers then ship four bytes per pixel to the training process. Here the loader ships the
+uint8 squares of the decoded cache (or of freshly decoded files) and the augmentation runs as
+batched tensor operations: :meth:`TensorAugment.geometric` (random resized crop, flips,
+90-degree turns) on uint8, then :meth:`TensorAugment.photometric` (colour jitter, the ``strong``
+extras, normalisation) on float32 on the training device. On a GPU both stages run there; on
+the CPU the crop runs in the loader workers, which keeps the batch uint8 until the end.
+
+Every random choice of a sample comes from that sample's seed (drawn by
+:class:`~mlabel.data.dataset.SeededSampler`), so a batch is the same on any device, with any
+number of workers, and after a resume. The presets follow :func:`~mlabel.data.dataset.build_transform`
+(same crop scales and ratios, flip and jitter probabilities); the colour jitter applies
+brightness, contrast, saturation and hue in that fixed order (albumentations shuffles it).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..preprocess import cache_side, normalisation, read_rgb, resize_square
+
+__all__ = ["PRESETS", "TensorAugment", "BatchImages", "DeviceBatches", "uniforms", "random_crop_boxes", "adjust_hue",
+           "decode_to_squares"]
+
+SCALES = {"light": (0.6, 1.0), "flips": (0.6, 1.0), "medium": (0.35, 1.0), "strong": (0.35, 1.0)}
+PRESETS = ("none", *SCALES)
+RATIO = (3 / 4, 4 / 3)
+JITTER = (0.3, 0.3, 0.3, 0.05)           # brightness, contrast, saturation, hue; p = 0.8
+GRAY = (0.2989, 0.587, 0.114)            # luma weights of torchvision's rgb_to_grayscale
+
+
+def uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(len(seeds), count) uniforms in [0, 1): splitmix64 of (seed, k), a counter-based stream,
+    so each sample's numbers depend on its seed alone and a batch is drawn in one go."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64)[:, None] * np.uint64(0x9E3779B97F4A7C15) + \
+            (np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03))[None]
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def random_crop_boxes(u: np.ndarray, height: int, width: int, scale, ratio=RATIO) -> np.ndarray:
+    """(n, 4) boxes (top, left, h, w) of random resized crops from (n, 40) uniforms: area
+    fraction in ``scale``, aspect ratio log-uniform in ``ratio``, the first of 10 tries that
+    fits; else the centre crop with the ratio clamped (the rule of torchvision and
+    albumentations)."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, :10])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_low + (log_high - log_low) * u[:, 10:20])
+    w, h = np.round(np.sqrt(target * aspect)).astype(np.int64), np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(1)
+    rows = np.arange(len(u))
+    w, h = w[rows, first], h[rows, first]
+    top = (u[rows, 20 + first] * (height - h + 1)).astype(np.int64)
+    left = (u[rows, 30 + first] * (width - w + 1)).astype(np.int64)
+    boxes = np.stack([top, left, h, w], 1)
+    aspect = width / height
+    fw, fh = width, height
+    if aspect < ratio[0]:
+        fh = int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        fw = int(round(height * ratio[1]))
+    boxes[~fits.any(1)] = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return boxes
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (B, 3, H, W) images in [0, 1] by ``shift`` (B,) turns, in HSV.
+
+    Value (max) and saturation (via max - min) are unchanged by the rotation, so each channel is
+    ``max - (max - min) * ramp(hue + shift)``, the HSV-to-RGB ramp without forming S and V."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(1), x.amin(1)
+    delta = high - low
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    sector = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    sector = (sector + 6 * shift.view(-1, 1, 1)) % 6  # hue in sixths of a turn
+    k = torch.stack([(5 + sector) % 6, (3 + sector) % 6, (1 + sector) % 6], 1)
+    ramp = torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+    return high[:, None] - delta[:, None] * ramp
+
+
+def _gaussian_kernels(size: int, sigma: torch.Tensor) -> torch.Tensor:
+    grid = torch.arange(size, dtype=torch.float32, device=sigma.device) - (size - 1) / 2
+    kernel = torch.exp(-grid[None] ** 2 / (2 * sigma[:, None] ** 2))
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+class TensorAugment:
+    """A preset of :func:`~mlabel.data.dataset.build_transform` as batched tensor operations.
+
+    ``draw(seeds)`` gives each sample's parameters (CPU tensors), ``geometric(squares, params)``
+    crops (B, 3, S, S) uint8 squares to (B, 3, size, size), and ``photometric(images, params)``
+    returns normalised float32 in channels_last layout.
+    """
+
+    def __init__(self, preprocessing: dict, augment: str = "light"):
+        if not isinstance(augment, str) or augment not in PRESETS:
+            raise DataError(f"data.augment_on=device runs the presets {list(PRESETS)}, not {augment!r}; "
+                            "a list of albumentations transforms runs in the loader workers "
+                            "(set data.augment_on=workers)")
+        self.augment = augment
+        self.size = int(preprocessing["image_size"])
+        self.side = cache_side(preprocessing)
+        self.squish = preprocessing.get("resize", "crop") == "squish"
+        mean, scale = normalisation(preprocessing)  # the float32 constants of preprocess_image
+        self.mean, self.scale = torch.from_numpy(mean), torch.from_numpy(scale)
+
+    # -- parameters -----------------------------------------------------------------------
+    def draw(self, seeds) -> dict:
+        """Each sample's parameters from its seed alone (counter-based uniforms, vectorised over
+        the batch): the same sample and seed give the same augmentation in any batch."""
+        seeds = np.asarray(list(seeds), dtype=np.uint64)
+        n, side, size = len(seeds), self.side, self.size
+        u = uniforms(seeds, 80)
+        offset = (side - size) // 2
+        box = np.tile(np.array([offset, offset, size, size], np.int64), (n, 1))
+        hflip, vflip = np.zeros(n, bool), np.zeros(n, bool)
+        turns = np.zeros(n, np.int64)
+        jitter = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (n, 1))
+        if self.augment != "none":
+            box = np.tile(np.array([0, 0, side, side], np.int64), (n, 1)) if self.squish else \
+                random_crop_boxes(u[:, :40], side, side, SCALES[self.augment])
+            hflip = u[:, 40] < 0.5
+        if self.augment == "flips":
+            vflip, turns = u[:, 41] < 0.5, np.minimum((u[:, 42] * 4).astype(np.int64), 3)
+        if self.augment in ("medium", "strong"):
+            on = u[:, 43] < 0.8
+            low = np.array([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], np.float32)
+            high = np.array([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]], np.float32)
+            jitter[on] = (low + (high - low) * u[:, 44:48])[on]
+        params = {"box": box, "hflip": hflip, "vflip": vflip, "turns": turns, "jitter": jitter}
+        if self.augment == "strong":
+            params.update(self._draw_strong(u, seeds))
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+
+    def _draw_strong(self, u: np.ndarray, seeds: np.ndarray) -> dict:
+        n, size = len(u), self.size
+        affine = u[:, 48] < 0.5  # Affine(scale 0.9-1.1, translate +-5 %, rotate +-10 deg)
+        scale, angle = 0.9 + 0.2 * u[:, 49], np.radians(-10 + 20 * u[:, 50])
+        shift = (-0.05 + 0.1 * u[:, 51:53]) * 2  # fractions of the side, in [-1, 1] units
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale  # inverse of scale * rotation
+        inverse = np.stack([np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
+        theta = np.concatenate([inverse, -inverse @ shift[:, :, None]], 2).astype(np.float32)
+        theta[~affine] = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
+        one_of, blur = u[:, 53] < 0.3, u[:, 54] < 0.5  # OneOf(GaussianBlur 3-5 px, sigma 0.5-3 | GaussNoise)
+        blur_size = np.where(one_of & blur, np.where(u[:, 55] < 0.5, 3, 5), 0).astype(np.int64)
+        blur_sigma = (0.5 + 2.5 * u[:, 56]).astype(np.float32)
+        noise = np.where(one_of & ~blur, (0.2 + 0.24 * u[:, 57]) * 255.0, 0.0).astype(np.float32)
+        holes = np.zeros((n, 4, 4), np.int64)  # CoarseDropout: 1-4 holes of 5-15 % of the side, 0-filled
+        count = np.where(u[:, 58] < 0.3, 1 + np.minimum((u[:, 59] * 4).astype(np.int64), 3), 0)
+        for k in range(4):
+            h, w = (np.round((0.05 + 0.1 * u[:, 60 + 4 * k + j]) * size).astype(np.int64) for j in (0, 1))
+            top = (u[:, 62 + 4 * k] * (size - h + 1)).astype(np.int64)
+            left = (u[:, 63 + 4 * k] * (size - w + 1)).astype(np.int64)
+            holes[:, k] = np.where((k < count)[:, None], np.stack([top, left, h, w], 1), 0)
+        return {"affine": affine, "theta": theta, "noise": noise, "blur_size": blur_size, "blur_sigma": blur_sigma,
+                "holes": holes, "seed": seeds.astype(np.int64)}
+
+    # -- uint8 stage ----------------------------------------------------------------------
+    def geometric(self, squares: torch.Tensor, params: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) uint8 squares -> (B, 3, size, size), channels_last: crop and resize
+        (bilinear, half-pixel centres), flips and turns. On the CPU each sample is one OpenCV
+        resize into the output (as albumentations does it), flips in place; elsewhere one
+        ``roi_align`` call crops and resizes the whole batch (float32) and the flips and
+        turns are batched."""
+        if squares.device.type == "cpu" and squares.dtype == torch.uint8:
+            return self._geometric_cpu(squares, params, out)
+        size, box = self.size, params["box"]
+        if bool((box[:, 2:] == size).all()) and bool((box[:, :2] == box[0, :2]).all()):
+            top, left = int(box[0, 0]), int(box[0, 1])
+            out = squares[:, :, top:top + size, left:left + size].float()
+        else:
+            from torchvision.ops import roi_align
+            b = box.to(squares.device, torch.float32)
+            rois = torch.stack([torch.arange(len(b), device=b.device, dtype=torch.float32),
+                                b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], 1)
+            out = roi_align(squares.float(), rois, (size, size), 1.0, 1, aligned=True)
+        out = out.contiguous(memory_format=torch.channels_last)
+        for mask, dim in ((params["hflip"], -1), (params["vflip"], -2)):
+            index = mask.nonzero()[:, 0].to(out.device)
+            if len(index):
+                out[index] = out[index].flip(dim)
+        for k in (1, 2, 3):
+            index = (params["turns"] == k).nonzero()[:, 0].to(out.device)
+            if len(index):
+                out[index] = torch.rot90(out[index], k, (2, 3))
+        return out
+
+    def _geometric_cpu(self, squares: torch.Tensor, params: dict, result: torch.Tensor | None) -> torch.Tensor:
+        """``result``: an optional (B, size, size, 3) uint8 tensor to write into."""
+        return self.crop_rows(squares.permute(0, 2, 3, 1).numpy(), range(len(squares)), params, result)
+
+    def crop_rows(self, source: np.ndarray, rows, params: dict, result: torch.Tensor | None = None) -> torch.Tensor:
+        """The CPU geometric stage reading sample i from ``source[rows[i]]``, an (N, S, S, 3)
+        uint8 array such as the cache's memory map: each crop is resized straight from it."""
+        import cv2
+        size = self.size
+        if result is None:
+            result = torch.empty((len(rows), size, size, 3), dtype=torch.uint8)
+        out = result.numpy()
+        flips = zip(params["hflip"].tolist(), params["vflip"].tolist(), params["turns"].tolist())
+        for i, (row, (top, left, h, w), (hflip, vflip, turns)) in enumerate(zip(rows, params["box"].tolist(), flips)):
+            crop = source[row, top:top + h, left:left + w]
+            if (h, w) == (size, size):
+                out[i] = crop
+            else:
+                cv2.resize(crop, (size, size), dst=out[i], interpolation=cv2.INTER_LINEAR)
+            if hflip or vflip:
+                cv2.flip(out[i], 1 if not vflip else (0 if not hflip else -1), dst=out[i])
+            if turns:
+                out[i] = np.rot90(out[i].copy(), turns)
+        return result.permute(0, 3, 1, 2)
+
+    # -- float stage ----------------------------------------------------------------------
+    def photometric(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        """(B, 3, size, size) uint8 (or float 0..255) -> normalised float32, channels_last."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        if self.augment not in ("medium", "strong"):
+            return self._normalise(x)  # uint8 straight to normalised float32
+        x, device = x.float(), x.device
+        jitter = params["jitter"].to(device)
+        selected = (jitter != torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)).any(1).nonzero()[:, 0]
+        if len(selected):
+            x[selected] = self._jitter(x[selected], jitter[selected])
+        if self.augment == "strong":
+            x = self._strong(x, params)
+        return self._normalise(x)
+
+    @staticmethod
+    def _jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast, saturation (blends as in torchvision) and hue, on 0..255."""
+        b, c, s, h = (factors[:, k].view(-1, 1, 1, 1) for k in range(4))
+        gray_weights = torch.tensor(GRAY, device=x.device).view(1, 3, 1, 1)
+        x = (x * b).clamp_(0, 255)
+        mean = (x * gray_weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = (c * x + (1 - c) * mean).clamp_(0, 255)
+        gray = (x * gray_weights).sum(1, keepdim=True)
+        x = (s * x + (1 - s) * gray).clamp_(0, 255)
+        return adjust_hue(x / 255.0, factors[:, 3]) * 255.0
+
+    def _strong(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        device = x.device
+        index = params["affine"].nonzero()[:, 0].to(device)
+        if len(index):
+            grid = F.affine_grid(params["theta"].to(device)[index], [len(index), 3, *x.shape[2:]], align_corners=False)
+            x[index] = F.grid_sample(x[index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        for size in (3, 5):
+            index = (params["blur_size"] == size).nonzero()[:, 0].to(device)
+            if len(index):
+                kernel = _gaussian_kernels(size, params["blur_sigma"].to(device)[index])  # (n, size)
+                part = x[index].reshape(1, -1, *x.shape[2:])  # every (sample, channel) is a group
+                rows = kernel.repeat_interleave(3, 0)
+                part = F.conv2d(F.pad(part, (size // 2,) * 2 + (0, 0), mode="reflect"), rows[:, None, None, :], groups=len(rows))
+                part = F.conv2d(F.pad(part, (0, 0) + (size // 2,) * 2, mode="reflect"), rows[:, None, :, None], groups=len(rows))
+                x[index] = part.reshape(len(index), 3, *x.shape[2:])
+        index = (params["noise"] > 0).nonzero()[:, 0]
+        if len(index):
+            noise = torch.stack([torch.randn(3, *x.shape[2:], generator=torch.Generator().manual_seed(int(s)))
+                                 for s in params["seed"][index].tolist()]).to(device)
+            x[index.to(device)] = (x[index.to(device)] + noise * params["noise"][index].to(device).view(-1, 1, 1, 1)).clamp_(0, 255)
+        holes = params["holes"].to(device)
+        if bool((holes[..., 2] > 0).any()):
+            rows = torch.arange(x.shape[2], device=device).view(1, 1, -1, 1)
+            cols = torch.arange(x.shape[3], device=device).view(1, 1, 1, -1)
+            top, left, h, w = (holes[..., k].view(*holes.shape[:2], 1, 1) for k in range(4))
+            inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+            x = x.masked_fill(inside.any(1, keepdim=True), 0.0)
+        return x
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) * scale as float32, from uint8 or float; channels_last input is viewed as
+        (B, H, W * 3) rows so the per-channel constants, tiled along a row, broadcast fast (a
+        (1, 3, 1, 1) broadcast over a stride-1 channel dimension is several times slower)."""
+        mean, scale = self.mean.to(x.device), self.scale.to(x.device)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            n, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).view(n, h, w * 3)
+            out = rows.float().sub_(mean.repeat(w)).mul_(scale.repeat(w))  # (torch.sub(uint8, float) is slower)
+            return out.view(n, h, w, 3).permute(0, 3, 1, 2)
+        return x.float().sub_(mean.view(1, 3, 1, 1)).mul_(scale.view(1, 3, 1, 1))
+
+    def __call__(self, squares: torch.Tensor, seeds) -> torch.Tensor:
+        params = self.draw(seeds)
+        return self.photometric(self.geometric(squares, params), params)
+
+
+def decode_to_squares(encoded: list, preprocessing: dict, device: torch.device) -> torch.Tensor:
+    """JPEG bytes (1-D uint8 tensors) -> (B, 3, S, S) uint8 squares on ``device``: decoded there
+    (nvJPEG on CUDA) with EXIF orientation, then the shorter side resized to S (bilinear,
+    antialiased) and the centre square kept. A file the device decoder refuses is decoded
+    with Pillow instead."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    side = cache_side(preprocessing)
+    squish = preprocessing.get("resize", "crop") == "squish"
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        images = [_decode_one(data, device) for data in encoded]
+    out = torch.empty((len(images), 3, side, side), dtype=torch.uint8, device=device)
+    for i, image in enumerate(images):
+        h, w = image.shape[1:]
+        if squish:
+            nh, nw = side, side
+        else:
+            scale = side / min(h, w)
+            nh, nw = max(side, int(round(h * scale))), max(side, int(round(w * scale)))
+        if (nh, nw) != (h, w):
+            image = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
+                                  antialias=True)[0].round_().clamp_(0, 255)
+        top, left = (nh - side) // 2, (nw - side) // 2
+        out[i] = image[:, top:top + side, left:left + side]
+    return out
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        import io
+
+        from PIL import Image
+
+        from ..preprocess import _to_rgb
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            return torch.from_numpy(np.ascontiguousarray(_to_rgb(image))).permute(2, 0, 1).to(device)
+
+
+class BatchImages:
+    """The images of a split by whole batches: ``load(items)`` takes a list of (index, seed)
+    and returns uint8 images with each sample's augmentation parameters.
+
+    Images come from the decoded cache (one ``take`` from the memory map), or are decoded here
+    and reduced to the cache's square, or (``encoded=True``) JPEG files are passed on as bytes
+    to be decoded on the device. ``crop=True`` runs :meth:`TensorAugment.geometric` here, so the
+    batch is ``size`` pixels wide instead of ``S``; ``pin=True`` puts the batch in pinned memory
+    for an asynchronous copy to the GPU.
+    """
+
+    def __init__(self, table, preprocessing: dict, augment: TensorAugment, cache=None, crop: bool = False,
+                 encoded: bool = False, pin: bool = False):
+        self.table, self.preprocessing, self.augment, self.cache = table, preprocessing, augment, cache
+        self.encoded = encoded and cache is None
+        self.crop, self.pin = crop and not self.encoded, pin
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _empty(self, shape: tuple) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _targets(self, indices: np.ndarray) -> torch.Tensor:
+        target = self.table.targets[indices]
+        if self.table.regression is not None:
+            target = np.concatenate([target, self.table.regression[indices]], 1)
+        return torch.from_numpy(np.ascontiguousarray(target))
+
+    def load(self, items) -> dict:
+        indices = np.fromiter((i for i, _ in items), np.int64, len(items))
+        params = self.augment.draw([s for _, s in items])
+        batch = {"targets": self._targets(indices), "params": params, "stage": "squares"}
+        if self.encoded:
+            batch["encoded"], batch["decoded"] = self._read_encoded(indices)
+            batch["stage"] = "encoded"
+            return batch
+        side, size = self.augment.side, self.augment.size
+        if self.crop and self.cache is not None:  # crops resized straight from the memory map
+            batch["images"] = self.augment.crop_rows(self.cache.images, self.cache.rows[indices], params,
+                                                     self._empty((len(indices), size, size, 3)))
+            batch["stage"] = "cropped"
+            return batch
+        squares = torch.empty((len(indices), side, side, 3), dtype=torch.uint8) if self.crop else \
+            self._empty((len(indices), side, side, 3))
+        if self.cache is not None:
+            np.take(self.cache.images, self.cache.rows[indices], axis=0, out=squares.numpy())
+        else:
+            array = squares.numpy()
+            for k, i in enumerate(indices):
+                array[k] = resize_square(read_rgb(self.table.paths[i]), self.preprocessing)
+        squares = squares.permute(0, 3, 1, 2)
+        if self.crop:
+            out = self._empty((len(indices), size, size, 3))
+            batch["images"], batch["stage"] = self.augment.geometric(squares, params, out), "cropped"
+        else:
+            batch["images"] = squares
+        return batch
+
+    def _read_encoded(self, indices):
+        """JPEG files as bytes; other formats decoded to squares here: {position: square}."""
+        encoded, decoded = [], {}
+        for k, i in enumerate(indices):
+            path = self.table.paths[i]
+            with open(path, "rb") as handle:
+                data = handle.read()
+            if data[:3] == b"\xff\xd8\xff":
+                encoded.append((k, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+            else:
+                decoded[k] = torch.from_numpy(np.ascontiguousarray(resize_square(read_rgb(path), self.preprocessing)))
+        return encoded, decoded
+
+
+class DeviceBatches:
+    """The training loader of the batched path: yields (images, targets) on ``device``, like a
+    DataLoader, from :class:`BatchImages`.
+
+    Batches are loaded by ``workers`` threads, not processes: the work (``take`` from the
+    memory map, OpenCV resizes, Pillow decoding, torch ops) releases the GIL, and a thread's
+    batch needs no copy into shared memory and no pickling, which on this project's 2-core CPU
+    cost more than the augmentation itself. Up to ``2 * workers`` batches are in flight and
+    come out in sampler order. On the CPU the thread also runs the photometric stage; on a GPU
+    the main thread copies the uint8 batch there and runs the stages that remain (JPEG
+    decoding, crop, jitter, normalisation).
+
+    The order, and each sample's seed, come from a ``BatchSampler`` over
+    :class:`~mlabel.data.dataset.SeededSampler` sharing ``generator``: reseed it per epoch.
+    """
+
+    def __init__(self, images: BatchImages, batch_size: int, *, device: torch.device, train: bool, seed: int,
+                 workers: int = 2, rank: int = 0, world: int = 1):
+        from torch.utils.data import BatchSampler
+
+        from .dataset import SeededSampler
+        self.images, self.augment, self.device, self.workers = images, images.augment, device, workers
+        self.dataset = images
+        self.generator = torch.Generator().manual_seed(seed)
+        sampler = SeededSampler(len(images), self.generator, train, rank, world)
+        self.batches = BatchSampler(sampler, batch_size, drop_last=train and len(images) > batch_size)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _load(self, items) -> dict:
+        batch = self.images.load(items)
+        if self.device.type == "cpu":
+            return {"images": self._finish(batch), "targets": batch["targets"], "stage": "done"}
+        return batch
+
+    def _finish(self, batch: dict) -> torch.Tensor:
+        params, device = batch["params"], self.device
+        if batch["stage"] == "encoded":
+            n = len(batch["encoded"]) + len(batch["decoded"])
+            squares = torch.empty((n, 3, self.augment.side, self.augment.side), dtype=torch.uint8, device=device)
+            if batch["encoded"]:
+                positions = [k for k, _ in batch["encoded"]]
+                squares[positions] = decode_to_squares([data for _, data in batch["encoded"]],
+                                                       self.images.preprocessing, device)
+            for k, square in batch["decoded"].items():
+                squares[k] = square.to(device).permute(2, 0, 1)
+            images = self.augment.geometric(squares, params)
+        elif batch["stage"] == "squares":
+            images = self.augment.geometric(batch["images"].to(device, non_blocking=True), params)
+        else:
+            images = batch["images"].to(device, non_blocking=True)
+        return self.augment.photometric(images, params)
+
+    def __iter__(self):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+        # a DataLoader draws its workers' base seed from the generator before the first batch;
+        # drawing it too keeps the epoch's order that of the per-sample loader
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        if self.workers <= 0:
+            for items in self.batches:
+                batch = self._load(items)
+                yield self._ready(batch)
+            return
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="mlabel-batches") as pool:
+            pending = deque()
+            for items in self.batches:
+                pending.append(pool.submit(self._load, items))
+                if len(pending) >= 2 * self.workers:
+                    yield self._ready(pending.popleft().result())
+            while pending:
+                yield self._ready(pending.popleft().result())
+
+    def _ready(self, batch: dict):
+        images = batch["images"] if batch["stage"] == "done" else self._finish(batch)
+        return images, batch["targets"].to(self.device, non_blocking=True)
