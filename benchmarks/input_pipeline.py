@@ -18,9 +18,12 @@ The last line prints ``cached/uncached ratio: X`` (cached batched against uncach
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as mlabel.train sets it, for every loader alike
 
 import numpy as np
 import torch
@@ -33,10 +36,12 @@ from mlabel.data.tables import LabelTable
 from mlabel.preprocess import IMAGE_EXTENSIONS, read_rgb, resize_square
 
 
-def stage_times(paths: list[str], pre: dict, augment) -> dict:
-    """Milliseconds per image of each stage, single thread."""
-    times = {"read file": 0.0, "decode": 0.0, "resize to square": 0.0, "augment + normalise": 0.0}
+def stage_times(paths: list[str], pre: dict, augment, device: torch.device, batch: int = 32) -> dict:
+    """Milliseconds per image of each stage of the per-image loader, single thread; collate is
+    the stacking of ``batch`` float32 images, host-to-device their copy (pinned) to a GPU."""
     import io
+    times = {"read file": 0.0, "decode": 0.0, "resize to square": 0.0, "augment + normalise": 0.0}
+    tensors = []
     for path in paths:
         t0 = time.perf_counter()
         data = Path(path).read_bytes()
@@ -46,11 +51,24 @@ def stage_times(paths: list[str], pre: dict, augment) -> dict:
         t2 = time.perf_counter()
         square = resize_square(rgb, pre)
         t3 = time.perf_counter()
-        augment(image=square)
+        tensors.append(augment(image=square)["image"])
         t4 = time.perf_counter()
         for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[key] += dt
-    return {k: 1000 * v / len(paths) for k, v in times.items()}
+    times = {k: 1000 * v / len(paths) for k, v in times.items()}
+    n = len(tensors) // batch * batch
+    start = time.perf_counter()
+    stacked = [torch.stack(tensors[k:k + batch]) for k in range(0, n, batch)]
+    times["collate"] = 1000 * (time.perf_counter() - start) / n
+    if device.type == "cuda":
+        pinned = [t.pin_memory() for t in stacked]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for t in pinned:
+            t.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        times["host-to-device"] = 1000 * (time.perf_counter() - start) / n
+    return times
 
 
 def loader_rate(dataset, batch_size: int, workers: int, device: torch.device, passes: int = 2) -> float:
@@ -77,6 +95,67 @@ def loader_rate(dataset, batch_size: int, workers: int, device: torch.device, pa
     return seen / (time.perf_counter() - start)
 
 
+class Steps:
+    """``steps`` batches from ``batches`` (epochs repeated, reseeded), or the same synthetic batch
+    already on the device when ``batches`` is None: the ceiling no input pipeline can beat."""
+
+    def __init__(self, batches, steps: int, synthetic=None):
+        self.batches, self.steps, self.synthetic = batches, steps, synthetic
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        if self.batches is None:
+            for _ in range(self.steps):
+                yield self.synthetic
+            return
+        done, epoch = 0, 0
+        while True:
+            self.batches.generator.manual_seed(epoch)
+            for batch in self.batches:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            epoch += 1
+
+
+def train_rates(cache, table, pre: dict, args, device: torch.device) -> dict:
+    """Training images/s of ``args.backbone`` (bf16 autocast on CUDA, channels_last) fed by the
+    cached batched loader, and on one synthetic batch kept on the device, in the same run."""
+    import mlabel
+    from mlabel.engine import build_optimizer, build_scheduler, train_one_epoch
+    from mlabel.losses import BCEWithLogits
+    batch = args.train_batch_size
+    rates = {}
+    for name in ("synthetic batch on the device (ceiling)", "cached batched loader (data.cache, augment_on=device)"):
+        torch.manual_seed(0)
+        model = mlabel.create_model(args.backbone, ["a"], pretrained=False, image_size=args.size).to(device)
+        model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, 1e-3, 0.05)
+        scheduler = build_scheduler(optimizer, 10 * args.train_steps, 0)
+        if name.startswith("synthetic"):
+            images = torch.randn(batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+            source = lambda steps: Steps(None, steps, (images, torch.zeros(batch, 1, device=device)))  # noqa: E731
+        else:
+            loader = DeviceBatches(BatchImages(table, pre, TensorAugment(pre, "light"), cache, crop=device.type == "cpu",
+                                               pin=device.type == "cuda"), batch, device=device, train=True, seed=0,
+                                   workers=args.workers)
+            source = lambda steps: Steps(loader, steps)  # noqa: E731
+        kwargs = dict(channels_last=True, quiet=True, precision="auto")
+        train_one_epoch(model, source(max(2, args.train_steps // 5)), BCEWithLogits(), optimizer, scheduler,
+                        device, 1, **kwargs)  # warm-up: cuDNN autotuning, allocator, loader threads
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_one_epoch(model, source(args.train_steps), BCEWithLogits(), optimizer, scheduler, device, 2, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates[name] = args.train_steps * batch / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/miml-scene/images")
@@ -84,6 +163,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=1000, help="images used (the first N, sorted)")
+    parser.add_argument("--train", action="store_true", help="also training throughput (default on CUDA)")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--train-batch-size", type=int, default=256)
+    parser.add_argument("--train-steps", type=int, default=50)
     args = parser.parse_args()
     paths = sorted(str(p) for p in Path(args.data).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:args.limit]
     if not paths:
@@ -99,7 +182,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tensor_augment = TensorAugment(pre, "light")
 
-    stages = stage_times(paths[:200], pre, augment)
+    stages = stage_times(paths[:200], pre, augment, device)
     print("per image, one thread (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     rates = {"uncached: decode + albumentations in workers":
              loader_rate(ImageDataset(table, augment), args.batch_size, args.workers, device=device)}
@@ -121,6 +204,7 @@ def main() -> None:
             BatchImages(table, pre, tensor_augment, cache, crop=device.type == "cpu", pin=device.type == "cuda"),
             args.batch_size, args.workers, device)
         cached_stages = stage_times_cached(cache, augment, tensor_augment)
+        training = train_rates(cache, table, pre, args, device) if args.train or device.type == "cuda" else {}
     print(f"cache build: {build:.1f} s ({len(paths) / build:.0f} img/s), {size_mb:.0f} MB on disk")
     print("per image from the cache, one thread (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in cached_stages.items()))
     print(f"{'training loader, ' + device.type:<64}{'img/s':>8}")
@@ -128,6 +212,12 @@ def main() -> None:
         print(f"{name:<64}{rate:>8.0f}")
     uncached, cached = rates["uncached: decode + albumentations in workers"], rates[
         "cached: batched augmentation (data.augment_on=device)"]
+    if training:
+        print(f"{'training ' + args.backbone + f' at {args.size} px, batch {args.train_batch_size}':<64}{'img/s':>8}")
+        for name, rate in training.items():
+            print(f"{name:<64}{rate:>8.0f}")
+        ceiling, fed = training.values()
+        print(f"cached loader / synthetic ceiling: {fed / ceiling:.0%}")
     print(f"cached/uncached ratio: {cached / uncached:.1f}")
 
 

@@ -9,10 +9,16 @@ import argparse
 import csv
 import io
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
+
+# Before torch allocates anything: CPU tensors of 2 MB and more on transparent huge pages (a
+# PyTorch setting, no effect where the kernel has THP off). Fresh batch-sized buffers then cost
+# about a third of the page faults (docs/INPUT_PIPELINE.md); a value already set is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
@@ -73,18 +79,28 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
     common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                   pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
                   world=world.size)
-    if augment_on_device(cfg.data, device):
+    on_device = augment_on_device(cfg.data, device)
+    if on_device:
         from .data.batched import BatchImages, DeviceBatches, TensorAugment
-        images = BatchImages(splits.train, pre, TensorAugment(pre, cfg.data.augment), caches.get("train"),
-                             crop=device.type == "cpu", encoded=device.type == "cuda", pin=pin)
-        train = DeviceBatches(images, cfg.data.batch_size, device=device, train=True, seed=cfg.seed,
-                              workers=cfg.data.num_workers, rank=world.rank, world=world.size)
+
+        def batches(table, cache, augment: str, train: bool):
+            images = BatchImages(table, pre, TensorAugment(pre, augment), cache, crop=device.type == "cpu",
+                                 encoded=train and device.type == "cuda", pin=pin)
+            return DeviceBatches(images, cfg.data.batch_size, device=device, train=train, seed=cfg.seed,
+                                 workers=cfg.data.num_workers, rank=world.rank, world=world.size)
+        train = batches(splits.train, caches.get("train"), cfg.data.augment, True)
     else:
         train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment), caches.get("train")),
                             train=True, **common)
-    evaluate = {name: make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
-                                  train=False, **common)
-                for name, table in (("val", splits.val), ("test", splits.test)) if table is not None}
+    evaluate = {}
+    for name, table in (("val", splits.val), ("test", splits.test)):
+        if table is None:
+            continue
+        if on_device and name in caches:  # the centre crop of the cached square: the same pixels, batched
+            evaluate[name] = batches(table, caches[name], "none", False)
+        else:
+            evaluate[name] = make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
+                                         train=False, **common)
     return train, evaluate
 
 

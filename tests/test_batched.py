@@ -211,3 +211,33 @@ def test_a_list_of_albumentations_on_the_device_is_refused(tmp_path, scene_csv, 
             "data.test=null", "data.augment_on=device", "data.augment=[{name: HorizontalFlip}]", "--quiet"]
     assert train_main(argv) != 0
     assert "augment_on=workers" in capsys.readouterr().err
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("preset", PRESETS)
+def test_cuda_batches_match_the_cpu_ones(photo_table, tmp_path, preset):
+    """The same seeds on the GPU: roi_align crops and batched flips against OpenCV on the CPU,
+    jitter and normalisation on the GPU against the CPU."""
+    augment = TensorAugment(PRE, preset)
+    squares, seeds = _squares(16), list(range(16))
+    params = augment.draw(seeds)
+    cpu = augment.photometric(augment.geometric(squares, params), params)
+    gpu = augment.photometric(augment.geometric(squares.cuda(), params), params)
+    assert gpu.device.type == "cuda" and gpu.is_contiguous(memory_format=torch.channels_last)
+    diff = (gpu.cpu() - cpu)[:, :, 1:-1, 1:-1].abs()
+    assert float(diff.mean()) < 0.01 and float(diff.max()) < 0.1  # normalised units: about 2 grey levels
+    # JPEG bytes decoded by nvJPEG give the squares Pillow + OpenCV give, within JPEG/resize rounding
+    encoded = [torch.frombuffer(bytearray(open(p, "rb").read()), dtype=torch.uint8) for p in photo_table.paths
+               if p.endswith(".jpg")]
+    on_gpu = decode_to_squares(encoded, PRE, torch.device("cuda")).cpu()
+    on_cpu = decode_to_squares(encoded, PRE, torch.device("cpu"))
+    assert (on_gpu.float() - on_cpu.float()).abs().mean() < 2
+    cache = DecodedCache(photo_table, PRE, tmp_path / "cache", quiet=True)
+    for images in (BatchImages(photo_table, PRE, augment, cache, pin=True),
+                   BatchImages(photo_table, PRE, augment, encoded=True, pin=True)):
+        loader = DeviceBatches(images, 8, device=torch.device("cuda"), train=True, seed=0, workers=2)
+        shapes = [(x.shape, x.device.type, t.device.type) for x, t in loader]
+        assert shapes == [((8, 3, 56, 56), "cuda", "cuda")] * 2

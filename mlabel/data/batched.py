@@ -203,7 +203,8 @@ class TensorAugment:
 
     def crop_rows(self, source: np.ndarray, rows, params: dict, result: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU geometric stage reading sample i from ``source[rows[i]]``, an (N, S, S, 3)
-        uint8 array such as the cache's memory map: each crop is resized straight from it."""
+        uint8 array such as the cache's memory map: each crop is resized straight from it into
+        ``result`` (B, size, size, 3) uint8, flipped in place."""
         import cv2
         size = self.size
         if result is None:
@@ -470,19 +471,24 @@ class DeviceBatches:
         # a DataLoader draws its workers' base seed from the generator before the first batch;
         # drawing it too keeps the epoch's order that of the per-sample loader
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)
-        if self.workers <= 0:
-            for items in self.batches:
-                batch = self._load(items)
-                yield self._ready(batch)
-            return
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="mlabel-batches") as pool:
-            pending = deque()
-            for items in self.batches:
-                pending.append(pool.submit(self._load, items))
-                if len(pending) >= 2 * self.workers:
+        import cv2
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # the loader threads are the parallelism: OpenCV's pool would contend (restored after)
+        try:
+            if self.workers <= 0:
+                for items in self.batches:
+                    yield self._ready(self._load(items))
+                return
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="mlabel-batches") as pool:
+                pending = deque()
+                for items in self.batches:
+                    pending.append(pool.submit(self._load, items))
+                    if len(pending) >= 2 * self.workers:
+                        yield self._ready(pending.popleft().result())
+                while pending:
                     yield self._ready(pending.popleft().result())
-            while pending:
-                yield self._ready(pending.popleft().result())
+        finally:
+            cv2.setNumThreads(threads)
 
     def _ready(self, batch: dict):
         images = batch["images"] if batch["stage"] == "done" else self._finish(batch)
