@@ -199,7 +199,7 @@ class TensorAugment:
 
     def _geometric_cpu(self, squares: torch.Tensor, params: dict, result: torch.Tensor | None) -> torch.Tensor:
         """``result``: an optional (B, size, size, 3) uint8 tensor to write into."""
-        return self.crop_rows(squares.permute(0, 2, 3, 1).numpy(), range(len(squares)), params, result)
+        return self.crop_rows(squares.permute(0, 2, 3, 1).contiguous().numpy(), range(len(squares)), params, result)
 
     def crop_rows(self, source: np.ndarray, rows, params: dict, result: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU geometric stage reading sample i from ``source[rows[i]]``, an (N, S, S, 3)
