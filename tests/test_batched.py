@@ -241,3 +241,36 @@ def test_cuda_batches_match_the_cpu_ones(photo_table, tmp_path, preset):
         loader = DeviceBatches(images, 8, device=torch.device("cuda"), train=True, seed=0, workers=2)
         shapes = [(x.shape, x.device.type, t.device.type) for x, t in loader]
         assert shapes == [((8, 3, 56, 56), "cuda", "cuda")] * 2
+
+
+def test_resume_on_the_batched_path_repeats_the_run(tmp_path, scene_csv, monkeypatch):
+    """Interrupted after epoch 1 and resumed: the same batches (seeded per epoch, per sample)
+    and so the same result as the uninterrupted run, with augmentation on."""
+    from mlabel import train as train_module
+
+    def argv(out, *extra):
+        return ["quickstart", f"out_dir={out}", "model.backbone=test_resnet", "model.pretrained=false",
+                "data.generate=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=2",
+                f"data.root={scene_csv}", "data.val=val.csv", "data.test=null", "thresholds.cross_fit=0",
+                "train.epochs=3", "data.augment=flips", "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}",
+                "--quiet", *extra]
+
+    assert train_main(argv(tmp_path / "straight")) == 0
+    real = train_module.train_one_epoch
+
+    def stop_at_epoch_2(*args, **kwargs):
+        if args[6] == 2:
+            raise RuntimeError("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", stop_at_epoch_2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_main(argv(tmp_path / "resumed"))
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    assert train_main(argv(tmp_path / "resumed", "resume=true")) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    for key in ("mAP", "macro_f1", "micro_f1", "macro_auroc"):
+        assert a["val"][key] == b["val"][key], key
+    history = [(tmp_path / d / "history.csv").read_text().splitlines() for d in ("straight", "resumed")]
+    assert len(history[0]) == 4  # header and 3 epochs: epoch, train_loss, val_loss, val_mAP equal
+    assert [row.split(",")[:4] for row in history[0]] == [row.split(",")[:4] for row in history[1]]
