@@ -8,7 +8,7 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the loader at once, a second DataLoader iterator per epoch
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() at once (a second DataLoader iterator)
 
 __all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions",
            "autocast_for", "grad_scaler_for", "mix_batch", "ModelEma", "NonFiniteLossError"]

@@ -261,15 +261,17 @@ class TensorAugment:
             if len(index):
                 kernel = _gaussian_kernels(size, params["blur_sigma"].to(device)[index])  # (n, size)
                 part = x[index].reshape(1, -1, *x.shape[2:])  # every (sample, channel) is a group
-                rows = kernel.repeat_interleave(3, 0)
-                part = F.conv2d(F.pad(part, (size // 2,) * 2 + (0, 0), mode="reflect"), rows[:, None, None, :], groups=len(rows))
-                part = F.conv2d(F.pad(part, (0, 0) + (size // 2,) * 2, mode="reflect"), rows[:, None, :, None], groups=len(rows))
+                rows, pad = kernel.repeat_interleave(3, 0), size // 2  # separable: along x, then y
+                part = F.conv2d(F.pad(part, (pad, pad, 0, 0), mode="reflect"), rows[:, None, None, :], groups=len(rows))
+                part = F.conv2d(F.pad(part, (0, 0, pad, pad), mode="reflect"), rows[:, None, :, None], groups=len(rows))
                 x[index] = part.reshape(len(index), 3, *x.shape[2:])
         index = (params["noise"] > 0).nonzero()[:, 0]
-        if len(index):
+        if len(index):  # from each sample's seed, drawn on the CPU: the same noise on any device
             noise = torch.stack([torch.randn(3, *x.shape[2:], generator=torch.Generator().manual_seed(int(s)))
                                  for s in params["seed"][index].tolist()]).to(device)
-            x[index.to(device)] = (x[index.to(device)] + noise * params["noise"][index].to(device).view(-1, 1, 1, 1)).clamp_(0, 255)
+            std = params["noise"][index].to(device).view(-1, 1, 1, 1)
+            index = index.to(device)
+            x[index] = (x[index] + noise * std).clamp_(0, 255)
         holes = params["holes"].to(device)
         if bool((holes[..., 2] > 0).any()):
             rows = torch.arange(x.shape[2], device=device).view(1, 1, -1, 1)

@@ -4,8 +4,9 @@
 The file is keyed by the images' bytes and the resize settings (side, mode, interpolation), so
 changing either builds a new one; it is written to a temporary name and renamed when complete,
 so an interrupted build is never read. The build decodes every image, so it doubles as the
-check for unreadable files (``bad``), recorded beside the map. Later epochs and runs read slices of the map instead of
-decoding JPEGs. Evaluation from the cache gives the same pixels as from the files.
+check for unreadable files (``bad``), recorded beside the map. Later epochs and runs read
+slices of the map instead of decoding JPEGs. Evaluation from the cache gives the same pixels
+as from the files.
 """
 from __future__ import annotations
 
