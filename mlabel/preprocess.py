@@ -37,8 +37,9 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def read_rgb(path: str, draft: int | None = None) -> np.ndarray:
-    """Decode an image file to (H, W, 3) uint8 RGB (see :func:`_to_rgb`).
+def read_rgb(path, draft: int | None = None) -> np.ndarray:
+    """Decode an image file (a path, or a binary file object) to (H, W, 3) uint8 RGB (see
+    :func:`_to_rgb`).
 
     Truncated or corrupt files and decompression bombs (more than ``Image.MAX_IMAGE_PIXELS``
     pixels) raise :class:`DataError`. ``draft`` lets JPEGs decode at a reduced size (checks).

@@ -126,7 +126,7 @@ def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, qui
     caches = _caches(cfg, splits, preprocessing, world)
     tables = {name: getattr(splits, name) for name in caches}
     splits = drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log,
-                             found={name: cache.bad for name, cache in caches.items()})
+                             known={name: cache.bad for name, cache in caches.items()})
     return splits, {name: cache.without(kept_rows(tables[name], cache.bad)) if cache.bad else cache
                     for name, cache in caches.items()}
 

@@ -330,14 +330,10 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:
+    except RuntimeError:  # Pillow, with read_rgb's checks and conversions
         import io
-
-        from PIL import Image
-
-        from ..preprocess import _to_rgb
-        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-            return torch.from_numpy(np.ascontiguousarray(_to_rgb(image))).permute(2, 0, 1).to(device)
+        image = np.array(read_rgb(io.BytesIO(data.numpy().tobytes())))  # a writable copy
+        return torch.from_numpy(image).permute(2, 0, 1).to(device)
 
 
 class BatchImages:
@@ -363,16 +359,11 @@ class BatchImages:
     def _empty(self, shape: tuple) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin)
 
-    def _targets(self, indices: np.ndarray) -> torch.Tensor:
-        target = self.table.targets[indices]
-        if self.table.regression is not None:
-            target = np.concatenate([target, self.table.regression[indices]], 1)
-        return torch.from_numpy(np.ascontiguousarray(target))
-
     def load(self, items) -> dict:
         indices = np.fromiter((i for i, _ in items), np.int64, len(items))
         params = self.augment.draw([s for _, s in items])
-        batch = {"targets": self._targets(indices), "params": params, "stage": "squares"}
+        targets = torch.from_numpy(self.table.model_targets(indices))
+        batch = {"targets": targets, "params": params, "stage": "squares"}
         if self.encoded:
             batch["encoded"], batch["decoded"] = self._read_encoded(indices)
             batch["stage"] = "encoded"
@@ -409,7 +400,7 @@ class BatchImages:
             if data[:3] == b"\xff\xd8\xff":
                 encoded.append((k, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
-                decoded[k] = torch.from_numpy(np.ascontiguousarray(resize_square(read_rgb(path), self.preprocessing)))
+                decoded[k] = torch.from_numpy(np.array(resize_square(read_rgb(path), self.preprocessing)))
         return encoded, decoded
 
 

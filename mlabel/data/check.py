@@ -38,15 +38,15 @@ def kept_rows(table, found: list[tuple[str, str]]) -> np.ndarray:
     return np.array([i for i, p in enumerate(table.paths) if p not in dropped], dtype=np.int64)
 
 
-def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4, log=print, found=None):
+def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4, log=print, known=None):
     """Check train/val/test. ``policy="error"`` raises a :class:`DataError` listing every bad
     image; ``"skip"`` removes them and writes ``out_dir/skipped.csv`` (split, path, reason).
-    ``found`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check."""
+    ``known`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check."""
     bad = {}
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
         if table is not None:
-            problems = found.get(name, []) if found is not None else find_bad_images(table.paths, workers)
+            problems = known.get(name, []) if known is not None else find_bad_images(table.paths, workers)
             if problems:
                 bad[name] = problems
     if not bad:

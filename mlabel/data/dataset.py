@@ -108,10 +108,7 @@ class ImageDataset(Dataset):
             self.transform.set_random_seed(seed)
         image = np.asarray(self.cache[index]) if self.cache is not None else read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
-        target = self.table.targets[index]
-        if self.table.regression is not None:  # classification targets, then regression targets
-            target = np.concatenate([target, self.table.regression[index]])
-        return tensor, torch.from_numpy(target)
+        return tensor, torch.from_numpy(self.table.model_targets(index))
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -36,6 +36,14 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def model_targets(self, index) -> np.ndarray:
+        """What the model is trained against for row(s) ``index``: the label targets, then the
+        regression targets when there are any (last axis)."""
+        target = self.targets[index]
+        if self.regression is None:
+            return target
+        return np.concatenate([target, self.regression[index]], -1)
+
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
