@@ -8,52 +8,82 @@ are tuned after calibration, on the calibrated probabilities.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .metrics import _as_tensors
+from ._counting import UNKNOWN
+from .metrics import as_arrays
 
 __all__ = ["fit_calibration", "apply_calibration", "CALIBRATION_METHODS"]
 
 CALIBRATION_METHODS = ("none", "temperature", "platt")
 
 
-def fit_calibration(logits, targets, method: str = "platt", max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit per-label ``scale`` and ``bias`` (L,) minimising the mean BCE on known targets.
+MAX_SCALE = 1e4  # the fitted slope is bounded: a perfectly separable label has no finite optimum
+MAX_BIAS = 1e4
 
-    Labels without both classes keep the identity (scale 1, bias 0). Returns float32 tensors.
+
+def fit_calibration(logits, targets, method: str = "platt", max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit per-label ``scale`` and ``bias`` (L,) minimising each label's mean BCE on its known targets.
+
+    Each label is its own two-parameter logistic regression, solved by Newton's method with a
+    backtracking line search, vectorised over labels and iterated until every label converges
+    (the optimum scikit-learn's unregularised ``LogisticRegression`` finds per label). The scale
+    stays in [1e-6, 1e4] (the map increasing, finite for separable labels) and the bias in
+    [-1e4, 1e4]. Labels without both classes keep the identity (scale 1, bias 0). Float32 results.
     """
     if method not in ("temperature", "platt"):
         raise ValueError(f"unknown calibration method {method!r}; available: {list(CALIBRATION_METHODS)}")
-    logits, targets = _as_tensors(logits, targets)
-    logits, targets = logits.cpu(), targets.cpu()
-    known = (targets >= 0).double()
-    positive = (targets == 1).double()
-    n_known = known.sum(0).clamp(min=1)
-    fit = ((positive * known).sum(0) > 0) & (((1 - positive) * known).sum(0) > 0)
-    log_scale = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=method == "platt")
-    params = [log_scale, bias] if method == "platt" else [log_scale]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        optimizer.zero_grad()
-        z = logits * log_scale.exp() + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, positive, reduction="none")
-        # The labels are independent: the sum of their mean losses has per-label optima.
-        total = ((loss * known).sum(0) / n_known)[fit].sum()
-        total.backward()
-        return total
-
+    x, codes = as_arrays(logits, targets)
+    x = x.astype(np.float64)
+    known, y = (codes != UNKNOWN).astype(np.float64), (codes == 1).astype(np.float64)
+    fit = ((y * known).sum(0) > 0) & (((1 - y) * known).sum(0) > 0)
+    scale, bias = np.ones(x.shape[1]), np.zeros(x.shape[1])
     if fit.any():
-        optimizer.step(closure)
-    # Logits that carry no signal drive the scale towards 0: keep it positive (the map increasing).
-    scale = log_scale.detach().exp().clamp(min=1e-6)
-    shift = bias.detach()
-    fit &= torch.isfinite(scale) & torch.isfinite(shift)
-    scale = torch.where(fit, scale, torch.ones_like(scale))
-    shift = torch.where(fit, shift, torch.zeros_like(shift))
-    return scale.float(), shift.float()
+        cols = np.flatnonzero(fit)
+        scale[cols], bias[cols] = _newton(x[:, cols], y[:, cols], known[:, cols], method == "platt", max_iter)
+    return torch.from_numpy(scale).float(), torch.from_numpy(bias).float()
+
+
+def _mean_bce(x, y, w, a, b) -> np.ndarray:
+    z = x * a + b
+    return (w * (np.logaddexp(0.0, z) - y * z)).sum(0) / w.sum(0)
+
+
+def _newton(x, y, w, with_bias: bool, max_iter: int):
+    a, b = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    loss = _mean_bce(x, y, w, a, b)
+    active = np.ones(x.shape[1], dtype=bool)
+    n = w.sum(0)
+    for _ in range(max_iter):
+        p = 0.5 * (1 + np.tanh((x * a + b) / 2))  # the sigmoid, without overflow
+        r, s = w * (p - y) / n, w * p * (1 - p) / n
+        ga, gb = (r * x).sum(0), r.sum(0)
+        haa, hab, hbb = (s * x * x).sum(0) + 1e-12, (s * x).sum(0), s.sum(0) + 1e-12
+        if with_bias:
+            det = haa * hbb - hab * hab
+            da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        else:
+            da, db = ga / haa, np.zeros_like(gb)
+        da, db = np.where(active, da, 0.0), np.where(active, db, 0.0)
+        step = np.ones_like(a)
+        for _ in range(40):  # backtracking, per label
+            new_a = np.clip(a - step * da, 1e-6, MAX_SCALE)
+            new_b = np.clip(b - step * db, -MAX_BIAS, MAX_BIAS)
+            new_loss = _mean_bce(x, y, w, new_a, new_b)
+            worse = active & ~(new_loss <= loss)
+            if not worse.any():
+                break
+            step = np.where(worse, step / 2, step)
+        accept = active & (new_loss <= loss)
+        moved = np.maximum(np.abs(new_a - a) / (1 + np.abs(a)), np.abs(new_b - b) / (1 + np.abs(b)))
+        a, b = np.where(accept, new_a, a), np.where(accept, new_b, b)
+        gain = np.where(accept, loss - new_loss, 0.0)
+        loss = np.where(accept, new_loss, loss)
+        active &= accept & (moved > 1e-12) & (gain > 1e-15 * np.maximum(loss, 1e-300))
+        if not active.any():
+            break
+    return a, b
 
 
 def apply_calibration(logits: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:

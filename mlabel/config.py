@@ -103,6 +103,7 @@ class LossConfig:
     gamma_neg: float = 4.0            # asl
     gamma_pos: float = 0.0            # asl
     clip: float = 0.05                # asl: probability shift of negatives
+    focal_grad: bool = False          # asl: gradient through the focusing weights (the paper: no)
     margin: float = 1.0               # hinge
     regression: Literal["mse", "l1"] = "mse"   # loss of data.regression_columns
     regression_weight: float = 1.0             # its weight in the sum with the classification loss

@@ -18,7 +18,7 @@ from .data import DataError, ImageDataset, build_splits, build_transform, make_l
 from .distributed import resolve_device
 from .engine import collect_predictions
 from .io import write_json
-from .metrics import _as_tensors, _cutoff_metrics, _nanmean, calibration_error, evaluate_predictions
+from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
 from .models import META_FILE, MultiLabelClassifier, UnsafeModelFileError, load
 from .thresholds import cross_fit_predictions, tune_thresholds
 
@@ -75,10 +75,10 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
         rows = cross_fit_predictions(probs, targets, folds, seed, metric=cross_fit.metric,
                                      **_tuning_kwargs(cross_fit))
         # only the cut-off figures: the ranking metrics do not depend on the thresholds
-        crossed, per = _cutoff_metrics(*_as_tensors(probs, targets), rows.double(), binary=False)
+        crossed, per = cutoff_metrics(probs, targets, rows)
         metrics["cross_fit"] = {
             "folds": folds, **{k: crossed[k] for k in ("macro_f1", "micro_f1", "samples_f1", "weighted_f1")},
-            "per_label_f1": {n: float(f) for n, f in zip(model.labels, per["f1"])}}
+            "per_label_f1": {n: (None if math.isnan(f) else float(f)) for n, f in zip(model.labels, per["f1"])}}
     if regression is not None:
         metrics["regression"] = regression
     return metrics

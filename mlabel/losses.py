@@ -156,24 +156,34 @@ class AsymmetricLoss(_MaskedLoss):
     Scale: the authors' code returns the **sum** over images and labels; here the default
     reduction is the **mean** over known elements, i.e. their value / (N * L). Learning rates
     from their recipes must be scaled accordingly (or use ``reduction="sum"``).
+
+    Gradient: as in the published training (the official code's
+    ``disable_torch_grad_focal_loss=True``), no gradient flows through the focusing weights
+    ``(1 - p)^gamma_pos`` and ``p_m^gamma_neg``; ``focal_grad=True`` lets it flow (this class's
+    behaviour before). Values are the same either way, except that the official code clamps
+    ``log p`` at ``log(1e-8)``, so below a logit of about -18.4 its positive term stops growing,
+    where ``-logsigmoid`` here keeps growing linearly.
     """
 
     def __init__(self, pos_weight=None, reduction: str = "mean", gamma_neg: float = 4.0,
-                 gamma_pos: float = 0.0, clip: float = 0.05):
+                 gamma_pos: float = 0.0, clip: float = 0.05, focal_grad: bool = False):
         super().__init__(pos_weight, reduction)
         if not 0.0 <= clip < 1.0:
             raise ValueError(f"clip must lie in [0, 1), got {clip}")
-        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+        self.gamma_neg, self.gamma_pos, self.clip, self.focal_grad = gamma_neg, gamma_pos, clip, focal_grad
 
     def elementwise(self, logits, targets):
         p = torch.sigmoid(logits)
-        positive = (1 - p).pow(self.gamma_pos) * -F.logsigmoid(logits)
         if self.clip > 0:
             shifted = (p - self.clip).clamp(min=0)
             log_not = torch.log((1 - shifted).clamp(min=self.clip))  # 1 - p_m >= clip: finite
         else:
             shifted, log_not = p, F.logsigmoid(-logits)
-        negative = shifted.pow(self.gamma_neg) * -log_not
+        weight_pos, weight_neg = (1 - p).pow(self.gamma_pos), shifted.pow(self.gamma_neg)
+        if not self.focal_grad:
+            weight_pos, weight_neg = weight_pos.detach(), weight_neg.detach()
+        positive = weight_pos * -F.logsigmoid(logits)
+        negative = weight_neg * -log_not
         return self._weigh(positive, negative, targets)
 
 
@@ -232,6 +242,7 @@ def build_loss(cfg, pos_weight: torch.Tensor | None = None) -> _MaskedLoss:
     extra = {"bce": dict(label_smoothing=cfg.label_smoothing),
              "bce_prob": dict(label_smoothing=cfg.label_smoothing, eps=cfg.eps),
              "focal": dict(gamma=cfg.gamma, alpha=cfg.alpha),
-             "asl": dict(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip),
+             "asl": dict(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip,
+                         focal_grad=cfg.focal_grad),
              "hinge": dict(margin=cfg.margin)}[cfg.name]
     return LOSSES[cfg.name](pos_weight, **extra)

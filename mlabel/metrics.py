@@ -1,14 +1,21 @@
-"""Multi-label metrics from probabilities, counted once per label in one vectorised pass.
+"""Multi-label metrics from scores, in one sorted pass per block of labels (``mlabel._counting``).
 
 Conventions (named so results can be compared with other tools):
 
-- Targets: 1 positive, 0 negative, -1 unknown. Unknown elements are left out of every metric.
+- Targets: 1 positive, 0 negative, -1 (or any other value) unknown. Unknown elements are left out
+  of every metric; an image whose every target is unknown is left out of the per-image metrics
+  (``samples_f1``, ``subset_accuracy``, ``coverage_error``, ``label_ranking_ap``), and a label
+  with no known target out of every macro mean (its per-label figures are ``null``).
 - ``mAP`` is the macro mean of per-label average precision as scikit-learn defines it
   (``sum_n (R_n - R_{n-1}) P_n``, no interpolation). A label with no positive target has no AP:
-  it is reported as ``null`` and left out of the mean (torchmetrics does the same; ASL counts 0).
+  it is reported as ``null`` and left out of the mean. (torchmetrics 1.9 scores such a label 0
+  and keeps it in the mean; ASL's code does the same.)
 - ``macro_auroc`` likewise leaves out labels without both positives and negatives.
 - F1, precision and recall follow scikit-learn with ``zero_division=0``: a ratio whose
   denominator is zero counts as 0. ``samples_f1`` is the mean over images of per-image F1.
+- ECE uses ``bins`` equal-width bins ``[k/bins, (k+1)/bins)``; the last bin also holds p = 1.
+- Scores may be any floating dtype and any finite or infinite value (logits too); NaN is refused.
+  Counts are exact integers; every figure is computed in float64.
 """
 from __future__ import annotations
 
@@ -18,174 +25,254 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["average_precision", "auroc", "evaluate_predictions", "ranking_counts"]
+from ._counting import (UNKNOWN, codes_of, key_kind, label_blocks, micro_sums, ranking_sums, row_blocks,
+                        runs, sort_rows, thread_map)
+
+__all__ = ["average_precision", "auroc", "evaluate_predictions", "label_curves",
+           "calibration_error", "label_ranking", "cutoff_metrics"]
 
 
-def _as_tensors(probs, targets, dtype: torch.dtype | None = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, L) tensors from arrays or tensors; 1-D inputs are one label. ``dtype=None`` keeps the
-    scores' floating dtype (the threshold tuner sorts float32 faster)."""
-    probs = probs if torch.is_tensor(probs) else torch.as_tensor(np.asarray(probs))
-    targets = targets if torch.is_tensor(targets) else torch.as_tensor(np.asarray(targets))
-    if dtype is not None or not probs.is_floating_point():
-        probs = probs.to(dtype or torch.float64)
-    targets = targets.to(device=probs.device, dtype=probs.dtype if dtype else targets.dtype)
-    if probs.ndim == 1:
-        probs, targets = probs[:, None], targets.reshape(-1, 1)
-    if probs.shape != targets.shape:
-        raise ValueError(f"probs {tuple(probs.shape)} and targets {tuple(targets.shape)} must match")
-    if torch.isnan(probs).any():
-        raise ValueError("probs contain NaN")
-    return probs, targets
+def as_arrays(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (N, L) NumPy scores (their floating dtype kept; integers become float64) and
+    uint8 target codes. 1-D inputs are one label."""
+    scores = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
+    targets = targets.detach().cpu().numpy() if torch.is_tensor(targets) else np.asarray(targets)
+    if scores.dtype == np.float16 or not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float32 if scores.dtype == np.float16 else np.float64)
+    if scores.ndim == 1:
+        scores, targets = scores[:, None], targets.reshape(-1, 1)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must be matching (N, L) arrays")
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    return scores, codes_of(targets)
 
 
-def ranking_counts(probs: torch.Tensor, targets: torch.Tensor):
-    """Sort each label's scores (descending) and count tp/fp at every distinct score.
+def _per_label_ranking(scores: np.ndarray, codes: np.ndarray, kind: str | None = None):
+    """(L,) AP and AUROC sums with positive and negative counts, one sorted pass per block."""
+    kind = kind or key_kind(scores)
 
-    Args:
-        probs, targets: (N, L).
+    def block(b):
+        rows = sort_rows(np.ascontiguousarray(scores[:, b].T), np.ascontiguousarray(codes[:, b].T), kind)
+        return ranking_sums(runs(rows), b.stop - b.start)
 
-    Returns:
-        scores (N, L) sorted descending, tp and fp (N, L) cumulative counts, and ``last`` (N, L)
-        bool marking the last element of each run of equal scores: only there is a cut-off
-        ``prob >= score`` realisable, so only there are the counts valid.
-    """
-    scores, order = torch.sort(probs, dim=0, descending=True, stable=True)
-    sorted_targets = torch.gather(targets, 0, order)
-    tp = torch.cumsum((sorted_targets == 1).double(), 0)
-    fp = torch.cumsum((sorted_targets == 0).double(), 0)
-    last = torch.ones_like(scores, dtype=torch.bool)
-    last[:-1] = scores[:-1] != scores[1:]
-    return scores, tp, fp, last
+    parts = thread_map(block, label_blocks(*scores.shape))
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where den is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _ap_auc(sums) -> tuple[np.ndarray, np.ndarray]:
+    ap, auc, n_pos, n_neg = sums
+    return _ratio(ap, n_pos), _ratio(auc, n_pos * n_neg)
 
 
 def average_precision(probs, targets) -> torch.Tensor:
     """(N, L) -> (L,) average precision per label; NaN for labels with no positives."""
-    probs, targets = _as_tensors(probs, targets)
-    _, tp, fp, last = ranking_counts(probs, targets)
-    n_pos = tp[-1]
-    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
-    recall = tp / n_pos.clamp(min=1)
-    # Recall at the previous valid cut-off: the running value at each group end.
-    recall_at_ends = torch.where(last, recall, torch.zeros_like(recall))
-    prev = torch.cummax(recall_at_ends, 0).values
-    prev = torch.cat([torch.zeros_like(prev[:1]), prev[:-1]])
-    ap = (torch.where(last, (recall - prev) * precision, torch.zeros_like(recall))).sum(0)
-    return torch.where(n_pos > 0, ap, torch.full_like(ap, math.nan))
+    return torch.from_numpy(_ap_auc(_per_label_ranking(*as_arrays(probs, targets)))[0])
 
 
 def auroc(probs, targets) -> torch.Tensor:
     """(N, L) -> (L,) area under the ROC curve; NaN without both classes present."""
-    probs, targets = _as_tensors(probs, targets)
-    _, tp, fp, last = ranking_counts(probs, targets)
-    n_pos, n_neg = tp[-1], fp[-1]
-    tpr, fpr = tp / n_pos.clamp(min=1), fp / n_neg.clamp(min=1)
-    tpr_ends = torch.cummax(torch.where(last, tpr, torch.zeros_like(tpr)), 0).values
-    fpr_ends = torch.cummax(torch.where(last, fpr, torch.zeros_like(fpr)), 0).values
-    prev_tpr = torch.cat([torch.zeros_like(tpr[:1]), tpr_ends[:-1]])
-    prev_fpr = torch.cat([torch.zeros_like(fpr[:1]), fpr_ends[:-1]])
-    area = torch.where(last, (fpr - prev_fpr) * (tpr + prev_tpr) / 2, torch.zeros_like(tpr)).sum(0)
-    return torch.where((n_pos > 0) & (n_neg > 0), area, torch.full_like(area, math.nan))
+    return torch.from_numpy(_ap_auc(_per_label_ranking(*as_arrays(probs, targets)))[1])
 
 
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b > 0, a / b.clamp(min=1e-300), torch.zeros_like(a))
-
-
-def _nanmean(x: torch.Tensor) -> float | None:
-    x = x[~torch.isnan(x)]
-    return float(x.mean()) if x.numel() else None
-
-
-def _harmonic(p: torch.Tensor, r: torch.Tensor) -> float:
-    return float(_safe_div(2 * p * r, p + r))
+def label_curves(probs, targets):
+    """Per label: the distinct scores (descending) with tp and fp at ``prob >= score`` there,
+    plus the label's positive and negative counts: the curves the tuner maximises."""
+    scores, codes = as_arrays(probs, targets)
+    rows = sort_rows(np.ascontiguousarray(scores.T), np.ascontiguousarray(codes.T))
+    r = runs(rows)
+    for j in range(scores.shape[1]):
+        part = slice(r.start[j], r.end[j] + 1)
+        yield (rows.value(rows.rank[j, r.col[part]]), r.tp[part], r.fp[part],
+               float(r.tp[part][-1]), float(r.fp[part][-1]))
 
 
 def label_ranking(probs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image: coverage error and label-ranking average precision (scikit-learn's definitions).
+    """Per image: coverage error and label-ranking average precision (scikit-learn's definitions)
+    over the image's known labels; NaN for an image with no known label. An image without a
+    positive label has coverage 0 and LRAP 1, as in scikit-learn. Returns two (N,) tensors."""
+    coverage, lrap = _image_ranking(*as_arrays(probs, targets))
+    return torch.from_numpy(coverage), torch.from_numpy(lrap)
 
-    Unknown (-1) labels are left out of the image's ranking. An image without positive labels has
-    coverage 0 and LRAP 1, as in scikit-learn. Returns two (N,) tensors.
-    """
-    probs, targets = _as_tensors(probs, targets)
-    relevant = targets == 1
-    scores = torch.where(targets >= 0, probs, torch.full_like(probs, -torch.inf))
-    lowest_relevant = torch.where(relevant, scores, torch.full_like(scores, torch.inf)).min(1, keepdim=True).values
-    coverage = (scores >= lowest_relevant).sum(1).double()
-    # rank_j = #labels scoring >= s_j; hits_j = #relevant labels scoring >= s_j: counts at the end
-    # of each run of equal scores in the descending order of each row.
-    ordered, order = torch.sort(scores, dim=1, descending=True)
-    rel = torch.gather(relevant, 1, order).double()
-    n_labels = scores.shape[1]
-    position = torch.arange(1, n_labels + 1, dtype=torch.float64).expand_as(rel)
-    last = torch.ones_like(rel, dtype=torch.bool)
-    last[:, :-1] = ordered[:, :-1] != ordered[:, 1:]
-    end = torch.where(last, torch.arange(n_labels).expand_as(rel), torch.full_like(order, n_labels))
-    end = torch.flip(torch.cummin(torch.flip(end, [1]), 1).values, [1])
-    rank = position.gather(1, end)
-    hits = rel.cumsum(1).gather(1, end)
-    n_rel = rel.sum(1)
-    lrap = _safe_div((rel * hits / rank).sum(1), n_rel)
-    lrap = torch.where(n_rel > 0, lrap, torch.ones_like(lrap))
-    return torch.where(n_rel > 0, coverage, torch.zeros_like(coverage)), lrap
+
+def _image_ranking(scores: np.ndarray, codes: np.ndarray, kind: str | None = None):
+    kind = kind or key_kind(scores)
+
+    def block(b):
+        rows = sort_rows(np.ascontiguousarray(scores[b]), np.ascontiguousarray(codes[b]), kind)
+        r = runs(rows)
+        n_rows = len(rows.known)
+        sums = ranking_sums(r, n_rows)
+        n_pos = sums.tp  # unknown targets sit at the end of the row: the last run end counts all
+        complete = r.tp == r.spread(n_pos)  # run ends at or after the lowest positive
+        cover = np.minimum.reduceat(np.where(complete, r.tp + r.fp, np.inf), r.start)
+        return sums.ap, n_pos, sums.tp + sums.fp, cover
+
+    step = max(1, (1 << 20) // max(scores.shape[1], 1))
+    parts = thread_map(block, [slice(s, min(s + step, scores.shape[0])) for s in range(0, scores.shape[0], step)])
+    ap, n_pos, n_known, cover = (np.concatenate(p) for p in zip(*parts))
+    none_known = n_known == 0
+    lrap = np.where(n_pos > 0, _ratio(ap, n_pos), 1.0)
+    coverage = np.where(n_pos > 0, cover, 0.0)
+    return np.where(none_known, np.nan, coverage), np.where(none_known, np.nan, lrap)
+
+
+def _ece_block(probs: np.ndarray, codes: np.ndarray, bins: int):
+    """Per (label, bin): summed probabilities and positives, and known targets per label."""
+    n_labels = probs.shape[1]
+    known = codes != UNKNOWN
+    index = np.clip((probs * bins).astype(np.int64), 0, bins - 1) + np.arange(n_labels) * bins
+    if not known.all():
+        index, probs, codes = index[known], probs[known], codes[known]
+    index, size = index.ravel(), n_labels * bins
+    mass = np.bincount(index, probs.ravel().astype(np.float64), size)
+    hits = np.bincount(index, (codes == 1).ravel(), size)
+    return mass, hits, np.count_nonzero(known, axis=0)
 
 
 def calibration_error(probs, targets, bins: int = 15) -> torch.Tensor:
     """(L,) expected calibration error per label: sum over ``bins`` equal-width probability bins
     of (bin share) x |mean probability - positive rate|; NaN for a label with no known target."""
-    probs, targets = _as_tensors(probs, targets)
-    known = targets >= 0
-    index = (probs * bins).long().clamp(0, bins - 1) + torch.arange(probs.shape[1]) * bins
-    n_labels = probs.shape[1]
-
-    def per_bin(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_labels * bins, dtype=torch.float64).index_add_(
-            0, index[known], values[known]).view(n_labels, bins)
-
-    gap = (per_bin(probs) - per_bin((targets == 1).double())).abs().sum(1)
-    n_known = known.sum(0).double()
-    return torch.where(n_known > 0, gap / n_known.clamp(min=1), torch.full_like(gap, math.nan))
+    return torch.from_numpy(_ece(*as_arrays(probs, targets), bins))
 
 
-def _cutoff_metrics(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor,
-                    binary: bool) -> tuple[dict, dict]:
-    """Metrics that depend on a cut-off: summary dict and per-label tensors.
+def _ece(probs: np.ndarray, codes: np.ndarray, bins: int = 15) -> np.ndarray:
+    parts = thread_map(lambda b: _ece_block(probs[b], codes[b], bins), row_blocks(*probs.shape))
+    mass, hits, known = (sum(p) for p in zip(*parts))
+    gap = np.abs(mass - hits).reshape(len(known), bins).sum(1)
+    return _ratio(gap, known.astype(np.float64))
 
-    ``thresholds`` is (L,) or, for cross-fitted thresholds, (N, L).
-    """
-    known = targets >= 0
-    pred = (probs >= thresholds) & known
-    true = (targets == 1) & known
-    tp = (pred & true).sum(0).double()
-    fp = (pred & ~true).sum(0).double()
-    fn = (~pred & true).sum(0).double()
-    precision, recall = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn)
-    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+
+class _Cuts:
+    """Per-label and per-image counts of decisions at a cut-off, summed over label blocks."""
+
+    def __init__(self, n_images: int):
+        self.label = 0  # (tp, fp, fn, tn) x labels, summed over blocks of images
+        self.rows = np.zeros((5, n_images), np.int64)  # tp, predicted, true, wrong, known
+
+
+    @staticmethod
+    def count(probs: np.ndarray, codes: np.ndarray, thresholds: np.ndarray):
+        known = codes != UNKNOWN
+        true = codes == 1
+        pred = probs >= thresholds
+        pred &= known
+        hit = pred & true
+        wrong = pred ^ true  # unknown elements are neither predicted nor true
+        n_pred, n_true, n_hit, n_known = (np.count_nonzero(a, axis=0) for a in (pred, true, hit, known))
+        label = np.stack([n_hit, n_pred - n_hit, n_true - n_hit, n_known - n_pred - n_true + n_hit])
+        rows = np.stack([np.count_nonzero(a, axis=1) for a in (hit, pred, true, wrong, known)])
+        return label, rows
+
+    def add_counts(self, label: np.ndarray, rows: np.ndarray, where: slice) -> None:
+        """Counts of a block of images ``where`` (all labels)."""
+        self.label = self.label + label if isinstance(self.label, np.ndarray) else label
+        self.rows[:, where] = rows
+
+    @property
+    def row_tp(self):
+        return self.rows[0]
+
+    @property
+    def row_pred(self):
+        return self.rows[1]
+
+    @property
+    def row_true(self):
+        return self.rows[2]
+
+    @property
+    def row_wrong(self):
+        return self.rows[3]
+
+    @property
+    def row_known(self):
+        return self.rows[4]
+
+
+def _mean(x: np.ndarray) -> float | None:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else None
+
+
+def _nanmean(x) -> float | None:
+    return _mean(np.asarray(x, dtype=np.float64))
+
+
+def _harmonic(p: float | None, r: float | None) -> float | None:
+    if p is None or r is None:
+        return None
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
+    tp, fp, fn, tn = (a.astype(np.float64) for a in cuts.label)
+    has_known = tp + fp + fn + tn > 0
+    zero_if_known = np.where(has_known, 0.0, np.nan)
+
+    def per_label(num, den):  # scikit-learn's zero_division=0, NaN for an all-unknown label
+        return np.where(den > 0, _ratio(num, den), zero_if_known)
+
+    precision, recall, f1 = per_label(tp, tp + fp), per_label(tp, tp + fn), per_label(2 * tp, 2 * tp + fp + fn)
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
+    n_known = int(cuts.row_known.sum())
+
+    def micro(num, den):
+        return (num / den if den > 0 else 0.0) if n_known else None
+
+    rows = cuts.row_known > 0
+    row_f1 = _ratio(2.0 * cuts.row_tp, (cuts.row_pred + cuts.row_true).astype(np.float64))
+    row_f1 = np.where(np.isnan(row_f1), 0.0, row_f1)[rows]
     support = tp + fn
-    row_tp = (pred & true).sum(1).double()
-    row_f1 = _safe_div(2 * row_tp, pred.sum(1).double() + true.sum(1).double())
-    wrong = (pred != true) & known
-    micro_p, micro_r = _safe_div(stp, stp + sfp), _safe_div(stp, stp + sfn)
+    micro_p, micro_r = micro(stp, stp + sfp), micro(stp, stp + sfn)
+    cp, cr = _mean(precision), _mean(recall)
     summary = {
-        "macro_f1": float(f1.mean()),
-        "micro_f1": float(_safe_div(2 * stp, 2 * stp + sfp + sfn)),
-        "samples_f1": float(row_f1.mean()),
-        "weighted_f1": float(_safe_div((f1 * support).sum(), support.sum())),
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "micro_precision": float(micro_p),
-        "micro_recall": float(micro_r),
-        "hamming_loss": float(wrong.sum() / known.sum().clamp(min=1)),
-        "subset_accuracy": float((~wrong.any(1)).double().mean()),
+        "macro_f1": _mean(f1), "micro_f1": micro(2 * stp, 2 * stp + sfp + sfn),
+        "samples_f1": _mean(row_f1), "weighted_f1": micro(np.nansum(f1 * support), support.sum()),
+        "macro_precision": cp, "macro_recall": cr, "micro_precision": micro_p, "micro_recall": micro_r,
+        "hamming_loss": int(cuts.row_wrong.sum()) / n_known if n_known else None,
+        "subset_accuracy": _mean((cuts.row_wrong[rows] == 0).astype(np.float64)),
         # Per-class and overall precision/recall/F1 of the multi-label literature (ML-GCN, ASL):
         # CF1 is the harmonic mean of CP and CR (not the mean of per-label F1); OF1 = micro F1.
-        "CP": float(precision.mean()), "CR": float(recall.mean()),
-        "CF1": _harmonic(precision.mean(), recall.mean()),
-        "OP": float(micro_p), "OR": float(micro_r), "OF1": _harmonic(micro_p, micro_r),
+        "CP": cp, "CR": cr, "CF1": _harmonic(cp, cr),
+        "OP": micro_p, "OR": micro_r, "OF1": _harmonic(micro_p, micro_r),
     }
     if binary:
         summary["accuracy"] = summary["subset_accuracy"]
-    return summary, {"f1": f1, "precision": precision, "recall": recall}
+    counts = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    return summary, {"f1": f1, "precision": precision, "recall": recall, **counts}
+
+
+def cutoff_metrics(probs, targets, thresholds, binary: bool = False) -> tuple[dict, dict]:
+    """Metrics that depend on a cut-off (``prob >= threshold``): the summary dict and per-label
+    arrays (f1, precision, recall, tp, fp, fn, tn). ``thresholds`` is (L,) or (N, L)."""
+    probs, codes = as_arrays(probs, targets)
+    th = _thresholds(thresholds, probs.shape)
+    cuts = _Cuts(probs.shape[0])
+    for b in row_blocks(*probs.shape):
+        cuts.add_counts(*_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th), b)
+    return _summarise(cuts, binary)
+
+
+def _thresholds(thresholds, shape) -> np.ndarray:
+    n, n_labels = shape
+    if thresholds is None:
+        return np.full(n_labels, 0.5)
+    th = thresholds.detach().cpu().numpy() if torch.is_tensor(thresholds) else np.asarray(thresholds)
+    th = th.astype(np.float64)
+    if th.ndim != 2:
+        th = th.reshape(-1)
+    if th.shape[-1] != n_labels or (th.ndim == 2 and th.shape[0] != n):
+        raise ValueError(f"thresholds of shape {th.shape} for {n} images x {n_labels} labels")
+    if np.isnan(th).any():
+        raise ValueError("thresholds contain NaN")
+    return th
 
 
 def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] | None = None,
@@ -193,7 +280,7 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     """Every metric of the run contract, at ``thresholds`` and at 0.5 (keys suffixed ``@0.5``).
 
     Args:
-        probs: (N, L) probabilities (after the sigmoid).
+        probs: (N, L) probabilities (after the sigmoid), any floating dtype.
         targets: (N, L) with 1, 0 or -1 (unknown).
         thresholds: (L,) per-label cut-offs (``prob >= threshold`` is positive), or (N, L) for
             per-image cut-offs such as cross-fitted ones; default 0.5.
@@ -207,47 +294,55 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
         ``micro_auroc``, ``coverage_error``, ``label_ranking_ap``, ``macro_ece``), cut-off metrics
         (``macro_f1``, ``micro_f1``, ``samples_f1``, ``weighted_f1``, precision/recall twins,
         ``hamming_loss``, ``subset_accuracy``, CP/CR/CF1, OP/OR/OF1, ``accuracy`` for binary tasks)
-        with their ``@0.5`` twins, and ``per_label``.
+        with their ``@0.5`` twins, and ``per_label`` (with tp/fp/fn/tn at the thresholds).
+        Figures that no known target defines are ``None``.
     """
-    probs, targets = _as_tensors(probs, targets)
-    n_labels = probs.shape[1]
+    probs, codes = as_arrays(probs, targets)
+    n, n_labels = probs.shape
+    if n == 0 or n_labels == 0:
+        raise ValueError(f"nothing to evaluate: scores of shape {probs.shape}")
     labels = list(labels) if labels is not None else [str(i) for i in range(n_labels)]
     if len(labels) != n_labels:
         raise ValueError(f"{len(labels)} label names for {n_labels} columns of probs")
     binary = n_labels == 1 if binary is None else binary
-    th = torch.full((n_labels,), 0.5, dtype=torch.float64) if thresholds is None \
-        else torch.as_tensor(np.asarray(thresholds, dtype=np.float64))
-    if th.ndim != 2:
-        th = th.reshape(-1)
-    if th.shape[-1] != n_labels:
-        raise ValueError(f"{th.shape[-1]} thresholds for {n_labels} labels")
-    ranked = probs if scores is None else _as_tensors(scores, targets)[0]
-    ap, roc = average_precision(ranked, targets), auroc(ranked, targets)
-    known = targets >= 0
-    flat_p, flat_t = ranked[known][:, None], targets[known][:, None]
-    coverage, lrap = label_ranking(ranked, targets)
-    ece = calibration_error(probs, targets)
-    tuned, per = _cutoff_metrics(probs, targets, th, binary)
-    half, per_half = _cutoff_metrics(probs, targets, torch.full((n_labels,), 0.5, dtype=torch.float64), binary)
-    result = {"n_images": int(probs.shape[0]), "mAP": _nanmean(ap), "micro_ap": _nanmean(average_precision(flat_p, flat_t)),
-              "macro_auroc": _nanmean(roc), "micro_auroc": _nanmean(auroc(flat_p, flat_t)),
-              "coverage_error": float(coverage.mean()), "label_ranking_ap": float(lrap.mean()),
-              "macro_ece": _nanmean(ece)}
-    result.update(tuned)
-    result.update({f"{k}@0.5": v for k, v in half.items()})
-    support = (targets == 1).sum(0)
-    per_th = th if th.ndim == 1 else torch.full((n_labels,), math.nan, dtype=torch.float64)
+    th = _thresholds(thresholds, probs.shape)
+    ranked = probs if scores is None else as_arrays(scores, targets)[0]
+    kind = key_kind(ranked)
+    ap, roc = _ap_auc(_per_label_ranking(ranked, codes, kind))
+    micro_ap, micro_roc = (_num(x[0]) for x in _ap_auc(micro_sums(ranked, codes, kind)))
+    coverage, lrap = _image_ranking(ranked, codes, kind)
+    ece = _ece(probs, codes)
+    tuned, half = _Cuts(n), _Cuts(n)
 
-    def num(x):
-        return None if math.isnan(x) else float(x)
+    def cut_block(b):  # blocks of whole rows: every count is a contiguous reduction
+        return (_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th),
+                _Cuts.count(probs[b], codes[b], np.full(n_labels, 0.5)))
 
-    result["per_label"] = {
-        name: {
-            "ap": num(ap[i]), "auroc": num(roc[i]),
-            "f1": float(per["f1"][i]), "precision": float(per["precision"][i]),
-            "recall": float(per["recall"][i]), "threshold": num(per_th[i]),
-            "f1@0.5": float(per_half["f1"][i]), "ece": num(ece[i]), "support": int(support[i]),
-        }
-        for i, name in enumerate(labels)
-    }
+    for (b, (at_th, at_half)) in zip(row_blocks(n, n_labels), thread_map(cut_block, row_blocks(n, n_labels))):
+        tuned.add_counts(at_th[0], at_th[1], b)
+        half.add_counts(at_half[0], at_half[1], b)
+    (summary, per), (summary_half, per_half) = _summarise(tuned, binary), _summarise(half, binary)
+    result = {"n_images": n, "mAP": _mean(ap), "micro_ap": micro_ap, "macro_auroc": _mean(roc),
+              "micro_auroc": micro_roc, "coverage_error": _mean(coverage),
+              "label_ranking_ap": _mean(lrap), "macro_ece": _mean(ece)}
+    result.update(summary)
+    result.update({f"{k}@0.5": v for k, v in summary_half.items()})
+    support = (codes == 1).sum(0)
+    per_th = th if th.ndim == 1 else np.full(n_labels, np.nan)
+    result["per_label"] = {name: _label_row(i, ap, roc, per, per_half, per_th, ece, support)
+                           for i, name in enumerate(labels)}
     return result
+
+
+def _num(x) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _label_row(i, ap, roc, per, per_half, per_th, ece, support) -> dict:
+    return {
+        "ap": _num(ap[i]), "auroc": _num(roc[i]),
+        "f1": _num(per["f1"][i]), "precision": _num(per["precision"][i]),
+        "recall": _num(per["recall"][i]), "threshold": _num(per_th[i]),
+        "f1@0.5": _num(per_half["f1"][i]), "ece": _num(ece[i]), "support": int(support[i]),
+        **{k: int(per[k][i]) for k in ("tp", "fp", "fn", "tn")},
+    }

@@ -10,10 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from .io import atomic_path, write_text  # noqa: E402
-from .metrics import ranking_counts  # noqa: E402
+from .metrics import label_curves  # noqa: E402
 from .thresholds import _objective  # noqa: E402
 
 __all__ = ["write_report"]
@@ -39,15 +38,10 @@ def _grid(n: int):
 
 def _label_curves(probs: np.ndarray, targets: np.ndarray):
     """Per label: thresholds, precision, recall, F1 at every distinct score."""
-    scores, tp, fp, last = ranking_counts(torch.from_numpy(probs).double(), torch.from_numpy(targets).double())
-    # The very curve the threshold tuner maximises.
-    f1 = _objective("f1", tp.T.clone(), fp.T, tp[-1:].T, fp[-1:].T, 1.0, 0.0, 0.0).T
-    for j in range(probs.shape[1]):
-        keep = last[:, j]
-        t, p, f = scores[keep, j].numpy(), tp[keep, j].numpy(), fp[keep, j].numpy()
-        precision = p / np.maximum(p + f, 1)
-        recall = p / max(tp[-1, j].item(), 1)
-        yield t, precision, recall, f1[keep, j].numpy()
+    for t, tp, fp, n_pos, n_neg in label_curves(probs, targets):
+        # The very curve the threshold tuner maximises.
+        f1 = _objective("f1", tp[None].copy(), fp[None], np.array([[n_pos]]), np.array([[n_neg]]), 1.0, 0.0, 0.0)[0]
+        yield t, tp / np.maximum(tp + fp, 1), tp / max(n_pos, 1), f1
 
 
 def _plot_training(history: list[dict], folder: Path) -> str:

@@ -32,18 +32,18 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from .metrics import _as_tensors
+from ._counting import UNKNOWN, key_kind, label_blocks, runs, sort_rows, thread_map
+from .metrics import as_arrays
 
 __all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "cross_fit_predictions",
            "OBJECTIVES", "FALLBACK_THRESHOLD"]
 
 OBJECTIVES = ("f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global")
 FALLBACK_THRESHOLD = 0.5
-_CHUNK_ELEMENTS = 1 << 20  # labels are processed in blocks of about this many scores
 
 
-def _objective(metric: str, tp: torch.Tensor, fp: torch.Tensor, n_pos: torch.Tensor,
-               n_neg: torch.Tensor, beta: float, min_recall: float, min_precision: float) -> torch.Tensor:
+def _objective(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
+               n_neg: np.ndarray, beta: float, min_recall: float, min_precision: float) -> np.ndarray:
     """The objective at each cut-off; ``tp``/``fp`` (L, C) float64, ``n_pos``/``n_neg`` (L, 1).
 
     F-scores are computed in place (``tp`` is overwritten): the tuner's cost is memory traffic.
@@ -51,17 +51,21 @@ def _objective(metric: str, tp: torch.Tensor, fp: torch.Tensor, n_pos: torch.Ten
     if metric in ("f1", "global", "fbeta"):
         b2 = 1.0 if metric != "fbeta" else beta * beta
         # F_beta = (1 + b2) tp / ((1 + b2) tp + b2 fn + fp) = (1 + b2) tp / (tp + fp + b2 P)
-        denominator = torch.add(tp, fp).add_(n_pos, alpha=b2).clamp_(min=1e-12)
-        return tp.mul_(1 + b2).div_(denominator)
-    precision = tp / (tp + fp).clamp(min=1)
-    recall = tp / n_pos.clamp(min=1)
+        denominator = np.add(tp, fp)
+        denominator += b2 * n_pos
+        np.maximum(denominator, 1e-12, out=denominator)
+        tp *= 1 + b2
+        tp /= denominator
+        return tp
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / np.maximum(n_pos, 1)
     if metric == "precision_at_recall":
-        return torch.where(recall >= min_recall, precision, torch.full_like(precision, -1.0))
+        return np.where(recall >= min_recall, precision, -1.0)
     if metric == "recall_at_precision":
         # Unreachable precision: fall back to the most precise cut-off (scored below any feasible one).
-        return torch.where(precision >= min_precision, recall, precision - 2.0)
+        return np.where(precision >= min_precision, recall, precision - 2.0)
     if metric == "youden":
-        return recall - fp / n_neg.clamp(min=1)
+        return recall - fp / np.maximum(n_neg, 1)
     raise ValueError(f"unknown threshold metric {metric!r}; available: {list(OBJECTIVES)}")
 
 
@@ -75,81 +79,70 @@ def _check_metric(metric: str, beta: float, min_recall: float, min_precision: fl
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
-def _codes(targets: torch.Tensor) -> torch.Tensor:
-    """1 positive, 0 negative, 2 unknown (any other value)."""
-    codes = torch.full(targets.shape, 2, dtype=torch.uint8, device=targets.device)
-    codes[targets == 1] = 1
-    codes[targets == 0] = 0
-    return codes
-
-
-def _sorted_block(scores: torch.Tensor, codes: torch.Tensor):
-    """Sort each row descending. Returns sorted scores and codes, both (l, N)."""
-    if scores.device.type == "cpu" and scores.dtype == torch.float32 and bool((scores >= 0).all()):
-        # Non-negative float32 order like their bit patterns: sort one uint32 key per element that
-        # carries the code in its two low bits (numpy's vectorised sort, no index gather).
-        bits = (scores + 0.0).numpy().view(np.uint32)  # + 0.0 turns -0.0 into 0.0
-        keys = ~((bits << np.uint32(2)) | codes.numpy().astype(np.uint32))
-        keys.sort(axis=1)
-        keys = ~keys  # descending
-        sorted_scores = torch.from_numpy((keys >> np.uint32(2)).view(np.float32))
-        sorted_codes = torch.from_numpy((keys & np.uint32(3)).astype(np.uint8))
-        return sorted_scores, sorted_codes
-    sorted_scores, order = torch.sort(scores, dim=1, descending=True)
-    return sorted_scores, torch.gather(codes, 1, order)
-
-
-def _best_cutoffs(scores: torch.Tensor, codes: torch.Tensor, metric: str, beta: float,
-                  min_recall: float, min_precision: float):
+def _best_cutoffs(scores: np.ndarray, codes: np.ndarray, metric: str, objective: dict,
+                  kind: str | None = None, dtype=np.float32):
     """Exact best cut-off per row of ``scores``/``codes`` (l, N).
 
-    Returns threshold (l,) float64, best objective (l,), positives and negatives (l,).
+    Returns threshold (l,) float64 (representable in ``dtype``), best objective (l,), positives
+    and negatives (l,).
     """
-    sorted_scores, sorted_codes = _sorted_block(scores, codes)
-    count_dtype = torch.float64
-    tp = torch.cumsum(sorted_codes == 1, dim=1, dtype=torch.int64).to(count_dtype)
-    fp = torch.cumsum(sorted_codes == 0, dim=1, dtype=torch.int64).to(count_dtype)
-    n_pos, n_neg = tp[:, -1:].clone(), fp[:, -1:].clone()
-    value = _objective(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
-    # Only at the last of a run of equal scores is the cut-off ``prob >= score`` realisable.
-    value[:, :-1].masked_fill_(sorted_scores[:, :-1] == sorted_scores[:, 1:], -torch.inf)
-    best_value = value.max(1, keepdim=True).values
+    rows = sort_rows(scores, codes, kind)
+    r = runs(rows)
+    n_rows, n = rows.rank.shape
+    n_pos, n_neg = r.tp[r.end], r.fp[r.end]
+    value = _objective(metric, r.tp.copy(), r.fp, r.spread(n_pos), r.spread(n_neg), **objective)
+    value[r.tp + r.fp == r.previous(r.tp + r.fp, 0.0)] = -np.inf  # a run of unknown targets only
+    best_value = np.maximum.reduceat(value, r.start)
+    hit = value == r.spread(best_value)
+    index = np.arange(len(value))
     if metric == "precision_at_recall":  # the lowest cut-off among equals keeps the most recall
-        n = value.shape[1]
-        best = n - 1 - torch.argmax((value.flip(1) == best_value).to(torch.uint8), dim=1)
+        best = np.maximum.reduceat(np.where(hit, index, -1), r.start)
     else:
-        best = torch.argmax((value == best_value).to(torch.uint8), dim=1)
-    chosen = sorted_scores.gather(1, best[:, None]).squeeze(1).double()
-    has_below = best + 1 < sorted_scores.shape[1]
-    below = sorted_scores.gather(1, (best + 1).clamp(max=sorted_scores.shape[1] - 1)[:, None]).squeeze(1).double()
-    mid = ((chosen + below) / 2).to(scores.dtype).double()
-    threshold = torch.where(has_below & (mid > below) & (mid <= chosen), mid, chosen)
-    return threshold, best_value.squeeze(1), n_pos.squeeze(1), n_neg.squeeze(1)
+        best = np.minimum.reduceat(np.where(hit, index, len(value)), r.start)
+    col = r.col[best]
+    chosen = rows.value(rows.rank[np.arange(n_rows), col])
+    has_below = col + 1 < rows.known  # the next lower known score
+    below = rows.value(rows.rank[np.arange(n_rows), np.minimum(col + 1, n - 1)])
+    # The stored threshold must keep the tuning decisions in the dtype it is stored in.
+    with np.errstate(over="ignore", invalid="ignore"):
+        mid = (chosen / 2 + below / 2).astype(dtype).astype(np.float64)
+    keep_mid = has_below & (mid > below) & (mid <= chosen) & np.isfinite(mid)
+    threshold = np.where(keep_mid, mid, chosen)
+    return threshold, best_value, n_pos, n_neg
 
 
-def _finish(metric: str, threshold: torch.Tensor, value: torch.Tensor, n_pos: torch.Tensor,
-            n_neg: torch.Tensor, labels: Sequence[str] | None, fallback: float):
-    """Apply the documented fallbacks (with warnings) and return float32 thresholds and scores."""
+def _finish(metric: str, threshold: np.ndarray, value: np.ndarray, n_pos: np.ndarray,
+            n_neg: np.ndarray, labels: Sequence[str] | None, fallback: float):
+    """Apply the documented fallbacks (with warnings); float64 thresholds and scores."""
     def names(mask):
-        return [labels[i] if labels else str(i) for i in mask.nonzero().flatten().tolist()]
+        return [labels[i] if labels else str(i) for i in np.flatnonzero(mask).tolist()]
 
-    value = value.double().clone()
-    threshold = threshold.double().clone()
+    value = np.array(value, dtype=np.float64)
+    threshold = np.array(threshold, dtype=np.float64)
     if metric == "recall_at_precision":
         unreachable = value < 0
         if unreachable.any():
             warnings.warn(f"labels {names(unreachable)} never reach the requested precision; they "
                           "use their most precise cut-off and score NaN", stacklevel=3)
-            value[unreachable] = float("nan")
+            value[unreachable] = np.nan
     elif metric == "precision_at_recall":
-        value[value < 0] = float("nan")
+        value[value < 0] = np.nan
     one_class = (n_pos == 0) | (n_neg == 0)
     if one_class.any():
         warnings.warn(f"labels {names(one_class)} have no positive or no negative example to tune "
                       f"on; they keep the threshold {fallback}", stacklevel=3)
         threshold[one_class] = fallback
-        value[one_class] = float("nan")
-    return threshold.float(), value.float()
+        value[one_class] = np.nan
+    return threshold, value
+
+
+def _output(threshold: np.ndarray, value: np.ndarray, like, return_scores: bool):
+    """Tensors on ``like``'s device: float64 thresholds for float64 scores (a float32 copy of a
+    float64 cut-off may round past the scores it separates), float32 otherwise."""
+    wide = (like.dtype == torch.float64) if torch.is_tensor(like) else (np.asarray(like).dtype == np.float64)
+    device = like.device if torch.is_tensor(like) else "cpu"
+    th = torch.from_numpy(threshold).to(device=device, dtype=torch.float64 if wide else torch.float32)
+    return (th, torch.from_numpy(value).float().to(device)) if return_scores else th
 
 
 def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
@@ -159,47 +152,71 @@ def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, mi
     """Choose one threshold per label that maximises ``metric`` on (probs, targets).
 
     Args:
-        probs: (N, L) probabilities (any non-NaN scores work in exact mode), CPU or CUDA.
+        probs: (N, L) scores of any floating dtype: probabilities, logits, margins (not NaN).
+            CUDA tensors are tuned on the CPU; the thresholds come back on their device.
         targets: (N, L) 1 / 0, or -1 for unknown (ignored).
         metric: one of :data:`OBJECTIVES` (see the module docstring).
         beta, min_recall, min_precision: parameters of ``fbeta``, ``precision_at_recall`` and
             ``recall_at_precision``.
-        mode: ``"exact"`` or ``"histogram"`` (streaming; see :class:`ScoreHistogram`).
+        mode: ``"exact"``, or ``"histogram"``: a :class:`ScoreHistogram` pass, then an exact pass
+            over only the bins that could still hold a better cut-off (same optimum as exact).
         bins: histogram bins in ``"histogram"`` mode.
         labels: names used in warnings.
         fallback: threshold of labels with a single class in ``targets``.
         return_scores: also return the (L,) objective values reached (NaN where a fallback applied).
 
     Returns:
-        thresholds (L,) float32 tensor on probs' device (and the scores when ``return_scores``).
+        thresholds (L,) on probs' device: float64 for float64 scores, else float32 (and the
+        scores when ``return_scores``).
     """
     _check_metric(metric, beta, min_recall, min_precision)
-    if mode == "histogram":
-        hist = ScoreHistogram(np.shape(probs)[-1] if np.ndim(probs) > 1 else 1, bins=bins,
-                              device=probs.device if torch.is_tensor(probs) else "cpu")
-        hist.update(probs, targets)
-        return hist.tune(metric, beta=beta, min_recall=min_recall, min_precision=min_precision,
-                         labels=labels, fallback=fallback, return_scores=return_scores)
-    if mode != "exact":
+    if mode not in ("exact", "histogram"):
         raise ValueError(f"unknown mode {mode!r}; available: ['exact', 'histogram']")
-    probs, targets = _as_tensors(probs, targets, dtype=None)
-    n, n_labels = probs.shape
-    codes = _codes(targets)
-    if metric == "global":
-        known = codes != 2
-        threshold, value, n_pos, n_neg = _best_cutoffs(probs[known][None].contiguous(), codes[known][None],
-                                                       "f1", beta, min_recall, min_precision)
-        threshold, value, n_pos, n_neg = (t.expand(n_labels) for t in (threshold, value, n_pos, n_neg))
+    if not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
+    scores, codes = as_arrays(probs, targets)
+    objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
+    threshold, value = _tune(scores, codes, metric, objective, mode, bins, labels, fallback)
+    return _output(threshold, value, probs, return_scores)
+
+
+def _tune(scores, codes, metric, objective, mode, bins, labels, fallback):
+    """:func:`tune_thresholds` on validated arrays: float64 thresholds and objective values."""
+    dtype = np.float64 if scores.dtype == np.float64 else np.float32
+    if mode == "histogram":
+        hist = ScoreHistogram(scores.shape[1], bins=bins)
+        hist._add_codes(scores, codes)
+        threshold, value, n_pos, n_neg = hist._refined(scores, codes, metric, objective, dtype)
+    elif metric == "global":
+        threshold, value, n_pos, n_neg = _global_cutoff(scores, codes, objective, dtype)
     else:
-        parts = []
-        step = max(1, _CHUNK_ELEMENTS // max(n, 1))
-        for start in range(0, n_labels, step):
-            block = slice(start, start + step)
-            parts.append(_best_cutoffs(probs[:, block].T.contiguous(), codes[:, block].T.contiguous(),
-                                       metric, beta, min_recall, min_precision))
-        threshold, value, n_pos, n_neg = (torch.cat(p) for p in zip(*parts))
-    threshold, value = _finish(metric, threshold, value, n_pos, n_neg, labels, fallback)
-    return (threshold, value) if return_scores else threshold
+        threshold, value, n_pos, n_neg = _exact_cutoffs(scores, codes, metric, objective, dtype)
+    return _finish(metric, threshold, value, n_pos, n_neg, labels, fallback)
+
+
+def _exact_cutoffs(scores, codes, metric, objective, dtype):
+    n, n_labels = scores.shape
+    if n == 0:
+        zero = np.zeros(n_labels)
+        return zero, np.full(n_labels, np.nan), zero, zero
+    kind = key_kind(scores)
+
+    def block(b):
+        return _best_cutoffs(np.ascontiguousarray(scores[:, b].T), np.ascontiguousarray(codes[:, b].T),
+                             metric, objective, kind, dtype)
+
+    return tuple(np.concatenate(p) for p in zip(*thread_map(block, label_blocks(n, n_labels))))
+
+
+def _global_cutoff(scores, codes, objective, dtype):
+    """One threshold for every label: the best micro-F1 cut-off over all known decisions."""
+    n_labels = scores.shape[1]
+    known = codes != UNKNOWN
+    if not known.any():
+        zero = np.zeros(n_labels)
+        return zero, np.full(n_labels, np.nan), zero, zero
+    found = _best_cutoffs(scores[known][None], codes[known][None], "f1", objective, None, dtype)
+    return tuple(np.broadcast_to(t, (n_labels,)).copy() for t in found)
 
 
 class ScoreHistogram:
@@ -207,52 +224,53 @@ class ScoreHistogram:
 
     ``update`` with each batch, ``merge`` (or :meth:`all_reduce` under DDP) to combine, then
     :meth:`tune`. Memory is ``2 * num_labels * bins`` int64 counts, whatever the number of images.
-    Scores are probabilities in [0, 1]; cut-offs are the bin edges ``k / bins``.
+    Bins are ``[k / bins, (k + 1) / bins)``; scores below 0 count in the first bin, 1 and above in
+    the last. Cut-offs are bin edges.
+
+    **Bound.** A cut-off inside bin k can reach at most the objective at (positives down to the
+    bottom of k, negatives down to its top), because every objective rises with true positives
+    and falls with false positives. After :meth:`tune`, ``gap_bound`` (L,) is the largest such
+    excess over the chosen edge: the exact optimum on the same data is at most ``score +
+    gap_bound`` (0 when no bin could do better; it grows with the mass of the fullest bins near
+    the optimum). :func:`tune_thresholds` with ``mode="histogram"`` closes the gap exactly.
     """
 
     def __init__(self, num_labels: int, bins: int = 2048, device: str | torch.device = "cpu"):
-        if bins < 2:
-            raise ValueError(f"bins must be at least 2, got {bins}")
+        if not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
         self.num_labels, self.bins = int(num_labels), int(bins)
         self.counts = torch.zeros(self.num_labels, self.bins, 2, dtype=torch.int64, device=device)
+        self.gap_bound: np.ndarray | None = None
 
     @torch.no_grad()
     def update(self, probs, targets) -> "ScoreHistogram":
         """Add a batch: probs and targets (N, L), targets 1 / 0 / -1 (unknown, skipped)."""
-        probs, targets = _as_tensors(probs, targets, dtype=None)
-        probs, targets = probs.to(self.counts.device), targets.to(self.counts.device)
-        if probs.shape[1] != self.num_labels:
-            raise ValueError(f"expected {self.num_labels} labels, got {probs.shape[1]}")
-        if self.counts.device.type != "cpu":
-            self._add_block(probs, targets, 0, self.num_labels)
-            return self
-        # On the CPU, blocks of labels whose counts stay in cache, spread over a thread per core.
-        step = max(1, (1 << 16) // self.bins)
-        blocks = [(s, min(s + step, self.num_labels)) for s in range(0, self.num_labels, step)]
-        list(_pool().map(lambda b: self._add_block(probs, targets, *b), blocks))
-        return self
+        scores, codes = as_arrays(probs, targets)
+        if scores.shape[1] != self.num_labels:
+            raise ValueError(f"expected {self.num_labels} labels, got {scores.shape[1]}")
+        return self._add_codes(scores, codes)
 
-    def _add_block(self, probs: torch.Tensor, targets: torch.Tensor, start: int, stop: int) -> None:
-        """Count labels ``start:stop`` of a batch: key = (label * bins + bin) * 2 + positive."""
-        size = (stop - start) * self.bins * 2
-        if probs.device.type == "cpu":  # numpy's ufuncs and bincount release the GIL: blocks run in parallel
-            p, t = probs[:, start:stop].numpy(), targets[:, start:stop].numpy()
-            key = (p * self.bins).astype(np.int32)
-            np.clip(key, 0, self.bins - 1, out=key)
+    def _bin_keys(self, scores: np.ndarray) -> np.ndarray:
+        key = np.clip(scores * self.bins, -1, self.bins).astype(np.int32)
+        return np.clip(key, 0, self.bins - 1, out=key)
+
+    def _add_codes(self, scores: np.ndarray, codes: np.ndarray) -> "ScoreHistogram":
+        # Blocks of labels whose counts stay in cache, on a thread per core.
+        step = max(1, (1 << 16) // self.bins)
+
+        def block(start):
+            stop = min(start + step, self.num_labels)
+            key = self._bin_keys(scores[:, start:stop])
             key += np.arange(stop - start, dtype=np.int32) * self.bins
             key *= 2
-            key += t == 1
-            known = t >= 0
-            key = key.ravel() if known.all() else key[known]
-            counts = torch.from_numpy(np.bincount(key, minlength=size))
-        else:
-            p, t = probs[:, start:stop], targets[:, start:stop]
-            key = (p * self.bins).to(torch.int32).clamp_(0, self.bins - 1)
-            key += torch.arange(stop - start, dtype=torch.int32, device=key.device) * self.bins
-            key = key.mul_(2).add_((t == 1).to(torch.int32))
-            known = t >= 0
-            counts = torch.bincount(key.flatten() if bool(known.all()) else key[known], minlength=size)
-        self.counts[start:stop].view(-1).add_(counts.to(self.counts))
+            key += codes[:, start:stop] == 1
+            known = codes[:, start:stop] != UNKNOWN
+            size = (stop - start) * self.bins * 2
+            counts = np.bincount(key.ravel() if known.all() else key[known], minlength=size)
+            self.counts[start:stop].view(-1).add_(torch.from_numpy(counts).to(self.counts.device))
+
+        thread_map(block, range(0, self.num_labels, step))
+        return self
 
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
         if other.counts.shape != self.counts.shape:
@@ -268,48 +286,103 @@ class ScoreHistogram:
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
         return self
 
+    def _curves(self, metric: str, objective: dict):
+        """Cumulative counts at the descending edges, the objective there, and the per-bin bound."""
+        counts = self.counts.cpu().numpy().astype(np.float64)
+        if metric == "global":
+            counts = counts.sum(0, keepdims=True)
+        # Descending cut-offs: position i is the edge k = bins - 1 - i (predict bins >= k).
+        tp = counts[..., 1][:, ::-1].cumsum(1)
+        fp = counts[..., 0][:, ::-1].cumsum(1)
+        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+        name = "f1" if metric == "global" else metric
+        value = _objective(name, tp.copy(), fp, n_pos, n_neg, **objective)
+        fp_above = np.concatenate([np.zeros_like(fp[:, :1]), fp[:, :-1]], axis=1)
+        bound = _objective(name, tp.copy(), fp_above, n_pos, n_neg, **objective)
+        return tp, fp, n_pos, n_neg, value, bound
+
     def tune(self, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
              min_precision: float = 0.9, labels: Sequence[str] | None = None,
              fallback: float = FALLBACK_THRESHOLD, return_scores: bool = False):
-        """Thresholds (L,) at bin edges maximising ``metric``; same contract as :func:`tune_thresholds`."""
+        """Thresholds (L,) at bin edges maximising ``metric``; same contract as
+        :func:`tune_thresholds`. Sets ``gap_bound`` (see the class docstring)."""
         _check_metric(metric, beta, min_recall, min_precision)
-        counts = self.counts.double()
-        if metric == "global":
-            counts = counts.sum(0, keepdim=True)
-        # Descending cut-offs: position i is the edge k = bins - 1 - i (predict bins >= k).
-        tp = counts[..., 1].flip(1).cumsum(1)
-        fp = counts[..., 0].flip(1).cumsum(1)
-        n_pos, n_neg = tp[:, -1:], fp[:, -1:]
-        value = _objective("f1" if metric == "global" else metric, tp.clone(), fp, n_pos, n_neg,
-                           beta, min_recall, min_precision)
-        best_value = value.max(1, keepdim=True).values
-        at_best = value == best_value
-        # Every edge with the same counts gives the same decisions: take the middle of that run.
-        first = torch.argmax(at_best.to(torch.uint8), dim=1)
-        seen = (tp + fp).gather(1, first[:, None])
-        last = (tp + fp <= seen).sum(1) - 1
-        if metric == "precision_at_recall":
-            last = self.bins - 1 - torch.argmax(at_best.flip(1).to(torch.uint8), dim=1)
-            seen = (tp + fp).gather(1, last[:, None])
-            first = ((tp + fp) < seen).sum(1)
-        edge_hi, edge_lo = self.bins - 1 - first, self.bins - 1 - last
-        threshold = (edge_hi + edge_lo).double() / (2 * self.bins)
-        value, n_pos, n_neg = best_value.squeeze(1), n_pos.squeeze(1), n_neg.squeeze(1)
-        if metric == "global":
-            threshold, value, n_pos, n_neg = (t.expand(self.num_labels) for t in (threshold, value, n_pos, n_neg))
+        objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
+        threshold, value, n_pos, n_neg = self._edge_cutoffs(metric, objective)
         threshold, value = _finish(metric, threshold, value, n_pos, n_neg, labels, fallback)
-        return (threshold, value) if return_scores else threshold
+        return _output(threshold, value, torch.zeros(0, device=self.counts.device), return_scores)
 
+    def _edge_cutoffs(self, metric: str, objective: dict):
+        tp, fp, n_pos, n_neg, value, bound = self._curves(metric, objective)
+        best_value = value.max(1, keepdims=True)
+        at_best = value == best_value
+        seen_all = tp + fp
+        # Every edge with the same counts gives the same decisions: take the middle of that run.
+        first = np.argmax(at_best, axis=1)
+        seen = np.take_along_axis(seen_all, first[:, None], 1)
+        last = (seen_all <= seen).sum(1) - 1
+        if metric == "precision_at_recall":
+            last = self.bins - 1 - np.argmax(at_best[:, ::-1], axis=1)
+            seen = np.take_along_axis(seen_all, last[:, None], 1)
+            first = (seen_all < seen).sum(1)
+        edge_hi, edge_lo = self.bins - 1 - first, self.bins - 1 - last
+        threshold = (edge_hi + edge_lo).astype(np.float64) / (2 * self.bins)
+        self.gap_bound = np.maximum(bound.max(1) - best_value[:, 0], 0.0)
+        found = threshold, best_value[:, 0], n_pos[:, 0], n_neg[:, 0]
+        if metric == "global":
+            self.gap_bound = np.broadcast_to(self.gap_bound, (self.num_labels,)).copy()
+            found = tuple(np.broadcast_to(t, (self.num_labels,)).copy() for t in found)
+        return found
 
-_POOL = None
+    def _refined(self, scores: np.ndarray, codes: np.ndarray, metric: str, objective: dict, dtype):
+        """Edge cut-offs, then an exact search inside the bins whose bound beats the best edge:
+        the optimum of the exact tuner, from a pass over only those bins' scores."""
+        if metric == "global":  # one ranking over every label: the exact path is the refinement
+            return _global_cutoff(scores, codes, objective, dtype)
+        threshold, value, n_pos, n_neg = self._edge_cutoffs(metric, objective)
+        tp, fp, _, _, _, bound = self._curves(metric, objective)
+        open_bins = bound > value[:, None] + 1e-12
+        for j in np.flatnonzero(open_bins.any(1) & (n_pos > 0) & (n_neg > 0)):
+            found = self._refine_label(scores[:, j], codes[:, j], tp[j], fp[j], open_bins[j],
+                                       metric, objective, dtype)
+            if found is not None and found[1] > value[j]:
+                threshold[j], value[j] = found
+        self.gap_bound = np.zeros(self.num_labels)
+        return threshold, value, n_pos, n_neg
 
-
-def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="mlabel-hist")
-    return _POOL
+    def _refine_label(self, column, codes, tp_edges, fp_edges, open_bins, metric, objective, dtype):
+        """Best cut-off at the scores inside the open bins of one label (descending positions)."""
+        position = self.bins - 1 - self._bin_keys(column)  # descending edge position of the bin
+        keep = open_bins[position] & (codes != UNKNOWN)
+        values, codes, position = column[keep].astype(np.float64), codes[keep], position[keep]
+        if values.size == 0:
+            return None
+        order = np.argsort(-values, kind="stable")
+        values, codes, position = values[order], codes[order], position[order]
+        # Counts strictly above a score's bin come from the histogram; within it, from the scores.
+        tp_above = np.concatenate([[0.0], tp_edges])[position]
+        fp_above = np.concatenate([[0.0], fp_edges])[position]
+        starts = np.r_[True, position[1:] != position[:-1]]
+        group = np.maximum.accumulate(np.where(starts, np.arange(values.size), 0))
+        pos_cum, neg_cum = np.cumsum(codes == 1), np.cumsum(codes == 0)
+        pos_before = np.where(group > 0, pos_cum[group - 1], 0)
+        neg_before = np.where(group > 0, neg_cum[group - 1], 0)
+        tp = (tp_above + pos_cum - pos_before)[None]
+        fp = (fp_above + neg_cum - neg_before)[None]
+        value = _objective(metric, tp, fp, tp_edges[None, -1:], fp_edges[None, -1:], **objective)[0]
+        value[np.r_[values[:-1] == values[1:], False]] = -np.inf  # only run ends are realisable
+        best = int(np.argmax(value))
+        chosen, key_best = values[best], self.bins - 1 - position[best]
+        if best + 1 < values.size and position[best + 1] == position[best]:
+            below = values[best + 1]
+        else:  # every lower score lies below this bin's lower edge (bin 0 holds all of them)
+            below = key_best / self.bins if key_best > 0 else None
+        threshold = chosen
+        if below is not None and below < chosen:
+            mid = np.float64(dtype(chosen / 2 + below / 2))
+            if below < mid <= chosen:
+                threshold = mid
+        return threshold, value[best]
 
 
 def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, **tune_kwargs) -> torch.Tensor:
@@ -319,20 +392,25 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, **tune_
     :func:`mlabel.evaluate_predictions`; the F1 reached with them is an honest estimate of the
     F1 the in-sample thresholds will reach on new data. Fallback warnings are silenced here.
     """
-    probs, targets = _as_tensors(probs, targets, dtype=None)
-    n = probs.shape[0]
+    scores, codes = as_arrays(probs, targets)
+    n = scores.shape[0]
     if folds < 2 or folds > n:
         raise ValueError(f"cross-fitting needs 2 <= folds <= {n} images, got {folds}")
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(probs.device)
-    fold_of = torch.empty(n, dtype=torch.long, device=probs.device)
-    fold_of[order] = torch.arange(n, device=probs.device) % folds
-    rows = torch.empty(probs.shape, dtype=torch.float32, device=probs.device)
+    metric = tune_kwargs.pop("metric", "f1")
+    objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
+    objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
+    _check_metric(metric, **objective)
+    options = dict(dict(mode="exact", bins=2048, labels=None, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    rows = np.empty(scores.shape, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for k in range(folds):
             held = fold_of == k
-            rows[held] = tune_thresholds(probs[~held], targets[~held], **tune_kwargs)
-    return rows
+            rows[held] = _tune(scores[~held], codes[~held], metric, objective, **options)[0]
+    dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
+    return torch.from_numpy(rows).to(dtype=dtype, device=probs.device if torch.is_tensor(probs) else "cpu")
 
 
 class ThresholdTuner(BaseEstimator):
@@ -367,10 +445,8 @@ class ThresholdTuner(BaseEstimator):
         return self
 
     def fit(self, probs, targets, labels: Sequence[str] | None = None) -> "ThresholdTuner":
-        if hasattr(self, "histogram_"):
-            del self.histogram_
-        if self.mode == "histogram":
-            return self.partial_fit(probs, targets, labels)
+        for name in ("histogram_", "gap_bound_"):
+            self.__dict__.pop(name, None)
         th, scores = tune_thresholds(probs, targets, self.metric, mode=self.mode, labels=labels,
                                      return_scores=True, **self._objective_kwargs())
         return self._set_result(th, scores, labels, th.numel())
@@ -378,13 +454,16 @@ class ThresholdTuner(BaseEstimator):
     def partial_fit(self, probs, targets, labels: Sequence[str] | None = None) -> "ThresholdTuner":
         if self.mode != "histogram":
             raise ValueError("partial_fit needs mode='histogram' (exact tuning needs every score at once)")
-        probs, targets = _as_tensors(probs, targets, dtype=None)
+        scores, codes = as_arrays(probs, targets)
         if not hasattr(self, "histogram_"):
-            self.histogram_ = ScoreHistogram(probs.shape[1], self.bins, probs.device)
-        self.histogram_.update(probs, targets)
+            self.histogram_ = ScoreHistogram(scores.shape[1], self.bins)
+        elif scores.shape[1] != self.histogram_.num_labels:
+            raise ValueError(f"expected {self.histogram_.num_labels} labels, got {scores.shape[1]}")
+        self.histogram_._add_codes(scores, codes)
         labels = labels if labels is not None else getattr(self, "labels_", None)
         th, scores = self.histogram_.tune(self.metric, labels=labels, return_scores=True,
                                           **self._objective_kwargs())
+        self.gap_bound_ = self.histogram_.gap_bound  # the exact optimum is at most scores_ + this
         return self._set_result(th, scores, labels, th.numel())
 
     def predict(self, probs) -> np.ndarray:

@@ -127,19 +127,25 @@ def test_early_stopping_stops_after_patience(tmp_path, scene_csv):
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_result(tmp_path, scene_csv):
     extra = ["train.epochs=5", "train.ema=true", "train.accumulate=2", "train.mixup_alpha=0.2"]
+    env = dict(os.environ, PYTHONHASHSEED="0")
     reference = tmp_path / "reference"
-    assert train_main(_cmd(reference, scene_csv, extra)) == 0
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "mlabel.train", *_cmd(reference, scene_csv, extra)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    uninterrupted = time.perf_counter() - started  # process start included, as for the killed runs
     expected = json.loads((reference / "metrics.json").read_text())
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "mlabel.train", *_cmd(out, scene_csv, extra + ["resume=true"])]
-    env = dict(os.environ, PYTHONHASHSEED="0")
     rng = random.Random(0)
     kills = 0
     started_total = time.perf_counter()
     while kills < 3:
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        delay = rng.uniform(3.0, 9.0)
+        # Kill points scale with this machine's speed: three attempts of at most half the
+        # uninterrupted time (each restarting the process) cannot finish the run between them.
+        delay = rng.uniform(0.25, 0.5) * uninterrupted
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
