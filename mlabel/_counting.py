@@ -29,7 +29,6 @@ import numpy as np
 
 BLOCK_ELEMENTS = 1 << 21
 POSITIVE, NEGATIVE, UNKNOWN = 1, 0, 2  # target codes (``codes_of``)
-_IN_KEY = np.array([1, 2, 0], dtype=np.uint8)  # code -> its two key bits: unknown lowest
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -43,12 +42,31 @@ def thread_map(fn: Callable, items: Iterable) -> list:
     return list(_POOL.map(fn, items))
 
 
+_CODE_OF_BYTE = np.full(256, UNKNOWN, dtype=np.uint8)
+_CODE_OF_BYTE[0], _CODE_OF_BYTE[1] = NEGATIVE, POSITIVE
+
+
 def codes_of(targets: np.ndarray) -> np.ndarray:
     """uint8 codes: 1 where the target is 1, 0 where it is 0, 2 (unknown) for anything else."""
-    codes = np.full(targets.shape, UNKNOWN, dtype=np.uint8)
-    codes[targets == 1] = POSITIVE
-    codes[targets == 0] = NEGATIVE
-    return codes
+    codes = np.empty(targets.shape, dtype=np.uint8)
+    if targets.size == 0:
+        return codes
+    byte = targets.dtype in (np.int8, np.uint8, np.bool_)
+
+    def block(b):
+        if byte:  # one table look-up per element (int8 -1 reads as byte 255: unknown)
+            codes[b] = _CODE_OF_BYTE[targets[b].view(np.uint8)]
+        else:
+            part = codes[b]
+            part.fill(UNKNOWN)
+            part[targets[b] == 1] = POSITIVE
+            part[targets[b] == 0] = NEGATIVE
+
+    flat = targets.ndim < 2
+    if flat:
+        targets, codes = targets.reshape(1, -1), codes.reshape(1, -1)
+    thread_map(block, row_blocks(*targets.shape))
+    return codes.reshape(-1) if flat else codes
 
 
 def label_blocks(n_rows: int, n_labels: int, block: int = BLOCK_ELEMENTS) -> list[slice]:
@@ -74,13 +92,18 @@ def _as_float32_exactly(scores: np.ndarray) -> np.ndarray | None:
 def key_kind(scores: np.ndarray) -> str:
     """How ``scores`` sort exactly: "small" (float32 in [0, 2)), "wide" (other float32 values)
     or "float" (float64 that float32 does not represent: argsort)."""
-    small = True
-    for b in label_blocks(*scores.shape) if scores.ndim == 2 else [slice(None)]:
-        single = _as_float32_exactly(scores[:, b] if scores.ndim == 2 else scores)
+    rows = scores.reshape(1, -1) if scores.ndim < 2 else scores
+
+    def block(b):  # (float32 represents every value, they lie in [0, 2))
+        single = _as_float32_exactly(rows[b])
         if single is None:
-            return "float"
-        small = small and (single.size == 0 or (single.min() >= 0 and single.max() < 2))
-    return "small" if small else "wide"
+            return False, False
+        return True, single.size == 0 or (single.min() >= 0 and single.max() < 2)
+
+    found = thread_map(block, row_blocks(*rows.shape))
+    if not all(exact for exact, _ in found):
+        return "float"
+    return "small" if all(small for _, small in found) else "wide"
 
 
 def ordered_bits(single: np.ndarray) -> np.ndarray:
@@ -94,16 +117,18 @@ def _from_ordered_bits(keys: np.ndarray) -> np.ndarray:
     return np.where(keys >> np.uint32(31), keys & np.uint32(0x7FFFFFFF), ~keys).view(np.float32)
 
 
-def pack_keys(scores: np.ndarray, codes: np.ndarray, kind: str) -> np.ndarray:
-    """Sortable keys carrying value and target ("small": uint32, "wide": uint64); 0 if unknown."""
+def pack_keys(scores: np.ndarray, codes: np.ndarray, kind: str, drop_unknown: bool = True) -> np.ndarray:
+    """Sortable keys carrying value and target ("small": uint32, "wide": uint64); 0 if unknown
+    (with ``drop_unknown=False`` an unknown element's key is undefined: the caller drops it)."""
     single = scores.astype(np.float32, copy=False)
-    if kind == "small":
-        keys = ((single + np.float32(0.0)).view(np.uint32) << np.uint32(2)) | _IN_KEY[codes]
-        zero = np.uint32(0)
+    if kind == "small":  # -0.0 has only bit 31 set: shifted out, it packs as 0.0
+        keys = single.view(np.uint32) << np.uint32(2)
     else:
-        keys = (ordered_bits(single).astype(np.uint64) << np.uint64(2)) | _IN_KEY[codes]
-        zero = np.uint64(0)
-    np.putmask(keys, codes == UNKNOWN, zero)
+        keys = ordered_bits(single).astype(np.uint64) << np.uint64(2)
+    code = codes + np.uint8(1)  # negative 1, positive 2 (unknown 3, cleared below)
+    keys |= code
+    if drop_unknown:
+        np.putmask(keys, codes == UNKNOWN, keys.dtype.type(0))
     return keys
 
 
@@ -118,11 +143,16 @@ class Sorted(NamedTuple):
 
     def value(self, rank: np.ndarray) -> np.ndarray:
         """float64 scores of some elements of ``rank``."""
-        if self.kind == "small":
-            return np.ascontiguousarray(rank, dtype=np.uint32).view(np.float32).astype(np.float64)
-        if self.kind == "wide":
-            return _from_ordered_bits(np.ascontiguousarray(rank)).astype(np.float64)
-        return np.asarray(rank, dtype=np.float64)
+        return decode(rank, self.kind)
+
+
+def decode(rank: np.ndarray, kind: str) -> np.ndarray:
+    """float64 scores of ranks (packed keys shifted right by two, or float64 values)."""
+    if kind == "small":
+        return np.ascontiguousarray(rank, dtype=np.uint32).view(np.float32).astype(np.float64)
+    if kind == "wide":
+        return _from_ordered_bits(np.ascontiguousarray(rank)).astype(np.float64)
+    return np.asarray(rank, dtype=np.float64)
 
 
 def _unpack(keys: np.ndarray, kind: str, known: np.ndarray) -> Sorted:
@@ -143,6 +173,99 @@ def sort_rows(scores: np.ndarray, codes: np.ndarray, kind: str | None = None) ->
     order = np.argsort(-values, axis=-1, kind="stable")
     return Sorted(np.take_along_axis(values, order, -1),
                   np.take_along_axis(codes == POSITIVE, order, -1), known, "float")
+
+
+class Positives(NamedTuple):
+    """The positive elements of sorted rows, each with the counts at its run of equal scores.
+
+    Every figure the metrics and the tuner need changes only where a run holds a positive (AP
+    adds precision there, the ROC area adds the negatives below, F-scores and the constrained
+    objectives peak there), so O(positives) work after the sort replaces a pass over all runs.
+    Per positive (in row order): ``row``; ``tp``/``seen``: positives and known elements ranked at
+    or above the end of its run; ``tp_above``/``above``: the same strictly above the run;
+    ``lo``: ascending index of the run's first element (its lowest-ranked end). Per row:
+    ``n_pos``, ``n_known`` and ``first``, the index of the row's first positive in these arrays.
+    """
+    row: np.ndarray
+    tp: np.ndarray
+    seen: np.ndarray
+    tp_above: np.ndarray
+    above: np.ndarray
+    lo: np.ndarray
+    n_pos: np.ndarray
+    n_known: np.ndarray
+    first: np.ndarray
+
+    def ranking_sums(self, carry: "RankingSums | None" = None, n_neg=None) -> "RankingSums":
+        """:class:`RankingSums` per row (``n_neg``: the negatives of the whole ranking when a
+        chunk of one long row is counted; ``carry`` adds earlier chunks' sums)."""
+        n_rows = len(self.n_pos)
+        fp, fp_above = self.seen - self.tp, self.above - self.tp_above
+        neg = (self.n_known - self.n_pos)[self.row] if n_neg is None else n_neg
+        ap = np.bincount(self.row, self.tp / self.seen, n_rows)
+        auc = np.bincount(self.row, (neg - fp) + (fp - fp_above) / 2, n_rows)
+        if carry is not None:
+            ap, auc = ap + carry.ap, auc + carry.auc
+        return RankingSums(ap, auc, self.n_pos.astype(np.float64),
+                           (self.n_known - self.n_pos).astype(np.float64))
+
+
+def positives(keys: np.ndarray, known: np.ndarray, seen0: int = 0, tp0: int = 0) -> Positives:
+    """:class:`Positives` of rows of ascending packed keys (r, n) (see :func:`pack_keys`), with
+    ``known`` (r,) known targets per row. A chunk of one long row passes the elements and the
+    positives ranked above it (``seen0``, ``tp0``); its ``n_pos``/``n_known`` are then its own."""
+    n_rows, n = keys.shape
+    shift, code = keys.dtype.type(2), keys.dtype.type(3)
+    flat = keys.ravel()
+    index = np.flatnonzero((flat & code) == shift)  # positive code 2; ascending, row after row
+    row, asc = np.divmod(index, n) if n else (index, index)
+    n_pos = np.bincount(row, minlength=n_rows)
+    ends = np.cumsum(n_pos)  # positives before the end of each row
+    first = ends - n_pos
+    rank = flat[index] >> shift
+    lo, hi = asc.copy(), asc.copy()
+    # A positive whose neighbours hold other scores is a run of its own (the common case); runs
+    # of ties are found by binary search on keys made ascending across rows.
+    left = np.zeros(len(index), bool)
+    right = np.zeros(len(index), bool)
+    has_left, has_right = asc > 0, asc < n - 1
+    left[has_left] = (flat[index[has_left] - 1] >> shift) == rank[has_left]
+    right[has_right] = (flat[index[has_right] + 1] >> shift) == rank[has_right]
+    tied = np.flatnonzero(left | right)
+    below = np.arange(len(index), dtype=np.int64)  # positives ascending-before lo, counted globally
+    after = below + 1  # positives ascending-at-or-before hi
+    if len(tied) and n_rows == 1:  # one row: search its keys directly
+        r_t = rank[tied].astype(np.uint64)
+        lo[tied] = np.searchsorted(flat, (r_t << np.uint64(2)).astype(keys.dtype))
+        top = (r_t + np.uint64(1)) << np.uint64(2)
+        fits = top <= np.iinfo(keys.dtype).max
+        hi[tied] = np.where(fits, np.searchsorted(flat, np.where(fits, top, 0).astype(keys.dtype)), n) - 1
+        below[tied] = np.searchsorted(index, lo[tied])
+        after[tied] = np.searchsorted(index, hi[tied], side="right")
+    elif len(tied):
+        width = 32 if keys.dtype == np.uint32 else 34
+        rows_t = np.unique(row[tied])
+        wide = (np.arange(len(rows_t), dtype=np.uint64)[:, None] << np.uint64(width)) + keys[rows_t].astype(np.uint64)
+        at = np.searchsorted(rows_t, row[tied])
+        base = at.astype(np.uint64) << np.uint64(width)
+        r_t = rank[tied].astype(np.uint64)
+        offset = at.astype(np.int64) * n
+        lo[tied] = np.searchsorted(wide.ravel(), base + (r_t << np.uint64(2))) - offset
+        hi[tied] = np.searchsorted(wide.ravel(), base + ((r_t + np.uint64(1)) << np.uint64(2))) - offset - 1
+        row_start = row[tied].astype(np.int64) * n
+        below[tied] = np.searchsorted(index, row_start + lo[tied])
+        after[tied] = np.searchsorted(index, row_start + hi[tied], side="right")
+    row_end = ends[row]
+    seen = np.minimum(n - lo, known[row]).astype(np.float64) + seen0
+    return Positives(row, (row_end - below + tp0).astype(np.float64), seen, (row_end - after + tp0).astype(np.float64),
+                     (n - 1 - hi + seen0).astype(np.float64), lo, n_pos, np.asarray(known), first)
+
+
+def sorted_keys(scores: np.ndarray, codes: np.ndarray, kind: str) -> np.ndarray:
+    """Packed keys of each row of (r, n) sorted ascending (``kind`` "small" or "wide")."""
+    keys = pack_keys(scores, codes, kind)
+    keys.sort(axis=-1)
+    return keys
 
 
 class Runs(NamedTuple):
@@ -234,8 +357,8 @@ def micro_sums(scores: np.ndarray, codes: np.ndarray, kind: str | None = None,
     """
     kind = kind or key_kind(scores)
     known = codes != UNKNOWN
-    blocks = label_blocks(*scores.shape)
-    sizes = [int(np.count_nonzero(known[:, b])) for b in blocks]
+    blocks = row_blocks(*scores.shape)
+    sizes = thread_map(lambda b: int(np.count_nonzero(known[b])), blocks)
     n_known = sum(sizes)
     if n_known == 0:
         zero = np.zeros(1)
@@ -248,29 +371,29 @@ def micro_sums(scores: np.ndarray, codes: np.ndarray, kind: str | None = None,
 
     def pack(i):
         b = blocks[i]
-        part = pack_keys(scores[:, b], codes[:, b], kind)
-        keys[offsets[i]:offsets[i + 1]] = part.ravel() if sizes[i] == part.size else part[known[:, b]]
+        part = pack_keys(scores[b], codes[b], kind, drop_unknown=False)
+        keys[offsets[i]:offsets[i + 1]] = part.ravel() if sizes[i] == part.size else part[known[b]]
 
     thread_map(pack, range(len(blocks)))
     keys.sort()
-    ascending, keys = keys, keys[::-1]
     shift = keys.dtype.type(2)
-    bounds = [0]
-    while bounds[-1] < n_known:  # each chunk ends where a run of equal scores ends
-        end = min(bounds[-1] + chunk, n_known)
-        if end < n_known:  # descending position of the first element ranked below keys[end - 1]
-            end = n_known - int(np.searchsorted(ascending, (keys[end - 1] >> shift) << shift))
-        bounds.append(end)
-    pieces = list(zip(bounds[:-1], bounds[1:]))
-    positives = np.cumsum([0] + thread_map(lambda p: int(np.count_nonzero(keys[p[0]:p[1]] & shift)), pieces))
+    bounds = [n_known]
+    while bounds[-1] > 0:  # chunks of the ascending keys, each starting where a run starts
+        start = max(bounds[-1] - chunk, 0)
+        if start > 0:
+            start = int(np.searchsorted(keys, (keys[start] >> shift) << shift))
+        bounds.append(start)
+    pieces = list(zip(bounds[1:], bounds[:-1]))  # highest scores first
+    counts = thread_map(lambda p: int(np.count_nonzero(keys[p[0]:p[1]] & shift)), pieces)
+    tp_above = np.cumsum([0] + counts)
+    n_pos = int(tp_above[-1])
+    n_neg = n_known - n_pos
 
     def piece(i):
-        start, end = pieces[i]
-        rank = (keys[start:end] >> shift)[None]
-        part = Sorted(rank, ((keys[start:end] & shift) != 0)[None], np.array([n_known]), kind)
-        tp0 = float(positives[i])
-        carry = RankingSums(np.zeros(1), np.zeros(1), np.array([tp0]), np.array([start - tp0]))
-        return ranking_sums(runs(part, tp0=tp0, seen0=start), 1, carry)
+        lo, hi = pieces[i]
+        found = positives(keys[None, lo:hi], np.array([hi - lo]), seen0=n_known - hi, tp0=int(tp_above[i]))
+        return found.ranking_sums(n_neg=n_neg)
 
     sums = thread_map(piece, range(len(pieces)))
-    return RankingSums(sum(s.ap for s in sums), sum(s.auc for s in sums), sums[-1].tp, sums[-1].fp)
+    return RankingSums(sum(s.ap for s in sums), sum(s.auc for s in sums), np.array([float(n_pos)]),
+                       np.array([float(n_neg)]))

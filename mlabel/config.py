@@ -115,6 +115,9 @@ class ThresholdsConfig:
     beta: float = 1.0             # fbeta
     min_recall: float = 0.9       # precision_at_recall
     min_precision: float = 0.9    # recall_at_precision
+    # where each label's cut-off goes for unseen data (mlabel.policy; docs/THRESHOLDS.md)
+    policy: Literal["auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select"] = "auto"
+    bootstrap: int = 200          # resamples for each label's 90 % interval of its val objective; 0 = off
     mode: Literal["exact", "histogram"] = "exact"
     bins: int = 2048              # histogram mode
     cross_fit: int = 5            # folds for the cross-fitted F1 in metrics.json; 0 = off

@@ -20,6 +20,7 @@ from .engine import collect_predictions
 from .io import write_json
 from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
 from .models import META_FILE, MultiLabelClassifier, UnsafeModelFileError, load
+from .policy import choose_thresholds
 from .thresholds import cross_fit_predictions, tune_thresholds
 
 __all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_logits", "main"]
@@ -30,10 +31,17 @@ def _tuning_kwargs(cfg: ThresholdsConfig) -> dict:
                 mode=cfg.mode, bins=cfg.bins, fallback=cfg.fallback)
 
 
+def _policy_kwargs(cfg: ThresholdsConfig, seed: int) -> dict:
+    return dict(beta=cfg.beta, min_recall=cfg.min_recall, min_precision=cfg.min_precision,
+                fallback=cfg.fallback, seed=seed)
+
+
 def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
-                       thresholds: ThresholdsConfig, calibration: CalibrationConfig) -> None:
-    """Fit the calibration (if any) on val logits, then tune thresholds on the calibrated
-    probabilities; both are stored in ``model``. Regression columns (after the L logits) are ignored."""
+                       thresholds: ThresholdsConfig, calibration: CalibrationConfig, seed: int = 0) -> dict:
+    """Fit the calibration (if any) on val logits, then choose thresholds on the calibrated
+    probabilities with ``thresholds.policy``; both are stored in ``model``. Regression columns
+    (after the L logits) are ignored. Returns the policy's record for metrics.json (policy, and
+    per label the threshold, its val objective and bootstrap interval)."""
     logits, targets = logits[:, :model.num_labels], targets[:, :model.num_labels]
     if calibration.method == "none":
         model.set_calibration(None)
@@ -41,8 +49,17 @@ def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, target
         scale, bias = fit_calibration(logits, targets, calibration.method)
         model.set_calibration(calibration.method, scale, bias)
     probs = model.probabilities(logits)
-    model.set_thresholds(tune_thresholds(probs, targets, thresholds.metric, labels=model.labels,
-                                         **_tuning_kwargs(thresholds)))
+    if thresholds.policy == "argmax" and thresholds.mode == "histogram":  # streaming primitive
+        model.set_thresholds(tune_thresholds(probs, targets, thresholds.metric, labels=model.labels,
+                                             **_tuning_kwargs(thresholds)))
+        choice = choose_thresholds(probs, targets, "argmax", thresholds.metric, labels=model.labels,
+                                   bootstrap=thresholds.bootstrap, **_policy_kwargs(thresholds, seed))
+        choice.thresholds = model.thresholds.double().cpu().numpy()
+    else:
+        choice = choose_thresholds(probs, targets, thresholds.policy, thresholds.metric, labels=model.labels,
+                                   bootstrap=thresholds.bootstrap, **_policy_kwargs(thresholds, seed))
+        model.set_thresholds(torch.from_numpy(choice.thresholds))
+    return choice.to_dict(model.labels)
 
 
 def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
@@ -73,7 +90,7 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
     if cross_fit is not None and cross_fit.cross_fit:
         folds = min(cross_fit.cross_fit, len(probs))
         rows = cross_fit_predictions(probs, targets, folds, seed, metric=cross_fit.metric,
-                                     **_tuning_kwargs(cross_fit))
+                                     policy=cross_fit.policy, **_tuning_kwargs(cross_fit))
         # only the cut-off figures: the ranking metrics do not depend on the thresholds
         crossed, per = cutoff_metrics(probs, targets, rows)
         metrics["cross_fit"] = {

@@ -25,8 +25,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._counting import (UNKNOWN, codes_of, key_kind, label_blocks, micro_sums, ranking_sums, row_blocks,
-                        runs, sort_rows, thread_map)
+from ._counting import (UNKNOWN, codes_of, key_kind, label_blocks, micro_sums, positives, ranking_sums,
+                        row_blocks, runs, sort_rows, sorted_keys, thread_map)
 
 __all__ = ["average_precision", "auroc", "evaluate_predictions", "label_curves",
            "calibration_error", "label_ranking", "cutoff_metrics"]
@@ -53,8 +53,11 @@ def _per_label_ranking(scores: np.ndarray, codes: np.ndarray, kind: str | None =
     kind = kind or key_kind(scores)
 
     def block(b):
-        rows = sort_rows(np.ascontiguousarray(scores[:, b].T), np.ascontiguousarray(codes[:, b].T), kind)
-        return ranking_sums(runs(rows), b.stop - b.start)
+        s, c = np.ascontiguousarray(scores[:, b].T), np.ascontiguousarray(codes[:, b].T)
+        if kind == "float":
+            return ranking_sums(runs(sort_rows(s, c, kind)), b.stop - b.start)
+        known = np.count_nonzero(c != UNKNOWN, axis=1)
+        return positives(sorted_keys(s, c, kind), known).ranking_sums()
 
     parts = thread_map(block, label_blocks(*scores.shape))
     return tuple(np.concatenate(p) for p in zip(*parts))
@@ -105,14 +108,22 @@ def _image_ranking(scores: np.ndarray, codes: np.ndarray, kind: str | None = Non
     kind = kind or key_kind(scores)
 
     def block(b):
-        rows = sort_rows(np.ascontiguousarray(scores[b]), np.ascontiguousarray(codes[b]), kind)
-        r = runs(rows)
-        n_rows = len(rows.known)
-        sums = ranking_sums(r, n_rows)
-        n_pos = sums.tp  # unknown targets sit at the end of the row: the last run end counts all
-        complete = r.tp == r.spread(n_pos)  # run ends at or after the lowest positive
-        cover = np.minimum.reduceat(np.where(complete, r.tp + r.fp, np.inf), r.start)
-        return sums.ap, n_pos, sums.tp + sums.fp, cover
+        s, c = scores[b], codes[b]
+        if kind == "float":
+            rows = sort_rows(s, c, kind)
+            r = runs(rows)
+            sums = ranking_sums(r, len(rows.known))
+            n_pos = sums.tp  # unknown targets sit at the end of the row: the last run end counts all
+            complete = r.tp == r.spread(n_pos)  # run ends at or after the lowest positive
+            cover = np.minimum.reduceat(np.where(complete, r.tp + r.fp, np.inf), r.start)
+            return sums.ap, n_pos, sums.tp + sums.fp, cover
+        found = positives(sorted_keys(s, c, kind), np.count_nonzero(c != UNKNOWN, axis=1))
+        sums = found.ranking_sums()
+        # the lowest-ranked positive (each row's first, ascending) closes the coverage
+        cover = np.zeros(len(found.n_pos))
+        has = found.n_pos > 0
+        cover[has] = found.seen[found.first[has]]
+        return sums.ap, sums.tp, sums.tp + sums.fp, cover
 
     step = max(1, (1 << 20) // max(scores.shape[1], 1))
     parts = thread_map(block, [slice(s, min(s + step, scores.shape[0])) for s in range(0, scores.shape[0], step)])
@@ -149,6 +160,22 @@ def _ece(probs: np.ndarray, codes: np.ndarray, bins: int = 15) -> np.ndarray:
     return _ratio(gap, known.astype(np.float64))
 
 
+def _count(mask: np.ndarray, axis: int) -> np.ndarray:
+    """True elements of a bool array along ``axis`` (a byte sum: faster than count_nonzero)."""
+    return mask.view(np.uint8).sum(axis, dtype=np.int64 if mask.shape[axis] >= 2**31 else np.int32)
+
+
+def _cutoffs_like(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """float64 cut-offs in ``probs``' dtype with the same decisions: ``p >= t`` for a float32 p
+    equals ``p >= t32`` with t32 the smallest float32 not below t."""
+    if probs.dtype != np.float32:
+        return thresholds
+    single = thresholds.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        low = single < thresholds
+    return np.where(low, np.nextafter(single, np.float32(np.inf)), single) if low.any() else single
+
+
 class _Cuts:
     """Per-label and per-image counts of decisions at a cut-off, summed over label blocks."""
 
@@ -161,13 +188,13 @@ class _Cuts:
     def count(probs: np.ndarray, codes: np.ndarray, thresholds: np.ndarray):
         known = codes != UNKNOWN
         true = codes == 1
-        pred = probs >= thresholds
+        pred = probs >= _cutoffs_like(probs, thresholds)
         pred &= known
         hit = pred & true
         wrong = pred ^ true  # unknown elements are neither predicted nor true
-        n_pred, n_true, n_hit, n_known = (np.count_nonzero(a, axis=0) for a in (pred, true, hit, known))
+        n_pred, n_true, n_hit, n_known = (_count(a, 0) for a in (pred, true, hit, known))
         label = np.stack([n_hit, n_pred - n_hit, n_true - n_hit, n_known - n_pred - n_true + n_hit])
-        rows = np.stack([np.count_nonzero(a, axis=1) for a in (hit, pred, true, wrong, known)])
+        rows = np.stack([_count(a, 1) for a in (hit, pred, true, wrong, known)])
         return label, rows
 
     def add_counts(self, label: np.ndarray, rows: np.ndarray, where: slice) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from ._counting import UNKNOWN, key_kind, label_blocks, runs, sort_rows, thread_map
+from ._counting import UNKNOWN, decode, key_kind, label_blocks, positives, runs, sort_rows, sorted_keys, thread_map
 from .metrics import as_arrays
 
 __all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "cross_fit_predictions",
@@ -86,6 +86,9 @@ def _best_cutoffs(scores: np.ndarray, codes: np.ndarray, metric: str, objective:
     Returns threshold (l,) float64 (representable in ``dtype``), best objective (l,), positives
     and negatives (l,).
     """
+    kind = kind or key_kind(scores)
+    if kind != "float":
+        return _best_at_positives(scores, codes, metric, objective, kind, dtype)
     rows = sort_rows(scores, codes, kind)
     r = runs(rows)
     n_rows, n = rows.rank.shape
@@ -103,11 +106,45 @@ def _best_cutoffs(scores: np.ndarray, codes: np.ndarray, metric: str, objective:
     chosen = rows.value(rows.rank[np.arange(n_rows), col])
     has_below = col + 1 < rows.known  # the next lower known score
     below = rows.value(rows.rank[np.arange(n_rows), np.minimum(col + 1, n - 1)])
-    # The stored threshold must keep the tuning decisions in the dtype it is stored in.
+    return _between(chosen, below, has_below, dtype), best_value, n_pos, n_neg
+
+
+def _between(chosen: np.ndarray, below: np.ndarray, has_below: np.ndarray, dtype) -> np.ndarray:
+    """The stored threshold: halfway to the next lower score where ``dtype`` keeps the tuning
+    decisions unchanged, else the chosen score itself."""
     with np.errstate(over="ignore", invalid="ignore"):
         mid = (chosen / 2 + below / 2).astype(dtype).astype(np.float64)
     keep_mid = has_below & (mid > below) & (mid <= chosen) & np.isfinite(mid)
-    threshold = np.where(keep_mid, mid, chosen)
+    return np.where(keep_mid, mid, chosen)
+
+
+def _best_at_positives(scores, codes, metric, objective, kind, dtype):
+    """:func:`_best_cutoffs` for packed keys: every objective peaks at the end of a run that holds
+    a positive (below it only false positives are added), so only those cut-offs are scored."""
+    keys = sorted_keys(scores, codes, kind)
+    n_rows, n = keys.shape
+    found = positives(keys, np.count_nonzero(codes != UNKNOWN, axis=1))
+    n_pos, n_neg = found.n_pos.astype(np.float64), (found.n_known - found.n_pos).astype(np.float64)
+    threshold, best_value = np.zeros(n_rows), np.full(n_rows, np.nan)
+    has = found.n_pos > 0
+    if has.any():
+        row = found.row
+        value = _objective(metric, found.tp.copy(), found.seen - found.tp, n_pos[row], n_neg[row], **objective)
+        starts = found.first[has]
+        best = np.maximum.reduceat(value, starts)
+        hit = value == np.repeat(best, found.n_pos[has])
+        # the highest cut-off among equals (largest ascending start), or the lowest for precision_at_recall
+        if metric == "precision_at_recall":
+            pick = np.minimum.reduceat(np.where(hit, found.lo, n), starts)
+        else:
+            pick = np.maximum.reduceat(np.where(hit, found.lo, -1), starts)
+        rows_with = np.flatnonzero(has)
+        shift = keys.dtype.type(2)
+        chosen = decode(keys[rows_with, pick] >> shift, kind)
+        has_below = pick - 1 >= n - found.n_known[rows_with]  # a known score below the run
+        below = decode(keys[rows_with, np.maximum(pick - 1, 0)] >> shift, kind)
+        threshold[rows_with] = _between(chosen, below, has_below, dtype)
+        best_value[rows_with] = best
     return threshold, best_value, n_pos, n_neg
 
 
@@ -240,6 +277,8 @@ class ScoreHistogram:
             raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
         self.num_labels, self.bins = int(num_labels), int(bins)
         self.counts = torch.zeros(self.num_labels, self.bins, 2, dtype=torch.int64, device=device)
+        # the lowest known score per label: the bottom edge must predict every score of bin 0
+        self.lowest = torch.full((self.num_labels,), np.inf, dtype=torch.float64, device=device)
         self.gap_bound: np.ndarray | None = None
 
     @torch.no_grad()
@@ -268,6 +307,10 @@ class ScoreHistogram:
             size = (stop - start) * self.bins * 2
             counts = np.bincount(key.ravel() if known.all() else key[known], minlength=size)
             self.counts[start:stop].view(-1).add_(torch.from_numpy(counts).to(self.counts.device))
+            if len(scores):
+                low = np.where(known, scores[:, start:stop], np.inf).min(0).astype(np.float64)
+                torch.minimum(self.lowest[start:stop], torch.from_numpy(low).to(self.lowest.device),
+                              out=self.lowest[start:stop])
 
         thread_map(block, range(0, self.num_labels, step))
         return self
@@ -277,6 +320,7 @@ class ScoreHistogram:
             raise ValueError(f"cannot merge histograms of shape {tuple(other.counts.shape)} into "
                              f"{tuple(self.counts.shape)}")
         self.counts += other.counts.to(self.counts.device)
+        torch.minimum(self.lowest, other.lowest.to(self.lowest.device), out=self.lowest)
         return self
 
     def all_reduce(self, group=None) -> "ScoreHistogram":
@@ -284,6 +328,7 @@ class ScoreHistogram:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(self.lowest, op=dist.ReduceOp.MIN, group=group)
         return self
 
     def _curves(self, metric: str, objective: dict):
@@ -327,6 +372,10 @@ class ScoreHistogram:
             first = (seen_all < seen).sum(1)
         edge_hi, edge_lo = self.bins - 1 - first, self.bins - 1 - last
         threshold = (edge_hi + edge_lo).astype(np.float64) / (2 * self.bins)
+        # The bottom edge predicts all of bin 0, which also holds the scores below 0.
+        lowest = self.lowest.cpu().numpy()
+        lowest = lowest.min(keepdims=True) if metric == "global" else lowest
+        threshold = np.where(edge_hi == 0, np.minimum(threshold, lowest), threshold)
         self.gap_bound = np.maximum(bound.max(1) - best_value[:, 0], 0.0)
         found = threshold, best_value[:, 0], n_pos[:, 0], n_neg[:, 0]
         if metric == "global":
@@ -385,8 +434,10 @@ class ScoreHistogram:
         return threshold, value[best]
 
 
-def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, **tune_kwargs) -> torch.Tensor:
-    """Out-of-fold thresholds: each image is judged by thresholds tuned on the other folds.
+def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
+                          **tune_kwargs) -> torch.Tensor:
+    """Out-of-fold thresholds: each image is judged by thresholds chosen on the other folds
+    (by the exact tuner, or by a threshold ``policy`` of :mod:`mlabel.policy`).
 
     Returns (N, L) thresholds (one row per image) to pass to
     :func:`mlabel.evaluate_predictions`; the F1 reached with them is an honest estimate of the
@@ -408,7 +459,13 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, **tune_
         warnings.simplefilter("ignore")
         for k in range(folds):
             held = fold_of == k
-            rows[held] = _tune(scores[~held], codes[~held], metric, objective, **options)[0]
+            if policy == "argmax":
+                rows[held] = _tune(scores[~held], codes[~held], metric, objective, **options)[0]
+            else:
+                from .policy import choose_thresholds
+                rows[held] = choose_thresholds(scores[~held], np.where(codes[~held] == UNKNOWN, -1, codes[~held]),
+                                               policy, metric, fallback=options["fallback"], seed=seed,
+                                               bootstrap=0, **objective).thresholds
     dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
     return torch.from_numpy(rows).to(dtype=dtype, device=probs.device if torch.is_tensor(probs) else "cpu")
 

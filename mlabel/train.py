@@ -335,8 +335,9 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
     val_logits, val_targets, _ = _collect(model, loaders[1]["val"], device, world, **eval_kwargs)
-    calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration)
+    policy = calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration, cfg.seed)
     metrics = {"val": evaluate_outputs(model, val_logits, val_targets, cross_fit=cfg.thresholds, seed=cfg.seed)}
+    metrics["val"]["threshold_policy"] = policy
     if "test" in loaders[1]:
         test_logits, test_targets, _ = _collect(model, loaders[1]["test"], device, world, **eval_kwargs)
         metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
@@ -345,7 +346,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     if not world.main:
         return metrics
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
-                                                     "threshold_metric": cfg.thresholds.metric})
+                                                     "threshold_metric": cfg.thresholds.metric,
+                                                     "threshold_policy": policy["policy"]})
     thresholds = model.thresholds.cpu()
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", {

@@ -17,9 +17,33 @@ from .evaluate import (USER_ERRORS, calibrate_and_tune, evaluate_outputs, load_r
                        split_arguments, split_logits, summary_line)
 from .io import write_json
 from .models import META_FILE
+from .policy import CONSTRAINTS, POLICIES
 from .thresholds import OBJECTIVES
 
 __all__ = ["main"]
+
+
+def _fmt(x) -> str:
+    return "    n/a" if x is None else f"{x:7.4f}"
+
+
+def policy_table(policy: dict, labels: list[str], before: dict | None = None) -> str:
+    """Per label: old and new threshold, the val objective at the new one and its interval."""
+    metric = policy["metric"]
+    level = round(policy["level"] * 100)
+    lines = [f"threshold policy: {policy['policy']} (objective {metric}); interval: {level} % bootstrap of val",
+             f"{'label':<24}{'old':>8}{'new':>8}  {'val ' + metric:>14}  {level} % interval"]
+    for name in labels:
+        row = policy["per_label"][name]
+        old = f"{before['per_label'][name]['threshold']:8.3f}" if before else f"{'':8}"
+        low, high = row[f"interval_{level}"]
+        extra = f"  ({row['chosen']})" if "chosen" in row else ""
+        if "holds_out_of_sample" in row:  # constraint objectives: checked on held-out folds
+            figure = CONSTRAINTS[metric]
+            extra += f"  cross-fitted {figure} {_fmt(row['cross_fit_' + figure])}, holds: {row['holds_out_of_sample']}"
+        lines.append(f"{name:<24}{old}{row['threshold']:8.3f}  {_fmt(row['val_' + metric]):>14}  "
+                     f"[{_fmt(low)}, {_fmt(high)}]{extra}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta", type=float, help="beta of fbeta")
     parser.add_argument("--min-recall", type=float, help="for precision_at_recall")
     parser.add_argument("--min-precision", type=float, help="for recall_at_precision")
+    parser.add_argument("--policy", choices=POLICIES, help="threshold policy (default: thresholds.policy of the config)")
     parser.add_argument("--mode", choices=["exact", "histogram"])
     parser.add_argument("--cross-fit", type=int, metavar="K", help="folds for the cross-fitted F1 (0 = off)")
     parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
@@ -37,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         recipe, overrides = split_arguments(args.rest)
         model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
         th_cfg: ThresholdsConfig = cfg.thresholds
-        for key in ("metric", "beta", "min_recall", "min_precision", "mode", "cross_fit"):
+        for key in ("metric", "beta", "min_recall", "min_precision", "policy", "mode", "cross_fit"):
             if getattr(args, key) is not None:
                 setattr(th_cfg, key, getattr(args, key))
         cal_cfg = CalibrationConfig(args.calibration) if args.calibration else cfg.calibration
         device = resolve_device(args.device or cfg.train.device)
         logits, targets = split_logits(model, cfg, "val", device, args.quiet)
         before = evaluate_outputs(model, logits, targets)
-        calibrate_and_tune(model, logits, targets, th_cfg, cal_cfg)
+        policy = calibrate_and_tune(model, logits, targets, th_cfg, cal_cfg, cfg.seed)
         after = evaluate_outputs(model, logits, targets, cross_fit=th_cfg, seed=cfg.seed)
+        after["threshold_policy"] = policy
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -53,20 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads(meta_path.read_text())
     meta.update(model.describe())
     meta["threshold_metric"] = th_cfg.metric
+    meta["threshold_policy"] = policy["policy"]
     meta["threshold_params"] = {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall,
                                 "min_precision": th_cfg.min_precision, "mode": th_cfg.mode}
     write_json(meta_path, meta)
-    score = "f1" if th_cfg.metric in ("f1", "global") else None
-    print(f"{'label':<24}{'old':>8}{'new':>8}" + (f"{'val F1 old':>12}{'new':>8}" if score else ""))
-    for name in model.labels:
-        old, new = before["per_label"][name], after["per_label"][name]
-        line = f"{name:<24}{old['threshold']:>8.3f}{new['threshold']:>8.3f}"
-        print(line + (f"{old['f1']:>12.4f}{new['f1']:>8.4f}" if score else ""))
+    print(policy_table(policy, model.labels, before))
     print(summary_line("val before", before))
     print(summary_line("val after", after))
-    write_json(Path(out_dir) / "tune.json", {"metric": th_cfg.metric, "calibration": cal_cfg.method,
+    write_json(Path(out_dir) / "tune.json", {"metric": th_cfg.metric, "policy": policy["policy"],
+                                             "calibration": cal_cfg.method, "threshold_policy": policy,
                                              "val_before": before, "val_after": after})
-    print(f"thresholds ({th_cfg.metric}) stored in {meta_path}")
+    print(f"thresholds ({th_cfg.metric}, policy {policy['policy']}) stored in {meta_path}")
     return 0
 
 

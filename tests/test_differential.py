@@ -366,3 +366,21 @@ def test_micro_ranking_counted_in_chunks_equals_one_pass(seed):
     for chunk in (1, 2, 7, 64):
         part = micro_sums(scores, codes, chunk=chunk)
         np.testing.assert_allclose([part.ap[0], part.auc[0]], [whole.ap[0], whole.auc[0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["youden", "f1", "fbeta"])
+def test_histogram_bottom_edge_predicts_scores_below_zero(metric):
+    """Bin 0 also holds the scores below 0: its lower edge must predict them (it was 0.0,
+    which left every negative logit out; found by the slow differential cases, seed 1007)."""
+    scores = np.array([2.5422106, -1.207813, 2.3177197, -1.2436802, 2.9278274, 3.4884782,
+                       12.120625, -0.67415947], dtype=np.float32)[:, None]
+    targets = np.array([-1, 0, 1, 1, -1, 0, 0, 1], dtype=np.float32)[:, None]
+    from mlabel.thresholds import ScoreHistogram
+    known = targets[:, 0] >= 0
+    y, s = targets[known, 0], scores[known, 0].astype(np.float64)
+    want = _brute_force(scores[:, 0], targets[:, 0], metric)
+    for th in (mlabel.tune_thresholds(scores, targets, metric, mode="histogram").numpy(),
+               mlabel.ThresholdTuner(metric, mode="histogram").partial_fit(scores, targets).thresholds_,
+               ScoreHistogram(1).update(scores, targets).tune(metric).numpy()):
+        got = _objective_at(y, s >= float(th[0]), metric, (y == 1).sum(), (y == 0).sum(), 1.0, 0.9, 0.9)
+        assert got == pytest.approx(want, abs=1e-12), (metric, th)

@@ -105,7 +105,7 @@ def test_tune_and_evaluate_commands_rework_a_saved_model(tmp_path, scene_csv, ca
         assert again[key] == pytest.approx(metrics["test"][key], abs=1e-6), key
 
     assert tune_main([str(out / "model"), "--metric", "fbeta", "--beta", "2", "--calibration", "none",
-                      "--quiet"]) == 0
+                      "--policy", "argmax", "--quiet"]) == 0
     assert "stored in" in capsys.readouterr().out
     model = mlabel.load(out)
     assert model.calibration is None

@@ -1,0 +1,314 @@
+"""Threshold policies: where each label's cut-off should sit for images not yet seen.
+
+The exact tuner (:func:`mlabel.tune_thresholds`) finds the best cut-off *on the validation set*.
+With a few hundred images and rare labels that arg-max is noisy: it fits the particular
+positives of val. A policy decides, per label, from the same validation scores:
+
+- ``argmax``: the exact tuner's cut-off (the primitive; best on val by construction).
+- ``half``: 0.5, the Bayes cut-off for accuracy on calibrated probabilities.
+- ``lipton``: for calibrated probabilities the F1-optimal cut-off is half the best attainable F1
+  (Lipton, Elkan & Narayanaswamy 2014; F-beta: F* / (1 + beta^2)), with F* the exact optimum
+  on val: one number estimated from all of val instead of the position of one point.
+- ``bagged``: the mean of the exact cut-offs of ``draws`` bootstrap resamples of val.
+- ``smoothed``: the arg-max of the objective computed from kernel-smoothed counts (each score
+  spread by a Gaussian of Silverman's bandwidth), on a grid of 1,024 cut-offs per label.
+- ``shrunk``: the exact cut-off pulled toward the ``lipton`` one, with weight
+  ``positives / (positives + 30)`` on the exact one: the more support, the more it is trusted.
+- ``select``: per label, the candidate (argmax, half, lipton, bagged) whose cut-offs, tuned on
+  4/5 of val, scored best on the held-out fifth (pooled over 5 folds).
+
+``half``, ``lipton`` and ``shrunk`` assume calibrated probabilities and an F-score objective;
+the other policies apply to every objective. ``auto`` is the measured default (docs/THRESHOLDS.md):
+``lipton`` for F-scores, else ``bagged``.
+
+Every choice comes with a bootstrap interval of its val objective at the chosen cut-off
+(``level``, 90 % by default) so a person sees how sure the number is.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._counting import UNKNOWN, label_blocks
+from .metrics import as_arrays
+from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune
+
+__all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy"]
+
+POLICIES = ("auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select")
+F_SCORES = ("f1", "fbeta", "global")
+NEEDS_F_SCORE = ("half", "lipton", "shrunk")
+SELECT_FROM = ("argmax", "half", "lipton", "bagged")
+PER_LABEL_ONLY = ("smoothed", "shrunk", "select")
+CONSTRAINTS = {"precision_at_recall": "recall", "recall_at_precision": "precision"}
+SHRINK_PRIOR = 30.0  # positives at which the exact cut-off and the prior weigh the same
+GRID = 1024
+
+
+@dataclass
+class ThresholdChoice:
+    """Cut-offs chosen by a policy, with what the validation data says about them.
+
+    ``thresholds`` (L,) float64; ``value`` (L,) the objective on the tuning data at those
+    cut-offs (NaN where a label has one class); ``interval`` (L, 2) its bootstrap interval at
+    ``level``; ``chosen``: for ``select``, each label's candidate policy.
+    """
+    policy: str
+    metric: str
+    thresholds: np.ndarray
+    value: np.ndarray
+    interval: np.ndarray
+    level: float
+    chosen: list[str] | None = None
+    held_out: np.ndarray | None = None  # constraint objectives: the constrained figure out of fold
+    target: float | None = None
+
+    def to_dict(self, labels: Sequence[str]) -> dict:
+        """JSON-ready: the policy and, per label, threshold, val objective and interval."""
+        def num(x):
+            return None if np.isnan(x) else float(x)
+
+        per_label = {}
+        for j, name in enumerate(labels):
+            row = {"threshold": float(self.thresholds[j]), "val_" + self.metric: num(self.value[j]),
+                   f"interval_{round(self.level * 100)}": [num(self.interval[j, 0]), num(self.interval[j, 1])]}
+            if self.chosen is not None:
+                row["chosen"] = self.chosen[j]
+            if self.held_out is not None:  # does the constraint hold on images not tuned on?
+                figure = CONSTRAINTS[self.metric]
+                row[f"cross_fit_{figure}"] = num(self.held_out[j])
+                row["holds_out_of_sample"] = None if np.isnan(self.held_out[j]) else bool(
+                    self.held_out[j] >= self.target)
+            per_label[name] = row
+        return {"policy": self.policy, "metric": self.metric, "level": self.level, "per_label": per_label}
+
+
+def resolve_policy(policy: str, metric: str) -> str:
+    """``auto`` -> the measured default for ``metric``; refuses a policy that does not apply."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}; available: {list(POLICIES)}")
+    if policy == "auto":
+        return "lipton" if metric in F_SCORES else "bagged"
+    if policy in NEEDS_F_SCORE and metric not in F_SCORES:
+        usable = [p for p in POLICIES if p not in NEEDS_F_SCORE]
+        raise ValueError(f"threshold policy {policy!r} needs an F-score objective (f1, fbeta, global), "
+                         f"not {metric!r}; use one of {usable}")
+    if metric == "global" and policy in PER_LABEL_ONLY:
+        raise ValueError(f"threshold policy {policy!r} gives each label its own cut-off; the 'global' "
+                         f"objective keeps one: use argmax, half, lipton or bagged")
+    return policy
+
+
+def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *, beta: float = 1.0,
+                      min_recall: float = 0.9, min_precision: float = 0.9, labels: Sequence[str] | None = None,
+                      fallback: float = FALLBACK_THRESHOLD, seed: int = 0, draws: int = 25,
+                      bootstrap: int = 200, level: float = 0.9) -> ThresholdChoice:
+    """Per-label cut-offs for unseen data (see the module docstring for the policies).
+
+    Args:
+        probs: (N, L) calibrated probabilities (``half``, ``lipton`` and ``shrunk`` assume them).
+        targets: (N, L) 1 / 0 / -1 (unknown, ignored).
+        policy, metric: a policy of :data:`POLICIES` and an objective of
+            :data:`mlabel.thresholds.OBJECTIVES` (with ``beta``, ``min_recall``, ``min_precision``).
+        labels: names for warnings. fallback: the cut-off of labels with one class.
+        seed: resamples and folds. draws: bootstrap resamples of ``bagged``.
+        bootstrap: resamples for the interval (0: no interval). level: its coverage.
+    """
+    _check_metric(metric, beta, min_recall, min_precision)
+    name = resolve_policy(policy, metric)
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    scores, codes = as_arrays(probs, targets)
+    objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
+    rng = np.random.default_rng(seed)
+    chosen = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning is given once, below
+        if name == "select":
+            thresholds, chosen = _select(scores, codes, metric, objective, fallback, rng, draws)
+        else:
+            thresholds = _policy(name, scores, codes, metric, objective, fallback, rng, draws)
+    one_class = _one_class(codes)
+    if one_class.any():
+        names = [labels[i] if labels else str(i) for i in np.flatnonzero(one_class)]
+        warnings.warn(f"labels {names} have no positive or no negative example to tune on; they keep "
+                      f"the threshold {fallback}", stacklevel=2)
+    value = objective_at(scores, codes, thresholds, metric, **objective)
+    value[one_class] = np.nan
+    interval = _interval(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
+    interval[one_class] = np.nan
+    held_out = target = None
+    if metric in CONSTRAINTS:
+        held_out = _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws)
+        held_out[one_class] = np.nan
+        target = min_recall if metric == "precision_at_recall" else min_precision
+    return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
+                           interval, level, chosen, held_out, target)
+
+
+def _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws, folds: int = 5):
+    """(L,) recall (precision_at_recall) or precision (recall_at_precision) of cut-offs chosen on
+    4/5 of the data, measured on the held-out fifth, pooled over the folds."""
+    n = scores.shape[0]
+    folds = max(2, min(folds, n))
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    tp = np.zeros(scores.shape[1])
+    fp = np.zeros_like(tp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(folds):
+            held = fold_of == k
+            if name == "select":
+                th = _select(scores[~held], codes[~held], metric, objective, fallback, rng, draws)[0]
+            else:
+                th = _policy(name, scores[~held], codes[~held], metric, objective, fallback, rng, draws)
+            t, f = _counts(scores[held], codes[held], th)
+            tp += t
+            fp += f
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if metric == "precision_at_recall":
+            return tp / (codes == 1).sum(0)
+        return np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+
+
+def _one_class(codes: np.ndarray) -> np.ndarray:
+    return ~((codes == 1).any(0) & (codes == 0).any(0))
+
+
+def _policy(name, scores, codes, metric, objective, fallback, rng, draws) -> np.ndarray:
+    """(L,) float64 cut-offs of one policy (labels with one class get ``fallback``)."""
+    one_class = _one_class(codes)
+    if name == "half":
+        th = np.full(scores.shape[1], 0.5)
+    elif name == "bagged":
+        th = _bagged(scores, codes, metric, objective, fallback, rng, draws)
+    elif name == "smoothed":
+        th = _smoothed(scores, codes, metric, objective)
+    else:
+        th, best = _tune(scores, codes, metric, objective, "exact", 2048, None, fallback)
+        if name in ("lipton", "shrunk"):
+            b2 = objective["beta"] ** 2 if metric == "fbeta" else 1.0
+            lipton = np.nan_to_num(best, nan=fallback * (1 + b2)) / (1 + b2)
+            if name == "lipton":
+                th = lipton
+            else:
+                n_pos = (codes == 1).sum(0)
+                weight = n_pos / (n_pos + SHRINK_PRIOR)
+                th = weight * th + (1 - weight) * lipton
+    th = np.array(th, dtype=np.float64)
+    th[one_class] = fallback
+    return th
+
+
+def _bagged(scores, codes, metric, objective, fallback, rng, draws) -> np.ndarray:
+    """Mean of the exact cut-offs over bootstrap resamples (draws where a label has one class
+    are left out of its mean)."""
+    n = scores.shape[0]
+    total = np.zeros(scores.shape[1])
+    count = np.zeros(scores.shape[1])
+    for _ in range(draws):
+        rows = rng.integers(0, n, n)
+        th, value = _tune(scores[rows], codes[rows], metric, objective, "exact", 2048, None, fallback)
+        ok = ~_one_class(codes[rows])
+        total += np.where(ok, th, 0.0)
+        count += ok
+    return np.where(count > 0, total / np.maximum(count, 1), fallback)
+
+
+def _smoothed(scores, codes, metric, objective) -> np.ndarray:
+    """Arg-max of the objective from Gaussian-smoothed counts on a grid of cut-offs per label."""
+    n_labels = scores.shape[1]
+    th = np.empty(n_labels)
+    for j in range(n_labels):
+        known = codes[:, j] != UNKNOWN
+        s = scores[known, j].astype(np.float64)
+        y = codes[known, j] == 1
+        if s.size == 0 or y.all() or not y.any():
+            th[j] = FALLBACK_THRESHOLD
+            continue
+        spread = s.std()
+        iqr = np.subtract(*np.percentile(s, [75, 25]))
+        sigma = 0.9 * min(spread, iqr / 1.34 if iqr > 0 else spread) * s.size ** -0.2
+        sigma = max(sigma, 1e-6 * max(1.0, np.abs(s).max()))
+        grid = np.linspace(s.min(), s.max(), GRID)
+        # P(score + noise >= t) for each score and cut-off, summed over positives and negatives
+        z = (s[None, :] - grid[:, None]) / sigma
+        above = 0.5 * (1 + _erf(z / np.sqrt(2)))
+        tp = above[:, y].sum(1)
+        fp = above[:, ~y].sum(1)
+        value = _objective(metric, tp[None].copy(), fp[None], np.array([[y.sum()]]), np.array([[(~y).sum()]]),
+                           **objective)[0]
+        th[j] = grid[int(np.argmax(value))]
+    return th
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return torch.erf(torch.from_numpy(x)).numpy()
+
+
+def _select(scores, codes, metric, objective, fallback, rng, draws, folds: int = 5):
+    """Per label, the candidate whose out-of-fold cut-offs score best (pooled counts)."""
+    candidates = [c for c in SELECT_FROM if not (c in NEEDS_F_SCORE and metric not in F_SCORES)]
+    n = scores.shape[0]
+    folds = max(2, min(folds, n))
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    tp = np.zeros((len(candidates), scores.shape[1]))
+    fp = np.zeros_like(tp)
+    for k in range(folds):
+        held = fold_of == k
+        for c, name in enumerate(candidates):
+            th = _policy(name, scores[~held], codes[~held], metric, objective, fallback, rng, draws)
+            t, f = _counts(scores[held], codes[held], th)
+            tp[c] += t
+            fp[c] += f
+    n_pos, n_neg = (codes == 1).sum(0), (codes == 0).sum(0)
+    value = _objective(metric, tp.copy(), fp, n_pos[None], n_neg[None], **objective)
+    best = np.argmax(value, axis=0)  # ties go to the earlier candidate in SELECT_FROM
+    per = {name: _policy(name, scores, codes, metric, objective, fallback, rng, draws)
+           for name in {candidates[b] for b in best}}
+    th = np.array([per[candidates[b]][j] for j, b in enumerate(best)])
+    return th, [candidates[b] for b in best]
+
+
+def _counts(scores: np.ndarray, codes: np.ndarray, thresholds: np.ndarray):
+    """(L,) true and false positives of ``scores >= thresholds`` over known targets."""
+    pred = scores >= thresholds
+    return (pred & (codes == 1)).sum(0).astype(np.float64), (pred & (codes == 0)).sum(0).astype(np.float64)
+
+
+def objective_at(scores: np.ndarray, codes: np.ndarray, thresholds: np.ndarray, metric: str, *,
+                 beta: float = 1.0, min_recall: float = 0.9, min_precision: float = 0.9) -> np.ndarray:
+    """(L,) objective of the decisions ``scores >= thresholds`` (constraint objectives give the
+    constrained figure when the constraint holds, else a negative number, as the tuner does)."""
+    if metric == "global":
+        metric = "f1"
+    tp, fp = _counts(scores, codes, thresholds)
+    n_pos, n_neg = (codes == 1).sum(0).astype(np.float64), (codes == 0).sum(0).astype(np.float64)
+    return _objective(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
+
+
+def _interval(scores, codes, thresholds, metric, objective, draws, level, rng) -> np.ndarray:
+    """(L, 2) bootstrap interval of the objective at fixed ``thresholds`` (resampled images)."""
+    n, n_labels = scores.shape
+    if draws <= 0 or n == 0:
+        return np.full((n_labels, 2), np.nan)
+    # resampled images as multinomial counts: every count is a (draws, N) @ (N, l) product,
+    # exact in float32 below 2**24 images
+    weights = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float32))
+    name = "f1" if metric == "global" else metric
+    tail = (1 - level) / 2 * 100
+    out = np.empty((n_labels, 2))
+    for b in label_blocks(n, n_labels, 1 << 20):
+        pred = scores[:, b] >= thresholds[b]
+        true, false = codes[:, b] == 1, codes[:, b] == 0
+        counts = [(weights @ torch.from_numpy(m.astype(np.float32))).double().numpy()
+                  for m in (pred & true, pred & false, true, false)]
+        value = _objective(name, *counts, **objective)
+        out[b] = np.percentile(value, [tail, 100 - tail], axis=0).T
+    return out
