@@ -12,7 +12,7 @@ _EXPORTS = {
     "BCEWithLogits": "losses", "pos_weight_from_targets": "losses",
     "evaluate_predictions": "metrics",
     "MultiLabelClassifier": "models", "create_model": "models", "load": "models",
-    "tune_thresholds": "thresholds", "ThresholdTuner": "thresholds",
+    "tune_thresholds": "thresholds", "ThresholdTuner": "thresholds", "choose_thresholds": "policy",
     "fit_calibration": "calibration", "export_model": "export",
 }
 

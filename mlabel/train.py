@@ -34,6 +34,7 @@ from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_schedu
                      grad_scaler_for, train_one_epoch)
 from .distributed import OutputsModule, World, close_world, gather_rows, init_world, mean_across
 from .io import write_json, write_text
+from .policy import CONSTRAINTS
 from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
 from .models import MultiLabelClassifier, create_model
@@ -174,6 +175,16 @@ def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, worl
                                          channels_last=cfg.train.channels_last, quiet=quiet)
     n = model.num_labels
     return _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0, val_loss
+
+
+def _constraint_met(section: dict, thresholds) -> None:
+    """For a constraint objective, whether each label's recall (precision) target holds here."""
+    figure = CONSTRAINTS.get(thresholds.metric)
+    if figure is None:
+        return
+    target = thresholds.min_recall if figure == "recall" else thresholds.min_precision
+    for row in section["per_label"].values():
+        row["constraint_met"] = None if row[figure] is None else row[figure] >= target
 
 
 def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World()) -> dict:
@@ -341,6 +352,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     if "test" in loaders[1]:
         test_logits, test_targets, _ = _collect(model, loaders[1]["test"], device, world, **eval_kwargs)
         metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
+        _constraint_met(metrics["test"], cfg.thresholds)
     for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
         section["weights"] = state["best_weights"]
     if not world.main:
@@ -368,6 +380,10 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
     from .evaluate import summary_line
+    policy = metrics["val"].get("threshold_policy")
+    if policy:
+        _log(quiet, f"thresholds: policy {policy['policy']} on the calibrated val probabilities "
+                    "(per label with its 90 % interval in metrics.json: val.threshold_policy)")
     for split, m in metrics.items():
         _log(quiet, summary_line(split, m))
     print(f"run directory: {out_dir}  ({seconds:.0f} s)", flush=True)
