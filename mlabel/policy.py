@@ -19,7 +19,7 @@ positives of val. A policy decides, per label, from the same validation scores:
 
 ``half``, ``lipton`` and ``shrunk`` assume calibrated probabilities and an F-score objective;
 the other policies apply to every objective. ``auto`` is the measured default (docs/THRESHOLDS.md):
-``lipton`` for F-scores, else ``bagged``.
+``lipton`` for F-scores, else ``argmax`` (see docs/THRESHOLDS.md for the constraint study).
 
 Every choice comes with a bootstrap interval of its val objective at the chosen cut-off
 (``level``, 90 % by default) so a person sees how sure the number is.
@@ -92,7 +92,7 @@ def resolve_policy(policy: str, metric: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"unknown threshold policy {policy!r}; available: {list(POLICIES)}")
     if policy == "auto":
-        return "lipton" if metric in F_SCORES else "bagged"
+        return "lipton" if metric in F_SCORES else "argmax"
     if policy in NEEDS_F_SCORE and metric not in F_SCORES:
         usable = [p for p in POLICIES if p not in NEEDS_F_SCORE]
         raise ValueError(f"threshold policy {policy!r} needs an F-score objective (f1, fbeta, global), "
