@@ -298,6 +298,7 @@ def _check(config: Config) -> None:
             raise ConfigError(f"columns {sorted(both)} are in both data.label_columns and data.regression_columns")
     if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
+    _check_thresholds(config.thresholds)
     if config.train.accumulate < 1:
         raise ConfigError(f"train.accumulate must be >= 1, got {config.train.accumulate}")
     positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
@@ -305,6 +306,23 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_thresholds(th: ThresholdsConfig) -> None:
+    """Threshold settings are used only after training: check them before it starts."""
+    from .policy import resolve_policy
+    from .thresholds import _check_metric
+    try:
+        _check_metric(th.metric, th.beta, th.min_recall, th.min_precision)
+        resolve_policy(th.policy, th.metric)
+    except ValueError as err:
+        raise ConfigError(f"thresholds: {err}") from None
+    if th.bootstrap < 0:
+        raise ConfigError(f"thresholds.bootstrap is a number of resamples: 0 (off) or more, got {th.bootstrap}")
+    if th.bins < 2:
+        raise ConfigError(f"thresholds.bins must be at least 2, got {th.bins}")
+    if not 0.0 <= th.fallback <= 1.0:
+        raise ConfigError(f"thresholds.fallback is a probability in [0, 1], got {th.fallback}")
 
 
 def config_to_dict(config: Config) -> dict:

@@ -35,7 +35,7 @@ import torch
 
 from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
-from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune
+from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune, fold_ids
 
 __all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy"]
 
@@ -155,8 +155,7 @@ def _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, 
     4/5 of the data, measured on the held-out fifth, pooled over the folds."""
     n = scores.shape[0]
     folds = max(2, min(folds, n))
-    fold_of = np.empty(n, dtype=np.int64)
-    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    fold_of = fold_ids(n, folds, rng)
     tp = np.zeros(scores.shape[1])
     fp = np.zeros_like(tp)
     with warnings.catch_warnings():
@@ -259,8 +258,7 @@ def _select(scores, codes, metric, objective, fallback, rng, draws, folds: int =
     candidates = [c for c in SELECT_FROM if not (c in NEEDS_F_SCORE and metric not in F_SCORES)]
     n = scores.shape[0]
     folds = max(2, min(folds, n))
-    fold_of = np.empty(n, dtype=np.int64)
-    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    fold_of = fold_ids(n, folds, rng)
     tp = np.zeros((len(candidates), scores.shape[1]))
     fp = np.zeros_like(tp)
     for k in range(folds):

@@ -434,6 +434,13 @@ class ScoreHistogram:
         return threshold, value[best]
 
 
+def fold_ids(n: int, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) fold of each image: a seeded permutation dealt round-robin (sizes differ by <= 1)."""
+    fold_of = np.empty(n, dtype=np.int64)
+    fold_of[rng.permutation(n)] = np.arange(n) % folds
+    return fold_of
+
+
 def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
                           **tune_kwargs) -> torch.Tensor:
     """Out-of-fold thresholds: each image is judged by thresholds chosen on the other folds
@@ -452,8 +459,7 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy:
     objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
     _check_metric(metric, **objective)
     options = dict(dict(mode="exact", bins=2048, labels=None, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
-    fold_of = np.empty(n, dtype=np.int64)
-    fold_of[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    fold_of = fold_ids(n, folds, np.random.default_rng(seed))
     rows = np.empty(scores.shape, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

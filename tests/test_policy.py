@@ -125,3 +125,17 @@ def test_objective_at_matches_counts():
     tp = (pred & (y == 1)).sum(0)
     np.testing.assert_allclose(objective_at(p, (y == 1).astype(np.uint8), th, "f1"),
                                2 * tp / (pred.sum(0) + (y == 1).sum(0)))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("thresholds.policy=lipton thresholds.metric=precision_at_recall", "needs an F-score"),
+    ("thresholds.policy=select thresholds.metric=global", "keeps one"),
+    ("thresholds.bootstrap=-1", "thresholds.bootstrap"),
+    ("thresholds.min_recall=5 thresholds.metric=precision_at_recall", "min_recall"),
+    ("thresholds.bins=0", "thresholds.bins"),
+    ("thresholds.fallback=7", "thresholds.fallback"),
+])
+def test_threshold_settings_are_refused_before_training(override, message):
+    from mlabel.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config("quickstart", override.split())
