@@ -152,6 +152,8 @@ class MultiLabelClassifier(nn.Module):
         """(N, C, locations): a CNN's last feature map, or a transformer's patch tokens."""
         features = self.backbone.forward_features(images)
         if features.ndim == 4:
+            if str(getattr(self.backbone, "output_fmt", "NCHW")) == "NHWC":  # Swin, MambaOut, ...
+                features = features.permute(0, 3, 1, 2)
             return features.flatten(2)
         prefix = getattr(self.backbone, "num_prefix_tokens", 0)
         return features[:, prefix:].transpose(1, 2)

@@ -44,3 +44,21 @@ def test_heads_save_and_load_with_their_arguments(tmp_path, backbone, head, args
     again = mlabel.load(tmp_path / "m")
     assert again.head_name == head and again.head_args == args
     torch.testing.assert_close(again(images), model(images))
+
+
+def test_csra_reads_channels_last_feature_maps_of_nhwc_backbones():
+    """Swin-like backbones return (N, H, W, C) feature maps (timm's output_fmt "NHWC"): the CSRA
+    head must see channels, not rows, as features. Reference: timm's own average pooling."""
+    import timm
+    model = mlabel.MultiLabelClassifier("test_resnet", ["a", "b"], head="csra")
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_dim=16,
+                             depths=(1, 1), num_heads=(1, 2), img_size=56, window_size=7)
+    assert str(swin.output_fmt) == "NHWC"
+    model.backbone = swin
+    model.eval()
+    x = torch.randn(2, 3, 56, 56)
+    feature_map = model._feature_map(x)
+    assert feature_map.shape == (2, swin.num_features, 49)
+    with torch.no_grad():
+        pooled = swin.forward_head(swin.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(feature_map.mean(2), pooled)
