@@ -97,7 +97,8 @@ class MultiLabelClassifier(nn.Module):
                  drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
                  resize: str = "crop", thresholds: Sequence[float] | None = None,
                  preprocessing: dict | None = None, calibration: dict | None = None,
-                 head_args: dict | None = None, regression: dict | None = None):
+                 head_args: dict | None = None, regression: dict | None = None,
+                 backbone_module: nn.Module | None = None):
         super().__init__()
         if not labels:
             raise ValueError("labels must name at least one label")
@@ -111,7 +112,9 @@ class MultiLabelClassifier(nn.Module):
         self.labels = list(labels)
         self.task = task
         self.head_name = head
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        # ``backbone_module``: an already built timm model of that name (create_model passes the
+        # pretrained one, so the network is built once)
+        self.backbone = backbone_module or timm.create_model(backbone, pretrained=False, num_classes=0)
         self.dropout = nn.Dropout(drop_rate)
         self.drop_rate = drop_rate
         self.head_args = dict(head_args or {})
@@ -302,14 +305,12 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
         head: ``linear``, ``mlp`` (``head_args``: hidden, dropout) or ``csra`` (lam, temperature).
     """
     task = task or ("binary" if len(labels) == 1 else "multilabel")
+    hub = timm.create_model(backbone, pretrained=True, num_classes=0) if pretrained is True else None
     model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
                                  image_size=image_size, resize=resize, head_args=head_args,
-                                 regression={"names": list(regression)} if regression else None)
-    if pretrained is True:
-        hub = timm.create_model(backbone, pretrained=True, num_classes=0)
-        model.backbone.load_state_dict(hub.state_dict())
-        model.preprocessing = _resolve_preprocessing(hub, image_size, resize)
-    elif pretrained:
+                                 regression={"names": list(regression)} if regression else None,
+                                 backbone_module=hub)
+    if pretrained and pretrained is not True:
         load_backbone_weights(model.backbone, str(pretrained), backbone)
     return model
 

@@ -86,3 +86,21 @@ def test_labels_must_be_unique_and_non_empty():
         mlabel.create_model("test_resnet", labels=["a", "a"])
     with pytest.raises(ValueError, match="at least one"):
         mlabel.create_model("test_resnet", labels=[])
+
+
+def test_pretrained_true_builds_the_backbone_once(monkeypatch):
+    """timm's hub model is the backbone itself (it was built a second time and copied over)."""
+    import timm
+
+    import mlabel.models
+    calls = []
+    real = timm.create_model
+
+    def counting(name, pretrained=False, **kwargs):
+        calls.append(pretrained)
+        return real(name, pretrained=False, **kwargs)  # no network in tests: same architecture
+
+    monkeypatch.setattr(mlabel.models.timm, "create_model", counting)
+    model = mlabel.create_model("test_resnet", ["a", "b"], pretrained=True)
+    assert calls == [True]
+    assert model.preprocessing == mlabel.models._resolve_preprocessing(model.backbone, None, "crop")
