@@ -206,7 +206,7 @@ def thresholds_of(policy: str, val_probs, val_targets, seed: int, metric: str) -
     if policy in ("raw 0.5", "calibrated 0.5"):
         return np.full(val_probs.shape[1], 0.5)
     return choose_thresholds(val_probs, val_targets, policy, metric, seed=seed, bootstrap=0,
-                             **OBJECTIVE[metric]).thresholds
+                             check_constraint=False, **OBJECTIVE[metric]).thresholds
 
 
 def test_figures(probs, targets, th, metric: str) -> list[float]:

@@ -106,7 +106,7 @@ def resolve_policy(policy: str, metric: str) -> str:
 def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *, beta: float = 1.0,
                       min_recall: float = 0.9, min_precision: float = 0.9, labels: Sequence[str] | None = None,
                       fallback: float = FALLBACK_THRESHOLD, seed: int = 0, draws: int = 25,
-                      bootstrap: int = 200, level: float = 0.9) -> ThresholdChoice:
+                      bootstrap: int = 200, level: float = 0.9, check_constraint: bool = True) -> ThresholdChoice:
     """Per-label cut-offs for unseen data (see the module docstring for the policies).
 
     Args:
@@ -117,6 +117,8 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
         labels: names for warnings. fallback: the cut-off of labels with one class.
         seed: resamples and folds. draws: bootstrap resamples of ``bagged``.
         bootstrap: resamples for the interval (0: no interval). level: its coverage.
+        check_constraint: for ``precision_at_recall`` / ``recall_at_precision``, measure the
+            constrained figure out of fold (5 folds; ``held_out``).
     """
     _check_metric(metric, beta, min_recall, min_precision)
     name = resolve_policy(policy, metric)
@@ -142,7 +144,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     interval = _interval(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
     interval[one_class] = np.nan
     held_out = target = None
-    if metric in CONSTRAINTS:
+    if metric in CONSTRAINTS and check_constraint:
         held_out = _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws)
         held_out[one_class] = np.nan
         target = min_recall if metric == "precision_at_recall" else min_precision

@@ -26,7 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, config_differences, load_checkpoint, restore_rng, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
 from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
@@ -270,7 +270,8 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
             save_checkpoint(checkpoint_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state})
+                "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state,
+                "config": config_to_dict(cfg)})
             _write_history(out_dir / "history.csv", state["history"])
         if board is not None:
             for key, value in row.items():
@@ -300,10 +301,28 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         close_world(world)
 
 
+def _check_resume(cfg: Config, checkpoint_path: Path) -> None:
+    """A resume continues the run its checkpoint came from: every key that shapes training must
+    be the same (an older checkpoint without its config is taken as it is)."""
+    path = checkpoint_path if cfg.resume is True else Path(cfg.resume) if cfg.resume else None
+    if path is None or not path.is_file():
+        return
+    try:
+        saved = load_checkpoint(path).get("config")
+    except Exception as err:  # truncated, foreign or tampered: torch's message names the cause
+        raise ConfigError(f"resume: {path} is not a readable mlabel checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); delete it or set resume=false") from None
+    changed = config_differences(saved, config_to_dict(cfg)) if saved is not None else []
+    if changed:
+        raise ConfigError(f"resume: {path} was written with a different config (" + "; ".join(changed)
+                          + "); set those keys back, or train into a new out_dir")
+
+
 def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    _check_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

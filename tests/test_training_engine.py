@@ -261,3 +261,36 @@ def test_decoded_cache_gives_the_same_validation_metrics(tmp_path, scene_csv):
                                       preprocess_image(table.paths[i], pre))
     assert not DecodedCache(table, pre, cache_dir, quiet=True).built
     assert DecodedCache(table, dict(pre, interpolation="bicubic"), cache_dir, quiet=True).built
+
+
+def test_resume_with_a_changed_config_stops_and_names_the_keys(tmp_path, scene_csv, capsys):
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "resume=true"])) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "resume=true", "train.lr=0.5"])) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "checkpoint.pt" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # keys that only matter after training may change: the resume goes on
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "resume=true", "thresholds.policy=argmax"])) == 0
+
+
+def test_checkpoint_rng_holds_cuda_states_when_cuda_is_used():
+    from mlabel.checkpoint import capture_rng, restore_rng
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (runs under -k cuda on a GPU machine)")
+    torch.zeros(1, device="cuda")  # initialise CUDA
+    state = capture_rng()
+    first = torch.rand(4, device="cuda")
+    restore_rng(state)
+    assert torch.equal(torch.rand(4, device="cuda"), first)
+
+
+def test_resume_from_a_corrupt_checkpoint_is_one_clear_error(tmp_path, scene_csv, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=1", "resume=true"])) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is not a readable mlabel checkpoint" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # nothing written
