@@ -87,7 +87,7 @@ class TrainConfig:
     mix_prob: float = 1.0             # share of batches mixed
     ema: bool = False                 # keep an exponential moving average of the weights
     ema_decay: float = 0.999
-    ema_warmup: bool = True           # decay ramps up as (1 + step) / (10 + step) early on
+    ema_warmup: bool = True           # decay ramps up as 1 - step ** (-2/3) early on (timm ModelEmaV3)
     compile: bool = False             # torch.compile the model for training
 
 

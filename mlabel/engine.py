@@ -34,27 +34,26 @@ def grad_scaler_for(device: torch.device, precision: str):
 
 
 class ModelEma:
-    """Exponential moving average of a model's weights (buffers copied), updated after each
-    optimizer step: ``ema = d * ema + (1 - d) * weights`` with ``d = min(decay, (1 + n) / (10 + n))``
-    during warm-up, so early averages do not remember the random start."""
+    """timm's ``ModelEmaV3`` (a foreach lerp of parameters and buffers after each optimizer step)
+    with the update count kept in the checkpoint. Its warm-up: the first update copies the
+    weights, update k > 1 uses ``d = min(decay, 1 - k ** (-2/3))``, so early averages do not
+    remember the random start; without warm-up ``d = decay`` from the second update on."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
-        import copy
-        self.module = copy.deepcopy(model).eval()
-        for param in self.module.parameters():
+        from timm.utils import ModelEmaV3
+        self._ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
+        for param in self._ema.module.parameters():
             param.requires_grad_(False)
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.updates = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ema.module
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        current = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(current[name].detach(), alpha=1 - d)
-            else:
-                value.copy_(current[name])
+        self._ema.update(model, step=self.updates)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

@@ -20,17 +20,26 @@ from mlabel.train import main as train_main
 
 
 def test_ema_follows_its_update_rule():
+    """timm's ModelEmaV3 warm-up, written out: update 1 copies, update k uses
+    d = min(decay, 1 - k ** (-2/3)); the checkpoint keeps the count."""
     model = nn.Linear(3, 2)
     ema = ModelEma(model, decay=0.9, warmup=True)
-    start = ema.module.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    d = min(0.9, 2 / 11)
-    torch.testing.assert_close(ema.module.weight, d * start + (1 - d) * model.weight)
+    expected = ema.module.weight.detach().clone()
+    for k in range(1, 8):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        d = 0.0 if k == 1 else min(0.9, 1 - k ** (-2 / 3))
+        expected = d * expected + (1 - d) * model.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
+    assert not any(p.requires_grad for p in ema.module.parameters())
     again = ModelEma(nn.Linear(3, 2), decay=0.9)
     again.load_state_dict(ema.state_dict())
-    assert again.updates == 1 and torch.equal(again.module.weight, ema.module.weight)
+    assert again.updates == 7 and torch.equal(again.module.weight, ema.module.weight)
+    flat = ModelEma(nn.Linear(3, 2), decay=0.5, warmup=False)
+    flat.update(model)
+    flat.update(model)  # second update: plain decay
+    assert flat.updates == 2
 
 
 def test_mixup_and_cutmix_mix_targets_with_the_image_lambda():
