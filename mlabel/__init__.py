@@ -5,8 +5,20 @@ Attributes are imported on first use, so ``python -m mlabel.predict model.onnx .
 without torch installed.
 """
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what the lazy attributes below resolve to, for IDEs and type checkers
+    from .calibration import fit_calibration
+    from .config import load_config
+    from .export import export_model
+    from .losses import BCEWithLogits, pos_weight_from_targets
+    from .metrics import evaluate_predictions
+    from .models import MultiLabelClassifier, create_model, load
+    from .policy import choose_thresholds
+    from .thresholds import ThresholdTuner, tune_thresholds
+    from .train import FitResult, fit
 
 _EXPORTS = {
     "BCEWithLogits": "losses", "pos_weight_from_targets": "losses",
@@ -14,6 +26,7 @@ _EXPORTS = {
     "MultiLabelClassifier": "models", "create_model": "models", "load": "models",
     "tune_thresholds": "thresholds", "ThresholdTuner": "thresholds", "choose_thresholds": "policy",
     "fit_calibration": "calibration", "export_model": "export",
+    "fit": "train", "FitResult": "train", "load_config": "config",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

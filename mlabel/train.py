@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 # Before torch allocates anything: CPU tensors of 2 MB and more on transparent huge pages (a
 # PyTorch setting, no effect where the kernel has THP off). Fresh batch-sized buffers then cost
@@ -289,6 +292,28 @@ def _tensorboard(out_dir: Path):
     except ImportError:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves: the run directory, its ``metrics.json`` and the saved model."""
+    run_dir: Path
+    metrics: dict
+    model: MultiLabelClassifier
+
+
+def fit(recipe: str | Path, overrides: Sequence[str] = (), *, quiet: bool = False, **keys) -> FitResult:
+    """Train from Python as ``python -m mlabel.train`` does: ``fit("quickstart", ["train.epochs=2"])``
+    or ``fit("quickstart", train={"epochs": 2}, out_dir="runs/q")``. Keyword sections become
+    dotted overrides after ``overrides``; the config is checked before anything is written."""
+    extra = []
+    for key, value in keys.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        extra += [f"{key}.{sub}={json.dumps(v)}" if sub else f"{key}={json.dumps(v)}" for sub, v in items]
+    cfg = load_config(recipe, [*overrides, *extra])
+    metrics = run(cfg, quiet=quiet)
+    from .models import load
+    return FitResult(Path(cfg.out_dir), metrics, load(Path(cfg.out_dir) / "model"))
 
 
 def run(cfg: Config, quiet: bool = False) -> dict:

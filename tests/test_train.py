@@ -195,3 +195,16 @@ def test_multitask_regression_head_trains_reports_and_predicts(tmp_path, scene_c
     assert predict_main([str(out), *table.paths[:3], "--out", str(preds), "--quiet"]) == 0
     rows = list(csv.DictReader(preds.open()))
     assert [float(r["brightness"]) for r in rows] == pytest.approx(predicted[:3], rel=1e-4)
+
+
+def test_fit_trains_from_python_and_returns_run_metrics_and_model(tmp_path, scene_csv):
+    result = mlabel.fit("quickstart", ["model.backbone=test_resnet", "model.pretrained=false", "data.generate=null",
+                                       f"data.root={scene_csv}", "data.val=val.csv", "data.test=null",
+                                       "data.num_workers=0", "train.channels_last=false"],
+                        quiet=True, out_dir=str(tmp_path / "run"), train={"epochs": 1},
+                        data={"image_size": 32, "batch_size": 8}, thresholds={"cross_fit": 0})
+    assert result.run_dir == tmp_path / "run"
+    assert result.metrics["val"]["mAP"] == json.loads((result.run_dir / "metrics.json").read_text())["val"]["mAP"]
+    assert result.model.labels == list(result.metrics["val"]["per_label"])
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["data"]["image_size"] == 32
