@@ -55,7 +55,9 @@ class ThresholdChoice:
 
     ``thresholds`` (L,) float64; ``value`` (L,) the objective on the tuning data at those
     cut-offs (NaN where a label has one class); ``interval`` (L, 2) its bootstrap interval at
-    ``level``; ``chosen``: for ``select``, each label's candidate policy.
+    ``level`` (for constraint objectives, of the optimised figure whether or not the constraint
+    holds in the resample; ``constraint_interval`` gives the constrained figure's);
+    ``chosen``: for ``select``, each label's candidate policy.
     """
     policy: str
     metric: str
@@ -66,6 +68,7 @@ class ThresholdChoice:
     chosen: list[str] | None = None
     held_out: np.ndarray | None = None  # constraint objectives: the constrained figure out of fold
     target: float | None = None
+    constraint_interval: np.ndarray | None = None  # and its bootstrap interval on the tuning data
 
     def to_dict(self, labels: Sequence[str]) -> dict:
         """JSON-ready: the policy and, per label, threshold, val objective and interval."""
@@ -78,6 +81,9 @@ class ThresholdChoice:
                    f"interval_{round(self.level * 100)}": [num(self.interval[j, 0]), num(self.interval[j, 1])]}
             if self.chosen is not None:
                 row["chosen"] = self.chosen[j]
+            if self.constraint_interval is not None:
+                figure = CONSTRAINTS[self.metric]
+                row[f"{figure}_interval_{round(self.level * 100)}"] = [num(v) for v in self.constraint_interval[j]]
             if self.held_out is not None:  # does the constraint hold on images not tuned on?
                 figure = CONSTRAINTS[self.metric]
                 row[f"cross_fit_{figure}"] = num(self.held_out[j])
@@ -143,13 +149,16 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     value[one_class] = np.nan
     interval = _interval(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
     interval[one_class] = np.nan
-    held_out = target = None
+    held_out = target = constraint_interval = None
+    if metric in CONSTRAINTS:
+        constraint_interval = _constraint_interval(scores, codes, thresholds, metric, bootstrap, level, rng)
+        constraint_interval[one_class] = np.nan
+        target = min_recall if metric == "precision_at_recall" else min_precision
     if metric in CONSTRAINTS and check_constraint:
         held_out = _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws)
         held_out[one_class] = np.nan
-        target = min_recall if metric == "precision_at_recall" else min_precision
     return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
-                           interval, level, chosen, held_out, target)
+                           interval, level, chosen, held_out, target, constraint_interval)
 
 
 def _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws, folds: int = 5):
@@ -312,6 +321,17 @@ def _interval(scores, codes, thresholds, metric, objective, draws, level, rng) -
         true, false = codes[:, b] == 1, codes[:, b] == 0
         counts = [(weights @ torch.from_numpy(m.astype(np.float32))).double().numpy()
                   for m in (pred & true, pred & false, true, false)]
-        value = _objective(name, *counts, **objective)
+        if metric in CONSTRAINTS:  # the optimised figure, feasible or not (the constraint: below)
+            tp, fp, n_pos, _ = counts
+            value = tp / np.maximum(tp + fp, 1) if metric == "precision_at_recall" else tp / np.maximum(n_pos, 1)
+        else:
+            value = _objective(name, *counts, **objective)
         out[b] = np.percentile(value, [tail, 100 - tail], axis=0).T
     return out
+
+
+def _constraint_interval(scores, codes, thresholds, metric, draws, level, rng) -> np.ndarray:
+    """(L, 2) bootstrap interval of the constrained figure (recall for ``precision_at_recall``,
+    precision for ``recall_at_precision``) at fixed ``thresholds``."""
+    other = "recall_at_precision" if metric == "precision_at_recall" else "precision_at_recall"
+    return _interval(scores, codes, thresholds, other, {}, draws, level, rng)

@@ -40,7 +40,9 @@ def policy_table(policy: dict, labels: list[str], before: dict | None = None) ->
         extra = f"  ({row['chosen']})" if "chosen" in row else ""
         if "holds_out_of_sample" in row:  # constraint objectives: checked on held-out folds
             figure = CONSTRAINTS[metric]
-            extra += f"  cross-fitted {figure} {_fmt(row['cross_fit_' + figure])}, holds: {row['holds_out_of_sample']}"
+            low_c, high_c = row[f"{figure}_interval_{level}"]
+            extra += (f"  {figure} [{_fmt(low_c)}, {_fmt(high_c)}], cross-fitted {_fmt(row['cross_fit_' + figure])},"
+                      f" holds: {row['holds_out_of_sample']}")
         lines.append(f"{name:<24}{old}{row['threshold']:8.3f}  {_fmt(row['val_' + metric]):>14}  "
                      f"[{_fmt(low)}, {_fmt(high)}]{extra}")
     return "\n".join(lines)

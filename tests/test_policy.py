@@ -105,6 +105,12 @@ def test_constraint_objectives_report_whether_the_target_holds_out_of_sample():
     choice = choose_thresholds(p, y, "auto", "precision_at_recall", min_recall=0.8, bootstrap=100)
     row = choice.to_dict(["a", "b", "c"])["per_label"]["a"]
     assert 0 < row["cross_fit_recall"] <= 1
+    pred, true = p[:, 0] >= choice.thresholds[0], y[:, 0] == 1
+    val_recall, val_precision = (pred & true).sum() / true.sum(), (pred & true).sum() / pred.sum()
+    assert val_recall >= 0.8 and row["val_precision_at_recall"] == pytest.approx(val_precision)
+    low, high = row["recall_interval_90"]
+    assert low <= val_recall <= high and high - low < 0.2
+    assert row["interval_90"][0] <= val_precision <= row["interval_90"][1]
     assert row["holds_out_of_sample"] == (row["cross_fit_recall"] >= 0.8)
     with pytest.raises(ValueError, match="needs an F-score objective"):
         choose_thresholds(p, y, "lipton", "precision_at_recall")
