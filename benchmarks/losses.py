@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mlabel.calibration import fit_calibration
-from mlabel.config import LossConfig, load_config
+from mlabel.config import LossConfig, load_config, loss_kwargs
 from mlabel.data import ImageDataset, build_splits, build_transform, make_loader
 from mlabel.losses import build_loss, pos_weight_from_targets
 from mlabel.metrics import evaluate_predictions
@@ -95,7 +95,8 @@ def main() -> None:
         pw = pos_weight_from_targets(train_targets) if pos_weight == "auto" else None
         runs = []
         for seed in range(args.seeds):
-            loss_fn = build_loss(LossConfig(**loss_args), pw)
+            config = LossConfig(**loss_args)
+            loss_fn = build_loss(config.name, pw, **loss_kwargs(config))
             head = train_head(kind, train_maps, train_targets, loss_fn, seed, args.epochs, args.lr)
             with torch.no_grad():
                 val_logits, test_logits = (forward(head, kind, cache[s][0]) for s in ("val", "test"))

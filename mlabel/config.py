@@ -58,7 +58,8 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet50"
     pretrained: bool | str = True
-    head: Literal["linear", "mlp", "csra"] = "linear"
+    head: str = "linear"              # a name of mlabel.models.HEADS: linear, mlp, csra
+    head_args: dict = field(default_factory=dict)  # the head's constructor arguments (over the keys below)
     drop_rate: float = 0.0
     head_hidden: int = 512            # mlp
     head_dropout: float = 0.2         # mlp
@@ -93,7 +94,8 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["bce", "bce_prob", "focal", "asl", "hinge"] = "bce"
+    name: str = "bce"                 # a name of mlabel.losses.LOSSES: bce, bce_prob, focal, asl, hinge
+    args: dict = field(default_factory=dict)  # the loss's constructor arguments (over the keys below)
     pos_weight: Literal["auto", "none"] | list[float] = "auto"
     pos_weight_max: float = 10.0
     label_smoothing: float = 0.0      # bce, bce_prob
@@ -245,6 +247,9 @@ def _apply(obj: Any, key: str, value: Any, where: str, prefix: str = "") -> None
         for sub_key, sub_value in value.items():
             _apply(current, str(sub_key), sub_value, where, full + ".")
         return
+    if rest and isinstance(current, dict):  # an argument dict: model.head_args.hidden=256
+        setattr(obj, head, {**current, rest: value})
+        return
     if rest:
         raise ConfigError(f"{where}: {full!r} is a value, not a section (got {prefix + key!r})")
     if not _matches(value, tp):
@@ -299,6 +304,7 @@ def _check(config: Config) -> None:
     if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     _check_thresholds(config.thresholds)
+    _check_parts(config)
     if config.train.accumulate < 1:
         raise ConfigError(f"train.accumulate must be >= 1, got {config.train.accumulate}")
     positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
@@ -306,6 +312,41 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# The flat keys of the shipped heads, as their constructor arguments.
+_HEAD_KEYS = {"mlp": {"hidden": "head_hidden", "dropout": "head_dropout"},
+              "csra": {"lam": "csra_lambda", "temperature": "csra_temperature"}}
+
+
+def head_kwargs(model: ModelConfig) -> dict:
+    """The head's constructor arguments: its flat keys, then ``model.head_args``."""
+    flat = {arg: getattr(model, key) for arg, key in _HEAD_KEYS.get(model.head, {}).items()}
+    return {**flat, **model.head_args}
+
+
+def loss_kwargs(loss: LossConfig) -> dict:
+    """The loss's constructor arguments: the flat keys it takes, then ``loss.args``."""
+    from ._registry import settable
+    from .losses import LOSSES
+    if loss.name not in LOSSES:
+        return dict(loss.args)
+    flat = {arg: getattr(loss, arg) for arg in settable(LOSSES[loss.name]) if hasattr(loss, arg)}
+    return {**flat, **loss.args}
+
+
+def _check_parts(config: Config) -> None:
+    """Head and loss names and arguments, against the registries (before anything runs)."""
+    from ._registry import checked
+    from .losses import LOSSES
+    from .models import HEADS
+    for key, registry, name, kwargs, what in (
+            ("model.head", HEADS, config.model.head, head_kwargs(config.model), "head"),
+            ("loss.name", LOSSES, config.loss.name, loss_kwargs(config.loss), "loss")):
+        try:
+            checked(registry, name, kwargs, what)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
 
 
 def _check_thresholds(th: ThresholdsConfig) -> None:

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MultiTaskLoss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
+from ._registry import checked
+
+__all__ = ["MaskedLoss", "MultiTaskLoss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
            "build_loss", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
 
 # neg/pos is bounded because a label with 3 positives in 30,000 would otherwise get a weight of
@@ -90,6 +92,9 @@ class _MaskedLoss(nn.Module):
         if self.pos_weight is not None:
             positive = positive * self.pos_weight
         return targets * positive + (1 - targets) * negative
+
+
+MaskedLoss = _MaskedLoss  # the public name of the frame a new loss subclasses
 
 
 class BCEWithLogits(_MaskedLoss):
@@ -235,14 +240,8 @@ LOSSES = {"bce": BCEWithLogits, "bce_prob": BCEOnProbabilities, "focal": FocalLo
           "asl": AsymmetricLoss, "hinge": HingeLoss}
 
 
-def build_loss(cfg, pos_weight: torch.Tensor | None = None) -> _MaskedLoss:
-    """The classification loss of a :class:`mlabel.config.LossConfig`."""
-    if cfg.name not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.name!r}; available: {sorted(LOSSES)}")
-    extra = {"bce": dict(label_smoothing=cfg.label_smoothing),
-             "bce_prob": dict(label_smoothing=cfg.label_smoothing, eps=cfg.eps),
-             "focal": dict(gamma=cfg.gamma, alpha=cfg.alpha),
-             "asl": dict(gamma_neg=cfg.gamma_neg, gamma_pos=cfg.gamma_pos, clip=cfg.clip,
-                         focal_grad=cfg.focal_grad),
-             "hinge": dict(margin=cfg.margin)}[cfg.name]
-    return LOSSES[cfg.name](pos_weight, **extra)
+def build_loss(name: str, pos_weight: torch.Tensor | None = None, **args) -> _MaskedLoss:
+    """The classification loss registered as ``name`` in :data:`LOSSES`, built with its
+    constructor's keyword ``args`` (checked against its signature). A new loss is a subclass of
+    ``_MaskedLoss`` with an ``elementwise`` method and one line: ``LOSSES["name"] = Class``."""
+    return checked(LOSSES, name, args, "loss")(pos_weight, **args)

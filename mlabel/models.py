@@ -12,6 +12,7 @@ from torch import nn
 
 from .calibration import apply_calibration
 from .io import atomic_path, write_json
+from ._registry import checked
 from .weights import load_backbone_weights
 
 __all__ = ["MultiLabelClassifier", "create_model", "load", "FORMAT_VERSION", "UnsafeModelFileError"]
@@ -64,6 +65,8 @@ class CSRAHead(nn.Module):
     (softmax over locations at ``temperature``; ``temperature >= 99`` means max pooling).
     """
 
+    feature_map = True  # reads the (N, C, locations) map, not pooled features
+
     def __init__(self, in_features: int, num_labels: int, lam: float = 0.1, temperature: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_labels, in_features))
@@ -82,7 +85,17 @@ class CSRAHead(nn.Module):
         return score.mean(2) + self.lam * attended + self.bias
 
 
-HEADS = ("linear", "mlp", "csra")
+class LinearHead(nn.Linear):
+    """One logit per label from the pooled features."""
+
+    def __init__(self, in_features: int, num_labels: int):
+        super().__init__(in_features, num_labels)
+
+
+# name -> head class, built as ``Class(in_features, num_labels, **head_args)``. A head whose
+# class sets ``feature_map = True`` gets the backbone's (N, C, locations) map instead of the
+# pooled (N, C) features. A new head is one class and one line here.
+HEADS = {"linear": LinearHead, "mlp": MLPHead, "csra": CSRAHead}
 
 
 class MultiLabelClassifier(nn.Module):
@@ -104,8 +117,7 @@ class MultiLabelClassifier(nn.Module):
             raise ValueError("labels must name at least one label")
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels must be unique, got {list(labels)}")
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; available: {list(HEADS)}")
+        head_class = checked(HEADS, head, dict(head_args or {}), "head")
         if task == "binary" and len(labels) != 1:
             raise ValueError(f"a binary task has exactly one label (the positive class), got {list(labels)}")
         self.backbone_name = backbone
@@ -119,12 +131,7 @@ class MultiLabelClassifier(nn.Module):
         self.drop_rate = drop_rate
         self.head_args = dict(head_args or {})
         features = self.backbone.num_features
-        if head == "mlp":
-            self.head = MLPHead(features, len(self.labels), **self.head_args)
-        elif head == "csra":
-            self.head = CSRAHead(features, len(self.labels), **self.head_args)
-        else:
-            self.head = nn.Linear(features, len(self.labels))
+        self.head = head_class(features, len(self.labels), **self.head_args)
         # Auxiliary regression targets: a linear head on the pooled features that predicts
         # standardised values; ``mean``/``std`` (from the training split) map them back.
         regression = regression or {}
@@ -163,7 +170,7 @@ class MultiLabelClassifier(nn.Module):
 
     def outputs(self, images: torch.Tensor) -> torch.Tensor:
         """images -> (N, L + R): the L logits, then the R standardised regression outputs."""
-        if self.head_name == "csra":
+        if getattr(self.head, "feature_map", False):
             feature_map = self._feature_map(images)
             logits, pooled = self.head(self.dropout(feature_map)), feature_map.mean(2)
         else:
@@ -206,8 +213,14 @@ class MultiLabelClassifier(nn.Module):
     def init_head_bias(self, prior: torch.Tensor) -> None:
         """Start each logit at log(p / (1 - p)) of its label's training frequency."""
         p = torch.as_tensor(prior, dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+        bias = getattr(self.head, "bias", None)
+        if bias is None:  # a registered head without one: its last linear layer's bias, if any
+            outputs = [m for m in self.head.modules() if isinstance(m, nn.Linear) and m.out_features == self.num_labels]
+            bias = outputs[-1].bias if outputs and outputs[-1].bias is not None else None
+        if bias is None:
+            return
         with torch.no_grad():
-            self.head.bias.copy_(torch.log(p / (1 - p)).to(self.head.bias))
+            bias.copy_(torch.log(p / (1 - p)).to(bias))
 
     def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> None:
         th = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)

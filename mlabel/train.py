@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import capture_rng, config_differences, load_checkpoint, restore_rng, save_checkpoint
-from .config import Config, ConfigError, config_to_dict, list_recipes, load_config
+from .config import Config, ConfigError, config_to_dict, head_kwargs, list_recipes, load_config, loss_kwargs
 from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
@@ -67,14 +67,6 @@ def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> t
     if len(spec) != len(labels):
         raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
     return torch.tensor(spec, dtype=torch.float32)
-
-
-def head_args(cfg: Config) -> dict:
-    if cfg.model.head == "mlp":
-        return {"hidden": cfg.model.head_hidden, "dropout": cfg.model.head_dropout}
-    if cfg.model.head == "csra":
-        return {"lam": cfg.model.csra_lambda, "temperature": cfg.model.csra_temperature}
-    return {}
 
 
 def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device, world: World, caches: dict):
@@ -354,7 +346,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
-                         resize=cfg.data.resize, head_args=head_args(cfg),
+                         resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
                          regression=splits.train.regression_names)
     splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
     counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
@@ -372,7 +364,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss, pos_weight)
+    loss_fn = build_loss(cfg.loss.name, pos_weight, **loss_kwargs(cfg.loss))
     if splits.train.regression_names:
         values = splits.train.regression
         mean, std = np.nanmean(values, 0), np.nanstd(values, 0)

@@ -1,0 +1,47 @@
+"""Function lengths of a package (issue 13's check): median, distribution and the longest.
+
+    python tools/function_lengths.py            # mlabel/
+    python tools/function_lengths.py mlabel --over 50
+
+A function's length is its body's source lines (from its ``def`` to its last statement,
+docstring included); nested functions count in their parent and on their own.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import statistics
+from pathlib import Path
+
+
+def lengths(root: Path) -> list[tuple[int, str]]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}"))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package", nargs="?", default="mlabel")
+    parser.add_argument("--over", type=int, default=50, help="list functions longer than this")
+    args = parser.parse_args()
+    found = lengths(Path(args.package))
+    sizes = [n for n, _ in found]
+    print(f"{len(sizes)} functions; median {statistics.median(sizes):.0f} lines, "
+          f"90th percentile {statistics.quantiles(sizes, n=10)[-1]:.0f}, longest {max(sizes)}")
+    for low, high in ((1, 10), (11, 20), (21, 30), (31, 50), (51, 10**6)):
+        count = sum(low <= n <= high for n in sizes)
+        print(f"  {low:>3}-{'' if high > 10**5 else high:<4} {count:>4}")
+    for n, where in sorted(found, reverse=True):
+        if n > args.over:
+            print(f"  {n:>4}  {where}")
+    modules = sorted((len(p.read_text().splitlines()), str(p)) for p in Path(args.package).rglob("*.py"))
+    print(f"modules over 300 lines: {sum(n > 300 for n, _ in modules)} of {len(modules)}")
+
+
+if __name__ == "__main__":
+    main()
