@@ -182,97 +182,132 @@ def _constraint_met(section: dict, thresholds) -> None:
         row["constraint_met"] = None if row[figure] is None else row[figure] >= target
 
 
+@dataclass
+class _Parts:
+    """What the epoch loop steps besides the model."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    ema: ModelEma | None
+    steps_per_epoch: int
+
+
+def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
+    scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
+                                int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
+    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+    return _Parts(optimizer, scheduler, grad_scaler_for(device, cfg.train.precision), ema, steps_per_epoch)
+
+
+def _resume(cfg: Config, model, parts: _Parts, checkpoint_path: Path, quiet: bool) -> dict:
+    """The training state: fresh, or everything the checkpoint holds (``resume``)."""
+    state = {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
+             "best_state": None, "history": [], "stopped_early": False}
+    if not cfg.resume:
+        return state
+    path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
+    if not path.is_file():
+        if cfg.resume is not True:
+            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
+        return state
+    saved = load_checkpoint(path)
+    model.load_state_dict(saved["model"])
+    for name in ("optimizer", "scheduler", "scaler"):
+        getattr(parts, name).load_state_dict(saved[name])
+    if parts.ema is not None:
+        parts.ema.load_state_dict(saved["ema"])
+    restore_rng(saved["rng"])
+    _log(quiet, f"resumed from {path} after epoch {saved['train_state']['epoch']}")
+    return saved["train_state"]
+
+
+def _wrap(cfg: Config, model, wrapped: dict, frozen: bool, device, world: World):
+    """The module the epoch calls: DDP and ``torch.compile`` around the model, rebuilt when
+    the frozen parameters change (DDP registers the trainable ones when it is built)."""
+    if wrapped.get("frozen") != frozen:
+        wrapped.pop("forward", None)  # release the old DDP (and its gradient hooks) first
+        forward = OutputsModule(model)
+        if world.distributed:
+            forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped.update(frozen=frozen, forward=torch.compile(forward) if cfg.train.compile else forward)
+    return wrapped["forward"]
+
+
+def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, val_loader,
+                 device, quiet: bool, world: World) -> None:
+    """Score the EMA too; keep the better weights when val mAP improves, else count patience."""
+    candidates = [("model", row["val_mAP"], model)]
+    if parts.ema is not None:
+        row["val_mAP_ema"], _ = _evaluate_val(parts.ema.module, val_loader, None, device, cfg, quiet, world)
+        candidates.append(("ema", row["val_mAP_ema"], parts.ema.module))
+    source, best_here, module = max(candidates, key=lambda c: c[1])
+    if best_here > state["best_map"]:
+        state.update(best_map=best_here, best_epoch=epoch, best_weights=source,
+                     best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+    elif cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
+        state["stopped_early"] = True
+
+
+def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool,
+               out_dir: Path, quiet: bool, world: World, board) -> None:
+    """Record, log, checkpoint (one writer: every rank holds the same state) and TensorBoard."""
+    state["history"].append(row)
+    state["step"] += parts.steps_per_epoch
+    state["epoch"] = epoch
+    _log(quiet, f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_mAP {row['val_mAP']:.4f}"
+                + (f"  (EMA {row['val_mAP_ema']:.4f})" if parts.ema is not None else "")
+                + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
+                + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
+                   if state["stopped_early"] else ""))
+    if world.main:
+        save_checkpoint(out_dir / CHECKPOINT, {
+            "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+            "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
+            "train_state": state, "config": config_to_dict(cfg)})
+        _write_history(out_dir / "history.csv", state["history"])
+    if board is not None:
+        for key, value in row.items():
+            if key != "epoch" and value is not None:
+                board.add_scalar(key, value, epoch)
+        board.flush()
+
+
 def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World()) -> dict:
     """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
     after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
 
     The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad scaler,
-    RNG states, epoch, optimizer step and the best weights so far; ``resume=true`` restarts the
-    interrupted epoch from it and finishes with the same result as an uninterrupted run.
+    RNG states, epoch, optimizer step, the best weights so far and the config; ``resume=true``
+    restarts the interrupted epoch from it and finishes with the same result as an uninterrupted run.
     """
     train_loader, eval_loaders = loaders
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
-    scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
-                                int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
-    scaler = grad_scaler_for(device, cfg.train.precision)
-    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
-    state = {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
-             "best_state": None, "history": [], "stopped_early": False}
-    checkpoint_path = out_dir / CHECKPOINT
-    if cfg.resume:
-        resume_path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
-        if resume_path.is_file():
-            saved = load_checkpoint(resume_path)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-            if ema is not None:
-                ema.load_state_dict(saved["ema"])
-            restore_rng(saved["rng"])
-            state = saved["train_state"]
-            _log(quiet, f"resumed from {resume_path} after epoch {state['epoch']}")
-        elif cfg.resume is not True:
-            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
-    wrapped = {"frozen": None}
+    parts = _training_parts(cfg, model, train_loader, device)
+    state = _resume(cfg, model, parts, out_dir / CHECKPOINT, quiet)
+    wrapped: dict = {}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
-        if wrapped["frozen"] != frozen:  # DDP registers the trainable parameters when it is built
-            wrapped.pop("forward", None)  # release the old DDP (and its gradient hooks) first
-            forward = OutputsModule(model)
-            if world.distributed:
-                forward = DistributedDataParallel(
-                    forward, device_ids=[device.index] if device.type == "cuda" else None)
-            wrapped.update(frozen=frozen, forward=torch.compile(forward) if cfg.train.compile else forward)
+        forward = _wrap(cfg, model, wrapped, frozen, device, world)
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        row = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, device, epoch,
-                              grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
-                              freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
-                              quiet=quiet, precision=cfg.train.precision, scaler=scaler,
-                              accumulate=cfg.train.accumulate, ema=ema, mixup_alpha=cfg.train.mixup_alpha,
-                              cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob,
-                              forward=wrapped["forward"])
+        trained = train_one_epoch(model, train_loader, loss_fn, parts.optimizer, parts.scheduler, device, epoch,
+                                  grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
+                                  freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
+                                  quiet=quiet, precision=cfg.train.precision, scaler=parts.scaler,
+                                  accumulate=cfg.train.accumulate, ema=parts.ema, mixup_alpha=cfg.train.mixup_alpha,
+                                  cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob, forward=forward)
         val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet, world)
-        row = {"epoch": epoch, "train_loss": mean_across(row["train_loss"], world), "val_loss": val_loss,
-               "val_mAP": val_map, "lr": row["lr"], "images_per_s": row["images_per_s"] * world.size,
-               "epoch_time_s": row["train_time_s"]}
-        candidates = [("model", val_map, model)]
-        if ema is not None:
-            ema_map, _ = _evaluate_val(ema.module, eval_loaders["val"], None, device, cfg, quiet, world)
-            row["val_mAP_ema"] = ema_map
-            candidates.append(("ema", ema_map, ema.module))
-        state["history"].append(row)
-        state["step"] += steps_per_epoch
-        source, best_here, module = max(candidates, key=lambda c: c[1])
-        if best_here > state["best_map"]:
-            state.update(best_map=best_here, best_epoch=epoch, best_weights=source,
-                         best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
-        elif cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
-            state["stopped_early"] = True
-        state["epoch"] = epoch
-        _log(quiet, f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
-                    f"val_loss {val_loss:.4f}  val_mAP {val_map:.4f}"
-                    + (f"  (EMA {row['val_mAP_ema']:.4f})" if ema is not None else "")
-                    + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
-                    + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
-                       if state["stopped_early"] else ""))
-        if world.main:  # one writer; every rank holds the same state
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "ema": None if ema is None else ema.state_dict(), "rng": capture_rng(), "train_state": state,
-                "config": config_to_dict(cfg)})
-            _write_history(out_dir / "history.csv", state["history"])
-        if board is not None:
-            for key, value in row.items():
-                if key != "epoch" and value is not None:
-                    board.add_scalar(key, value, epoch)
-            board.flush()
+        row = {"epoch": epoch, "train_loss": mean_across(trained["train_loss"], world), "val_loss": val_loss,
+               "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,
+               "epoch_time_s": trained["train_time_s"]}
+        _select_best(cfg, model, parts, state, row, epoch, eval_loaders["val"], device, quiet, world)
+        _end_epoch(cfg, model, parts, state, row, epoch, frozen, out_dir, quiet, world, board)
     if board is not None:
         board.close()
     return state
@@ -349,13 +384,38 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
                          resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
                          regression=splits.train.regression_names)
     splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
+    counts = _describe_splits(splits, quiet)
+    pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
+    loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
+    loaders = _loaders(cfg, splits, model, device, world, caches)
+    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)
+    model.load_state_dict(state["best_state"])
+    metrics, val_logits, val_targets = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
+    if world.main:
+        run_info = {"labels": splits.labels, "task": splits.task, "label_counts": counts,
+                    "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
+                    "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
+                    "weights": state["best_weights"], "stopped_early": state["stopped_early"],
+                    "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started}
+        _write_run(cfg, model, metrics, run_info, state["history"], val_logits, val_targets, out_dir)
+        _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
+    return metrics
+
+
+def _describe_splits(splits, quiet: bool) -> dict:
+    """Label counts per split (for run.json and the report), logged."""
     counts = {name: label_counts(t) for name, t in (("train", splits.train), ("val", splits.val),
                                                      ("test", splits.test)) if t is not None}
     _log(quiet, f"task {splits.task}, labels {splits.labels}")
     for name, c in counts.items():
         _log(quiet, f"  {name}: {c['images']} images, positives " +
              ", ".join(f"{k} {v['positive']}" for k, v in c.items() if k != "images"))
-    pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
+    return counts
+
+
+def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, device, quiet: bool):
+    """Head bias at the label priors, the model on its device, and the loss (with the regression
+    term and the model's regression scale when the data has regression columns)."""
     if pos_weight is not None:
         _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
     train_targets = torch.from_numpy(splits.train.targets)
@@ -374,44 +434,40 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         model.set_regression_scale(mean, std)  # the loss standardises with the model's own scale
         loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
                                 model.regression_mean.cpu(), model.regression_std.cpu())
-    loss_fn = loss_fn.to(device)
-    loaders = _loaders(cfg, splits, model, device, world, caches)
-    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)
+    return loss_fn.to(device)
 
-    model.load_state_dict(state["best_state"])
+
+def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool):
+    """Calibrate and choose thresholds on val, then score val (with cross-fitting) and test."""
     from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
-    val_logits, val_targets, _ = _collect(model, loaders[1]["val"], device, world, **eval_kwargs)
+    val_logits, val_targets, _ = _collect(model, eval_loaders["val"], device, world, **eval_kwargs)
     policy = calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration, cfg.seed)
     metrics = {"val": evaluate_outputs(model, val_logits, val_targets, cross_fit=cfg.thresholds, seed=cfg.seed)}
     metrics["val"]["threshold_policy"] = policy
-    if "test" in loaders[1]:
-        test_logits, test_targets, _ = _collect(model, loaders[1]["test"], device, world, **eval_kwargs)
+    if "test" in eval_loaders:
+        test_logits, test_targets, _ = _collect(model, eval_loaders["test"], device, world, **eval_kwargs)
         metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
         _constraint_met(metrics["test"], cfg.thresholds)
     for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
         section["weights"] = state["best_weights"]
-    if not world.main:
-        return metrics
+    return metrics, val_logits, val_targets
+
+
+def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, val_logits, val_targets,
+               out_dir: Path) -> None:
+    """The model, metrics.json, run.json and the report."""
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric,
-                                                     "threshold_policy": policy["policy"]})
-    thresholds = model.thresholds.cpu()
+                                                     "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
     write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "run.json", {
-        "labels": splits.labels, "task": splits.task, "label_counts": counts,
-        "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
-        "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
-        "weights": state["best_weights"], "stopped_early": state["stopped_early"],
-        "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started})
+    write_json(out_dir / "run.json", run_info)
     from .report import write_report
     n = model.num_labels
     val_logits, val_targets = val_logits[:, :n], val_targets[:, :n]
-    write_report(out_dir, metrics, state["history"], model.probabilities(val_logits).numpy(),
-                 val_targets.numpy(), splits.labels, thresholds.numpy(), counts,
+    write_report(out_dir, metrics, history, model.probabilities(val_logits).numpy(), val_targets.numpy(),
+                 run_info["labels"], model.thresholds.cpu().numpy(), run_info["label_counts"],
                  raw_probs=torch.sigmoid(val_logits).numpy() if model.calibration else None)
-    _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
-    return metrics
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
