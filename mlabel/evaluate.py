@@ -13,62 +13,54 @@ from pathlib import Path
 import torch
 
 from .calibration import apply_calibration, fit_calibration
-from .config import CalibrationConfig, Config, ConfigError, ThresholdsConfig, load_config
+from .config import Config, ConfigError, load_config
 from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
 from .distributed import resolve_device
 from .engine import collect_predictions
 from .io import write_json
 from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
-from .models import META_FILE, MultiLabelClassifier, UnsafeModelFileError, load
+from .models import MultiLabelClassifier, UnsafeModelFileError, load, locate_model
 from .policy import choose_thresholds
 from .thresholds import cross_fit_predictions, tune_thresholds
 
 __all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_logits", "main"]
 
 
-def _tuning_kwargs(cfg: ThresholdsConfig) -> dict:
-    return dict(beta=cfg.beta, min_recall=cfg.min_recall, min_precision=cfg.min_precision,
-                mode=cfg.mode, bins=cfg.bins, fallback=cfg.fallback)
-
-
-def _policy_kwargs(cfg: ThresholdsConfig, seed: int) -> dict:
-    return dict(beta=cfg.beta, min_recall=cfg.min_recall, min_precision=cfg.min_precision,
-                fallback=cfg.fallback, seed=seed)
-
-
-def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
-                       thresholds: ThresholdsConfig, calibration: CalibrationConfig, seed: int = 0) -> dict:
-    """Fit the calibration (if any) on val logits, then choose thresholds on the calibrated
-    probabilities with ``thresholds.policy``; both are stored in ``model``. Regression columns
-    (after the L logits) are ignored. Returns the policy's record for metrics.json (policy, and
-    per label the threshold, its val objective and bootstrap interval)."""
+def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor, *,
+                       calibration: str = "platt", policy: str = "auto", metric: str = "f1",
+                       mode: str = "exact", bins: int = 2048, bootstrap: int = 200, seed: int = 0,
+                       fallback: float = 0.5, **objective) -> dict:
+    """Fit the ``calibration`` (``none``, ``temperature``, ``platt``) on val logits, then choose
+    thresholds on the calibrated probabilities with ``policy`` for ``metric`` (``objective``:
+    beta, min_recall, min_precision); both are stored in ``model``. ``mode="histogram"`` with the
+    ``argmax`` policy uses the streaming tuner. Regression columns (after the L logits) are
+    ignored. Returns the policy's record for metrics.json (policy, and per label the threshold,
+    its val objective and bootstrap interval)."""
     logits, targets = logits[:, :model.num_labels], targets[:, :model.num_labels]
-    if calibration.method == "none":
+    if calibration == "none":
         model.set_calibration(None)
     else:
-        scale, bias = fit_calibration(logits, targets, calibration.method)
-        model.set_calibration(calibration.method, scale, bias)
+        scale, bias = fit_calibration(logits, targets, calibration)
+        model.set_calibration(calibration, scale, bias)
     probs = model.probabilities(logits)
-    if thresholds.policy == "argmax" and thresholds.mode == "histogram":  # streaming primitive
-        model.set_thresholds(tune_thresholds(probs, targets, thresholds.metric, labels=model.labels,
-                                             **_tuning_kwargs(thresholds)))
-        choice = choose_thresholds(probs, targets, "argmax", thresholds.metric, labels=model.labels,
-                                   bootstrap=thresholds.bootstrap, **_policy_kwargs(thresholds, seed))
-        choice.thresholds = model.thresholds.double().cpu().numpy()
-    else:
-        choice = choose_thresholds(probs, targets, thresholds.policy, thresholds.metric, labels=model.labels,
-                                   bootstrap=thresholds.bootstrap, **_policy_kwargs(thresholds, seed))
-        model.set_thresholds(torch.from_numpy(choice.thresholds))
+    choice = choose_thresholds(probs, targets, policy, metric, labels=model.labels, bootstrap=bootstrap,
+                               seed=seed, fallback=fallback, **objective)
+    if policy == "argmax" and mode == "histogram":  # the streaming primitive's cut-offs
+        choice.thresholds = tune_thresholds(probs, targets, metric, mode=mode, bins=bins, labels=model.labels,
+                                            fallback=fallback, **objective).double().cpu().numpy()
+    model.set_thresholds(torch.from_numpy(choice.thresholds))
     return choice.to_dict(model.labels)
 
 
-def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor,
-                     cross_fit: ThresholdsConfig | None = None, seed: int = 0) -> dict:
+def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor, *,
+                     cross_fit: int = 0, seed: int = 0, policy: str = "auto", metric: str = "f1",
+                     fallback: float = 0.5, **objective) -> dict:
     """Metrics of ``model``'s probabilities and thresholds on (logits, targets).
 
     With a calibration, ``macro_ece_uncalibrated`` and per-label ``ece_uncalibrated`` give the
-    ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit.cross_fit`` folds,
-    ``cross_fit`` holds the F1 reached by thresholds tuned on the other folds (the honest
+    ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit`` folds (0: off),
+    ``cross_fit`` holds the F1 reached by thresholds chosen (``policy``, ``metric``,
+    ``objective``) on the other folds (the honest
     estimate next to the in-sample ``macro_f1``). Outputs beyond the L logits are regression
     values: ``regression`` gets their MSE and MAE (in the targets' units) over known targets.
     """
@@ -87,10 +79,10 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
         metrics["macro_ece_uncalibrated"] = _nanmean(raw)
         for name, value in zip(model.labels, raw.tolist()):
             metrics["per_label"][name]["ece_uncalibrated"] = None if math.isnan(value) else value
-    if cross_fit is not None and cross_fit.cross_fit:
-        folds = min(cross_fit.cross_fit, len(probs))
-        rows = cross_fit_predictions(probs, targets, folds, seed, metric=cross_fit.metric,
-                                     policy=cross_fit.policy, **_tuning_kwargs(cross_fit))
+    if cross_fit:
+        folds = min(cross_fit, len(probs))
+        rows = cross_fit_predictions(probs, targets, folds, seed, metric=metric, policy=policy,
+                                     fallback=fallback, **objective)
         # only the cut-off figures: the ranking metrics do not depend on the thresholds
         crossed, per = cutoff_metrics(probs, targets, rows)
         metrics["cross_fit"] = {
@@ -111,17 +103,6 @@ def _regression_metrics(model: MultiLabelClassifier, outputs: torch.Tensor, targ
         result[name] = {"mse": float(error.square().mean()) if known.any() else None,
                         "mae": float(error.abs().mean()) if known.any() else None, "n": int(known.sum())}
     return result
-
-
-def locate_model(model_dir: str | Path) -> tuple[Path, Path | None]:
-    """(model directory, run directory or None) for a model or run directory."""
-    path = Path(model_dir)
-    if (path / "model" / META_FILE).is_file():
-        return path / "model", path
-    if (path / META_FILE).is_file():
-        return path, path.parent if (path.parent / "config.yaml").is_file() else None
-    raise DataError(f"{path} is neither a model directory (with {META_FILE}) nor a run directory "
-                    "(with model/)")
 
 
 def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pickle: bool = False):

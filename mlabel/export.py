@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .io import atomic_path
-from .models import MultiLabelClassifier, UnsafeModelFileError, load
+from .models import MultiLabelClassifier, UnsafeModelFileError, load, locate_model
 
 __all__ = ["export_model", "check_parity", "main", "METADATA_KEY"]
 
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, UnsafeModelFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model_dir = Path(args.model_dir)
-    model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
+    model_dir, _ = locate_model(args.model_dir)
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     out = Path(args.out) if args.out else model_dir / f"model{suffix}"
     try:

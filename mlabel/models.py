@@ -300,8 +300,29 @@ class MultiLabelClassifier(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
-        write_json(directory / META_FILE, {**self.describe(), **(extra or {})})
+        self.save_metadata(directory, extra, keep=False)
         return directory
+
+    def save_metadata(self, directory: str | Path, extra: dict | None = None, keep: bool = True) -> Path:
+        """Write ``mlabel.json`` atomically: :meth:`describe` plus ``extra``; with ``keep``, the
+        keys of the existing file that neither gives (``mlabel_version``, ...) stay. The one
+        writer of the model metadata (save, ``mlabel.tune``)."""
+        path = Path(directory) / META_FILE
+        meta = json.loads(path.read_text()) if keep and path.is_file() else {}
+        write_json(path, {**meta, **self.describe(), **(extra or {})})
+        return path
+
+
+def locate_model(path: str | Path) -> tuple[Path, Path | None]:
+    """(model directory, run directory or None) for a model directory or a run directory: the
+    one place every command and :func:`load` resolve what they were given."""
+    path = Path(path)
+    if (path / "model" / META_FILE).is_file():
+        return path / "model", path
+    if (path / META_FILE).is_file():
+        return path, path.parent if (path.parent / "config.yaml").is_file() else None
+    raise FileNotFoundError(f"{path} is neither a model directory ({META_FILE} is missing) nor a run "
+                            "directory (with model/)")
 
 
 def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
@@ -337,13 +358,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
     ``.ckpt``, ``.pkl``) is refused unless ``trust_pickle=True``, and even then the file is
     read with ``torch.load(weights_only=True)``, which builds tensors but calls no code.
     """
-    path = Path(path)
-    if (path / "model" / META_FILE).is_file():
-        path = path / "model"
+    path, _ = locate_model(path)
     meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} is not an mlabel model: {META_FILE} is missing "
-                                "(give a model directory or a run directory that holds model/)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:

@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import capture_rng, config_differences, load_checkpoint, restore_rng, save_checkpoint
-from .config import Config, ConfigError, config_to_dict, head_kwargs, list_recipes, load_config, loss_kwargs
+from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, head_kwargs, list_recipes,
+                     load_config, loss_kwargs, threshold_kwargs)
 from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
@@ -442,8 +443,9 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
     from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
     val_logits, val_targets, _ = _collect(model, eval_loaders["val"], device, world, **eval_kwargs)
-    policy = calibrate_and_tune(model, val_logits, val_targets, cfg.thresholds, cfg.calibration, cfg.seed)
-    metrics = {"val": evaluate_outputs(model, val_logits, val_targets, cross_fit=cfg.thresholds, seed=cfg.seed)}
+    policy = calibrate_and_tune(model, val_logits, val_targets, calibration=cfg.calibration.method, seed=cfg.seed,
+                                **threshold_kwargs(cfg.thresholds))
+    metrics = {"val": evaluate_outputs(model, val_logits, val_targets, seed=cfg.seed, **cross_fit_kwargs(cfg.thresholds))}
     metrics["val"]["threshold_policy"] = policy
     if "test" in eval_loaders:
         test_logits, test_targets, _ = _collect(model, eval_loaders["test"], device, world, **eval_kwargs)

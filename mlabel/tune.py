@@ -6,17 +6,15 @@ Prints old and new threshold and val score per label, and writes ``RUN_DIR/tune.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from .calibration import CALIBRATION_METHODS
 from .distributed import resolve_device
-from .config import CalibrationConfig, ThresholdsConfig
+from .config import CalibrationConfig, ThresholdsConfig, cross_fit_kwargs, threshold_kwargs
 from .evaluate import (USER_ERRORS, calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
                        split_arguments, split_logits, summary_line)
 from .io import write_json
-from .models import META_FILE
 from .policy import CONSTRAINTS, POLICIES
 from .thresholds import OBJECTIVES
 
@@ -71,20 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device or cfg.train.device)
         logits, targets = split_logits(model, cfg, "val", device, args.quiet)
         before = evaluate_outputs(model, logits, targets)
-        policy = calibrate_and_tune(model, logits, targets, th_cfg, cal_cfg, cfg.seed)
-        after = evaluate_outputs(model, logits, targets, cross_fit=th_cfg, seed=cfg.seed)
+        policy = calibrate_and_tune(model, logits, targets, calibration=cal_cfg.method, seed=cfg.seed,
+                                    **threshold_kwargs(th_cfg))
+        after = evaluate_outputs(model, logits, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
         after["threshold_policy"] = policy
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta_path = model_path / META_FILE
-    meta = json.loads(meta_path.read_text())
-    meta.update(model.describe())
-    meta["threshold_metric"] = th_cfg.metric
-    meta["threshold_policy"] = policy["policy"]
-    meta["threshold_params"] = {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall,
-                                "min_precision": th_cfg.min_precision, "mode": th_cfg.mode}
-    write_json(meta_path, meta)
+    meta_path = model.save_metadata(model_path, {
+        "threshold_metric": th_cfg.metric, "threshold_policy": policy["policy"],
+        "threshold_params": {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall,
+                             "min_precision": th_cfg.min_precision, "mode": th_cfg.mode}})
     print(policy_table(policy, model.labels, before))
     print(summary_line("val before", before))
     print(summary_line("val after", after))
