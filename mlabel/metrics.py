@@ -202,25 +202,9 @@ class _Cuts:
         self.label = self.label + label if isinstance(self.label, np.ndarray) else label
         self.rows[:, where] = rows
 
-    @property
-    def row_tp(self):
-        return self.rows[0]
-
-    @property
-    def row_pred(self):
-        return self.rows[1]
-
-    @property
-    def row_true(self):
-        return self.rows[2]
-
-    @property
-    def row_wrong(self):
-        return self.rows[3]
-
-    @property
-    def row_known(self):
-        return self.rows[4]
+    def row(self, name: str) -> np.ndarray:
+        """Per-image counts: ``tp``, ``pred`` (predicted), ``true``, ``wrong`` or ``known``."""
+        return self.rows[("tp", "pred", "true", "wrong", "known").index(name)]
 
 
 def _mean(x: np.ndarray) -> float | None:
@@ -248,13 +232,13 @@ def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
 
     precision, recall, f1 = per_label(tp, tp + fp), per_label(tp, tp + fn), per_label(2 * tp, 2 * tp + fp + fn)
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
-    n_known = int(cuts.row_known.sum())
+    n_known = int(cuts.row("known").sum())
 
     def micro(num, den):
         return (num / den if den > 0 else 0.0) if n_known else None
 
-    rows = cuts.row_known > 0
-    row_f1 = _ratio(2.0 * cuts.row_tp, (cuts.row_pred + cuts.row_true).astype(np.float64))
+    rows = cuts.row("known") > 0
+    row_f1 = _ratio(2.0 * cuts.row("tp"), (cuts.row("pred") + cuts.row("true")).astype(np.float64))
     row_f1 = np.where(np.isnan(row_f1), 0.0, row_f1)[rows]
     support = tp + fn
     micro_p, micro_r = micro(stp, stp + sfp), micro(stp, stp + sfn)
@@ -263,8 +247,8 @@ def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
         "macro_f1": _mean(f1), "micro_f1": micro(2 * stp, 2 * stp + sfp + sfn),
         "samples_f1": _mean(row_f1), "weighted_f1": micro(np.nansum(f1 * support), support.sum()),
         "macro_precision": cp, "macro_recall": cr, "micro_precision": micro_p, "micro_recall": micro_r,
-        "hamming_loss": int(cuts.row_wrong.sum()) / n_known if n_known else None,
-        "subset_accuracy": _mean((cuts.row_wrong[rows] == 0).astype(np.float64)),
+        "hamming_loss": int(cuts.row("wrong").sum()) / n_known if n_known else None,
+        "subset_accuracy": _mean((cuts.row("wrong")[rows] == 0).astype(np.float64)),
         # Per-class and overall precision/recall/F1 of the multi-label literature (ML-GCN, ASL):
         # CF1 is the harmonic mean of CP and CR (not the mean of per-label F1); OF1 = micro F1.
         "CP": cp, "CR": cr, "CF1": _harmonic(cp, cr),
