@@ -155,13 +155,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
     scheduler and the EMA advance once per optimizer step. ``forward`` (images -> outputs)
     replaces the model's own, e.g. by its DDP or compiled wrapper.
     """
-    model.train()
-    if freeze_backbone:
-        model.backbone.eval()
-    elif freeze_norm_stats:
-        for module in model.backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    _train_mode(model, freeze_backbone, freeze_norm_stats)
     scaler = scaler or grad_scaler_for(device, "fp32")
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = _progress(loader, len(loader), f"epoch {epoch}", quiet)
@@ -183,15 +177,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
                 "(end of the previous epoch) is kept: resume=true continues from it")
         scaler.scale(loss / accumulate).backward()
         if (step + 1) % accumulate == 0 or step + 1 == len(loader):
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
+            _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema)
         total_loss += loss.item() * len(images)
         seen += len(images)
         rate = seen / (time.perf_counter() - start)
@@ -200,6 +186,32 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9),
             "lr": scheduler.get_last_lr()[-1], "train_time_s": elapsed}
+
+
+def _train_mode(model: nn.Module, freeze_backbone: bool, freeze_norm_stats: bool) -> None:
+    """Train mode, except a frozen backbone (eval) or its batch-norm layers (running statistics)."""
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()
+    elif freeze_norm_stats:
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _optimizer_step(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float | None,
+                    ema: ModelEma | None) -> None:
+    """One optimizer step of the accumulated gradients (unscaled and clipped first when asked);
+    the scheduler and the EMA advance with it."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None:
+        ema.update(model)
 
 
 @torch.no_grad()

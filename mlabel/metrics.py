@@ -323,15 +323,7 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     micro_ap, micro_roc = (_num(x[0]) for x in _ap_auc(micro_sums(ranked, codes, kind)))
     coverage, lrap = _image_ranking(ranked, codes, kind)
     ece = _ece(probs, codes)
-    tuned, half = _Cuts(n), _Cuts(n)
-
-    def cut_block(b):  # blocks of whole rows: every count is a contiguous reduction
-        return (_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th),
-                _Cuts.count(probs[b], codes[b], np.full(n_labels, 0.5)))
-
-    for (b, (at_th, at_half)) in zip(row_blocks(n, n_labels), thread_map(cut_block, row_blocks(n, n_labels))):
-        tuned.add_counts(at_th[0], at_th[1], b)
-        half.add_counts(at_half[0], at_half[1], b)
+    tuned, half = _cut_counts(probs, codes, th)
     (summary, per), (summary_half, per_half) = _summarise(tuned, binary), _summarise(half, binary)
     result = {"n_images": n, "mAP": _mean(ap), "micro_ap": micro_ap, "macro_auroc": _mean(roc),
               "micro_auroc": micro_roc, "coverage_error": _mean(coverage),
@@ -343,6 +335,23 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     result["per_label"] = {name: _label_row(i, ap, roc, per, per_half, per_th, ece, support)
                            for i, name in enumerate(labels)}
     return result
+
+
+def _cut_counts(probs: np.ndarray, codes: np.ndarray, th: np.ndarray) -> tuple[_Cuts, _Cuts]:
+    """Decision counts at ``th`` ((L,) or (N, L)) and at 0.5, in blocks of whole rows (every
+    count a contiguous reduction) on a thread per core."""
+    n, n_labels = probs.shape
+    tuned, half = _Cuts(n), _Cuts(n)
+
+    def cut_block(b):
+        return (_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th),
+                _Cuts.count(probs[b], codes[b], np.full(n_labels, 0.5)))
+
+    blocks = row_blocks(n, n_labels)
+    for b, (at_th, at_half) in zip(blocks, thread_map(cut_block, blocks)):
+        tuned.add_counts(at_th[0], at_th[1], b)
+        half.add_counts(at_half[0], at_half[1], b)
+    return tuned, half
 
 
 def _num(x) -> float | None:
