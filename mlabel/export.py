@@ -29,24 +29,20 @@ PARITY_GOAL = 1e-4
 
 
 class _Exported(nn.Module):
-    """Logits -> calibrated probabilities and the thresholded mask, inside the graph."""
+    """Images -> the model's decision (calibrated probabilities and the thresholded mask), and the
+    regression values of a multi-task model, inside the graph."""
 
     def __init__(self, model: MultiLabelClassifier):
         super().__init__()
         self.model = model
-        n = model.num_labels
-        calibrated = model.calibration is not None
-        self.register_buffer("scale", model.calibration_scale.clone() if calibrated else torch.ones(n))
-        self.register_buffer("bias", model.calibration_bias.clone() if calibrated else torch.zeros(n))
-        self.register_buffer("thresholds", model.thresholds.clone())
 
     def forward(self, images: torch.Tensor):
         out = self.model.outputs(images)
         n = self.model.num_labels
-        probs = torch.sigmoid(out[:, :n] * self.scale + self.bias)
+        probs, mask = self.model.decision(out[:, :n])
         if self.model.regression_head is None:
-            return probs, probs >= self.thresholds
-        return probs, probs >= self.thresholds, self.model.regression_values(out[:, n:])
+            return probs, mask
+        return probs, mask, self.model.regression_values(out[:, n:])
 
 
 def _example(model: MultiLabelClassifier, batch: int, seed: int = 0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .calibration import apply_calibration
+from .decision import Decision
 from .io import atomic_path, write_json
 from ._registry import checked
 from .weights import load_backbone_weights
@@ -146,13 +146,8 @@ class MultiLabelClassifier(nn.Module):
         self.register_buffer("regression_std", torch.tensor(regression.get("std", [1.0] * n_reg)).float(),
                              persistent=False)
         self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
-        initial = torch.full((len(self.labels),), 0.5) if thresholds is None else torch.as_tensor(thresholds)
-        self.register_buffer("thresholds", initial.float().clone(), persistent=False)
-        self.calibration: str | None = None
-        self.register_buffer("calibration_scale", None, persistent=False)
-        self.register_buffer("calibration_bias", None, persistent=False)
-        if calibration:
-            self.set_calibration(calibration["method"], calibration["scale"], calibration["bias"])
+        # calibration and thresholds: the one decision policy, shared with the exported graphs
+        self.decision = Decision(len(self.labels), thresholds, calibration)
 
     @property
     def num_labels(self) -> int:
@@ -222,31 +217,32 @@ class MultiLabelClassifier(nn.Module):
         with torch.no_grad():
             bias.copy_(torch.log(p / (1 - p)).to(bias))
 
+    @property
+    def thresholds(self) -> torch.Tensor:
+        return self.decision.thresholds
+
+    @property
+    def calibration(self) -> str | None:
+        return self.decision.method
+
+    @property
+    def calibration_scale(self) -> torch.Tensor | None:
+        return self.decision.scale
+
+    @property
+    def calibration_bias(self) -> torch.Tensor | None:
+        return self.decision.bias
+
     def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> None:
-        th = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
-        if th.numel() != self.num_labels:
-            raise ValueError(f"expected {self.num_labels} thresholds, got {th.numel()}")
-        self.thresholds = th.to(self.thresholds.device)
+        self.decision.set_thresholds(thresholds)
 
     def set_calibration(self, method: str | None, scale=None, bias=None) -> None:
         """Use ``sigmoid(scale * logit + bias)`` per label in :meth:`predict_proba` (``None`` turns it off)."""
-        if method in (None, "none"):
-            self.calibration, self.calibration_scale, self.calibration_bias = None, None, None
-            return
-        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
-        if scale.numel() != self.num_labels or bias.numel() != self.num_labels:
-            raise ValueError(f"calibration needs {self.num_labels} scales and biases")
-        if not bool((scale > 0).all()):
-            raise ValueError("calibration scales must be positive (an increasing map keeps the ranking)")
-        device = self.thresholds.device
-        self.calibration, self.calibration_scale, self.calibration_bias = method, scale.to(device), bias.to(device)
+        self.decision.set_calibration(method, scale, bias)
 
     def probabilities(self, logits: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         """Logits (N, L) -> probabilities, calibrated when the model carries a calibration."""
-        if calibrated and self.calibration is not None:
-            return apply_calibration(logits.float(), self.calibration_scale, self.calibration_bias)
-        return torch.sigmoid(logits.float())
+        return self.decision.probabilities(logits, calibrated)
 
     def preprocess(self, images) -> torch.Tensor:
         """A batch tensor from a tensor (returned as is), or a list of paths / PIL images / arrays,
@@ -278,7 +274,7 @@ class MultiLabelClassifier(nn.Module):
             "backbone": self.backbone_name,
             "task": self.task,
             "labels": self.labels,
-            "thresholds": [float(t) for t in self.thresholds.cpu()],
+            **self.decision.describe(),
             "head": self.head_name,
             "head_args": self.head_args,
             "drop_rate": self.drop_rate,
@@ -287,10 +283,6 @@ class MultiLabelClassifier(nn.Module):
                 "names": self.regression_names,
                 "mean": [float(v) for v in self.regression_mean.cpu()],
                 "std": [float(v) for v in self.regression_std.cpu()]},
-            "calibration": None if self.calibration is None else {
-                "method": self.calibration,
-                "scale": [float(v) for v in self.calibration_scale.cpu()],
-                "bias": [float(v) for v in self.calibration_bias.cpu()]},
         }
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
