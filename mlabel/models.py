@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -15,7 +16,8 @@ from .io import atomic_path, write_json
 from ._registry import checked
 from .weights import load_backbone_weights
 
-__all__ = ["MultiLabelClassifier", "create_model", "load", "FORMAT_VERSION", "UnsafeModelFileError"]
+__all__ = ["MultiLabelClassifier", "ModelSpec", "create_model", "load", "locate_model", "FORMAT_VERSION",
+           "UnsafeModelFileError"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -96,6 +98,48 @@ class LinearHead(nn.Linear):
 # class sets ``feature_map = True`` gets the backbone's (N, C, locations) map instead of the
 # pooled (N, C) features. A new head is one class and one line here.
 HEADS = {"linear": LinearHead, "mlp": MLPHead, "csra": CSRAHead}
+
+
+@dataclass
+class ModelSpec:
+    """Everything ``mlabel.json`` says about a model: enough to rebuild it before its weights
+    load. The one list of a model's saved fields (written by :meth:`MultiLabelClassifier.describe`,
+    read by :func:`load`)."""
+    backbone: str
+    labels: list
+    task: str = "multilabel"
+    thresholds: list | None = None
+    calibration: dict | None = None
+    head: str = "linear"
+    head_args: dict = field(default_factory=dict)
+    drop_rate: float = 0.0
+    preprocessing: dict | None = None
+    regression: dict | None = None
+
+    def to_meta(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_meta(cls, meta: dict, source: str | Path = META_FILE) -> "ModelSpec":
+        """The spec in a parsed ``mlabel.json`` (other keys, such as ``mlabel_version``, ignored)."""
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{source} has format_version {version!r}; this mlabel (reads version "
+                             f"{FORMAT_VERSION}) cannot load it. Load it with the mlabel version that wrote "
+                             "it, or retrain / re-save the model with this one.")
+        missing = [k for k in ("backbone", "labels", "thresholds", "preprocessing") if k not in meta]
+        if missing:
+            raise ValueError(f"{source} lacks {missing}: the model directory is damaged; re-save the model")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in meta.items() if k in known and v is not None}
+        return cls(**values)
+
+    def build(self) -> "MultiLabelClassifier":
+        """A model of this spec with fresh weights (load its state dict next)."""
+        return MultiLabelClassifier(self.backbone, self.labels, head=self.head, drop_rate=self.drop_rate,
+                                    task=self.task, thresholds=self.thresholds, preprocessing=self.preprocessing,
+                                    calibration=self.calibration, head_args=self.head_args,
+                                    regression=self.regression)
 
 
 class MultiLabelClassifier(nn.Module):
@@ -268,22 +312,20 @@ class MultiLabelClassifier(nn.Module):
         """images (as for :meth:`predict_proba`) -> bool (N, L): each label at or above its threshold."""
         return self.predict_proba(images) >= self.thresholds
 
-    def describe(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "backbone": self.backbone_name,
-            "task": self.task,
-            "labels": self.labels,
-            **self.decision.describe(),
-            "head": self.head_name,
-            "head_args": self.head_args,
-            "drop_rate": self.drop_rate,
-            "preprocessing": self.preprocessing,
-            "regression": None if not self.regression_names else {
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            backbone=self.backbone_name, labels=self.labels, task=self.task, head=self.head_name,
+            head_args=self.head_args, drop_rate=self.drop_rate, preprocessing=self.preprocessing,
+            regression=None if not self.regression_names else {
                 "names": self.regression_names,
                 "mean": [float(v) for v in self.regression_mean.cpu()],
                 "std": [float(v) for v in self.regression_std.cpu()]},
-        }
+            **self.decision.describe())
+
+    def describe(self) -> dict:
+        """The JSON-ready metadata (``mlabel.json``) of this model: its :class:`ModelSpec`."""
+        return self.spec.to_meta()
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``model.safetensors`` and ``mlabel.json`` (atomically) into ``directory``."""
@@ -356,17 +398,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{meta_path} is not valid JSON ({err}); the model directory is damaged") from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {version!r}; this mlabel (reads version "
-                         f"{FORMAT_VERSION}) cannot load it. Load it with the mlabel version that wrote "
-                         "it, or retrain / re-save the model with this one.")
-    model = MultiLabelClassifier(
-        meta["backbone"], meta["labels"], head=meta.get("head", "linear"),
-        drop_rate=meta.get("drop_rate", 0.0), task=meta.get("task", "multilabel"),
-        thresholds=meta["thresholds"], preprocessing=meta["preprocessing"],
-        calibration=meta.get("calibration"), head_args=meta.get("head_args"),
-        regression=meta.get("regression"))
+    model = ModelSpec.from_meta(meta, meta_path).build()
     model.load_state_dict(_read_weights(path, map_location, trust_pickle))
     return model.eval()
 

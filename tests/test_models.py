@@ -104,3 +104,20 @@ def test_pretrained_true_builds_the_backbone_once(monkeypatch):
     model = mlabel.create_model("test_resnet", ["a", "b"], pretrained=True)
     assert calls == [True]
     assert model.preprocessing == mlabel.models._resolve_preprocessing(model.backbone, None, "crop")
+
+
+def test_model_spec_round_trips_and_names_missing_metadata(tmp_path):
+    import json
+
+    from mlabel.models import ModelSpec
+    model = mlabel.create_model("test_resnet", ["a", "b"], head="mlp", head_args={"hidden": 8})
+    model.set_calibration("platt", [2.0, 1.0], [0.0, 1.0])
+    assert ModelSpec.from_meta(model.describe()) == model.spec
+    rebuilt = model.spec.build()
+    assert rebuilt.describe() == model.describe()
+    model.save_pretrained(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "mlabel.json").read_text())
+    del meta["backbone"]
+    (tmp_path / "m" / "mlabel.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"lacks \['backbone'\]"):
+        mlabel.load(tmp_path / "m")
