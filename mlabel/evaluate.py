@@ -21,7 +21,7 @@ from .io import write_json
 from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
 from .models import MultiLabelClassifier, UnsafeModelFileError, load, locate_model
 from .policy import choose_thresholds
-from .thresholds import cross_fit_predictions, tune_thresholds
+from .thresholds import cross_fit_predictions
 
 __all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_logits", "main"]
 
@@ -32,8 +32,8 @@ def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, target
                        fallback: float = 0.5, **objective) -> dict:
     """Fit the ``calibration`` (``none``, ``temperature``, ``platt``) on val logits, then choose
     thresholds on the calibrated probabilities with ``policy`` for ``metric`` (``objective``:
-    beta, min_recall, min_precision); both are stored in ``model``. ``mode="histogram"`` with the
-    ``argmax`` policy uses the streaming tuner. Regression columns (after the L logits) are
+    beta, min_recall, min_precision; ``mode``/``bins``: how the exact tuner under the policy
+    runs); both are stored in ``model``. Regression columns (after the L logits) are
     ignored. Returns the policy's record for metrics.json (policy, and per label the threshold,
     its val objective and bootstrap interval)."""
     logits, targets = logits[:, :model.num_labels], targets[:, :model.num_labels]
@@ -44,10 +44,7 @@ def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, target
         model.set_calibration(calibration, scale, bias)
     probs = model.probabilities(logits)
     choice = choose_thresholds(probs, targets, policy, metric, labels=model.labels, bootstrap=bootstrap,
-                               seed=seed, fallback=fallback, **objective)
-    if policy == "argmax" and mode == "histogram":  # the streaming primitive's cut-offs
-        choice.thresholds = tune_thresholds(probs, targets, metric, mode=mode, bins=bins, labels=model.labels,
-                                            fallback=fallback, **objective).double().cpu().numpy()
+                               seed=seed, fallback=fallback, mode=mode, bins=bins, **objective)
     model.set_thresholds(torch.from_numpy(choice.thresholds))
     return choice.to_dict(model.labels)
 

@@ -35,7 +35,7 @@ import torch
 
 from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
-from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune, fold_ids
+from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune, fold_ids, out_of_fold
 
 __all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy"]
 
@@ -112,7 +112,8 @@ def resolve_policy(policy: str, metric: str) -> str:
 def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *, beta: float = 1.0,
                       min_recall: float = 0.9, min_precision: float = 0.9, labels: Sequence[str] | None = None,
                       fallback: float = FALLBACK_THRESHOLD, seed: int = 0, draws: int = 25,
-                      bootstrap: int = 200, level: float = 0.9, check_constraint: bool = True) -> ThresholdChoice:
+                      bootstrap: int = 200, level: float = 0.9, check_constraint: bool = True,
+                      mode: str = "exact", bins: int = 2048) -> ThresholdChoice:
     """Per-label cut-offs for unseen data (see the module docstring for the policies).
 
     Args:
@@ -125,6 +126,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
         bootstrap: resamples for the interval (0: no interval). level: its coverage.
         check_constraint: for ``precision_at_recall`` / ``recall_at_precision``, measure the
             constrained figure out of fold (5 folds; ``held_out``).
+        mode, bins: how the exact optimum is found (:func:`mlabel.tune_thresholds`).
     """
     _check_metric(metric, beta, min_recall, min_precision)
     name = resolve_policy(policy, metric)
@@ -133,13 +135,10 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     scores, codes = as_arrays(probs, targets)
     objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
     rng = np.random.default_rng(seed)
-    chosen = None
+    options = dict(metric=metric, objective=objective, fallback=fallback, draws=draws, mode=mode, bins=bins)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warning is given once, below
-        if name == "select":
-            thresholds, chosen = _select(scores, codes, metric, objective, fallback, rng, draws)
-        else:
-            thresholds = _policy(name, scores, codes, metric, objective, fallback, rng, draws)
+        thresholds, chosen = choose_on_arrays(name, scores, codes, rng, **options)
     one_class = _one_class(codes)
     if one_class.any():
         names = [labels[i] if labels else str(i) for i in np.flatnonzero(one_class)]
@@ -147,41 +146,40 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
                       f"the threshold {fallback}", stacklevel=2)
     value = objective_at(scores, codes, thresholds, metric, **objective)
     value[one_class] = np.nan
-    interval = _interval(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
+    interval, constraint_interval = _intervals(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
     interval[one_class] = np.nan
-    held_out = target = constraint_interval = None
+    held_out = target = None
     if metric in CONSTRAINTS:
-        constraint_interval = _constraint_interval(scores, codes, thresholds, metric, bootstrap, level, rng)
         constraint_interval[one_class] = np.nan
         target = min_recall if metric == "precision_at_recall" else min_precision
     if metric in CONSTRAINTS and check_constraint:
-        held_out = _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws)
+        held_out = _held_out_constraint(scores, codes, name, rng, options)
         held_out[one_class] = np.nan
     return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
                            interval, level, chosen, held_out, target, constraint_interval)
 
 
-def _held_out_constraint(scores, codes, name, metric, objective, fallback, rng, draws, folds: int = 5):
+def choose_on_arrays(name: str, scores: np.ndarray, codes: np.ndarray, rng: np.random.Generator, *,
+                     metric: str, objective: dict, fallback: float, draws: int = 25, mode: str = "exact",
+                     bins: int = 2048) -> tuple[np.ndarray, list[str] | None]:
+    """Policy ``name`` (resolved) on validated arrays: (L,) cut-offs and, for ``select``, each
+    label's candidate. What :func:`choose_thresholds` and cross-fitting run on each fold."""
+    tune = dict(metric=metric, objective=objective, fallback=fallback, draws=draws, mode=mode, bins=bins)
+    if name == "select":
+        return _select(scores, codes, rng, tune)
+    return _policy(name, scores, codes, rng, tune), None
+
+
+def _held_out_constraint(scores, codes, name, rng, options: dict, folds: int = 5):
     """(L,) recall (precision_at_recall) or precision (recall_at_precision) of cut-offs chosen on
     4/5 of the data, measured on the held-out fifth, pooled over the folds."""
-    n = scores.shape[0]
-    folds = max(2, min(folds, n))
-    fold_of = fold_ids(n, folds, rng)
-    tp = np.zeros(scores.shape[1])
-    fp = np.zeros_like(tp)
+    fold_of = fold_ids(len(scores), max(2, min(folds, len(scores))), rng)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for k in range(folds):
-            held = fold_of == k
-            if name == "select":
-                th = _select(scores[~held], codes[~held], metric, objective, fallback, rng, draws)[0]
-            else:
-                th = _policy(name, scores[~held], codes[~held], metric, objective, fallback, rng, draws)
-            t, f = _counts(scores[held], codes[held], th)
-            tp += t
-            fp += f
+        warnings.simplefilter("ignore")  # folds with one class fall back silently
+        rows = out_of_fold(scores, codes, fold_of, lambda s, c: choose_on_arrays(name, s, c, rng, **options)[0])
+    tp, fp = _counts(scores, codes, rows)
     with np.errstate(invalid="ignore", divide="ignore"):
-        if metric == "precision_at_recall":
+        if options["metric"] == "precision_at_recall":
             return tp / (codes == 1).sum(0)
         return np.where(tp + fp > 0, tp / (tp + fp), 0.0)
 
@@ -190,17 +188,19 @@ def _one_class(codes: np.ndarray) -> np.ndarray:
     return ~((codes == 1).any(0) & (codes == 0).any(0))
 
 
-def _policy(name, scores, codes, metric, objective, fallback, rng, draws) -> np.ndarray:
-    """(L,) float64 cut-offs of one policy (labels with one class get ``fallback``)."""
+def _policy(name, scores, codes, rng, tune: dict) -> np.ndarray:
+    """(L,) float64 cut-offs of one policy (labels with one class get the fallback); ``tune``:
+    metric, objective, fallback, draws, mode, bins."""
+    metric, objective, fallback = tune["metric"], tune["objective"], tune["fallback"]
     one_class = _one_class(codes)
     if name == "half":
         th = np.full(scores.shape[1], 0.5)
     elif name == "bagged":
-        th = _bagged(scores, codes, metric, objective, fallback, rng, draws)
+        th = _bagged(scores, codes, rng, tune)
     elif name == "smoothed":
         th = _smoothed(scores, codes, metric, objective)
     else:
-        th, best = _tune(scores, codes, metric, objective, "exact", 2048, None, fallback)
+        th, best = _exact(scores, codes, tune)
         if name in ("lipton", "shrunk"):
             b2 = objective["beta"] ** 2 if metric == "fbeta" else 1.0
             lipton = np.nan_to_num(best, nan=fallback * (1 + b2)) / (1 + b2)
@@ -215,19 +215,24 @@ def _policy(name, scores, codes, metric, objective, fallback, rng, draws) -> np.
     return th
 
 
-def _bagged(scores, codes, metric, objective, fallback, rng, draws) -> np.ndarray:
+def _exact(scores, codes, tune: dict):
+    """The exact tuner (the primitive): cut-offs and the objective reached."""
+    return _tune(scores, codes, tune["metric"], tune["objective"], tune["mode"], tune["bins"], None, tune["fallback"])
+
+
+def _bagged(scores, codes, rng, tune: dict) -> np.ndarray:
     """Mean of the exact cut-offs over bootstrap resamples (draws where a label has one class
     are left out of its mean)."""
     n = scores.shape[0]
     total = np.zeros(scores.shape[1])
     count = np.zeros(scores.shape[1])
-    for _ in range(draws):
+    for _ in range(tune["draws"]):
         rows = rng.integers(0, n, n)
-        th, value = _tune(scores[rows], codes[rows], metric, objective, "exact", 2048, None, fallback)
+        th, _ = _exact(scores[rows], codes[rows], tune)
         ok = ~_one_class(codes[rows])
         total += np.where(ok, th, 0.0)
         count += ok
-    return np.where(count > 0, total / np.maximum(count, 1), fallback)
+    return np.where(count > 0, total / np.maximum(count, 1), tune["fallback"])
 
 
 def _smoothed(scores, codes, metric, objective) -> np.ndarray:
@@ -264,26 +269,24 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return torch.erf(torch.from_numpy(x)).numpy()
 
 
-def _select(scores, codes, metric, objective, fallback, rng, draws, folds: int = 5):
+def _select(scores, codes, rng, tune: dict, folds: int = 5):
     """Per label, the candidate whose out-of-fold cut-offs score best (pooled counts)."""
+    metric = tune["metric"]
     candidates = [c for c in SELECT_FROM if not (c in NEEDS_F_SCORE and metric not in F_SCORES)]
     n = scores.shape[0]
-    folds = max(2, min(folds, n))
-    fold_of = fold_ids(n, folds, rng)
+    fold_of = fold_ids(n, max(2, min(folds, n)), rng)
     tp = np.zeros((len(candidates), scores.shape[1]))
     fp = np.zeros_like(tp)
-    for k in range(folds):
+    for k in np.unique(fold_of):
         held = fold_of == k
-        for c, name in enumerate(candidates):
-            th = _policy(name, scores[~held], codes[~held], metric, objective, fallback, rng, draws)
-            t, f = _counts(scores[held], codes[held], th)
+        for c, name in enumerate(candidates):  # every candidate on the same fold, in turn
+            t, f = _counts(scores[held], codes[held], _policy(name, scores[~held], codes[~held], rng, tune))
             tp[c] += t
             fp[c] += f
     n_pos, n_neg = (codes == 1).sum(0), (codes == 0).sum(0)
-    value = _objective(metric, tp.copy(), fp, n_pos[None], n_neg[None], **objective)
+    value = _objective(metric, tp.copy(), fp, n_pos[None], n_neg[None], **tune["objective"])
     best = np.argmax(value, axis=0)  # ties go to the earlier candidate in SELECT_FROM
-    per = {name: _policy(name, scores, codes, metric, objective, fallback, rng, draws)
-           for name in {candidates[b] for b in best}}
+    per = {name: _policy(name, scores, codes, rng, tune) for name in {candidates[b] for b in best}}
     th = np.array([per[candidates[b]][j] for j, b in enumerate(best)])
     return th, [candidates[b] for b in best]
 
@@ -305,33 +308,31 @@ def objective_at(scores: np.ndarray, codes: np.ndarray, thresholds: np.ndarray, 
     return _objective(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
 
 
-def _interval(scores, codes, thresholds, metric, objective, draws, level, rng) -> np.ndarray:
-    """(L, 2) bootstrap interval of the objective at fixed ``thresholds`` (resampled images)."""
+def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
+    """Bootstrap intervals (L, 2) at fixed ``thresholds`` over resampled images: of the objective
+    (for a constraint objective, of the optimised precision / recall whether or not the
+    constraint holds in the resample) and, for a constraint objective, of the constrained
+    figure (else None). Both from the same resamples."""
     n, n_labels = scores.shape
+    constrained = metric in CONSTRAINTS
+    out = np.full((n_labels, 2), np.nan)
+    other = np.full((n_labels, 2), np.nan) if constrained else None
     if draws <= 0 or n == 0:
-        return np.full((n_labels, 2), np.nan)
+        return out, other
     # resampled images as multinomial counts: every count is a (draws, N) @ (N, l) product,
     # exact in float32 below 2**24 images
     weights = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float32))
-    name = "f1" if metric == "global" else metric
     tail = (1 - level) / 2 * 100
-    out = np.empty((n_labels, 2))
     for b in label_blocks(n, n_labels, 1 << 20):
         pred = scores[:, b] >= thresholds[b]
         true, false = codes[:, b] == 1, codes[:, b] == 0
-        counts = [(weights @ torch.from_numpy(m.astype(np.float32))).double().numpy()
-                  for m in (pred & true, pred & false, true, false)]
-        if metric in CONSTRAINTS:  # the optimised figure, feasible or not (the constraint: below)
-            tp, fp, n_pos, _ = counts
-            value = tp / np.maximum(tp + fp, 1) if metric == "precision_at_recall" else tp / np.maximum(n_pos, 1)
+        tp, fp, n_pos, n_neg = ((weights @ torch.from_numpy(m.astype(np.float32))).double().numpy()
+                                for m in (pred & true, pred & false, true, false))
+        if constrained:
+            precision, recall = tp / np.maximum(tp + fp, 1), tp / np.maximum(n_pos, 1)
+            value, figure = (precision, recall) if metric == "precision_at_recall" else (recall, precision)
+            other[b] = np.percentile(figure, [tail, 100 - tail], axis=0).T
         else:
-            value = _objective(name, *counts, **objective)
+            value = _objective("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective)
         out[b] = np.percentile(value, [tail, 100 - tail], axis=0).T
-    return out
-
-
-def _constraint_interval(scores, codes, thresholds, metric, draws, level, rng) -> np.ndarray:
-    """(L, 2) bootstrap interval of the constrained figure (recall for ``precision_at_recall``,
-    precision for ``recall_at_precision``) at fixed ``thresholds``."""
-    other = "recall_at_precision" if metric == "precision_at_recall" else "precision_at_recall"
-    return _interval(scores, codes, thresholds, other, {}, draws, level, rng)
+    return out, other

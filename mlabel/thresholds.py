@@ -441,6 +441,15 @@ def fold_ids(n: int, folds: int, rng: np.random.Generator) -> np.ndarray:
     return fold_of
 
 
+def out_of_fold(scores: np.ndarray, codes: np.ndarray, fold_of: np.ndarray, choose) -> np.ndarray:
+    """(N, L) cut-offs: each image's row chosen by ``choose(scores, codes)`` on the other folds."""
+    rows = np.empty(scores.shape, dtype=np.float64)
+    for k in np.unique(fold_of):
+        held = fold_of == k
+        rows[held] = choose(scores[~held], codes[~held])
+    return rows
+
+
 def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
                           **tune_kwargs) -> torch.Tensor:
     """Out-of-fold thresholds: each image is judged by thresholds chosen on the other folds
@@ -458,20 +467,22 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy:
     objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
     objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
     _check_metric(metric, **objective)
-    options = dict(dict(mode="exact", bins=2048, labels=None, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
+    options = dict(dict(mode="exact", bins=2048, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
+    options.pop("labels", None)
     fold_of = fold_ids(n, folds, np.random.default_rng(seed))
-    rows = np.empty(scores.shape, dtype=np.float64)
+    if policy == "argmax":
+        def choose(s, c):
+            return _tune(s, c, metric, objective, labels=None, **options)[0]
+    else:
+        from .policy import choose_on_arrays, resolve_policy
+        name = resolve_policy(policy, metric)
+
+        def choose(s, c):  # each fold's policy draws from its own generator of ``seed``
+            return choose_on_arrays(name, s, c, np.random.default_rng(seed), metric=metric, objective=objective,
+                                    **options)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for k in range(folds):
-            held = fold_of == k
-            if policy == "argmax":
-                rows[held] = _tune(scores[~held], codes[~held], metric, objective, **options)[0]
-            else:
-                from .policy import choose_thresholds
-                rows[held] = choose_thresholds(scores[~held], np.where(codes[~held] == UNKNOWN, -1, codes[~held]),
-                                               policy, metric, fallback=options["fallback"], seed=seed,
-                                               bootstrap=0, **objective).thresholds
+        rows = out_of_fold(scores, codes, fold_of, choose)
     dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
     return torch.from_numpy(rows).to(dtype=dtype, device=probs.device if torch.is_tensor(probs) else "cpu")
 

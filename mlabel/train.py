@@ -202,18 +202,12 @@ def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
     return _Parts(optimizer, scheduler, grad_scaler_for(device, cfg.train.precision), ema, steps_per_epoch)
 
 
-def _resume(cfg: Config, model, parts: _Parts, checkpoint_path: Path, quiet: bool) -> dict:
-    """The training state: fresh, or everything the checkpoint holds (``resume``)."""
-    state = {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
-             "best_state": None, "history": [], "stopped_early": False}
-    if not cfg.resume:
-        return state
-    path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
-    if not path.is_file():
-        if cfg.resume is not True:
-            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
-        return state
-    saved = load_checkpoint(path)
+def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> dict:
+    """The training state: fresh, or everything the checkpoint read by :func:`_load_resume` holds."""
+    if resumed is None:
+        return {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
+                "best_state": None, "history": [], "stopped_early": False}
+    path, saved = resumed
     model.load_state_dict(saved["model"])
     for name in ("optimizer", "scheduler", "scaler"):
         getattr(parts, name).load_state_dict(saved[name])
@@ -277,17 +271,19 @@ def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch:
         board.flush()
 
 
-def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World()) -> dict:
+def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World(),
+         resumed: tuple[Path, dict] | None = None) -> dict:
     """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
     after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
 
     The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad scaler,
-    RNG states, epoch, optimizer step, the best weights so far and the config; ``resume=true``
-    restarts the interrupted epoch from it and finishes with the same result as an uninterrupted run.
+    RNG states, epoch, optimizer step, the best weights so far and the config; ``resumed`` (what
+    :func:`_load_resume` read when ``resume=true``) restarts the interrupted epoch from it and
+    finishes with the same result as an uninterrupted run.
     """
     train_loader, eval_loaders = loaders
     parts = _training_parts(cfg, model, train_loader, device)
-    state = _resume(cfg, model, parts, out_dir / CHECKPOINT, quiet)
+    state = _resume(model, parts, resumed, quiet)
     wrapped: dict = {}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
@@ -354,28 +350,34 @@ def run(cfg: Config, quiet: bool = False) -> dict:
         close_world(world)
 
 
-def _check_resume(cfg: Config, checkpoint_path: Path) -> None:
-    """A resume continues the run its checkpoint came from: every key that shapes training must
-    be the same (an older checkpoint without its config is taken as it is)."""
-    path = checkpoint_path if cfg.resume is True else Path(cfg.resume) if cfg.resume else None
-    if path is None or not path.is_file():
-        return
+def _load_resume(cfg: Config, checkpoint_path: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from (read once, before anything is written), or None. A resume
+    continues the run its checkpoint came from: every key that shapes training must be the same
+    (an older checkpoint without its config is taken as it is)."""
+    if not cfg.resume:
+        return None
+    path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
+    if not path.is_file():
+        if cfg.resume is not True:
+            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
+        return None
     try:
-        saved = load_checkpoint(path).get("config")
+        saved = load_checkpoint(path)
     except Exception as err:  # truncated, foreign or tampered: torch's message names the cause
         raise ConfigError(f"resume: {path} is not a readable mlabel checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); delete it or set resume=false") from None
-    changed = config_differences(saved, config_to_dict(cfg)) if saved is not None else []
+    changed = config_differences(saved["config"], config_to_dict(cfg)) if "config" in saved else []
     if changed:
         raise ConfigError(f"resume: {path} was written with a different config (" + "; ".join(changed)
                           + "); set those keys back, or train into a new out_dir")
+    return path, saved
 
 
 def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    _check_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
+    resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
     if world.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -389,7 +391,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
     loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
     loaders = _loaders(cfg, splits, model, device, world, caches)
-    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world)
+    state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed)
+    del resumed  # its tensors are in the model and the optimizer now
     model.load_state_dict(state["best_state"])
     metrics, val_logits, val_targets = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
     if world.main:
