@@ -2,6 +2,7 @@
 are the keyword arguments of its constructor, checked against its signature."""
 from __future__ import annotations
 
+import difflib
 import inspect
 
 # Arguments the framework passes itself, never taken from a config.
@@ -17,7 +18,9 @@ def settable(cls: type) -> list[str]:
 def checked(registry: dict, name: str, args: dict, what: str) -> type:
     """The class registered as ``name``, after checking that ``args`` are its arguments."""
     if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; available: {sorted(registry)}")
+        close = difflib.get_close_matches(str(name), list(registry), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint}; available: {sorted(registry)}")
     cls = registry[name]
     valid = settable(cls)
     unknown = sorted(set(args) - set(valid))

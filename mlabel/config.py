@@ -6,6 +6,8 @@ Every key is declared here with its type; unknown keys and values of the wrong t
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,126 +24,137 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message says how to fix it."""
 
 
+def _key(default: Any, help: str, range: str | None = None):
+    """A config key: its default, a one-line meaning (``--help`` lists it) and, for numbers, the
+    valid interval as text, e.g. ``"(0, inf)"`` or ``"[0, 1]"`` (checked by :func:`load_config`)."""
+    meta = {"help": help, "range": range}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataConfig:
-    format: Literal["csv", "folder", "jsonl", "voc", "coco"] = "csv"
-    root: str = "."
-    train: str = "train.csv"
-    val: str | None = None
-    test: str | None = None
-    labels: list[str] | None = None
-    image_column: str | None = None
-    label_columns: list[str] | None = None
-    labels_column: str | None = None
-    label_delimiter: str = " "
-    regression_columns: list[str] | None = None   # csv: numeric columns for an auxiliary regression head
-    val_fraction: float = 0.2
-    test_fraction: float = 0.0
-    generate: Literal["scenes"] | None = None
-    image_size: int = 224
-    resize: Literal["crop", "squish"] = "crop"
-    # a preset, or a list of albumentations transforms: [{name: HorizontalFlip, p: 0.5}, ...]
-    augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = "light"
-    # device: the preset runs as batched tensor ops on uint8 batches (GPU decoding of JPEGs when
-    # uncached on CUDA); workers: per-image albumentations in the loader; auto: device when cached
-    augment_on: Literal["auto", "workers", "device"] = "auto"
-    on_bad_image: Literal["error", "skip"] = "error"   # skip: drop unreadable images, list them in skipped.csv
-    cache: bool = False                 # decode every image once into a memory-mapped uint8 cache
-    cache_dir: str | None = None        # default: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel
-    batch_size: int = 64
-    num_workers: int = 4
-    pin_memory: bool | None = None      # null: on when training on CUDA
-    persistent_workers: bool = True
+    format: Literal["csv", "folder", "jsonl", "voc", "coco"] = _key("csv", "layout of the annotations")
+    root: str = _key(".", "folder the image paths are relative to")
+    train: str = _key("train.csv", "training split: a csv/jsonl file, folder, annotation file or split name")
+    val: str | None = _key(None, "validation split; null: a seeded stratified share of train")
+    test: str | None = _key(None, "test split; null: a share of train when test_fraction > 0, else none")
+    labels: list[str] | None = _key(None, "label names and their order; null: from the data")
+    image_column: str | None = _key(None, "csv: the column of image paths; null: the first column")
+    label_columns: list[str] | None = _key(None, "csv: 0/1 columns (empty or -1 = unknown); null: all others")
+    labels_column: str | None = _key(None, "csv: one column of label names joined by label_delimiter")
+    label_delimiter: str = _key(" ", "csv: separator inside labels_column")
+    regression_columns: list[str] | None = _key(None, "csv: numeric columns for an auxiliary regression head")
+    val_fraction: float = _key(0.2, "share of train held out for val when data.val is null", "[0, 1)")
+    test_fraction: float = _key(0.0, "share of train held out for test when data.test is null", "[0, 1)")
+    generate: Literal["scenes"] | None = _key(None, "draw a synthetic data set (the quickstart) into the cache")
+    image_size: int = _key(224, "side of the square network input in pixels", "[8, 4096]")
+    resize: Literal["crop", "squish"] = _key("crop", "crop: short side to size then centre crop; squish: stretch")
+    augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = _key(
+        "light", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]")
+    augment_on: Literal["auto", "workers", "device"] = _key(
+        "auto", "device: batched tensor ops on uint8 batches; workers: albumentations per image; auto: device when cached")
+    on_bad_image: Literal["error", "skip"] = _key("error", "skip: drop unreadable images, listed in skipped.csv")
+    cache: bool = _key(False, "decode every image once into a memory-mapped uint8 cache")
+    cache_dir: str | None = _key(None, "where caches and generated data go; null: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel")
+    batch_size: int = _key(64, "images per batch (per process under torchrun)", "[1, inf)")
+    num_workers: int = _key(4, "loader processes", "[0, 256]")
+    pin_memory: bool | None = _key(None, "null: on when training on CUDA")
+    persistent_workers: bool = _key(True, "keep loader processes between epochs")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"
-    pretrained: bool | str = True
-    head: str = "linear"              # a name of mlabel.models.HEADS: linear, mlp, csra
-    head_args: dict = field(default_factory=dict)  # the head's constructor arguments (over the keys below)
-    drop_rate: float = 0.0
-    head_hidden: int = 512            # mlp
-    head_dropout: float = 0.2         # mlp
-    csra_lambda: float = 0.1          # csra: weight of the attention-pooled score
-    csra_temperature: float = 1.0     # csra: softmax temperature over locations (>= 99: max)
+    backbone: str = _key("resnet50", "a timm model name (mlabel models lists them)")
+    pretrained: bool | str = _key(True, "true: timm's hub; false: from scratch; or a weights file or package name")
+    head: str = _key("linear", "a name of mlabel.models.HEADS: linear, mlp, csra")
+    head_args: dict = _key({}, "the head's constructor arguments (over the flat keys below)")
+    drop_rate: float = _key(0.0, "dropout before the head", "[0, 1)")
+    head_hidden: int = _key(512, "mlp: hidden width", "[1, inf)")
+    head_dropout: float = _key(0.2, "mlp: dropout", "[0, 1)")
+    csra_lambda: float = _key(0.1, "csra: weight of the attention-pooled score", "[0, inf)")
+    csra_temperature: float = _key(1.0, "csra: softmax temperature over locations (>= 99: max)", "(0, inf)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    lr: float = 0.001
-    backbone_lr_scale: float = 1.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    freeze_backbone_epochs: int = 0
-    freeze_norm_stats: bool = False
-    grad_clip: float | None = None
-    channels_last: bool = False
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA, fp32 on the CPU
-    accumulate: int = 1               # optimizer step every N batches (effective batch N x batch_size)
-    schedule: Literal["cosine", "onecycle"] = "cosine"
-    early_stop_patience: int = 0      # stop after N epochs without a better val mAP; 0 = never
-    mixup_alpha: float = 0.0          # > 0: mixup with lambda ~ Beta(a, a); targets mixed with the same lambda
-    cutmix_alpha: float = 0.0         # > 0: cutmix; with both, each batch picks one at random
-    mix_prob: float = 1.0             # share of batches mixed
-    ema: bool = False                 # keep an exponential moving average of the weights
-    ema_decay: float = 0.999
-    ema_warmup: bool = True           # decay ramps up as 1 - step ** (-2/3) early on (timm ModelEmaV3)
-    compile: bool = False             # torch.compile the model for training
+    epochs: int = _key(10, "passes over the training split", "[1, inf)")
+    lr: float = _key(0.001, "peak learning rate (AdamW)", "[0, inf)")
+    backbone_lr_scale: float = _key(1.0, "backbone learning rate as a share of lr", "[0, inf)")
+    weight_decay: float = _key(0.05, "AdamW weight decay (not on norms and biases)", "[0, inf)")
+    warmup_epochs: float = _key(1.0, "linear warmup length in epochs", "[0, inf)")
+    freeze_backbone_epochs: int = _key(0, "train only the head for this many epochs", "[0, inf)")
+    freeze_norm_stats: bool = _key(False, "keep the backbone's batch-norm statistics fixed")
+    grad_clip: float | None = _key(None, "clip the gradient norm to this value; null: off", "(0, inf)")
+    channels_last: bool = _key(False, "NHWC memory format (faster with AMP on GPUs)")
+    device: str = _key("auto", "auto, cpu, cuda, cuda:1 ...")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "auto: bf16 on CUDA, fp32 on the CPU")
+    accumulate: int = _key(1, "optimizer step every N batches (effective batch N x batch_size)", "[1, inf)")
+    schedule: Literal["cosine", "onecycle"] = _key("cosine", "learning-rate schedule after warmup")
+    early_stop_patience: int = _key(0, "stop after N epochs without a better val mAP; 0 = never", "[0, inf)")
+    mixup_alpha: float = _key(0.0, "> 0: mixup with lambda ~ Beta(a, a), targets mixed alike", "[0, inf)")
+    cutmix_alpha: float = _key(0.0, "> 0: cutmix; with both, each batch picks one", "[0, inf)")
+    mix_prob: float = _key(1.0, "share of batches mixed", "[0, 1]")
+    ema: bool = _key(False, "keep an exponential moving average of the weights")
+    ema_decay: float = _key(0.999, "EMA decay per step", "[0, 1)")
+    ema_warmup: bool = _key(True, "decay ramps up as 1 - step ** (-2/3) early on (timm ModelEmaV3)")
+    compile: bool = _key(False, "torch.compile the model for training")
 
 
 @dataclass
 class LossConfig:
-    name: str = "bce"                 # a name of mlabel.losses.LOSSES: bce, bce_prob, focal, asl, hinge
-    args: dict = field(default_factory=dict)  # the loss's constructor arguments (over the keys below)
-    pos_weight: Literal["auto", "none"] | list[float] = "auto"
-    pos_weight_max: float = 10.0
-    label_smoothing: float = 0.0      # bce, bce_prob
-    eps: float = 1.0e-7               # bce_prob: probabilities clamped to [eps, 1 - eps]
-    gamma: float = 2.0                # focal
-    alpha: float | None = 0.25        # focal; null = no class balancing
-    gamma_neg: float = 4.0            # asl
-    gamma_pos: float = 0.0            # asl
-    clip: float = 0.05                # asl: probability shift of negatives
-    focal_grad: bool = False          # asl: gradient through the focusing weights (the paper: no)
-    margin: float = 1.0               # hinge
-    regression: Literal["mse", "l1"] = "mse"   # loss of data.regression_columns
-    regression_weight: float = 1.0             # its weight in the sum with the classification loss
+    name: str = _key("bce", "a name of mlabel.losses.LOSSES: bce, bce_prob, focal, asl, hinge")
+    args: dict = _key({}, "the loss's constructor arguments (over the flat keys below)")
+    pos_weight: Literal["auto", "none"] | list[float] = _key(
+        "auto", "auto: negatives/positives per label (capped); none; or one value per label")
+    pos_weight_max: float = _key(10.0, "cap of the automatic pos_weight", "(0, inf)")
+    label_smoothing: float = _key(0.0, "bce, bce_prob: targets pulled towards 0.5 by this share", "[0, 1)")
+    eps: float = _key(1.0e-7, "bce_prob: probabilities clamped to [eps, 1 - eps]", "(0, 0.5)")
+    gamma: float = _key(2.0, "focal: focusing exponent", "[0, inf)")
+    alpha: float | None = _key(0.25, "focal: weight of positives; null = no class balancing", "[0, 1]")
+    gamma_neg: float = _key(4.0, "asl: focusing exponent of negatives", "[0, inf)")
+    gamma_pos: float = _key(0.0, "asl: focusing exponent of positives", "[0, inf)")
+    clip: float = _key(0.05, "asl: probability shift of negatives", "[0, 1)")
+    focal_grad: bool = _key(False, "asl: gradient through the focusing weights (the paper: no)")
+    margin: float = _key(1.0, "hinge: margin", "(0, inf)")
+    regression: Literal["mse", "l1"] = _key("mse", "loss of data.regression_columns")
+    regression_weight: float = _key(1.0, "its weight in the sum with the classification loss", "[0, inf)")
 
 
 @dataclass
 class ThresholdsConfig:
-    metric: Literal["f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global"] = "f1"
-    beta: float = 1.0             # fbeta
-    min_recall: float = 0.9       # precision_at_recall
-    min_precision: float = 0.9    # recall_at_precision
-    # where each label's cut-off goes for unseen data (mlabel.policy; docs/THRESHOLDS.md)
-    policy: Literal["auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select"] = "auto"
-    bootstrap: int = 200          # resamples for each label's 90 % interval of its val objective; 0 = off
-    mode: Literal["exact", "histogram"] = "exact"
-    bins: int = 2048              # histogram mode
-    cross_fit: int = 5            # folds for the cross-fitted F1 in metrics.json; 0 = off
-    fallback: float = 0.5         # labels with one class in val
+    metric: Literal["f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global"] = _key(
+        "f1", "the objective each label's threshold maximises on val")
+    beta: float = _key(1.0, "fbeta: weight of recall", "(0, inf)")
+    min_recall: float = _key(0.9, "precision_at_recall: the recall to keep", "[0, 1]")
+    min_precision: float = _key(0.9, "recall_at_precision: the precision to keep", "[0, 1]")
+    policy: Literal["auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select"] = _key(
+        "auto", "where each cut-off goes for unseen data (docs/THRESHOLDS.md)")
+    bootstrap: int = _key(200, "resamples for each label's 90 % interval of its val objective; 0 = off", "[0, inf)")
+    mode: Literal["exact", "histogram"] = _key("exact", "exact: every score; histogram: binned (streaming)")
+    bins: int = _key(2048, "histogram mode: bins per label", "[2, inf)")
+    cross_fit: int = _key(5, "folds for the cross-fitted F1 in metrics.json; 0 = off", "[0, inf)")
+    fallback: float = _key(0.5, "threshold of labels with one class in val", "[0, 1]")
 
 
 @dataclass
 class CalibrationConfig:
-    method: Literal["none", "temperature", "platt"] = "platt"
+    method: Literal["none", "temperature", "platt"] = _key("platt", "per-label probability calibration fitted on val")
 
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = False         # write per-epoch scalars to out_dir/tensorboard (needs tensorboard)
+    tensorboard: bool = _key(False, "write per-epoch scalars to out_dir/tensorboard (needs tensorboard)")
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    out_dir: str = "runs/default"
-    resume: bool | str = False
-    task: Literal["auto", "multilabel", "binary"] = "auto"
+    seed: int = _key(0, "seed of the split, the initialisation, augmentation and the bootstrap", "[0, 4294967295]")
+    out_dir: str = _key("runs/default", "run directory; a finished run there is kept and -2, -3 ... is used")
+    overwrite: bool = _key(False, "replace a finished run in out_dir instead of choosing a new directory")
+    resume: bool | str = _key(False, "true: continue from out_dir's checkpoint; or a checkpoint path")
+    task: Literal["auto", "multilabel", "binary"] = _key("auto", "auto: from the data (binary for two exclusive classes)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -173,8 +186,10 @@ def resolve_recipe(name_or_path: str) -> Path:
     """A YAML path, or a bare recipe name looked up in the shipped ``recipes/``."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"recipe file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} is not a regular file")
         return path
     folder = _packaged_recipes()
     candidate = folder / f"{name_or_path}.yaml" if folder else None
@@ -235,7 +250,7 @@ def _apply(obj: Any, key: str, value: Any, where: str, prefix: str = "") -> None
     full = prefix + head
     if head not in hints:
         valid = ", ".join(sorted(hints))
-        raise ConfigError(f"{where}: unknown key {full!r}; valid keys here: {valid}")
+        raise ConfigError(f"{where}: unknown key {full!r}{_did_you_mean(prefix + key)}; valid keys here: {valid}")
     tp = hints[head]
     current = getattr(obj, head)
     if dataclasses.is_dataclass(current):
@@ -253,8 +268,96 @@ def _apply(obj: Any, key: str, value: Any, where: str, prefix: str = "") -> None
     if rest:
         raise ConfigError(f"{where}: {full!r} is a value, not a section (got {prefix + key!r})")
     if not _matches(value, tp):
-        raise ConfigError(f"{where}: {full!r} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: {full!r} must be {_type_name(tp)}, got {value!r}{_closest_choice(value, tp)}")
     setattr(obj, head, _coerce(value, tp))
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:
+    """Every dotted key of the config tree, with its dataclass field and declared type."""
+    obj = Config() if obj is None else obj
+    hints = typing.get_type_hints(type(obj))
+    keys = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.update(all_keys(value, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = (f, hints[f.name])
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    """`` (did you mean 'train.epochs'?)`` for a misspelt or misplaced dotted key, else ``""``."""
+    keys = list(all_keys())
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # the right name in the wrong section: epochs -> train.epochs
+        leaf = key.rpartition(".")[2]
+        close = [k for k in keys if k.rpartition(".")[2] == leaf][:1] or \
+            [k for k in keys if k.rpartition(".")[2] in difflib.get_close_matches(
+                leaf, [k.rpartition(".")[2] for k in keys], n=1, cutoff=0.75)][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _closest_choice(value: Any, tp: Any) -> str:
+    choices = [a for a in _literals(tp) if isinstance(a, str)]
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _literals(tp: Any) -> list:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return list(typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return [a for arg in typing.get_args(tp) for a in _literals(arg)]
+    return []
+
+
+# --------------------------------------------------------------------------- ranges and help
+
+def _interval(text: str) -> tuple[float, float, bool, bool]:
+    """``"[0, 1)"`` -> (0.0, 1.0, True, False): the bounds and whether each is included."""
+    low, high = (float(part.strip(" [()]")) for part in text.split(","))
+    return low, high, text.startswith("["), text.endswith("]")
+
+
+def _in_range(value: float, text: str) -> bool:
+    low, high, low_in, high_in = _interval(text)
+    return (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+
+
+def _check_ranges(config: Config) -> None:
+    """Every number against the interval declared with its key, e.g. train.lr in (0, inf)."""
+    tree = dataclasses.asdict(config)
+    for key, (f, _) in all_keys(config).items():
+        text = f.metadata.get("range")
+        value = _lookup(tree, key)
+        if text is None or value is None or isinstance(value, bool):
+            continue
+        if not _in_range(value, text):
+            raise ConfigError(f"{key} must lie in {text}, got {value!r}")
+    weights = config.loss.pos_weight
+    if isinstance(weights, list) and not all(0 < w < math.inf for w in weights):
+        raise ConfigError(f"loss.pos_weight values must be positive and finite, got {weights}")
+
+
+def _lookup(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def describe_keys(config: Config | None = None) -> str:
+    """One line per key: name, type, value (the recipe's where given), meaning and valid range."""
+    config = Config() if config is None else config
+    tree = dataclasses.asdict(config)
+    rows = []
+    for key, (f, tp) in all_keys(config).items():
+        kind = _type_name(tp) + (f" in {f.metadata['range']}" if f.metadata.get("range") else "")
+        value = yaml.safe_dump(_lookup(tree, key), default_flow_style=True).strip().removesuffix("...").strip()
+        rows.append((key, value, f"{f.metadata.get('help', '')} [{kind}]"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k:<{width}} = {v:<12} {text}" for k, v, text in rows)
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -262,10 +365,46 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.epochs=3)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_BoundedLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
+
+
+MAX_YAML_NODES = 100_000  # a recipe is a few hundred nodes; aliases could expand a few bytes to billions
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A safe loader that refuses documents whose aliases expand beyond :data:`MAX_YAML_NODES`."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # expanded node count, each shared node measured once
+            if id(n) not in sizes:
+                sizes[id(n)] = 0  # a cycle counts as nothing more
+                children = n.value if isinstance(n, yaml.SequenceNode) else \
+                    [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+                sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if node is not None and size(node) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"its aliases expand to more than {MAX_YAML_NODES:,} values")
+        return node
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe or saved config: a regular file of safe YAML with bounded alias expansion."""
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a regular file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_BoundedLoader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -273,10 +412,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
     config = Config()
     if recipe is not None:
         path = resolve_recipe(str(recipe))
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        tree = read_yaml(path)
         if not isinstance(tree, dict):
             raise ConfigError(f"recipe {path} must be a mapping of keys, got {type(tree).__name__}")
         for key, value in tree.items():
@@ -289,29 +425,26 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
 
 
 def _check(config: Config) -> None:
-    """Cross-field rules that the types alone cannot express."""
-    if not 0 <= config.data.val_fraction < 1 or not 0 <= config.data.test_fraction < 1:
-        raise ConfigError("data.val_fraction and data.test_fraction must lie in [0, 1)")
+    """Ranges, then the cross-field rules that the types alone cannot express."""
+    _check_ranges(config)
     if config.data.label_columns and config.data.labels_column:
         raise ConfigError("give either data.label_columns (0/1 columns) or data.labels_column "
                           "(one column of names), not both")
+    for key in ("labels", "label_columns", "regression_columns"):
+        names = getattr(config.data, key) or []
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"data.{key} names {repeated} more than once; list each once")
     if config.data.regression_columns:
         if config.data.format != "csv":
             raise ConfigError("data.regression_columns needs data.format: csv")
         both = set(config.data.regression_columns) & set(config.data.label_columns or ())
         if both:
             raise ConfigError(f"columns {sorted(both)} are in both data.label_columns and data.regression_columns")
-    if config.thresholds.cross_fit == 1 or config.thresholds.cross_fit < 0:
+    if config.thresholds.cross_fit == 1:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     _check_thresholds(config.thresholds)
     _check_parts(config)
-    if config.train.accumulate < 1:
-        raise ConfigError(f"train.accumulate must be >= 1, got {config.train.accumulate}")
-    positive = {"train.epochs": config.train.epochs, "data.batch_size": config.data.batch_size,
-                "data.image_size": config.data.image_size, "loss.pos_weight_max": config.loss.pos_weight_max}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
 
 
 # The flat keys of the shipped heads, as their constructor arguments.
@@ -370,12 +503,6 @@ def _check_thresholds(th: ThresholdsConfig) -> None:
         resolve_policy(th.policy, th.metric)
     except ValueError as err:
         raise ConfigError(f"thresholds: {err}") from None
-    if th.bootstrap < 0:
-        raise ConfigError(f"thresholds.bootstrap is a number of resamples: 0 (off) or more, got {th.bootstrap}")
-    if th.bins < 2:
-        raise ConfigError(f"thresholds.bins must be at least 2, got {th.bins}")
-    if not 0.0 <= th.fallback <= 1.0:
-        raise ConfigError(f"thresholds.fallback is a probability in [0, 1], got {th.fallback}")
 
 
 def config_to_dict(config: Config) -> dict:

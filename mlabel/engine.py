@@ -10,12 +10,10 @@ import torch
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() at once (a second DataLoader iterator)
 
+from .errors import NonFiniteLossError
+
 __all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions",
            "autocast_for", "grad_scaler_for", "mix_batch", "ModelEma", "NonFiniteLossError"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and step."""
 
 
 def autocast_for(device: torch.device, precision: str = "auto"):

@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from .calibration import apply_calibration, fit_calibration
+from .cli import guarded
 from .config import Config, ConfigError, load_config
 from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
 from .distributed import resolve_device
 from .engine import collect_predictions
-from .io import write_json
+from .io import check_writable, write_json
 from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
-from .models import MultiLabelClassifier, UnsafeModelFileError, load, locate_model
+from .models import MultiLabelClassifier, load, locate_model
 from .policy import choose_thresholds
 from .thresholds import cross_fit_predictions
 
@@ -156,7 +157,6 @@ def summary_line(name: str, m: dict) -> str:
 
 
 # What a user's mistake raises in the model commands: reported in one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, UnsafeModelFileError, FileNotFoundError, ValueError)
 
 
 def model_command_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -171,21 +171,19 @@ def model_command_parser(prog: str, description: str) -> argparse.ArgumentParser
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = model_command_parser("python -m mlabel.evaluate", "Metrics of a saved model on one split, written as JSON.")
+@guarded
+def main(argv: list[str]) -> int:
+    parser = model_command_parser("mlabel evaluate", "Metrics of a saved model on one split, written as JSON.")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
     args = parser.parse_intermixed_args(argv)
-    try:
-        recipe, overrides = split_arguments(args.rest)
-        model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
-        device = resolve_device(args.device or cfg.train.device)
-        logits, targets = split_logits(model, cfg, args.split, device, args.quiet)
-        metrics = evaluate_outputs(model, logits, targets)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe, overrides = split_arguments(args.rest)
+    model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
+    check_writable(out)
+    device = resolve_device(args.device or cfg.train.device)
+    logits, targets = split_logits(model, cfg, args.split, device, args.quiet)
+    metrics = evaluate_outputs(model, logits, targets)
     write_json(out, {args.split: metrics})
     print(summary_line(args.split, metrics))
     print(f"metrics written to {out}")

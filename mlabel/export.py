@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import guarded
 from .io import atomic_path
-from .models import MultiLabelClassifier, UnsafeModelFileError, load, locate_model
+from .models import MultiLabelClassifier, load, locate_model
 
 __all__ = ["export_model", "check_parity", "main", "METADATA_KEY"]
 
@@ -100,19 +101,16 @@ def check_parity(model: MultiLabelClassifier, path: Path, fmt: str, batch: int =
     return diff, agree
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlabel.export",
+@guarded
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlabel export",
                                      description="Export a saved model with its labels, thresholds and preprocessing.")
     parser.add_argument("model_dir", help="a model directory or a run directory")
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     parser.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx or model.torchscript.pt)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
     args = parser.parse_args(argv)
-    try:
-        model = load(args.model_dir, trust_pickle=args.trust_pickle)
-    except (FileNotFoundError, ValueError, UnsafeModelFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = load(args.model_dir, trust_pickle=args.trust_pickle)
     model_dir, _ = locate_model(args.model_dir)
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     out = Path(args.out) if args.out else model_dir / f"model{suffix}"
@@ -120,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         export_model(model, out, args.format)
         diff, agree = check_parity(model, out, args.format)
     except ImportError as err:
-        print(f"error: {err.name or err} is missing; ONNX export needs: pip install 'mlabel[export]' "
-              "(onnx, onnxscript, onnxruntime)", file=sys.stderr)
-        return 2
+        raise ValueError(f"{err.name or err} is missing; ONNX export needs: pip install 'mlabel[export]' "
+                         "(onnx, onnxscript, onnxruntime)") from None
     runtime = "onnxruntime" if args.format == "onnx" else "torch.jit"
     print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB): outputs probs and mask for "
           f"{model.num_labels} labels, dynamic batch")

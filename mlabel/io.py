@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_writable", "write_json", "write_text"]
 
 
 @contextmanager
@@ -24,6 +24,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before long work when ``path`` could not be written after it: a folder in its place,
+    a file where a folder should be, or a folder this process may not write to."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder; choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {path}: no write permission in {existing}; choose another output path")
 
 
 def write_text(path: str | Path, text: str) -> None:

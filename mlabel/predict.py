@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import guarded
 from .errors import DataError
 from .preprocess import IMAGE_EXTENSIONS, preprocess_image
 
@@ -190,8 +191,9 @@ def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
     write_text(out, buffer.getvalue())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlabel.predict", description=__doc__.split("\n\n")[1])
+@guarded
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlabel predict", description=__doc__.split("\n\n")[1])
     parser.add_argument("model", help="a model directory, a run directory or an exported .onnx file")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV files of paths")
     parser.add_argument("--out", default="preds.csv", help="output .csv (default preds.csv) or .jsonl")
@@ -205,14 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.topk is not None and args.topk < 1:
         parser.error("--topk must be at least 1")
-    try:
-        paths = expand_inputs(args.inputs)
-        if not paths:
-            raise DataError("no images found in the inputs")
-        backend = load_backend(args.model, args.device, args.trust_pickle)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise DataError("no images found in the inputs")
+    backend = load_backend(args.model, args.device, args.trust_pickle)
     start = time.perf_counter()
     rows, skipped = [], []
     for path, probs, error in predict_paths(backend, paths, batch_size=args.batch_size,

@@ -30,11 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import capture_rng, config_differences, load_checkpoint, restore_rng, save_checkpoint
-from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, head_kwargs, list_recipes,
-                     load_config, loss_kwargs, threshold_kwargs)
+from .cli import guarded
+from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
+                     list_recipes, load_config, loss_kwargs, threshold_kwargs)
 from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
-from .engine import (ModelEma, NonFiniteLossError, build_optimizer, build_scheduler, collect_predictions,
+from .engine import (ModelEma, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, train_one_epoch)
 from .distributed import OutputsModule, World, close_world, gather_rows, init_world, mean_across
 from .io import write_json, write_text
@@ -486,20 +487,29 @@ def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> Non
     print(f"run directory: {out_dir}  ({seconds:.0f} s)", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+@guarded
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mlabel.train", description="Train a multi-label or binary image classifier.",
+        prog="mlabel train", add_help=False, description="Train a multi-label or binary image classifier.",
         epilog=f"shipped recipes: {', '.join(list_recipes())}")
-    parser.add_argument("recipe", help="a YAML path or a shipped recipe name")
+    parser.add_argument("recipe", nargs="?", help="a YAML path or a shipped recipe name")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=3 data.root=/x")
     parser.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("-h", "--help", action="store_true", help="this message and every config key")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        run(cfg, quiet=args.quiet)
-    except (ConfigError, DataError, NonFiniteLossError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.help or args.recipe is None:
+        parser.print_help()
+        cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+        print(f"\nconfig keys ({'values of ' + args.recipe if cfg else 'defaults'}; set with key=value):")
+        print(describe_keys(cfg))
+        return 0 if args.help else 2
+    cfg = load_config(args.recipe, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    run(cfg, quiet=args.quiet)
     return 0
 
 

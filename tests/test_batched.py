@@ -265,7 +265,7 @@ def test_resume_on_the_batched_path_repeats_the_run(tmp_path, scene_csv, monkeyp
 
     monkeypatch.setattr(train_module, "train_one_epoch", stop_at_epoch_2)
     with pytest.raises(RuntimeError, match="interrupted"):
-        train_main(argv(tmp_path / "resumed"))
+        train_main(argv(tmp_path / "resumed", "--debug"))  # --debug: the error itself, not exit 2
     monkeypatch.setattr(train_module, "train_one_epoch", real)
     assert train_main(argv(tmp_path / "resumed", "resume=true")) == 0
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))

