@@ -37,7 +37,7 @@ def restore_rng(state: dict) -> None:
 
 # Keys that may change between an interrupted run and its resume: where it runs and what happens
 # after training; every other key shapes the training and must match.
-RESUMABLE_CHANGES = ("resume", "out_dir", "data.num_workers", "train.device", "log.", "thresholds.",
+RESUMABLE_CHANGES = ("resume", "overwrite", "out_dir", "data.num_workers", "train.device", "log.", "thresholds.",
                      "calibration.")
 
 

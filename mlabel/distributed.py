@@ -57,6 +57,15 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every rank (itself when not distributed)."""
+    if not world.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def gather_rows(rows: torch.Tensor, total: int, world: World) -> torch.Tensor:
     """Reassemble a split from every rank's shard. Rank r holds positions r, r + W, r + 2W, ...
     of the split padded to a multiple of W (see :class:`mlabel.data.dataset.SeededSampler`)."""

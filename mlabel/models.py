@@ -1,7 +1,6 @@
 """Any timm backbone with a head of independent per-label logits, saved as safetensors + JSON."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .decision import Decision
-from .io import atomic_path, write_json
+from .modeldir import META_FILE, WEIGHTS_FILE, read_model, validate_meta, write_metadata, write_model
 from ._registry import checked
 from .weights import load_backbone_weights
 
@@ -20,8 +19,6 @@ __all__ = ["MultiLabelClassifier", "ModelSpec", "create_model", "load", "locate_
            "UnsafeModelFileError"]
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "mlabel.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
@@ -130,6 +127,7 @@ class ModelSpec:
         missing = [k for k in ("backbone", "labels", "thresholds", "preprocessing") if k not in meta]
         if missing:
             raise ValueError(f"{source} lacks {missing}: the model directory is damaged; re-save the model")
+        validate_meta(meta, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in meta.items() if k in known and v is not None}
         return cls(**values)
@@ -330,21 +328,19 @@ class MultiLabelClassifier(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``model.safetensors`` and ``mlabel.json`` (atomically) into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        self.save_metadata(directory, extra, keep=False)
+        write_model(directory, lambda path: save_file(state, str(path), metadata={"format": "pt"}),
+                    {**self.describe(), **(extra or {})})
         return directory
 
     def save_metadata(self, directory: str | Path, extra: dict | None = None, keep: bool = True) -> Path:
-        """Write ``mlabel.json`` atomically: :meth:`describe` plus ``extra``; with ``keep``, the
-        keys of the existing file that neither gives (``mlabel_version``, ...) stay. The one
-        writer of the model metadata (save, ``mlabel.tune``)."""
-        path = Path(directory) / META_FILE
-        meta = json.loads(path.read_text()) if keep and path.is_file() else {}
-        write_json(path, {**meta, **self.describe(), **(extra or {})})
-        return path
+        """Write ``mlabel.json`` atomically beside the saved weights: :meth:`describe` plus
+        ``extra``; with ``keep``, the keys of the existing file that neither gives
+        (``mlabel_version``, ...) stay. With :meth:`save_pretrained`, the one writer of the
+        model metadata (``mlabel.tune`` uses it)."""
+        directory = Path(directory)
+        meta = read_model(directory) if keep and (directory / META_FILE).is_file() else {}
+        return write_metadata(directory, {**meta, **self.describe(), **(extra or {})})
 
 
 def locate_model(path: str | Path) -> tuple[Path, Path | None]:
@@ -393,20 +389,25 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
     read with ``torch.load(weights_only=True)``, which builds tensors but calls no code.
     """
     path, _ = locate_model(path)
-    meta_path = path / META_FILE
+    model = ModelSpec.from_meta(read_model(path), path / META_FILE).build()
+    state = _read_weights(path, map_location, trust_pickle)
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON ({err}); the model directory is damaged") from None
-    model = ModelSpec.from_meta(meta, meta_path).build()
-    model.load_state_dict(_read_weights(path, map_location, trust_pickle))
+        model.load_state_dict(state)
+    except RuntimeError as err:  # tensors missing, unexpected or of another shape than the metadata says
+        detail = " ".join(str(err).split())[:300]
+        raise ValueError(f"the weights in {path} do not fit its {META_FILE} ({model.num_labels} labels, "
+                         f"backbone {model.spec.backbone}): {detail}; the files come from different models") from None
     return model.eval()
 
 
 def _read_weights(path: Path, map_location, trust_pickle: bool) -> dict:
     safe = path / WEIGHTS_FILE
     if safe.is_file():
-        return load_file(str(safe), device=str(map_location))
+        try:
+            return load_file(str(safe), device=str(map_location))
+        except Exception as err:  # safetensors' own error type: a truncated or tampered file
+            raise ValueError(f"{safe} is not a readable safetensors file ({err}); re-save or retrain "
+                             "the model") from None
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not pickles:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")

@@ -106,6 +106,12 @@ class _OnnxBackend:
         if meta is None:
             raise DataError(f"{path} carries no mlabel metadata; export it with python -m mlabel.export")
         meta = json.loads(meta)
+        from .modeldir import validate_meta
+        validate_meta(meta, path)
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != len(meta["labels"]):
+            raise DataError(f"{path}: its metadata names {len(meta['labels'])} labels but the graph outputs "
+                            f"{width} probabilities; re-export the model (mlabel export)")
         self.labels = meta["labels"]
         self.regression_names = (meta.get("regression") or {}).get("names", [])
         self.outputs = ["probs"] + (["regression"] if self.regression_names else [])
@@ -123,16 +129,35 @@ def load_backend(model: str, device: str | None = None, trust_pickle: bool = Fal
     return _TorchBackend(model, device, trust_pickle)
 
 
-def _decisions(probs: np.ndarray, thresholds: np.ndarray, threshold: float | None, topk: int | None) -> np.ndarray:
-    passing = probs >= (thresholds if threshold is None else threshold)
+def _decisions(probs: np.ndarray, thresholds: np.ndarray, threshold: float | None, topk: int | None,
+               topk_only: bool = False) -> np.ndarray:
+    """Labels at or above their threshold (the tuned one, or ``threshold`` for all); ``topk`` keeps
+    at most the K most probable of those, ``topk_only`` the K most probable whatever the thresholds."""
+    passing = np.ones(probs.shape, dtype=bool) if topk_only else \
+        probs >= (thresholds if threshold is None else threshold)
     if topk is not None:
-        if threshold is None:
-            passing = np.ones_like(passing)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :topk]
         top = np.zeros_like(passing)
         np.put_along_axis(top, order, True, axis=1)
         passing &= top
     return passing
+
+
+OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def _check_output(out: Path, labels: list[str], regression: list[str]) -> None:
+    """Refuse, before any inference, an output that could not be written or read back unambiguously."""
+    from .io import check_writable
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {out}: give a .csv, .jsonl or .json file name")
+    check_writable(out)
+    if out.suffix.lower() == ".csv":
+        clash = sorted({"path", "labels"} & set(labels + regression))
+        joined = [name for name in labels if ";" in name]
+        if clash or joined:
+            raise ValueError(f"--out {out}: the label names {clash + joined} clash with the CSV's own "
+                             "columns (path, labels) or its ';' separator; write --out with .jsonl or .json")
 
 
 def _load(path: str, preprocessing: dict):
@@ -175,13 +200,18 @@ def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
     from .io import write_text
     buffer = io.StringIO()
     n = len(labels)
-    if out.suffix.lower() == ".jsonl":
+    if out.suffix.lower() in (".jsonl", ".json"):
+        records = []
         for path, values, keep in rows:
             record = {"path": path, "labels": [name for name, k in zip(labels, keep) if k],
                       "probs": {name: round(float(p), 6) for name, p in zip(labels, values[:n])}}
             if regression:
                 record["regression"] = {name: float(v) for name, v in zip(regression, values[n:])}
-            buffer.write(json.dumps(record) + "\n")
+            records.append(record)
+        if out.suffix.lower() == ".json":
+            buffer.write(json.dumps(records, indent=1) + "\n")
+        else:
+            buffer.writelines(json.dumps(record) + "\n" for record in records)
     else:
         writer = csv.writer(buffer)
         writer.writerow(["path", "labels", *labels, *regression])
@@ -196,22 +226,49 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mlabel predict", description=__doc__.split("\n\n")[1])
     parser.add_argument("model", help="a model directory, a run directory or an exported .onnx file")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV files of paths")
-    parser.add_argument("--out", default="preds.csv", help="output .csv (default preds.csv) or .jsonl")
-    parser.add_argument("--topk", type=int, help="keep the K most probable labels per image")
-    parser.add_argument("--threshold", type=float, help="one threshold for every label instead of the tuned ones")
+    parser.add_argument("--out", default="preds.csv", help="output .csv (default preds.csv), .jsonl or .json")
+    parser.add_argument("--topk", type=int, help="keep at most the K most probable labels that pass their thresholds")
+    parser.add_argument("--topk-only", action="store_true", help="with --topk: the K most probable, thresholds ignored")
+    parser.add_argument("--threshold", type=float, help="one threshold in [0, 1] for every label instead of the tuned ones")
     parser.add_argument("--batch-size", type=int, help="default: 64 on CUDA, 4 on the CPU, 32 with ONNX")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    if args.topk is not None and args.topk < 1:
-        parser.error("--topk must be at least 1")
+    _check_arguments(parser, args)
     paths = expand_inputs(args.inputs)
     if not paths:
-        raise DataError("no images found in the inputs")
+        raise DataError(f"no images found in {' '.join(args.inputs)}")
     backend = load_backend(args.model, args.device, args.trust_pickle)
+    out = Path(args.out)
+    _check_output(out, backend.labels, backend.regression_names)
     start = time.perf_counter()
+    rows, skipped = _predict_all(backend, paths, args)
+    seconds = time.perf_counter() - start
+    if rows:
+        values = np.stack([p for _, p in rows])
+        keep = _decisions(values[:, :len(backend.labels)], backend.thresholds, args.threshold, args.topk,
+                          args.topk_only)
+        _write(out, backend.labels, backend.regression_names,
+               [(path, v, k) for (path, _), v, k in zip(rows, values, keep)])
+    _write_skipped(out.with_name(out.name + ".skipped.csv"), skipped)
+    print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
+          + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
+                                              f"{out.name}.skipped.csv)" if skipped else ""))
+    return 0 if rows else 1
+
+
+def _check_arguments(parser, args) -> None:
+    if args.topk is not None and args.topk < 1:
+        parser.error("--topk must be at least 1")
+    if args.topk_only and args.topk is None:
+        parser.error("--topk-only needs --topk K")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold is a probability in [0, 1], got {args.threshold}")
+
+
+def _predict_all(backend, paths: list[str], args) -> tuple[list, list]:
     rows, skipped = [], []
     for path, probs, error in predict_paths(backend, paths, batch_size=args.batch_size,
                                             workers=args.workers, quiet=args.quiet):
@@ -220,22 +277,18 @@ def main(argv: list[str]) -> int:
             skipped.append((path, error))
         else:
             rows.append((path, probs))
-    seconds = time.perf_counter() - start
-    out = Path(args.out)
-    if rows:
-        values = np.stack([p for _, p in rows])
-        keep = _decisions(values[:, :len(backend.labels)], backend.thresholds, args.threshold, args.topk)
-        _write(out, backend.labels, backend.regression_names,
-               [(path, v, k) for (path, _), v, k in zip(rows, values, keep)])
-    if skipped:
-        from .io import write_text
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows([("path", "error"), *skipped])
-        write_text(out.with_name(out.name + ".skipped.csv"), buffer.getvalue())
-    print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
-          + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
-                                              f"{out.name}.skipped.csv)" if skipped else ""))
-    return 0 if rows else 1
+    return rows, skipped
+
+
+def _write_skipped(path: Path, skipped: list) -> None:
+    """The images that could not be read; a list left by an earlier run is removed when none were."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    from .io import write_text
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([("path", "error"), *skipped])
+    write_text(path, buffer.getvalue())
 
 
 if __name__ == "__main__":

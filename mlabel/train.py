@@ -37,9 +37,10 @@ from .data.check import drop_bad_images, kept_rows
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, train_one_epoch)
-from .distributed import OutputsModule, World, close_world, gather_rows, init_world, mean_across
+from .distributed import OutputsModule, World, broadcast_object, close_world, gather_rows, init_world, mean_across
 from .io import write_json, write_text
 from .policy import CONSTRAINTS
+from .rundir import claim_run_dir
 from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .metrics import _nanmean, average_precision
 from .models import MultiLabelClassifier, create_model
@@ -345,10 +346,23 @@ def run(cfg: Config, quiet: bool = False) -> dict:
     """Train per ``cfg`` and write the run directory; returns the metrics dict. Under torchrun
     every rank trains on its shard and only rank 0 writes files."""
     world, device = init_world(cfg.train.device)
+    quiet = quiet or not world.main
     try:
-        return _run(cfg, quiet or not world.main, world, device)
+        with claim_run_dir(cfg.out_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume), main=world.main,
+                           agree=lambda path: broadcast_object(path, world),
+                           log=lambda text: _log(not world.main, text)) as out_dir:  # even with --quiet
+            cfg.out_dir = str(out_dir)
+            return _run(cfg, quiet, world, device)
     finally:
         close_world(world)
+
+
+def rerunnable(cfg: Config) -> dict:
+    """The config as saved in ``config.yaml``: rerunning it trains again (into a new directory),
+    it neither resumes nor overwrites."""
+    tree = config_to_dict(cfg)
+    tree["resume"], tree["overwrite"] = False, False
+    return tree
 
 
 def _load_resume(cfg: Config, checkpoint_path: Path) -> tuple[Path, dict] | None:
@@ -379,15 +393,14 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
-    if world.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
                          resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
                          regression=splits.train.regression_names)
     splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
+    if world.main:  # once the config, the data and the model are known to be good
+        write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
     counts = _describe_splits(splits, quiet)
     pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
     loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
@@ -395,6 +408,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed)
     del resumed  # its tensors are in the model and the optimizer now
     model.load_state_dict(state["best_state"])
+    if world.main:  # saved before the post-training steps (thresholds 0.5 until tuned), so none loses it
+        model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
     metrics, val_logits, val_targets = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
     if world.main:
         run_info = {"labels": splits.labels, "task": splits.task, "label_counts": counts,

@@ -1,0 +1,146 @@
+"""A model directory as one unit: ``model.safetensors`` and ``mlabel.json`` are written so that
+a reader sees the old pair or the new pair, never a mix, and the metadata is checked before a
+model is built from it.
+
+Writing (:func:`write_model`) is a small roll-forward journal. The new weights go to a temporary
+file; the new metadata, which records the weights' SHA-256, goes to ``mlabel.json.pending``;
+then the weights replace ``model.safetensors`` and the pending file replaces ``mlabel.json``
+(each ``os.replace`` is atomic). A kill at any point leaves one of three states, and
+:func:`read_model` resolves each: the old metadata matches the old weights (old model); the
+weights are new and ``mlabel.json`` old, but the pending file matches them (new model); or the
+pair is complete (new model). Weights that match neither are refused, naming the fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+from .io import atomic_path, write_json
+
+__all__ = ["META_FILE", "WEIGHTS_FILE", "read_model", "validate_meta", "weights_digest", "write_metadata",
+           "write_model"]
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "mlabel.json"
+PENDING = META_FILE + ".pending"
+DIGEST_KEY = "weights_sha256"
+
+
+def weights_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_model(directory: Path, write_weights, meta: dict) -> None:
+    """Replace the model in ``directory``: ``write_weights(path)`` writes the safetensors file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        write_weights(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        write_json(directory / PENDING, {**meta, DIGEST_KEY: weights_digest(tmp)})
+    # the weights are in place (atomic_path renamed them); the metadata follows
+    os.replace(directory / PENDING, directory / META_FILE)
+    _fsync_dir(directory)
+
+
+def write_metadata(directory: Path, meta: dict) -> Path:
+    """Replace ``mlabel.json`` alone (the weights stay): its digest is that of the weights on disk."""
+    path = directory / META_FILE
+    write_json(path, {**meta, DIGEST_KEY: weights_digest(directory / WEIGHTS_FILE)})
+    (directory / PENDING).unlink(missing_ok=True)  # an interrupted save this one completes
+    return path
+
+
+def _parse(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the model directory is damaged: re-save "
+                         "or retrain the model") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object; the model directory is damaged")
+    return meta
+
+
+def read_model(directory: Path) -> dict:
+    """The metadata that belongs to the weights in ``directory`` (see the module docstring)."""
+    meta = _parse(directory / META_FILE)
+    weights = directory / WEIGHTS_FILE
+    if DIGEST_KEY not in meta or not weights.is_file():
+        return meta  # written before digests were recorded, or pickle-only weights (checked later)
+    digest = weights_digest(weights)
+    if meta[DIGEST_KEY] == digest:
+        return meta
+    pending = directory / PENDING
+    if pending.is_file():
+        newer = _parse(pending)
+        if newer.get(DIGEST_KEY) == digest:
+            return newer  # a save was interrupted after its weights landed: this is the new model
+    raise ValueError(f"{weights} does not match {directory / META_FILE} (its SHA-256 differs from the one "
+                     "recorded): the files come from different saves or were edited; re-save the model "
+                     "(save_pretrained) or restore both files together")
+
+
+# --------------------------------------------------------------------------- metadata checks
+
+def _finite(values, name: str, source, count: int | None = None) -> list[float]:
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for v in values):
+        raise ValueError(f"{source}: {name} must be a list of numbers, got {values!r:.80}")
+    if count is not None and len(values) != count:
+        raise ValueError(f"{source}: {name} has {len(values)} values for {count} labels")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{source}: {name} holds NaN or infinite values")
+    return values
+
+
+def validate_meta(meta: dict, source) -> None:
+    """Values a model would silently misbehave with: refused with the key and the damage."""
+    labels = meta.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise ValueError(f"{source}: labels must be a non-empty list of names")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{source}: labels repeat a name: {sorted({x for x in labels if labels.count(x) > 1})}")
+    n = len(labels)
+    if meta.get("thresholds") is not None:
+        thresholds = _finite(meta["thresholds"], "thresholds", source, n)
+        if not all(0.0 <= t <= 1.0 for t in thresholds):
+            raise ValueError(f"{source}: thresholds are probabilities in [0, 1], got {thresholds}; "
+                             "retune the model (mlabel tune)")
+    calibration = meta.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, dict) or calibration.get("method") not in ("temperature", "platt"):
+            raise ValueError(f"{source}: calibration must be null or {{method: temperature | platt, scale, bias}}")
+        scale = _finite(calibration.get("scale"), "calibration.scale", source, n)
+        _finite(calibration.get("bias"), "calibration.bias", source, n)
+        if not all(s > 0 for s in scale):
+            raise ValueError(f"{source}: calibration.scale must be positive")
+    regression = meta.get("regression")
+    if regression:
+        names = regression.get("names") or []
+        if "mean" in regression:
+            _finite(regression["mean"], "regression.mean", source, len(names))
+        if "std" in regression:
+            std = _finite(regression["std"], "regression.std", source, len(names))
+            if not all(s > 0 for s in std):
+                raise ValueError(f"{source}: regression.std must be positive (a zero scale makes every "
+                                 "prediction the mean)")
+    backbone = meta.get("backbone")
+    if not isinstance(backbone, str) or backbone.split(":", 1)[0] in ("hf-hub", "hf_hub", "timm", "local-dir"):
+        raise ValueError(f"{source}: backbone {backbone!r} would be fetched from a hub or a folder; loading a "
+                         "model never downloads: save it with a plain timm architecture name")

@@ -1,0 +1,101 @@
+"""The run directory: one training at a time holds it, and an earlier run in it is never
+overwritten by accident.
+
+A run directory that already holds a run's outputs is kept: a new training goes to the first free
+``DIR-2``, ``DIR-3``, ... unless ``overwrite=true`` (replace it) or ``resume`` (continue it). The
+directory is locked (``fcntl.flock`` on ``DIR/.lock``, released by the kernel even on kill -9)
+for as long as the training runs; a second training into it stops with a message naming the
+holder.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import ConfigError
+
+__all__ = ["claim_run_dir", "holds_run", "RUN_OUTPUTS"]
+
+LOCK = ".lock"
+# What a training writes; a directory with any of these holds an earlier run.
+RUN_OUTPUTS = ("config.yaml", "checkpoint.pt", "model", "metrics.json", "history.csv", "run.json")
+
+
+def holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_OUTPUTS)
+
+
+def _free_directory(requested: Path, keep_earlier: bool) -> Path:
+    """``requested``, or when it holds an earlier run that must be kept, the first free ``-N``."""
+    if requested.exists() and not requested.is_dir():
+        raise ConfigError(f"out_dir {requested} is a file; give a folder path (out_dir=runs/NAME)")
+    if not keep_earlier or not holds_run(requested):
+        return requested
+    for n in range(2, 10_000):
+        candidate = requested.with_name(f"{requested.name}-{n}")
+        if not candidate.exists() or (candidate.is_dir() and not holds_run(candidate)):
+            return candidate
+    raise ConfigError(f"out_dir {requested}: no free {requested.name}-N directory; choose another out_dir")
+
+
+def _lock(folder: Path, sign: bool = True):
+    """Hold ``folder/.lock`` exclusively (``sign``: writing who holds it), or say who holds it."""
+    path = folder / LOCK
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"out_dir {folder} is in use by {holder}; wait for that training to end, "
+                              "or choose another out_dir") from None
+        # The file may have been unlinked by its previous holder between our open and our lock.
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    if not sign:
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+@contextmanager
+def claim_run_dir(requested: str | Path, *, overwrite: bool, resume: bool, main: bool = True,
+                  agree: Callable[[Path], Path] = lambda path: path,
+                  log: Callable[[str], None] = print) -> Iterator[Path]:
+    """The directory this training writes to, locked while the ``with`` block runs.
+
+    ``agree`` makes every rank of a distributed run use rank 0's choice. On the way out the
+    lock is released, and a directory this call created and nothing else wrote to is removed.
+    """
+    requested = Path(requested)
+    if main and (requested / LOCK).exists():
+        _lock(requested, sign=False).close()  # a training holds it: stop here, naming the holder
+    folder = _free_directory(requested, keep_earlier=not (overwrite or resume)) if main else requested
+    folder = agree(folder)
+    if folder != requested:
+        log(f"{requested} holds an earlier run, kept as it is; this run writes to {folder} "
+            "(overwrite=true replaces it, resume=true continues it)")
+    if not main:
+        yield folder
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = _lock(folder)
+    try:
+        yield folder
+    finally:
+        (folder / LOCK).unlink(missing_ok=True)
+        handle.close()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
