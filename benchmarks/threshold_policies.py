@@ -68,7 +68,7 @@ def _save(work: Path, name: str, labels, logits, targets, **info) -> None:
 def prepare_quickstart(work: Path) -> None:
     from mlabel import load
     from mlabel.data.synthetic import draw_scene
-    run = _train(work, "quickstart", "quickstart", [f"data.root={work / 'quickstart-data'}"])
+    run = _train(work, "quickstart", "quickstart", [f"data.cache_dir={work / 'cache'}"])
     model = load(run / "model")
     rng = np.random.default_rng(20261124)
     logits, targets = [], []

@@ -48,6 +48,7 @@ class DataConfig:
     regression_columns: list[str] | None = _key(None, "csv: numeric columns for an auxiliary regression head")
     val_fraction: float = _key(0.2, "share of train held out for val when data.val is null", "[0, 1)")
     test_fraction: float = _key(0.0, "share of train held out for test when data.test is null", "[0, 1)")
+    allow_overlap: bool = _key(False, "accept the same annotation file for two splits (refused otherwise)")
     generate: Literal["scenes"] | None = _key(None, "draw a synthetic data set (the quickstart) into the cache")
     image_size: int = _key(224, "side of the square network input in pixels", "[8, 4096]")
     resize: Literal["crop", "squish"] = _key("crop", "crop: short side to size then centre crop; squish: stretch")
@@ -445,6 +446,7 @@ def _check(config: Config) -> None:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     _check_thresholds(config.thresholds)
     _check_parts(config)
+    _check_backbone(config.model)
 
 
 # The flat keys of the shipped heads, as their constructor arguments.
@@ -478,6 +480,26 @@ def cross_fit_kwargs(th: ThresholdsConfig) -> dict:
     """The threshold settings as the cross-fitting arguments of :func:`mlabel.evaluate.evaluate_outputs`."""
     return dict(cross_fit=th.cross_fit, policy=th.policy, metric=th.metric, fallback=th.fallback,
                 beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision)
+
+
+def _check_backbone(model: ModelConfig) -> None:
+    """A backbone timm knows, and offline weights that exist (hub names only with pretrained=true)."""
+    import timm
+    from .weights import LITE_PACKAGES
+    name = model.backbone
+    if name.split(":", 1)[0] in ("hf-hub", "hf_hub"):
+        if model.pretrained is not True:
+            raise ConfigError(f"model.backbone={name} is read from the Hugging Face hub; that needs "
+                              "model.pretrained=true (a download), or use a plain timm name")
+    elif not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.backbone: timm {timm.__version__} has no model {name!r}{hint}; "
+                          "mlabel models PATTERN lists them")
+    pretrained = model.pretrained
+    if isinstance(pretrained, str) and pretrained not in LITE_PACKAGES and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r} is neither a weights file nor one of "
+                          f"{sorted(LITE_PACKAGES)}; use true (timm hub), false, a file path or a package name")
 
 
 def _check_parts(config: Config) -> None:

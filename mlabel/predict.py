@@ -46,7 +46,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             paths.extend(str(p) for p in found)
         elif path.suffix.lower() == ".csv":
             if not path.is_file():
-                raise DataError(f"CSV file {path} not found")
+                raise DataError(f"CSV file {path} " + ("is not a regular file" if path.exists() else "not found"))
             with path.open(newline="") as handle:
                 reader = csv.DictReader(handle)
                 if not reader.fieldnames:

@@ -6,6 +6,7 @@ identical pixels.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import cv2
@@ -44,14 +45,19 @@ def read_rgb(path, draft: int | None = None) -> np.ndarray:
     Truncated or corrupt files and decompression bombs (more than ``Image.MAX_IMAGE_PIXELS``
     pixels) raise :class:`DataError`. ``draft`` lets JPEGs decode at a reduced size (checks).
     """
+    if isinstance(path, (str, os.PathLike)) and os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"refused {path}: not a regular file (a folder, FIFO or device would block or fail)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                _check_shape(path, *image.size)
                 if draft:
                     image.draft("RGB", (draft, draft))
                 image.load()
                 return _to_rgb(image)
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"refused image {path}: {err}. A real photo this large is better resized first.") from None
     except FileNotFoundError:
@@ -60,13 +66,26 @@ def read_rgb(path, draft: int | None = None) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {err}. Replace or remove the file.") from None
 
 
+MAX_ASPECT = 100  # panoramas reach ~10:1; beyond 100:1 an image is a strip, not a photo
+
+
+def _check_shape(path, width: int, height: int) -> None:
+    """Refuse, from the header alone, an image too thin to resize: a 20,000,000 x 1 PNG is 19 KB
+    but scaling its short side up to the input size would allocate tens of gigabytes."""
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise DataError(f"refused image {path}: {width} x {height} px is beyond the {MAX_ASPECT}:1 aspect "
+                        "ratio mlabel reads; crop or pad it first, or remove it")
+
+
 def to_rgb_array(item) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a path, a PIL image or an RGB array."""
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {item.shape} {item.dtype}")
+        _check_shape("array", item.shape[1], item.shape[0])
         return item
     if isinstance(item, Image.Image):
+        _check_shape("PIL image", *item.size)
         return np.asarray(ImageOps.exif_transpose(item).convert("RGB"))
     return read_rgb(str(item))
 
@@ -87,6 +106,11 @@ def resize_square(image: np.ndarray, preprocessing: dict) -> np.ndarray:
     h, w = image.shape[:2]
     if preprocessing.get("resize", "crop") == "squish":
         return image if (h, w) == (side, side) else cv2.resize(image, (side, side), interpolation=interp)
+    if max(h, w) > 4 * min(h, w):  # a long strip: keep only its centre square's neighbourhood, so the
+        short = min(h, w)          # resized image stays within 4 x 1 squares whatever the input shape
+        top, left = max(0, (h - 4 * short) // 2), max(0, (w - 4 * short) // 2)
+        image = image[top:top + 4 * short, left:left + 4 * short]
+        h, w = image.shape[:2]
     scale = side / min(h, w)
     nh, nw = max(side, int(round(h * scale))), max(side, int(round(w * scale)))
     if (nh, nw) != (h, w):

@@ -34,6 +34,7 @@ from .cli import guarded
 from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
                      list_recipes, load_config, loss_kwargs, threshold_kwargs)
 from .data.check import drop_bad_images, kept_rows
+from .data.synthetic import scenes_root
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .engine import (ModelEma, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, train_one_epoch)
@@ -394,6 +395,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     out_dir = Path(cfg.out_dir)
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into
+        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
                          resize=cfg.data.resize, head_args=head_kwargs(cfg.model),

@@ -27,7 +27,8 @@ def _train(tmp_path, extra):
 
 
 def test_one_epoch_writes_complete_run_directory(tmp_path, scene_csv):
-    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv"])
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv",
+                               "data.allow_overlap=true"])
     for name in ["config.yaml", "metrics.json", "history.csv", "run.json", "checkpoint.pt",
                  "model/model.safetensors", "model/mlabel.json", "report/report.html",
                  "report/pr_curves.png", "report/f1_vs_threshold.png", "report/training_curves.png",
@@ -97,7 +98,8 @@ def test_metrics_carry_calibration_and_cross_fitted_f1(tmp_path, scene_csv):
 def test_tune_and_evaluate_commands_rework_a_saved_model(tmp_path, scene_csv, capsys):
     from mlabel.evaluate import main as evaluate_main
     from mlabel.tune import main as tune_main
-    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv"])
+    out = _train(tmp_path, [f"data.root={scene_csv}", "data.val=val.csv", "data.test=val.csv",
+                               "data.allow_overlap=true"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert evaluate_main([str(out), "--split", "test", "--quiet"]) == 0
     again = json.loads((out / "eval-test.json").read_text())["test"]

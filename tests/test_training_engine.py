@@ -177,7 +177,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     # freeze_norm_stats keeps batch-norm on its running statistics: per-rank batch statistics
     # would otherwise differ from the single process's by construction.
     extra = ["train.epochs=2", "train.freeze_norm_stats=true", "train.freeze_backbone_epochs=1",
-             "train.lr=0.01", "data.test=val.csv"]
+             "train.lr=0.01", "data.test=val.csv", "data.allow_overlap=true"]
     single = tmp_path / "single"
     base = _cmd(single, scene_csv, extra)
     base[base.index("data.batch_size=8")] = "data.batch_size=16"
@@ -251,7 +251,7 @@ def test_decoded_cache_gives_the_same_validation_metrics(tmp_path, scene_csv):
     from mlabel.data.tables import read_csv_table
     from mlabel.preprocess import preprocess_image
     cache_dir = tmp_path / "cache"
-    extra = ["train.epochs=2", "data.augment=none", "data.test=val.csv"]
+    extra = ["train.epochs=2", "data.augment=none", "data.test=val.csv", "data.allow_overlap=true"]
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     assert train_main(_cmd(plain, scene_csv, extra)) == 0
     assert train_main(_cmd(cached, scene_csv, extra + ["data.cache=true", f"data.cache_dir={cache_dir}"])) == 0

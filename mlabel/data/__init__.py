@@ -1,6 +1,9 @@
 """Dataset adapters: every format becomes :class:`LabelTable` splits with the same label order."""
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +12,7 @@ import numpy as np
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .split import iterative_split
-from .synthetic import ensure_scenes
+from .synthetic import ensure_scenes, scenes_root
 from .tables import DataError, LabelTable, read_csv_table, read_folder_table
 
 __all__ = ["DataError", "LabelTable", "Splits", "ImageDataset", "build_splits", "build_transform",
@@ -49,12 +52,39 @@ def label_counts(table: LabelTable) -> dict:
                "unknown": int((t[:, j] < 0).sum())} for j, name in enumerate(table.labels)}}
 
 
+def check_overlap(data, tables: dict) -> None:
+    """The same annotation file given for two splits is refused (its val or test figures would
+    measure memory, not generalisation) unless ``data.allow_overlap``; images listed twice within
+    or across splits are counted in a warning."""
+    files = {name: os.path.realpath(Path(data.root) / getattr(data, name)) for name in ("train", "val", "test")
+             if getattr(data, name) and data.format != "voc"}
+    for a, b in (("val", "train"), ("test", "train"), ("test", "val")):
+        if a in files and files.get(b) == files[a] and not data.allow_overlap:
+            raise DataError(f"data.{a} and data.{b} are the same file ({getattr(data, a)}): the {a} figures "
+                            f"would measure memorisation; give a separate file, or set data.{a}=null to carve "
+                            f"{a} from train (data.allow_overlap=true accepts it as it is)")
+    seen: dict[str, str] = {}
+    repeats: dict[tuple[str, str], int] = {}
+    for name, table in tables.items():
+        for path in table.paths if table is not None else ():
+            key = os.path.normpath(path)
+            if key in seen:
+                pair = (seen[key], name)
+                repeats[pair] = repeats.get(pair, 0) + 1
+            else:
+                seen[key] = name
+    for (first, second), count in repeats.items():
+        where = f"listed twice in {first}" if first == second else f"in both {first} and {second}"
+        print(f"warning: {count} images are {where}; metrics on {second} overstate what unseen images "
+              "would give (remove the repeats)", file=sys.stderr)
+
+
 def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     """Read train/val/test from the ``data`` config; carve val (and test when
     ``data.test_fraction`` > 0 and no test file is given) from train with a seeded
     iterative-stratified split."""
     if data.generate == "scenes":
-        ensure_scenes(data.root)
+        data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
     train = _read(data, data.train, data.labels, task)
     labels = train.labels
     val = _read(data, data.val, labels, task) if data.val else None
@@ -70,6 +100,7 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
         train = train.subset(np.flatnonzero(fold == 0), f"{train.source} (train split)")
     if val is None or len(val) == 0:
         raise DataError("no validation images: give data.val or a data.val_fraction > 0")
+    check_overlap(data, {"train": train, "val": val, "test": test})
     resolved = "binary" if len(labels) == 1 else "multilabel"
     if task == "binary" and len(labels) != 1:
         raise DataError(f"task binary needs one label, the data has {len(labels)}: {labels}; "

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,18 +65,49 @@ class DecodedCache:
         self.key = _key(table.paths, preprocessing)
         self.path = folder / f"{self.key}.u8"
         shape = (len(table.paths), self.side, self.side, 3)
-        self.built = not self.path.is_file()
+        bad = self._valid_record(shape)
+        self.built = bad is None
         if self.built:
             self._build(table.paths, preprocessing, shape, workers, quiet)
-        record = self.path.with_suffix(".json")
-        bad = json.loads(record.read_text())["bad"] if record.is_file() else []
+            bad = self._valid_record(shape)
         self.bad = [(table.paths[i], reason) for i, reason in bad]
         self.images = np.memmap(self.path, dtype=np.uint8, mode="r", shape=shape)
         self.rows = np.arange(len(table.paths))
 
+    def _valid_record(self, shape) -> list | None:
+        """The unreadable images recorded with a complete cache, or None when the cache is missing,
+        truncated or its record damaged (then it is built again)."""
+        record = self.path.with_suffix(".json")
+        if not self.path.is_file():
+            return None
+        try:
+            saved = json.loads(record.read_text())
+            bad = [(int(i), str(reason)) for i, reason in saved["bad"]]
+            complete = saved["images"] == shape[0] and self.path.stat().st_size == int(np.prod(shape))
+        except (OSError, ValueError, KeyError, TypeError):
+            complete = False
+        if not complete or any(not 0 <= i < shape[0] for i, _ in bad):
+            print(f"warning: the cache {self.path} is incomplete or damaged; building it again", file=sys.stderr)
+            self.path.unlink(missing_ok=True)
+            return None
+        return bad
+
     def _build(self, paths, preprocessing, shape, workers: int, quiet: bool) -> None:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        size = int(np.prod(shape))
+        free = shutil.disk_usage(self.path.parent).free
+        if size > free:
+            raise DataError(f"data.cache: the cache of {shape[0]} images needs {size / 2**30:.2f} GiB, "
+                            f"{self.path.parent} has {free / 2**30:.2f} GiB free; free space, set "
+                            "data.cache_dir to a larger disk, or data.cache=false")
+        try:
+            with open(tmp, "wb") as handle:  # reserve every block now: a full disk fails here, not as SIGBUS
+                os.posix_fallocate(handle.fileno(), 0, max(size, 1))
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"data.cache: cannot reserve {size / 2**30:.2f} GiB in {self.path.parent} "
+                            f"({err.strerror}); free space or set data.cache_dir elsewhere") from None
+        out = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
 
         def put(i: int) -> str | None:
             try:

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from .tables import LabelTable, _check_files, _resolve_image
+from .tables import LabelTable, _check_files, _resolve_image, read_text
 
 __all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table"]
 
@@ -48,27 +48,29 @@ def read_jsonl_table(path: Path, root: Path, *, labels: Sequence[str] | None = N
     if not path.is_file():
         raise DataError(f"JSON lines file {path} not found (relative paths are taken from data.root)")
     images, rows, where = [], [], []
-    with path.open(encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            at = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{at}: not valid JSON ({err.msg} at column {err.colno}); each line must be "
-                                'one object like {"image": "a.jpg", "labels": ["cat"]}') from None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
-                raise DataError(f'{at}: expected an object with a non-empty string "image", got {line.strip()[:80]!r}')
-            sets = []
-            for key in ("labels", "unknown"):
-                value = record.get(key, [])
-                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                    raise DataError(f'{at}: "{key}" must be a list of label names (strings), got {value!r}')
-                sets.append(set(value))
-            images.append(_resolve_image(root, record["image"]))
-            rows.append((sets[0], sets[1]))
-            where.append(at)
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        at = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{at}: not valid JSON ({err.msg} at column {err.colno}); each line must be "
+                            'one object like {"image": "a.jpg", "labels": ["cat"]}') from None
+        except RecursionError:
+            raise DataError(f"{at}: the JSON nests too deeply; each line must be one flat object like "
+                            '{"image": "a.jpg", "labels": ["cat"]}') from None
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
+            raise DataError(f'{at}: expected an object with a non-empty string "image", got {line.strip()[:80]!r}')
+        sets = []
+        for key in ("labels", "unknown"):
+            value = record.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise DataError(f'{at}: "{key}" must be a list of label names (strings), got {value!r}')
+            sets.append(set(value))
+        images.append(_resolve_image(root, record["image"]))
+        rows.append((sets[0], sets[1]))
+        where.append(at)
     if not images:
         raise DataError(f"{path} holds no records; give one JSON object per line")
     names, targets = _multi_hot(rows, labels, str(path), where)
@@ -112,6 +114,17 @@ def read_voc_table(root: Path, split: str, *, labels: Sequence[str] | None = Non
     return LabelTable([str(p) for p in images], targets, names, str(listing))
 
 
+def _unique_ids(path: Path, what: str, pairs: list[tuple[int, str]]) -> dict[int, str]:
+    """``{id: name}``, refusing an id given twice (the second would silently replace the first)."""
+    found: dict[int, str] = {}
+    for key, name in pairs:
+        if key in found:
+            raise DataError(f"{path}: {what} id {key} appears twice ({found[key]!r} and {name!r}); "
+                            f"give each {what} its own id")
+        found[key] = name
+    return found
+
+
 def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = None) -> LabelTable:
     """COCO ``instances_*.json``: label names from ``categories`` (in category-id order), a label
     is positive when the image has an annotation of it; images without annotations are kept as
@@ -120,14 +133,16 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
     if not path.is_file():
         raise DataError(f"COCO annotation file {path} not found (relative paths are taken from data.root)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(read_text(path))
+    except RecursionError:
+        raise DataError(f"{path}: the JSON nests too deeply to be a COCO annotation file") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
         raise DataError(f'{path}: expected a COCO object with "images" and "categories" lists')
     try:
-        categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        files = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+        categories = _unique_ids(path, "category", [(int(c["id"]), str(c["name"])) for c in data["categories"]])
+        files = _unique_ids(path, "image", [(int(im["id"]), str(im["file_name"])) for im in data["images"]])
         annotations = [(int(a["image_id"]), int(a["category_id"])) for a in data.get("annotations") or []]
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: a category, image or annotation lacks a valid field ({err!r}); "

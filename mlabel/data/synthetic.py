@@ -9,6 +9,7 @@ purpose: a filled circle and a ring, a cross and a star.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import DataError
 from ..io import atomic_path, write_json
 
-__all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene"]
+__all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene", "scenes_root"]
 
 SCENE_LABELS = ["circle", "square", "triangle", "cross", "ring", "star"]
 SCENE_PRIORS = [0.40, 0.30, 0.22, 0.14, 0.10, 0.07]
@@ -86,6 +88,27 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target
 
 
+_OWN = ("images", "train.csv", "val.csv", "test.csv", "scenes.json")
+
+
+def _spec(seed: int, splits: dict[str, int]) -> dict:
+    return {"version": _VERSION, "seed": seed, "splits": splits, "size": SCENE_SIZE, "labels": SCENE_LABELS}
+
+
+def scenes_root(root: str, cache_dir: str | None, seed: int = 1234) -> Path:
+    """Where ``data.generate: scenes`` draws its set: a folder of its own in the cache directory
+    (absolute, named by the generator's version and spec). ``data.root`` must be left unset
+    (``.``) or name that folder, so that a recipe adapted to the user's own data never draws
+    thousands of images into the user's folder."""
+    from .cache import default_cache_dir
+    digest = hashlib.sha256(json.dumps(_spec(seed, SCENE_SPLITS), sort_keys=True).encode()).hexdigest()[:12]
+    own = (Path(cache_dir) if cache_dir else default_cache_dir()).resolve() / "generated" / f"scenes-{digest}"
+    if root in (".", "") or Path(root).resolve() == own:
+        return own
+    raise DataError(f"data.generate=scenes draws its own data set, so data.root={root} would not be used; "
+                    "set data.generate=null to train on that folder, or leave data.root unset")
+
+
 def ensure_scenes(root: str | Path, seed: int = 1234, splits: dict[str, int] | None = None) -> Path:
     """Generate ``root/{train,val,test}.csv`` and ``root/images/`` once; reuse when complete.
 
@@ -94,10 +117,14 @@ def ensure_scenes(root: str | Path, seed: int = 1234, splits: dict[str, int] | N
     """
     root = Path(root)
     splits = splits or SCENE_SPLITS
-    spec = {"version": _VERSION, "seed": seed, "splits": splits, "size": SCENE_SIZE, "labels": SCENE_LABELS}
+    spec = _spec(seed, splits)
     marker = root / "scenes.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN) if root.is_dir() else []
+    if foreign and not marker.is_file():
+        raise DataError(f"{root} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                        "the scene generator writes only into its own folder: leave data.root unset")
     (root / "images").mkdir(parents=True, exist_ok=True)
     for offset, (split, count) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, offset])

@@ -6,6 +6,8 @@ Targets are float32 ``(N, L)``: 1 positive, 0 negative, -1 unknown. Every reader
 from __future__ import annotations
 
 import csv
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -84,6 +86,20 @@ def _parse_flag(value: str, path: Path, line: int, column: str) -> float:
                     "or empty / -1 for unknown. If this column is not a label, set data.label_columns.")
 
 
+csv.field_size_limit(1 << 24)  # 16 MB per field; the default 128 KB fails on long label lists
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 annotation file as text, or a :class:`DataError` naming the line that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
+
+
 def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = None,
                    image_column: str | None = None, label_columns: Sequence[str] | None = None,
                    labels_column: str | None = None, label_delimiter: str = " ",
@@ -96,8 +112,10 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
     """
     if not path.is_file():
         raise DataError(f"CSV file {path} not found (relative paths are taken from data.root)")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        rows = list(csv.reader(read_text(path).splitlines(keepends=True)))
+    except csv.Error as err:  # e.g. a field beyond the field size limit: a broken quote swallowed the file
+        raise DataError(f"{path}: not a readable CSV ({err}); check its quoting") from None
     if not rows:
         raise DataError(f"{path} is empty; it needs a header row and one row per image")
     header = [h.strip() for h in rows[0]]
@@ -143,10 +161,13 @@ def _numeric_columns(rows, path, header, columns) -> np.ndarray:
             text = row[header.index(column)].strip()
             if text:
                 try:
-                    out[line - 2, j] = float(text)
+                    value = float(text)
                 except ValueError:
+                    value = math.nan
+                if not math.isfinite(value):  # not a number, or nan / inf written out
                     raise DataError(f"{path}:{line}: regression column {column!r} has {text!r}; "
-                                    "give a number, or leave it empty when unknown") from None
+                                    "give a finite number, or leave it empty when unknown")
+                out[line - 2, j] = value
     return out
 
 
@@ -193,16 +214,19 @@ def read_folder_table(folder: Path, *, labels: Sequence[str] | None = None,
     class in sorted order, or the one named in ``labels``); otherwise one label per class."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} not found (relative paths are taken from data.root)")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
         raise DataError(f"{folder} has no class sub-folders; expected {folder}/<class>/<image>")
-    paths, owner = [], []
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += [str(p) for p in files]
-        owner += [name] * len(files)
-    if not paths:
+    files = {name: sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+             for name in found}
+    classes = [name for name in found if files[name]]  # an empty folder is no class (nor a third label)
+    if not classes:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    if len(classes) < len(found):
+        print(f"warning: {folder}: class folders {sorted(set(found) - set(classes))} hold no images and are "
+              "left out", file=sys.stderr)
+    paths = [str(p) for name in classes for p in files[name]]
+    owner = [name for name in classes for _ in files[name]]
     if labels is None:
         if task == "binary" and len(classes) != 2:
             raise DataError(f"{folder}: task binary needs exactly two class folders, found {classes}")
