@@ -395,6 +395,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     out_dir = Path(cfg.out_dir)
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    _check_against_data(cfg, splits)
     if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into
         cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
@@ -402,12 +403,12 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
                          resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
                          regression=splits.train.regression_names)
     splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
-    if world.main:  # once the config, the data and the model are known to be good
-        write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
     counts = _describe_splits(splits, quiet)
     pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
     loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
     loaders = _loaders(cfg, splits, model, device, world, caches)
+    if world.main:  # once the config, the data, the model and the loss are known to be good
+        write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
     state = _fit(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed)
     del resumed  # its tensors are in the model and the optimizer now
     model.load_state_dict(state["best_state"])
@@ -423,6 +424,14 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         _write_run(cfg, model, metrics, run_info, state["history"], val_logits, val_targets, out_dir)
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
+
+
+def _check_against_data(cfg: Config, splits) -> None:
+    """Settings that only the data can refute, checked before training rather than after it."""
+    folds, n_val = cfg.thresholds.cross_fit, len(splits.val)
+    if folds and folds > n_val:
+        raise ConfigError(f"thresholds.cross_fit={folds} folds need at least {folds} val images, val has "
+                          f"{n_val}: set thresholds.cross_fit=0 or give a larger val split")
 
 
 def _describe_splits(splits, quiet: bool) -> dict:

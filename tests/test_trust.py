@@ -126,38 +126,31 @@ def test_a_failing_post_training_step_leaves_the_trained_model_saved(tmp_path, s
 
 # --------------------------------------------------------------------------- the model directory (15.1, 15.7, 15.15)
 
-SAVER = """
-import sys, torch
-from mlabel.models import create_model
-torch.manual_seed(0)
-a = create_model("test_resnet", ["a", "b", "c"], image_size=32)
-b = create_model("test_resnet", ["x", "y"], image_size=32)
-a.set_thresholds([0.1, 0.2, 0.3]); b.set_thresholds([0.7, 0.8])
-print("ready", flush=True)
-while True:
-    for m in (a, b):
-        m.save_pretrained(sys.argv[1])
-"""
-
-
 def test_kill_9_during_saves_leaves_the_old_or_the_new_model_never_a_mix(tmp_path):
-    """SIGKILL a process that saves two different models in turn into one directory, at random
-    moments, 24 times: each time the directory loads as exactly one of the two."""
+    """SIGKILL a (forked) process that saves two different models in turn into one directory, at
+    random moments, 24 times: each time the directory loads as exactly one of the two."""
     folder = tmp_path / "model"
     torch.manual_seed(0)
-    expected = {}
+    models, expected = [], {}
     for labels, th in ((["a", "b", "c"], [0.1, 0.2, 0.3]), (["x", "y"], [0.7, 0.8])):
         m = create_model("test_resnet", labels, image_size=32)
         m.set_thresholds(th)
-        expected[tuple(labels)] = (m.state_dict(), th)
+        models.append(m)
+        expected[tuple(labels)] = ({k: v.clone() for k, v in m.state_dict().items()}, th)
     rng = random.Random(0)
     seen = set()
     for trial in range(24):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(folder)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 0.4))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        pid = os.fork()
+        if pid == 0:  # the child saves until it is killed
+            try:
+                while True:
+                    for m in models:
+                        m.save_pretrained(folder)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.02, 0.3))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
         if not (folder / "mlabel.json").exists():
             continue  # killed before the first save finished: nothing to load yet
         model = mlabel.load(folder)

@@ -141,13 +141,15 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "categories")):
         raise DataError(f'{path}: expected a COCO object with "images" and "categories" lists')
     try:
-        categories = _unique_ids(path, "category", [(int(c["id"]), str(c["name"])) for c in data["categories"]])
-        files = _unique_ids(path, "image", [(int(im["id"]), str(im["file_name"])) for im in data["images"]])
+        category_pairs = [(int(c["id"]), str(c["name"])) for c in data["categories"]]
+        image_pairs = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
         annotations = [(int(a["image_id"]), int(a["category_id"])) for a in data.get("annotations") or []]
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: a category, image or annotation lacks a valid field ({err!r}); "
                         "categories need id and name, images id and file_name, annotations image_id "
                         "and category_id") from None
+    categories = _unique_ids(path, "category", category_pairs)
+    files = _unique_ids(path, "image", image_pairs)
     if not files:
         raise DataError(f"{path} lists no images")
     positives: dict[int, set] = {image_id: set() for image_id in files}

@@ -82,7 +82,8 @@ def _parse_flag(value: str, path: Path, line: int, column: str) -> float:
         return 0.0
     if text in _UNKNOWN:
         return -1.0
-    raise DataError(f"{path}:{line}: column {column!r} has {value!r}; label columns hold 1, 0, "
+    shown = value if len(value) <= 40 else f"{value[:40]}... ({len(value):,} characters)"
+    raise DataError(f"{path}:{line}: column {column!r} has {shown!r}; label columns hold 1, 0, "
                     "or empty / -1 for unknown. If this column is not a label, set data.label_columns.")
 
 
@@ -165,7 +166,7 @@ def _numeric_columns(rows, path, header, columns) -> np.ndarray:
                 except ValueError:
                     value = math.nan
                 if not math.isfinite(value):  # not a number, or nan / inf written out
-                    raise DataError(f"{path}:{line}: regression column {column!r} has {text!r}; "
+                    raise DataError(f"{path}:{line}: regression column {column!r} has {text[:40]!r}; "
                                     "give a finite number, or leave it empty when unknown")
                 out[line - 2, j] = value
     return out
