@@ -131,9 +131,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _progress(iterable, total: int, desc: str, quiet: bool):
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=quiet or not sys.stderr.isatty())
+class _Progress:
+    """Iterate a loader's batches behind a progress bar that counts images (on a terminal)."""
+
+    def __init__(self, loader, desc: str, quiet: bool):
+        self.loader = loader
+        try:  # the sampler's length: this rank's share under DDP
+            total = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+        except (TypeError, AttributeError):
+            total = None
+        self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True,
+                        disable=quiet or not sys.stderr.isatty())
+
+    def __iter__(self):
+        try:
+            for batch in self.loader:
+                yield batch
+                self.bar.update(len(batch[0]))
+        finally:
+            self.bar.close()
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, scheduler,
@@ -156,7 +175,7 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, sch
     _train_mode(model, freeze_backbone, freeze_norm_stats)
     scaler = scaler or grad_scaler_for(device, "fp32")
     total_loss, seen, start = 0.0, 0, time.perf_counter()
-    bar = _progress(loader, len(loader), f"epoch {epoch}", quiet)
+    bar = _Progress(loader, f"epoch {epoch}", quiet)
     optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
@@ -222,7 +241,7 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
     """
     model.eval()
     all_logits, all_targets, total_loss, seen = [], [], 0.0, 0
-    for images, targets in _progress(loader, len(loader), desc, quiet):
+    for images, targets in _Progress(loader, desc, quiet):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

