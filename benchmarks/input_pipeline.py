@@ -125,7 +125,7 @@ def train_rates(cache, table, pre: dict, args, device: torch.device) -> dict:
     """Training images/s of ``args.backbone`` (bf16 autocast on CUDA, channels_last) fed by the
     cached batched loader, and on one synthetic batch kept on the device, in the same run."""
     import mlabel
-    from mlabel.engine import build_optimizer, build_scheduler, train_one_epoch
+    from mlabel.engine import Stepper, build_optimizer, build_scheduler, train_one_epoch
     from mlabel.losses import BCEWithLogits
     batch = args.train_batch_size
     rates = {}
@@ -143,13 +143,13 @@ def train_rates(cache, table, pre: dict, args, device: torch.device) -> dict:
                                                pin=device.type == "cuda"), batch, device=device, train=True, seed=0,
                                    workers=args.workers)
             source = lambda steps: Steps(loader, steps)  # noqa: E731
-        kwargs = dict(channels_last=True, quiet=True, precision="auto")
-        train_one_epoch(model, source(max(2, args.train_steps // 5)), BCEWithLogits(), optimizer, scheduler,
-                        device, 1, **kwargs)  # warm-up: cuDNN autotuning, allocator, loader threads
+        stepper = Stepper(optimizer, scheduler, channels_last=True, precision="auto")
+        train_one_epoch(model, source(max(2, args.train_steps // 5)), BCEWithLogits(), stepper,
+                        device, 1, quiet=True)  # warm-up: cuDNN autotuning, allocator, loader threads
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_one_epoch(model, source(args.train_steps), BCEWithLogits(), optimizer, scheduler, device, 2, **kwargs)
+        train_one_epoch(model, source(args.train_steps), BCEWithLogits(), stepper, device, 2, quiet=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates[name] = args.train_steps * batch / (time.perf_counter() - start)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 import mlabel
 from mlabel.data import ImageDataset, build_transform, make_loader
 from mlabel.data.tables import LabelTable
-from mlabel.engine import build_optimizer, build_scheduler, train_one_epoch
+from mlabel.engine import Stepper, build_optimizer, build_scheduler, train_one_epoch
 from mlabel.losses import BCEWithLogits
 
 LABELS = ["a", "b", "c", "d", "e"]
@@ -90,7 +90,8 @@ def main() -> None:
         scheduler = build_scheduler(optimizer, 2 * len(loader), 0)
         rates = []
         for epoch in (1, 2):
-            row = train_one_epoch(model, loader, BCEWithLogits(), optimizer, scheduler, device, epoch, quiet=True)
+            row = train_one_epoch(model, loader, BCEWithLogits(), Stepper(optimizer, scheduler), device, epoch,
+                                  quiet=True)
             rates.append(row["images_per_s"])
         ours = rates[-1]
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,8 +15,9 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() at once (
 
 from .errors import NonFiniteLossError
 
-__all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions",
-           "autocast_for", "grad_scaler_for", "mix_batch", "ModelEma", "NonFiniteLossError"]
+__all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions", "autocast_for",
+           "grad_scaler_for", "mix_batch", "batch_mixer", "set_train_mode", "Stepper", "ModelEma",
+           "NonFiniteLossError"]
 
 
 def autocast_for(device: torch.device, precision: str = "auto"):
@@ -155,58 +159,82 @@ class _Progress:
         self.bar.set_postfix(**values)
 
 
-def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer, scheduler,
-                    device: torch.device, epoch: int, *, grad_clip: float | None = None,
-                    channels_last: bool = False, freeze_backbone: bool = False,
-                    freeze_norm_stats: bool = False, quiet: bool = False, precision: str = "auto",
-                    scaler=None, accumulate: int = 1, ema: ModelEma | None = None,
-                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, mix_prob: float = 1.0,
-                    forward=None) -> dict:
-    """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
+@dataclass
+class Stepper:
+    """Everything an optimisation step uses besides the model and the batch.
 
-    With ``freeze_backbone`` the backbone stays in eval mode (its norm statistics fixed). With
-    ``freeze_norm_stats`` only its batch-norm layers do: their running statistics stay those
-    of pretraining while every weight trains. Switching a pretrained backbone from running to
-    small-batch statistics when it is unfrozen shifts its features under the fitted head.
     ``accumulate`` batches make one optimizer step (each loss divided by their number); the
-    scheduler and the EMA advance once per optimizer step. ``forward`` (images -> outputs)
+    scheduler and the EMA advance once per optimizer step. ``mix`` (images, targets -> mixed) is
+    the batch transform of mixup / cutmix (:func:`batch_mixer`); ``forward`` (images -> outputs)
     replaces the model's own, e.g. by its DDP or compiled wrapper.
     """
-    _train_mode(model, freeze_backbone, freeze_norm_stats)
-    scaler = scaler or grad_scaler_for(device, "fp32")
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object = None
+    ema: ModelEma | None = None
+    precision: str = "auto"
+    channels_last: bool = False
+    accumulate: int = 1
+    grad_clip: float | None = None
+    mix: Callable | None = None
+    forward: Callable | None = None
+
+
+def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0, num_labels: int | None = None):
+    """The mixup / cutmix batch transform of :func:`mix_batch`, or None when both are off."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+    return functools.partial(mix_batch, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+                             num_labels=num_labels)
+
+
+def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepper, device: torch.device,
+                    epoch: int, *, quiet: bool = False) -> dict:
+    """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
+
+    The model trains in the mode the caller set (:func:`set_train_mode` freezes the backbone or
+    its norm statistics); a model left wholly in eval mode is switched to train mode.
+    """
+    if not model.training:
+        model.train()
+    scaler = stepper.scaler or grad_scaler_for(device, "fp32")
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = _Progress(loader, f"epoch {epoch}", quiet)
-    optimizer.zero_grad(set_to_none=True)
+    stepper.optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        images, targets = mix_batch(images, targets, mixup_alpha, cutmix_alpha, mix_prob,
-                                    getattr(model, "num_labels", None))
-        if channels_last:
+        if stepper.mix is not None:
+            images, targets = stepper.mix(images, targets)
+        if stepper.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, precision):
-            logits = forward(images) if forward is not None else model_outputs(model, images)
+        with autocast_for(device, stepper.precision):
+            logits = stepper.forward(images) if stepper.forward is not None else model_outputs(model, images)
         loss = loss_fn(logits.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch}, step {step}; lower train.lr, set "
                 "train.grad_clip, or check the inputs of that batch. The last good checkpoint "
                 "(end of the previous epoch) is kept: resume=true continues from it")
-        scaler.scale(loss / accumulate).backward()
-        if (step + 1) % accumulate == 0 or step + 1 == len(loader):
-            _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema)
+        scaler.scale(loss / stepper.accumulate).backward()
+        if (step + 1) % stepper.accumulate == 0 or step + 1 == len(loader):
+            _optimizer_step(model, stepper, scaler)
         total_loss += loss.item() * len(images)
         seen += len(images)
         rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{stepper.scheduler.get_last_lr()[-1]:.2e}",
                         img_s=f"{rate:.0f}")
     elapsed = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9),
-            "lr": scheduler.get_last_lr()[-1], "train_time_s": elapsed}
+            "lr": stepper.scheduler.get_last_lr()[-1], "train_time_s": elapsed}
 
 
-def _train_mode(model: nn.Module, freeze_backbone: bool, freeze_norm_stats: bool) -> None:
-    """Train mode, except a frozen backbone (eval) or its batch-norm layers (running statistics)."""
+def set_train_mode(model: nn.Module, freeze_backbone: bool = False, freeze_norm_stats: bool = False) -> None:
+    """Train mode, except a frozen backbone (eval) or its batch-norm layers (running statistics).
+
+    With ``freeze_norm_stats`` the running statistics stay those of pretraining while every weight
+    trains: switching a pretrained backbone from running to small-batch statistics when it is
+    unfrozen shifts its features under the fitted head."""
     model.train()
     if freeze_backbone:
         model.backbone.eval()
@@ -216,19 +244,18 @@ def _train_mode(model: nn.Module, freeze_backbone: bool, freeze_norm_stats: bool
                 module.eval()
 
 
-def _optimizer_step(model: nn.Module, optimizer, scheduler, scaler, grad_clip: float | None,
-                    ema: ModelEma | None) -> None:
+def _optimizer_step(model: nn.Module, stepper: Stepper, scaler) -> None:
     """One optimizer step of the accumulated gradients (unscaled and clipped first when asked);
     the scheduler and the EMA advance with it."""
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    if stepper.grad_clip:
+        scaler.unscale_(stepper.optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), stepper.grad_clip)
+    scaler.step(stepper.optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    if ema is not None:
-        ema.update(model)
+    stepper.optimizer.zero_grad(set_to_none=True)
+    stepper.scheduler.step()
+    if stepper.ema is not None:
+        stepper.ema.update(model)
 
 
 @torch.no_grad()

@@ -36,8 +36,8 @@ from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, desc
 from .data.check import drop_bad_images, kept_rows
 from .data.synthetic import scenes_root
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
-from .engine import (ModelEma, build_optimizer, build_scheduler, collect_predictions,
-                     grad_scaler_for, train_one_epoch)
+from .engine import (ModelEma, Stepper, batch_mixer, build_optimizer, build_scheduler, collect_predictions,
+                     grad_scaler_for, set_train_mode, train_one_epoch)
 from .distributed import OutputsModule, World, broadcast_object, close_world, gather_rows, init_world, mean_across
 from .io import write_json, write_text
 from .policy import CONSTRAINTS
@@ -187,13 +187,10 @@ def _constraint_met(section: dict, thresholds) -> None:
 
 
 @dataclass
-class _Parts:
-    """What the epoch loop steps besides the model."""
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: object
-    ema: ModelEma | None
-    steps_per_epoch: int
+class _Parts(Stepper):
+    """What the epoch loop steps besides the model: the step's parts and settings, and the
+    optimizer steps an epoch takes."""
+    steps_per_epoch: int = 0
 
 
 def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
@@ -202,7 +199,11 @@ def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
                                 int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
     ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
-    return _Parts(optimizer, scheduler, grad_scaler_for(device, cfg.train.precision), ema, steps_per_epoch)
+    t = cfg.train
+    return _Parts(optimizer, scheduler, grad_scaler_for(device, t.precision), ema, precision=t.precision,
+                  channels_last=t.channels_last, accumulate=t.accumulate, grad_clip=t.grad_clip,
+                  mix=batch_mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, model.num_labels),
+                  steps_per_epoch=steps_per_epoch)
 
 
 def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> dict:
@@ -314,14 +315,10 @@ def _fit(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: boo
         started = time.perf_counter()
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
-        forward = _wrap(cfg, model, wrapped, frozen, device, world)
+        set_train_mode(model, frozen, cfg.train.freeze_norm_stats)
+        parts.forward = _wrap(cfg, model, wrapped, frozen, device, world)
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        trained = train_one_epoch(model, train_loader, loss_fn, parts.optimizer, parts.scheduler, device, epoch,
-                                  grad_clip=cfg.train.grad_clip, channels_last=cfg.train.channels_last,
-                                  freeze_backbone=frozen, freeze_norm_stats=cfg.train.freeze_norm_stats,
-                                  quiet=quiet, precision=cfg.train.precision, scaler=parts.scaler,
-                                  accumulate=cfg.train.accumulate, ema=parts.ema, mixup_alpha=cfg.train.mixup_alpha,
-                                  cutmix_alpha=cfg.train.cutmix_alpha, mix_prob=cfg.train.mix_prob, forward=forward)
+        trained = train_one_epoch(model, train_loader, loss_fn, parts, device, epoch, quiet=quiet)
         val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet, world)
         row = {"epoch": epoch, "train_loss": mean_across(trained["train_loss"], world), "val_loss": val_loss,
                "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,

@@ -259,7 +259,7 @@ def test_resume_on_the_batched_path_repeats_the_run(tmp_path, scene_csv, monkeyp
     real = train_module.train_one_epoch
 
     def stop_at_epoch_2(*args, **kwargs):
-        if args[6] == 2:
+        if args[5] == 2:  # (model, loader, loss_fn, stepper, device, epoch)
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mlabel
-from mlabel.engine import NonFiniteLossError, build_scheduler, train_one_epoch
+from mlabel.engine import NonFiniteLossError, Stepper, build_scheduler, set_train_mode, train_one_epoch
 from mlabel.losses import BCEWithLogits
 
 
@@ -24,8 +24,8 @@ def test_freeze_norm_stats_keeps_running_statistics_but_trains_weights(freeze_no
     before_conv = model.backbone.conv1[0].weight.clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = build_scheduler(opt, 3, 1)
-    train_one_epoch(model, _batches(), BCEWithLogits(), opt, sched, torch.device("cpu"), 1,
-                    freeze_norm_stats=freeze_norm_stats, quiet=True)
+    set_train_mode(model, freeze_norm_stats=freeze_norm_stats)
+    train_one_epoch(model, _batches(), BCEWithLogits(), Stepper(opt, sched), torch.device("cpu"), 1, quiet=True)
     after = _bn_stats(model)
     unchanged = all(torch.equal(before_stats[k], after[k]) for k in before_stats)
     assert unchanged == freeze_norm_stats
@@ -38,7 +38,7 @@ def test_non_finite_loss_names_epoch_and_step():
     batches[1] = (torch.full_like(batches[1][0], float("nan")), batches[1][1])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(NonFiniteLossError, match="epoch 7, step 1"):
-        train_one_epoch(model, batches, BCEWithLogits(), opt, build_scheduler(opt, 3, 1),
+        train_one_epoch(model, batches, BCEWithLogits(), Stepper(opt, build_scheduler(opt, 3, 1)),
                         torch.device("cpu"), 7, quiet=True)
 
 

@@ -70,10 +70,10 @@ def _run(batch_size, accumulate, precision="fp32"):
     model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = build_scheduler(optimizer, 100, 0)
-    from mlabel.engine import grad_scaler_for
-    row = train_one_epoch(model, _toy(batch_size), BCEWithLogits(), optimizer, scheduler, torch.device("cpu"), 1,
-                          accumulate=accumulate, precision=precision,
-                          scaler=grad_scaler_for(torch.device("cpu"), precision), quiet=True)
+    from mlabel.engine import Stepper, grad_scaler_for
+    stepper = Stepper(optimizer, scheduler, grad_scaler_for(torch.device("cpu"), precision),
+                      accumulate=accumulate, precision=precision)
+    row = train_one_epoch(model, _toy(batch_size), BCEWithLogits(), stepper, torch.device("cpu"), 1, quiet=True)
     return model, row
 
 
@@ -225,23 +225,23 @@ def test_compile_opt_in_trains(tmp_path, scene_csv, monkeypatch):
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(
         tmp_path, scene_csv, monkeypatch, capsys):
-    import mlabel.engine as engine
     from mlabel.checkpoint import load_checkpoint
-    real, calls = engine.mix_batch, []
+    from mlabel.distributed import OutputsModule
+    real, calls = OutputsModule.forward, []
 
-    def poisoned(images, targets, *args, **kwargs):
+    def poisoned(self, images):  # the training forward (validation calls the model directly)
         calls.append(1)
-        if len(calls) == 9:  # epoch 2, step 2 (six batches of 8 per epoch)
-            images = torch.full_like(images, float("nan"))
-        return real(images, targets, *args, **kwargs)
+        outputs = real(self, images)
+        return torch.full_like(outputs, float("nan")) if len(calls) == 9 else outputs
+        # the 9th training batch: epoch 2, step 2 (six batches of 8 per epoch)
 
-    monkeypatch.setattr(engine, "mix_batch", poisoned)
+    monkeypatch.setattr(OutputsModule, "forward", poisoned)
     out = tmp_path / "run"
     assert train_main(_cmd(out, scene_csv, ["train.epochs=3"])) == 2
     err = capsys.readouterr().err
     assert "at epoch 2, step 2" in err and "resume=true" in err and "Traceback" not in err
     assert load_checkpoint(out / "checkpoint.pt")["train_state"]["epoch"] == 1
-    monkeypatch.setattr(engine, "mix_batch", real)
+    monkeypatch.setattr(OutputsModule, "forward", real)
     assert train_main(_cmd(out, scene_csv, ["train.epochs=3", "resume=true"])) == 0
     assert len((out / "history.csv").read_text().splitlines()) == 1 + 3
 
