@@ -274,3 +274,19 @@ def test_resume_on_the_batched_path_repeats_the_run(tmp_path, scene_csv, monkeyp
     history = [(tmp_path / d / "history.csv").read_text().splitlines() for d in ("straight", "resumed")]
     assert len(history[0]) == 4  # header and 3 epochs: epoch, train_loss, val_loss, val_mAP equal
     assert [row.split(",")[:4] for row in history[0]] == [row.split(",")[:4] for row in history[1]]
+
+
+def test_random_streams_are_named_disjoint_and_stable():
+    """Each random choice owns its columns of the counter-based uniforms: no two overlap, a
+    name cannot be allocated twice, and a sample's numbers depend on its seed alone."""
+    from mlabel.data.batched import STREAMS, Streams
+    taken = sorted((s.start, s.stop) for s in STREAMS.slices.values())
+    assert taken[0][0] == 0 and all(a[1] == b[0] for a, b in zip(taken, taken[1:]))
+    assert taken[-1][1] == STREAMS.width
+    with pytest.raises(ValueError, match="allocated twice"):
+        Streams([("a", 1), ("a", 2)])
+    seeds = np.array([3, 99, 12345], np.uint64)
+    drawn, u = STREAMS.draw(seeds), uniforms(seeds, STREAMS.width)
+    for name, s in STREAMS.slices.items():
+        np.testing.assert_array_equal(drawn[name], u[:, s] if s.stop - s.start > 1 else u[:, s.start])
+    np.testing.assert_array_equal(STREAMS.draw(seeds[1:2])["crop"][0], drawn["crop"][1])

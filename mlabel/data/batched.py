@@ -24,14 +24,12 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..preprocess import cache_side, normalisation, read_rgb, resize_square
+from . import presets as P
+from .presets import PRESETS
 
 __all__ = ["PRESETS", "TensorAugment", "BatchImages", "DeviceBatches", "uniforms", "random_crop_boxes", "adjust_hue",
            "decode_to_squares"]
 
-SCALES = {"light": (0.6, 1.0), "flips": (0.6, 1.0), "medium": (0.35, 1.0), "strong": (0.35, 1.0)}
-PRESETS = ("none", *SCALES)
-RATIO = (3 / 4, 4 / 3)
-JITTER = (0.3, 0.3, 0.3, 0.05)           # brightness, contrast, saturation, hue; p = 0.8
 GRAY = (0.2989, 0.587, 0.114)            # luma weights of torchvision's rgb_to_grayscale
 
 
@@ -47,7 +45,39 @@ def uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
-def random_crop_boxes(u: np.ndarray, height: int, width: int, scale, ratio=RATIO) -> np.ndarray:
+class Streams:
+    """Named columns of each sample's uniforms: every random choice of an augmentation owns its
+    own columns, allocated once here in a fixed order, so no two choices can share (and so
+    correlate) a number, and a new choice appended at the end leaves the others' numbers as
+    they were."""
+
+    def __init__(self, layout: list[tuple[str, int]]):
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, width in layout:
+            if name in self.slices:
+                raise ValueError(f"stream {name!r} allocated twice")
+            self.slices[name] = slice(start, start + width)
+            start += width
+        self.width = start
+
+    def draw(self, seeds: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: (n, width) uniforms}`` (``(n,)`` for a single column) for these seeds."""
+        u = uniforms(seeds, self.width)
+        return {name: u[:, s] if s.stop - s.start > 1 else u[:, s.start] for name, s in self.slices.items()}
+
+
+TRIES = 10  # random resized crop: tries before the centre crop (torchvision and albumentations)
+STREAMS = Streams([
+    ("crop", 4 * TRIES),  # area, aspect, top and left of each try: random_crop_boxes
+    ("hflip", 1), ("vflip", 1), ("turns", 1), ("jitter_on", 1), ("jitter", 4),
+    ("affine_on", 1), ("affine_scale", 1), ("affine_angle", 1), ("affine_shift", 2),
+    ("blur_or_noise", 1), ("blur", 1), ("blur_size", 1), ("blur_sigma", 1), ("noise", 1),
+    ("holes_on", 1), ("holes_count", 1), ("holes", 4 * 4),  # per hole: height, width, top, left
+])
+
+
+def random_crop_boxes(u: np.ndarray, height: int, width: int, scale, ratio=P.CROP_RATIO) -> np.ndarray:
     """(n, 4) boxes (top, left, h, w) of random resized crops from (n, 40) uniforms: area
     fraction in ``scale``, aspect ratio log-uniform in ``ratio``, the first of 10 tries that
     fits; else the centre crop with the ratio clamped (the rule of torchvision and
@@ -122,7 +152,7 @@ class TensorAugment:
         the batch): the same sample and seed give the same augmentation in any batch."""
         seeds = np.asarray(list(seeds), dtype=np.uint64)
         n, side, size = len(seeds), self.side, self.size
-        u = uniforms(seeds, 80)
+        u = STREAMS.draw(seeds)
         offset = (side - size) // 2
         box = np.tile(np.array([offset, offset, size, size], np.int64), (n, 1))
         hflip, vflip = np.zeros(n, bool), np.zeros(n, bool)
@@ -130,39 +160,46 @@ class TensorAugment:
         jitter = np.tile(np.array([1.0, 1.0, 1.0, 0.0], np.float32), (n, 1))
         if self.augment != "none":
             box = np.tile(np.array([0, 0, side, side], np.int64), (n, 1)) if self.squish else \
-                random_crop_boxes(u[:, :40], side, side, SCALES[self.augment])
-            hflip = u[:, 40] < 0.5
+                random_crop_boxes(u["crop"], side, side, P.CROP_SCALE[self.augment])
+            hflip = u["hflip"] < 0.5
         if self.augment == "flips":
-            vflip, turns = u[:, 41] < 0.5, np.minimum((u[:, 42] * 4).astype(np.int64), 3)
+            vflip, turns = u["vflip"] < 0.5, np.minimum((u["turns"] * 4).astype(np.int64), 3)
         if self.augment in ("medium", "strong"):
-            on = u[:, 43] < 0.8
-            low = np.array([1 - JITTER[0], 1 - JITTER[1], 1 - JITTER[2], -JITTER[3]], np.float32)
-            high = np.array([1 + JITTER[0], 1 + JITTER[1], 1 + JITTER[2], JITTER[3]], np.float32)
-            jitter[on] = (low + (high - low) * u[:, 44:48])[on]
+            on = u["jitter_on"] < P.JITTER_P
+            b, c, s, h = P.JITTER
+            low, high = np.array([1 - b, 1 - c, 1 - s, -h], np.float32), np.array([1 + b, 1 + c, 1 + s, h], np.float32)
+            jitter[on] = (low + (high - low) * u["jitter"])[on]
         params = {"box": box, "hflip": hflip, "vflip": vflip, "turns": turns, "jitter": jitter}
         if self.augment == "strong":
             params.update(self._draw_strong(u, seeds))
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
 
-    def _draw_strong(self, u: np.ndarray, seeds: np.ndarray) -> dict:
-        n, size = len(u), self.size
-        affine = u[:, 48] < 0.5  # Affine(scale 0.9-1.1, translate +-5 %, rotate +-10 deg)
-        scale, angle = 0.9 + 0.2 * u[:, 49], np.radians(-10 + 20 * u[:, 50])
-        shift = (-0.05 + 0.1 * u[:, 51:53]) * 2  # fractions of the side, in [-1, 1] units
+    def _draw_strong(self, u: dict, seeds: np.ndarray) -> dict:
+        n, size = len(seeds), self.size
+        affine = u["affine_on"] < P.AFFINE["p"]
+        (s0, s1), (r0, r1), (t0, t1) = P.AFFINE["scale"], P.AFFINE["rotate"], P.AFFINE["translate"]
+        scale, angle = s0 + (s1 - s0) * u["affine_scale"], np.radians(r0 + (r1 - r0) * u["affine_angle"])
+        shift = (t0 + (t1 - t0) * u["affine_shift"]) * 2  # fractions of the side, in [-1, 1] units
         cos, sin = np.cos(angle) / scale, np.sin(angle) / scale  # inverse of scale * rotation
         inverse = np.stack([np.stack([cos, sin], 1), np.stack([-sin, cos], 1)], 1)  # (n, 2, 2)
         theta = np.concatenate([inverse, -inverse @ shift[:, :, None]], 2).astype(np.float32)
         theta[~affine] = np.array([[1, 0, 0], [0, 1, 0]], np.float32)
-        one_of, blur = u[:, 53] < 0.3, u[:, 54] < 0.5  # OneOf(GaussianBlur 3-5 px, sigma 0.5-3 | GaussNoise)
-        blur_size = np.where(one_of & blur, np.where(u[:, 55] < 0.5, 3, 5), 0).astype(np.int64)
-        blur_sigma = (0.5 + 2.5 * u[:, 56]).astype(np.float32)
-        noise = np.where(one_of & ~blur, (0.2 + 0.24 * u[:, 57]) * 255.0, 0.0).astype(np.float32)
-        holes = np.zeros((n, 4, 4), np.int64)  # CoarseDropout: 1-4 holes of 5-15 % of the side, 0-filled
-        count = np.where(u[:, 58] < 0.3, 1 + np.minimum((u[:, 59] * 4).astype(np.int64), 3), 0)
-        for k in range(4):
-            h, w = (np.round((0.05 + 0.1 * u[:, 60 + 4 * k + j]) * size).astype(np.int64) for j in (0, 1))
-            top = (u[:, 62 + 4 * k] * (size - h + 1)).astype(np.int64)
-            left = (u[:, 63 + 4 * k] * (size - w + 1)).astype(np.int64)
+        one_of, blur = u["blur_or_noise"] < P.BLUR_OR_NOISE_P, u["blur"] < 0.5  # OneOf(GaussianBlur | GaussNoise)
+        small, large = P.BLUR_SIZES
+        blur_size = np.where(one_of & blur, np.where(u["blur_size"] < 0.5, small, large), 0).astype(np.int64)
+        (g0, g1), (n0, n1) = P.BLUR_SIGMA, P.NOISE_STD
+        blur_sigma = (g0 + (g1 - g0) * u["blur_sigma"]).astype(np.float32)
+        noise = np.where(one_of & ~blur, (n0 + (n1 - n0) * u["noise"]) * 255.0, 0.0).astype(np.float32)
+        (fewest, most), (d0, d1) = P.DROPOUT["holes"], P.DROPOUT["size"]
+        holes = np.zeros((n, most, 4), np.int64)  # CoarseDropout, 0-filled
+        spread = most - fewest + 1
+        count = np.where(u["holes_on"] < P.DROPOUT["p"],
+                         fewest + np.minimum((u["holes_count"] * spread).astype(np.int64), spread - 1), 0)
+        for k in range(most):
+            cols = u["holes"][:, 4 * k:4 * k + 4]
+            h, w = (np.round((d0 + (d1 - d0) * cols[:, j]) * size).astype(np.int64) for j in (0, 1))
+            top = (cols[:, 2] * (size - h + 1)).astype(np.int64)
+            left = (cols[:, 3] * (size - w + 1)).astype(np.int64)
             holes[:, k] = np.where((k < count)[:, None], np.stack([top, left, h, w], 1), 0)
         return {"affine": affine, "theta": theta, "noise": noise, "blur_size": blur_size, "blur_sigma": blur_sigma,
                 "holes": holes, "seed": seeds.astype(np.int64)}

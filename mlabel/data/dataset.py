@@ -11,6 +11,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import presets as P
 from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
 from ..errors import DataError
 from .tables import LabelTable
@@ -71,19 +72,21 @@ def build_transform(preprocessing: dict, train: bool, augment: str | list = "non
     if isinstance(augment, list):
         ops = augmentation_ops(augment) + [A.Resize(size, size, interpolation=interp)]
     else:
-        scale = (0.6, 1.0) if augment in ("light", "flips") else (0.35, 1.0)
         ops = [A.Resize(size, size, interpolation=interp) if squish
-               else A.RandomResizedCrop(size=(size, size), scale=scale, interpolation=interp),
+               else A.RandomResizedCrop(size=(size, size), scale=P.CROP_SCALE[augment], ratio=P.CROP_RATIO,
+                                        interpolation=interp),
                A.HorizontalFlip(p=0.5)]
         if augment == "flips":  # all 8 flips/rotations: for content without an up (shapes, aerial, cells)
             ops += [A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)]
         if augment in ("medium", "strong"):
-            ops.append(A.ColorJitter(0.3, 0.3, 0.3, 0.05, p=0.8))
+            ops.append(A.ColorJitter(*P.JITTER, p=P.JITTER_P))
         if augment == "strong":
-            ops += [A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-10, 10), p=0.5),
-                    A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise()], p=0.3),
-                    A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
-                                    hole_width_range=(0.05, 0.15), p=0.3)]
+            ops += [A.Affine(scale=P.AFFINE["scale"], translate_percent=P.AFFINE["translate"],
+                             rotate=P.AFFINE["rotate"], p=P.AFFINE["p"]),
+                    A.OneOf([A.GaussianBlur(blur_limit=P.BLUR_SIZES, sigma_limit=P.BLUR_SIGMA),
+                             A.GaussNoise(std_range=P.NOISE_STD)], p=P.BLUR_OR_NOISE_P),
+                    A.CoarseDropout(num_holes_range=P.DROPOUT["holes"], hole_height_range=P.DROPOUT["size"],
+                                    hole_width_range=P.DROPOUT["size"], p=P.DROPOUT["p"])]
     ops += [A.Normalize(mean=preprocessing["mean"], std=preprocessing["std"], max_pixel_value=255.0),
             ToTensorV2()]
     return A.Compose(ops)
