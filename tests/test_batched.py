@@ -246,7 +246,7 @@ def test_cuda_batches_match_the_cpu_ones(photo_table, tmp_path, preset):
 def test_resume_on_the_batched_path_repeats_the_run(tmp_path, scene_csv, monkeypatch):
     """Interrupted after epoch 1 and resumed: the same batches (seeded per epoch, per sample)
     and so the same result as the uninterrupted run, with augmentation on."""
-    from mlabel import train as train_module
+    from mlabel import loop as train_module  # the epoch loop calls train_one_epoch
 
     def argv(out, *extra):
         return ["quickstart", f"out_dir={out}", "model.backbone=test_resnet", "model.pretrained=false",
