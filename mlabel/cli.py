@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": ("mlabel.evaluate", "metrics of a saved model on one split"),
     "predict": ("mlabel.predict", "labels and probabilities for images"),
     "export": ("mlabel.export", "ONNX or TorchScript with labels, thresholds and preprocessing"),
+    "report": ("mlabel.report", "(re)build a run's report/report.html from its saved model"),
     "models": ("mlabel.cli", "list timm backbones, marking those with offline weights"),
 }
 
@@ -43,8 +44,8 @@ def describe_error(err: BaseException) -> str:
         return f"no space left on the device writing {err.filename or 'a file'}: free space or write elsewhere"
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read {err.filename}: {err.strerror}; choose a path you may write to"
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.filename}: {err.strerror or err}"
+    if isinstance(err, OSError):  # the file system's answer, not a bug: say it as it is
+        return f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
     if isinstance(err, ImportError):
         return (f"the package {err.name or err} is missing; install the extra that needs it, e.g. "
                 "pip install 'mlabel[export]' for ONNX or 'mlabel[tensorboard]'")

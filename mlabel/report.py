@@ -189,3 +189,58 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:10
 {_table(metrics, labels)}{more}{body}</body></html>"""
     write_text(folder / "report.html", page)
     return folder
+
+
+def _read_history(path: Path) -> list[dict]:
+    """``history.csv`` rows as numbers (empty cells as None)."""
+    import csv
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the report is built from a finished run directory")
+    with path.open(newline="") as handle:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def rebuild_report(run_dir: str | Path, device=None, quiet: bool = False) -> Path:
+    """Build ``report/`` again from a run directory as it is now: the saved model (its current
+    thresholds and calibration, e.g. after ``mlabel tune``), val and test scored afresh, and the
+    run's history and label counts."""
+    import json
+
+    from .distributed import resolve_device
+    from .evaluate import evaluate_outputs, load_run, split_logits
+    model, cfg, _, out_dir = load_run(str(run_dir), None, [])
+    device = resolve_device(device or cfg.train.device)
+    history = _read_history(Path(out_dir) / "history.csv")
+    counts = json.loads((Path(out_dir) / "run.json").read_text())["label_counts"]
+    logits, targets = split_logits(model, cfg, "val", device, quiet)
+    metrics = {"val": evaluate_outputs(model, logits, targets)}
+    if cfg.data.test or cfg.data.test_fraction > 0:
+        metrics["test"] = evaluate_outputs(model, *split_logits(model, cfg, "test", device, quiet))
+    n = model.num_labels
+    import torch
+    return write_report(out_dir, metrics, history, model.probabilities(logits[:, :n]).numpy(),
+                        targets[:, :n].numpy(), model.labels, model.thresholds.cpu().numpy(), counts,
+                        raw_probs=torch.sigmoid(logits[:, :n]).numpy() if model.calibration else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import guarded
+    return guarded(_main)(argv)
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="mlabel report", description="(Re)build RUN_DIR/report/report.html "
+                                     "from the run's saved model (its current thresholds), data and history.")
+    parser.add_argument("run_dir", help="a run directory (with config.yaml, model/, history.csv and run.json)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    folder = rebuild_report(args.run_dir, args.device, args.quiet)
+    print(f"report: {folder / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

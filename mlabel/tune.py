@@ -86,6 +86,8 @@ def main(argv: list[str]) -> int:
                                              "calibration": cal_cfg.method, "threshold_policy": policy,
                                              "val_before": before, "val_after": after})
     print(f"thresholds ({th_cfg.metric}, policy {policy['policy']}) stored in {meta_path}")
+    if (Path(out_dir) / "report").is_dir():
+        print(f"report/report.html still shows the former thresholds: mlabel report {out_dir} rebuilds it")
     return 0
 
 

@@ -166,3 +166,21 @@ def test_training_prints_lr_time_eta_best_epoch_and_the_report(tmp_path, scene_c
     for i, m in enumerate(matches):  # a star exactly when the epoch beats every earlier one
         assert (m.group(3) == " *") == (i == 0 or float(m.group(2)) > best_so_far[i - 1])
     assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in out
+
+
+def test_report_command_rebuilds_the_page_with_the_current_thresholds(tmp_path, scene_csv):
+    import mlabel
+    from mlabel.report import main as report_main
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", f"data.root={scene_csv}", "data.val=val.csv",
+                       "data.test=null", "model.backbone=test_resnet", "model.pretrained=false",
+                       "data.generate=null", "data.image_size=32", "data.num_workers=0", "thresholds.cross_fit=0",
+                       "thresholds.bootstrap=0", "train.epochs=1", "--quiet"]) == 0
+    model = mlabel.load(run)
+    model.set_thresholds([0.123456] * len(model.labels))
+    model.save_metadata(run / "model")
+    page = run / "report" / "report.html"
+    assert "0.123" not in page.read_text()
+    assert report_main([str(run), "--quiet"]) == 0
+    assert "0.123" in page.read_text()  # the per-label table shows the thresholds now saved
+    assert report_main([str(tmp_path / "nothing")]) == 2

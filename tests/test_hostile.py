@@ -311,3 +311,45 @@ def test_predict_labels_returns_names_and_scores_at_the_tuned_thresholds(finishe
         assert [name for name, _ in row] == [name for name, _ in expected]
         assert [s for _, s in row] == pytest.approx([s for _, s in expected])
     assert all(len(row) <= 1 for row in model.predict_labels(images, topk=1))
+
+
+def test_generated_scenes_live_in_their_own_cache_folder(tmp_path, monkeypatch):
+    from mlabel.data.synthetic import ensure_scenes, scenes_root
+    from mlabel.errors import DataError
+    own = scenes_root(".", str(tmp_path / "cache"))
+    assert own.is_absolute() and own.parent == (tmp_path / "cache" / "generated").resolve()
+    assert scenes_root(str(own), str(tmp_path / "cache")) == own  # a saved config.yaml names it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="holds other files"):
+        ensure_scenes(tmp_path / "mine", splits={"train": 2})
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["holiday.jpg"]
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_is_refused_up_front(tmp_path, scene_csv, monkeypatch):
+    import collections
+    from mlabel.config import load_config
+    from mlabel.data import build_splits
+    from mlabel.data import cache as cache_module
+    from mlabel.errors import DataError
+    table = build_splits(load_config("quickstart", [f"data.root={scene_csv}", *TINY[:-1]]).data).val
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DataError, match=r"needs 0\.00 GiB, .* has 0\.00 GiB free; free space"):
+        cache_module.DecodedCache(table, {"image_size": 32, "resize": "squish"}, tmp_path, workers=1, quiet=True)
+    assert list(tmp_path.iterdir()) == []  # no temp file left
+
+
+def test_repeated_images_across_splits_are_counted_in_a_warning(tmp_path, scene_csv, capsys):
+    from mlabel.config import load_config
+    from mlabel.data import build_splits
+    rows = list(csv.reader((scene_csv / "val.csv").open()))
+    rows = [[str(scene_csv / r[0]) if i else r[0], *r[1:]] for i, r in enumerate(rows)]
+    train = list(csv.reader((scene_csv / "train.csv").open()))
+    train = [[str(scene_csv / r[0]) if i else r[0], *r[1:]] for i, r in enumerate(train)]
+    _write_rows(tmp_path / "train.csv", train + rows[1:4] + train[1:3])  # 3 val images, 2 repeats
+    _write_rows(tmp_path / "val.csv", rows)
+    build_splits(load_config("quickstart", [f"data.root={tmp_path}", *TINY[:-1]]).data)
+    err = capsys.readouterr().err
+    assert "warning: 2 images are listed twice in train" in err
+    assert "warning: 3 images are in both train and val" in err
