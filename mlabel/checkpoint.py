@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_path
+from .io import atomic_path, remove_stale_temps
 
 __all__ = ["save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng", "config_differences"]
 
@@ -59,6 +59,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write ``state`` to a temporary file and rename it over ``path``: a crash mid-write
     leaves the previous checkpoint intact."""
+    remove_stale_temps(path)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 

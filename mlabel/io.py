@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "check_writable", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_writable", "remove_stale_temps", "write_json", "write_text"]
 
 
 def _umask() -> int:
@@ -31,6 +31,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Delete the temporary files :func:`atomic_path` left beside ``path`` when a writer was killed
+    (kill -9 skips its clean-up). Only for files one process writes at a time (a locked run
+    directory's checkpoint, a model directory being saved)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def check_writable(path: str | Path) -> None:

@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from .io import atomic_path, write_json
+from .io import atomic_path, remove_stale_temps, write_json
 
 __all__ = ["META_FILE", "WEIGHTS_FILE", "read_model", "validate_meta", "weights_digest", "write_metadata",
            "write_model"]
@@ -48,6 +48,8 @@ def _fsync_dir(folder: Path) -> None:
 def write_model(directory: Path, write_weights, meta: dict) -> None:
     """Replace the model in ``directory``: ``write_weights(path)`` writes the safetensors file."""
     directory.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS_FILE, PENDING, META_FILE):
+        remove_stale_temps(directory / name)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         write_weights(tmp)
         with open(tmp, "rb+") as handle:

@@ -159,7 +159,38 @@ def test_kill_9_during_saves_leaves_the_old_or_the_new_model_never_a_mix(tmp_pat
         assert model.thresholds.tolist() == pytest.approx(th)
         for key, value in model.state_dict().items():
             assert torch.equal(value, state[key]), (trial, key)
+        assert len(list(folder.glob(".model.safetensors.*.tmp"))) <= 1  # the next save removes it
     assert len(seen) == 2
+
+
+def test_kill_9_during_checkpointing_leaves_the_old_or_the_new_checkpoint(tmp_path):
+    """The same for the epoch checkpoint: 24 random SIGKILLs of a process that writes two
+    different training states in turn; every time the file reads back as exactly one of them."""
+    from mlabel.checkpoint import load_checkpoint, save_checkpoint
+    path = tmp_path / "checkpoint.pt"
+    states = [{"model": {"w": torch.full((256, 256), float(i))}, "train_state": {"epoch": i}} for i in (1, 2)]
+    rng = random.Random(1)
+    seen = set()
+    for trial in range(24):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                while True:
+                    for state in states:
+                        save_checkpoint(path, state)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.01, 0.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if not path.exists():
+            continue
+        saved = load_checkpoint(path)
+        epoch = saved["train_state"]["epoch"]
+        seen.add(epoch)
+        assert torch.equal(saved["model"]["w"], states[epoch - 1]["model"]["w"]), trial
+    assert seen == {1, 2}
+    assert len(list(tmp_path.glob(".checkpoint.pt.*.tmp"))) <= 1  # the next save removes a killed writer's
 
 
 def test_weights_and_metadata_from_different_saves_are_refused(tmp_path):
