@@ -16,7 +16,7 @@ from .io import atomic_path, write_text  # noqa: E402
 from .metrics import label_curves  # noqa: E402
 from .thresholds import _objective  # noqa: E402
 
-__all__ = ["write_report"]
+__all__ = ["build_report", "write_report"]
 
 MAX_LABELS_PLOTTED = 16
 
@@ -200,27 +200,52 @@ def _read_history(path: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def rebuild_report(run_dir: str | Path, device=None, quiet: bool = False) -> Path:
-    """Build ``report/`` again from a run directory as it is now: the saved model (its current
-    thresholds and calibration, e.g. after ``mlabel tune``), val and test scored afresh, and the
-    run's history and label counts."""
+def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, history: list[dict] | None = None,
+                 device=None, quiet: bool = False) -> Path:
+    """``RUN_DIR/report/`` from the run as it is now: the saved model (its current thresholds and
+    calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
+    afresh when a run has none), with the run's history and label counts. Training, ``mlabel
+    tune`` and ``mlabel report`` all build the page here, so it matches ``model/mlabel.json``."""
     import json
 
-    from .distributed import resolve_device
-    from .evaluate import evaluate_outputs, load_run, split_logits
-    model, cfg, _, out_dir = load_run(str(run_dir), None, [])
-    device = resolve_device(device or cfg.train.device)
-    history = _read_history(Path(out_dir) / "history.csv")
-    counts = json.loads((Path(out_dir) / "run.json").read_text())["label_counts"]
-    logits, targets = split_logits(model, cfg, "val", device, quiet)
-    metrics = {"val": evaluate_outputs(model, logits, targets)}
-    if cfg.data.test or cfg.data.test_fraction > 0:
-        metrics["test"] = evaluate_outputs(model, *split_logits(model, cfg, "test", device, quiet))
-    n = model.num_labels
     import torch
-    return write_report(out_dir, metrics, history, model.probabilities(logits[:, :n]).numpy(),
-                        targets[:, :n].numpy(), model.labels, model.thresholds.cpu().numpy(), counts,
-                        raw_probs=torch.sigmoid(logits[:, :n]).numpy() if model.calibration else None)
+
+    from .evaluate import evaluate_outputs
+    from .predictions import load_predictions
+    run_dir = Path(run_dir)
+    if model is None:
+        from .models import load
+        model = load(run_dir)
+    scores = {}
+    for split in ("val", "test"):
+        saved = load_predictions(run_dir, split, model.labels)
+        if saved is not None:
+            packed = [np.concatenate([saved[a], saved[b]], 1) if "regression" in saved else saved[a]
+                      for a, b in (("logits", "regression"), ("targets", "regression_targets"))]
+            scores[split] = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in packed)
+    if "val" not in scores:
+        scores = _score_afresh(run_dir, model, device, quiet)
+    if metrics is None:
+        metrics = {split: evaluate_outputs(model, *pair) for split, pair in scores.items()}
+    history = _read_history(run_dir / "history.csv") if history is None else history
+    counts = json.loads((run_dir / "run.json").read_text())["label_counts"]
+    n = model.num_labels
+    logits, targets = scores["val"][0][:, :n], scores["val"][1][:, :n]
+    return write_report(run_dir, metrics, history, model.probabilities(logits).numpy(), targets.numpy(),
+                        model.labels, model.thresholds.cpu().numpy(), counts,
+                        raw_probs=torch.sigmoid(logits).numpy() if model.calibration else None)
+
+
+def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
+    """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
+    from .distributed import resolve_device
+    from .evaluate import load_run, split_logits
+    _, cfg, _, _ = load_run(str(run_dir), None, [])
+    device = resolve_device(device or cfg.train.device)
+    scores = {"val": split_logits(model, cfg, "val", device, quiet)}
+    if cfg.data.test or cfg.data.test_fraction > 0:
+        scores["test"] = split_logits(model, cfg, "test", device, quiet)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +261,12 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    folder = rebuild_report(args.run_dir, args.device, args.quiet)
+    from .models import locate_model
+    _, run_dir = locate_model(args.run_dir)
+    if run_dir is None:
+        raise ValueError(f"{args.run_dir} is a model directory without its run (config.yaml, history.csv, "
+                         "run.json); give the run directory")
+    folder = build_report(run_dir, device=args.device, quiet=args.quiet)
     print(f"report: {folder / 'report.html'}")
     return 0
 

@@ -39,6 +39,7 @@ from .loop import log as _log
 from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
+from .predictions import save_predictions
 from .rundir import claim_run_dir
 
 __all__ = ["main", "run"]
@@ -239,14 +240,14 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     model.load_state_dict(state["best_state"])
     if world.main:  # saved before the post-training steps (thresholds 0.5 until tuned), so none loses it
         model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
-    metrics, val_logits, val_targets = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
+    metrics, outputs = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
     if world.main:
         run_info = {"labels": splits.labels, "task": splits.task, "label_counts": counts,
                     "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
                     "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
                     "weights": state["best_weights"], "stopped_early": state["stopped_early"],
                     "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started}
-        _write_run(cfg, model, metrics, run_info, state["history"], val_logits, val_targets, out_dir)
+        _write_run(cfg, model, metrics, run_info, state["history"], outputs, splits, out_dir)
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
 
@@ -303,29 +304,28 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
                                 **threshold_kwargs(cfg.thresholds))
     metrics = {"val": evaluate_outputs(model, val_logits, val_targets, seed=cfg.seed, **cross_fit_kwargs(cfg.thresholds))}
     metrics["val"]["threshold_policy"] = policy
+    outputs = {"val": (val_logits, val_targets)}
     if "test" in eval_loaders:
-        test_logits, test_targets, _ = collect_split(model, eval_loaders["test"], device, world, **eval_kwargs)
-        metrics["test"] = evaluate_outputs(model, test_logits, test_targets)
+        outputs["test"] = collect_split(model, eval_loaders["test"], device, world, **eval_kwargs)[:2]
+        metrics["test"] = evaluate_outputs(model, *outputs["test"])
         _constraint_met(metrics["test"], cfg.thresholds)
     for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
         section["weights"] = state["best_weights"]
-    return metrics, val_logits, val_targets
+    return metrics, outputs
 
 
-def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, val_logits, val_targets,
+def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits,
                out_dir: Path) -> None:
-    """The model, metrics.json, run.json and the report."""
+    """The model, metrics.json, run.json, predictions/ and the report."""
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric,
                                                      "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", run_info)
-    from .report import write_report
-    n = model.num_labels
-    val_logits, val_targets = val_logits[:, :n], val_targets[:, :n]
-    write_report(out_dir, metrics, history, model.probabilities(val_logits).numpy(), val_targets.numpy(),
-                 run_info["labels"], model.thresholds.cpu().numpy(), run_info["label_counts"],
-                 raw_probs=torch.sigmoid(val_logits).numpy() if model.calibration else None)
+    for split, (logits, targets) in outputs.items():
+        save_predictions(out_dir, split, logits.numpy(), targets.numpy(), getattr(splits, split).paths, model.labels)
+    from .report import build_report
+    build_report(out_dir, model, metrics, history)
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:

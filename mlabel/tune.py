@@ -86,8 +86,9 @@ def main(argv: list[str]) -> int:
                                              "calibration": cal_cfg.method, "threshold_policy": policy,
                                              "val_before": before, "val_after": after})
     print(f"thresholds ({th_cfg.metric}, policy {policy['policy']}) stored in {meta_path}")
-    if (Path(out_dir) / "report").is_dir():
-        print(f"report/report.html still shows the former thresholds: mlabel report {out_dir} rebuilds it")
+    if (Path(out_dir) / "run.json").is_file():  # a run directory: its report follows the new thresholds
+        from .report import build_report
+        print(f"report: {build_report(out_dir, model, device=device, quiet=args.quiet) / 'report.html'}")
     return 0
 
 

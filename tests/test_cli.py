@@ -184,3 +184,52 @@ def test_report_command_rebuilds_the_page_with_the_current_thresholds(tmp_path, 
     assert report_main([str(run), "--quiet"]) == 0
     assert "0.123" in page.read_text()  # the per-label table shows the thresholds now saved
     assert report_main([str(tmp_path / "nothing")]) == 2
+
+
+def _tiny_run(tmp_path, scene_csv, *extra):
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", f"data.root={scene_csv}", "data.val=val.csv",
+                       "data.test=val.csv", "data.allow_overlap=true", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.generate=null", "data.image_size=32", "data.num_workers=0",
+                       "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=1", "--quiet", *extra]) == 0
+    return run
+
+
+def test_predictions_hold_the_models_val_and_test_scores(tmp_path, scene_csv):
+    import numpy as np
+    import torch
+
+    import mlabel
+    from mlabel.config import load_config as load
+    from mlabel.evaluate import split_logits
+    run = _tiny_run(tmp_path, scene_csv)
+    model = mlabel.load(run)
+    cfg = load(str(run / "config.yaml"))
+    logits, targets = split_logits(model, cfg, "val", torch.device("cpu"), quiet=True)
+    for split in ("val", "test"):
+        with np.load(run / "predictions" / f"{split}.npz", allow_pickle=False) as saved:
+            np.testing.assert_allclose(saved["logits"], logits.numpy(), atol=1e-5)
+            np.testing.assert_array_equal(saved["targets"], targets.numpy())
+            assert list(saved["labels"]) == model.labels
+            assert list(saved["paths"]) == [str(scene_csv / "images" / f"val{i}.png") for i in range(24)]
+
+
+def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_model(tmp_path, scene_csv,
+                                                                                    monkeypatch):
+    import json as json_module
+
+    from mlabel import evaluate, report
+    from mlabel.tune import main as tune_main
+    run = _tiny_run(tmp_path, scene_csv)
+    assert tune_main([str(run), "--metric", "fbeta", "--beta", "3", "--quiet"]) == 0
+    meta = json_module.loads((run / "model" / "mlabel.json").read_text())
+    page = (run / "report" / "report.html").read_text()
+    for threshold in meta["thresholds"]:
+        assert f"<td>{threshold:.3f}</td>" in page  # the page shows the thresholds tune just saved
+
+    def no_model_runs(*args, **kwargs):
+        raise AssertionError("the report must read predictions/, not run the model")
+
+    monkeypatch.setattr(evaluate, "split_logits", no_model_runs)
+    (run / "report" / "report.html").unlink()
+    assert report.main([str(run), "--quiet"]) == 0 and (run / "report" / "report.html").is_file()

@@ -1,0 +1,59 @@
+"""``RUN_DIR/predictions/{val,test}.npz``: what a run's model gave on its evaluation splits, so the
+report and later tuning read scores instead of running the model again.
+
+Each file is a NumPy ``.npz`` (no pickles; read with ``allow_pickle=False``) of:
+
+- ``logits`` (N, L) float32: the raw label logits (apply the model's calibration and thresholds
+  from ``model/mlabel.json`` to get its probabilities and decisions, as :mod:`mlabel.report` does);
+- ``targets`` (N, L) float32: 1 / 0 / -1 (unknown);
+- ``paths`` (N,) str: the image files, in the split's order;
+- ``labels`` (L,) str: the label names, in column order;
+- ``regression`` (N, R) float32 and ``regression_targets`` (N, R) (NaN = missing), only with
+  regression columns: the standardised outputs and the targets in their own units.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_path
+
+__all__ = ["save_predictions", "load_predictions"]
+
+
+def save_predictions(run_dir: Path, split: str, outputs, targets, paths: list[str], labels: list[str]) -> Path:
+    """Write ``predictions/SPLIT.npz`` atomically; ``outputs``/``targets`` are (N, L [+ R])."""
+    outputs, targets = np.asarray(outputs, np.float32), np.asarray(targets, np.float32)
+    n = len(labels)
+    if len(outputs) != len(paths) or len(targets) != len(paths):
+        raise ValueError(f"{split}: {len(outputs)} outputs and {len(targets)} targets for {len(paths)} images")
+    arrays = {"logits": outputs[:, :n], "targets": targets[:, :n], "paths": np.asarray(paths, dtype=str),
+              "labels": np.asarray(labels, dtype=str)}
+    if outputs.shape[1] > n:
+        arrays.update(regression=outputs[:, n:], regression_targets=targets[:, n:])
+    path = Path(run_dir) / "predictions" / f"{split}.npz"
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    return path
+
+
+def load_predictions(run_dir: Path, split: str, labels: list[str] | None = None) -> dict | None:
+    """The arrays of ``predictions/SPLIT.npz`` (None when the run has none), checked for shape
+    and, when ``labels`` is given, for the model's label order."""
+    path = Path(run_dir) / "predictions" / f"{split}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable predictions file ({err}); delete it to score again") from None
+    missing = {"logits", "targets", "paths", "labels"} - set(arrays)
+    n = len(arrays.get("paths", ()))
+    if missing or arrays["logits"].shape != arrays["targets"].shape or len(arrays["logits"]) != n:
+        raise ValueError(f"{path} is damaged (missing {sorted(missing)} or shapes that disagree); delete it")
+    if labels is not None and list(arrays["labels"]) != list(labels):
+        return None  # written for another label set: score afresh
+    return arrays
