@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     if command == "models":
         return models_main(rest)
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    # importing the command is guarded too: a missing dependency is a message, not a traceback
+    return guarded(lambda args: importlib.import_module(COMMANDS[command][0]).main(args))(rest)
 
 
 if __name__ == "__main__":

@@ -153,23 +153,96 @@ def _table(metrics: dict, labels: list[str]) -> str:
             f"<td>{v:.4f}</td>" if isinstance(v := _summary_value(m, k), float) else "<td>-</td>"
             for m in metrics.values()) + "</tr>"
         for k in SUMMARY_KEYS if any(_summary_value(m, k) is not None for m in metrics.values()))
-    last = list(metrics)[-1]
-    per = metrics[last]["per_label"]
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    label_rows = "".join(
-        f"<tr><td>{html.escape(n)}</td><td>{per[n]['support']}</td><td>{fmt(per[n]['ap'])}</td>"
-        f"<td>{fmt(per[n]['threshold'])}</td><td>{fmt(per[n]['precision'])}</td><td>{fmt(per[n]['recall'])}</td>"
-        f"<td>{fmt(per[n]['f1'])}</td><td>{fmt(per[n]['f1@0.5'])}</td><td>{fmt(per[n]['ece'])}</td></tr>"
-        for n in labels)
-    return (f"<h2>Summary</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>"
-            f"<h2>Per label ({last})</h2><table><tr><th>label</th><th>support</th><th>AP</th>"
-            f"<th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>F1 at 0.5</th>"
-            f"<th>ECE</th></tr>{label_rows}</table>")
+    return f"<h2>Summary</h2><table><tr><th>metric</th>{head}</tr>{rows}</table>" + "".join(
+        _label_table(split, m["per_label"], labels) for split, m in metrics.items())
+
+
+LABEL_COLUMNS = (("support", "support", "d"), ("AP", "ap", ".3f"), ("AUROC", "auroc", ".3f"),
+                 ("threshold", "threshold", ".3f"), ("TP", "tp", "d"), ("FP", "fp", "d"), ("FN", "fn", "d"),
+                 ("TN", "tn", "d"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+                 ("F1", "f1", ".3f"), ("F1 at 0.5", "f1@0.5", ".3f"), ("ECE", "ece", ".3f"))
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '<td data-v="">-</td>'
+    shown = format(int(value), fmt) if fmt == "d" else format(value, fmt)
+    return f'<td data-v="{float(value)!r}">{shown}</td>'
+
+
+def _label_table(split: str, per: dict, labels: list[str]) -> str:
+    """Per-label figures of one split, sortable by any column (click its header); labels whose
+    tuned threshold gave a lower F1 than 0.5 are marked."""
+    lost = [n for n in labels if per[n].get("f1") is not None and per[n].get("f1@0.5") is not None
+            and per[n]["f1"] < per[n]["f1@0.5"]]
+    marked = ' class="lost"'
+    rows = "".join(
+        f'<tr{marked if n in lost else ""}><td data-v="{html.escape(n)}">{html.escape(n)}</td>'
+        + "".join(_cell(per[n].get(key), fmt) for _, key, fmt in LABEL_COLUMNS) + "</tr>" for n in labels)
+    note = (f'<p class="lost-note">{len(lost)} of {len(labels)} labels have a lower {split} F1 at their tuned '
+            f"threshold than at 0.5 (marked): {', '.join(html.escape(n) for n in lost)}.</p>") if lost else ""
+    head = "".join(f"<th onclick=\"sortBy(this)\">{title}</th>" for title, _, _ in (("label", "", ""), *LABEL_COLUMNS))
+    return f"<h2>Per label ({split})</h2>{note}<table class=\"labels\"><tr>{head}</tr>{rows}</table>"
+
+
+SORT_SCRIPT = """<script>
+function sortBy(th) {
+  const table = th.closest("table"), i = [...th.parentNode.children].indexOf(th);
+  const rows = [...table.rows].slice(1), up = th.dataset.dir !== "up";
+  const key = r => { const v = r.cells[i].dataset.v; return v === "" ? NaN : (isNaN(+v) ? v : +v); };
+  rows.sort((a, b) => { const x = key(a), y = key(b);
+    if (Number.isNaN(x)) return 1; if (Number.isNaN(y)) return -1;
+    return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); });
+  th.dataset.dir = up ? "up" : "down";
+  rows.forEach(r => table.appendChild(r));
+}
+</script>"""
+
+
+def run_header(run_dir: Path) -> str:
+    """What ran: backbone, head, loss, input, epochs and the best one, weights, calibration,
+    threshold objective, data and split sizes, wall time, versions and the command that reruns it."""
+    import json
+
+    import yaml
+    rows = []
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    meta_path = run_dir / "model" / "mlabel.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    counts = run.get("label_counts", {})
+    calibration = (meta.get("calibration") or {}).get("method", "none")
+    rows += [("backbone", f"{model.get('backbone')} (pretrained: {model.get('pretrained')})"),
+             ("head, loss", f"{model.get('head')}, {config.get('loss', {}).get('name')}"),
+             ("input", f"{data.get('image_size')} px, resize {data.get('resize')}, augment {data.get('augment')}"),
+             ("epochs", f"{len(_read_history(run_dir / 'history.csv')) if (run_dir / 'history.csv').is_file() else '?'}"
+                        f" of {train.get('epochs')}; best epoch {run.get('best_epoch')} "
+                        f"(val mAP {run.get('best_val_mAP', float('nan')):.4f}), weights saved: {run.get('weights')}"),
+             ("decision", f"calibration {calibration}; thresholds: {meta.get('threshold_metric')}, policy "
+                          f"{meta.get('threshold_policy')}"),
+             ("data", f"{data.get('format')} at {data.get('root')}: " + ", ".join(
+                 f"{split} {c.get('images')}" for split, c in counts.items())),
+             ("wall time", f"{run.get('wall_time_s', float('nan')):.0f} s on {run.get('device')} "
+                           f"(world size {run.get('world_size')})"),
+             ("versions", _versions(meta)),
+             ("rerun", f"<code>mlabel train {html.escape(str(run_dir / 'config.yaml'))}</code>")]
+    body = "".join(f"<tr><th>{k}</th><td class=\"text\">{v if k == 'rerun' else html.escape(str(v))}</td></tr>"
+                   for k, v in rows)
+    return f"<h2>Run</h2><table class=\"run\">{body}</table>"
+
+
+def _versions(meta: dict) -> str:
+    import timm
+    import torch
+    from . import __version__
+    return (f"trained with mlabel {meta.get('mlabel_version', '?')}; report by mlabel {__version__}, "
+            f"torch {torch.__version__}, timm {timm.__version__}")
 
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], val_probs: np.ndarray,
                  val_targets: np.ndarray, labels: list[str], thresholds: np.ndarray, counts: dict,
-                 raw_probs: np.ndarray | None = None) -> Path:
+                 raw_probs: np.ndarray | None = None, header: str = "") -> Path:
     """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder.
 
     ``val_probs`` are the model's (calibrated) probabilities; ``raw_probs`` the plain sigmoid,
@@ -184,8 +257,9 @@ def write_report(run_dir: Path, metrics: dict, history: list[dict], val_probs: n
     body = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlabel report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head>
-<body><h1>mlabel run report</h1><p>Thresholds are tuned per label on val; test figures use them unchanged.</p>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}
+td.text{{text-align:left}}table.labels th{{cursor:pointer}}tr.lost td{{background:#fde2e1}}</style>{SORT_SCRIPT}</head>
+<body><h1>mlabel run report</h1>{header}<p>Thresholds are tuned per label on val; test figures use them unchanged.</p>
 {_table(metrics, labels)}{more}{body}</body></html>"""
     write_text(folder / "report.html", page)
     return folder
@@ -233,7 +307,8 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     logits, targets = scores["val"][0][:, :n], scores["val"][1][:, :n]
     return write_report(run_dir, metrics, history, model.probabilities(logits).numpy(), targets.numpy(),
                         model.labels, model.thresholds.cpu().numpy(), counts,
-                        raw_probs=torch.sigmoid(logits).numpy() if model.calibration else None)
+                        raw_probs=torch.sigmoid(logits).numpy() if model.calibration else None,
+                        header=run_header(run_dir))
 
 
 def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:

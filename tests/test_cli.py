@@ -225,7 +225,7 @@ def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_m
     meta = json_module.loads((run / "model" / "mlabel.json").read_text())
     page = (run / "report" / "report.html").read_text()
     for threshold in meta["thresholds"]:
-        assert f"<td>{threshold:.3f}</td>" in page  # the page shows the thresholds tune just saved
+        assert f'">{threshold:.3f}</td>' in page  # the page shows the thresholds tune just saved
 
     def no_model_runs(*args, **kwargs):
         raise AssertionError("the report must read predictions/, not run the model")
@@ -233,3 +233,24 @@ def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_m
     monkeypatch.setattr(evaluate, "split_logits", no_model_runs)
     (run / "report" / "report.html").unlink()
     assert report.main([str(run), "--quiet"]) == 0 and (run / "report" / "report.html").is_file()
+
+
+def test_report_has_the_run_header_and_per_label_counts_with_losers_marked(tmp_path, scene_csv):
+    import html as html_module
+    import re
+    run = _tiny_run(tmp_path, scene_csv)
+    page = (run / "report" / "report.html").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    run_info = json.loads((run / "run.json").read_text())
+    assert "test_resnet (pretrained: False)" in page
+    assert f"best epoch {run_info['best_epoch']}" in page
+    assert f"<code>mlabel train {run / 'config.yaml'}</code>" in page
+    for split in ("val", "test"):
+        section = page.split(f"<h2>Per label ({split})</h2>")[1].split("</table>")[0]
+        for name, row in metrics[split]["per_label"].items():
+            cells = re.search(rf'<tr( class="lost")?><td data-v="{re.escape(html_module.escape(name))}">.*?</tr>',
+                              section).group(0)
+            values = re.findall(r'data-v="([^"]*)"', cells)[1:]
+            assert [float(v) for v in values[4:8]] == [row["tp"], row["fp"], row["fn"], row["tn"]]
+            lost = row["f1"] is not None and row["f1@0.5"] is not None and row["f1"] < row["f1@0.5"]
+            assert (' class="lost"' in cells) == lost
