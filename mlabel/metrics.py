@@ -363,6 +363,7 @@ def _label_row(i, ap, roc, per, per_half, per_th, ece, support) -> dict:
         "ap": _num(ap[i]), "auroc": _num(roc[i]),
         "f1": _num(per["f1"][i]), "precision": _num(per["precision"][i]),
         "recall": _num(per["recall"][i]), "threshold": _num(per_th[i]),
-        "f1@0.5": _num(per_half["f1"][i]), "ece": _num(ece[i]), "support": int(support[i]),
+        "f1@0.5": _num(per_half["f1"][i]), "precision@0.5": _num(per_half["precision"][i]),
+        "recall@0.5": _num(per_half["recall"][i]), "ece": _num(ece[i]), "support": int(support[i]),
         **{k: int(per[k][i]) for k in ("tp", "fp", "fn", "tn")},
     }

@@ -46,14 +46,25 @@ def _label_curves(probs: np.ndarray, targets: np.ndarray):
 
 
 def _plot_training(history: list[dict], folder: Path) -> str:
-    epochs = [r["epoch"] for r in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+    epochs = [int(r["epoch"]) for r in history]
+    maps = [r["val_mAP"] for r in history]
+    kept = [max(r["val_mAP"], r.get("val_mAP_ema") or -1.0) for r in history]  # the EMA may win an epoch
+    best = epochs[int(np.argmax(kept))] if kept else None
+    fig, (left, right, rate) = plt.subplots(1, 3, figsize=(13, 3.5), layout="constrained")
     left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
     left.plot(epochs, [r["val_loss"] for r in history], "o-", label="val loss")
-    left.set_xlabel("epoch"), left.set_ylabel("BCE"), left.legend(), left.grid(alpha=0.3)
-    right.plot(epochs, [r["val_mAP"] for r in history], "o-", color="C2")
+    left.set_xlabel("epoch"), left.set_ylabel("loss"), left.legend(), left.grid(alpha=0.3)
+    right.plot(epochs, maps, "o-", color="C2")
+    if best is not None:
+        right.axvline(best, color="C3", ls="--", lw=1, label=f"best epoch {best}")
+        right.legend()
     right.set_xlabel("epoch"), right.set_ylabel("val mAP"), right.grid(alpha=0.3)
-    right.set_title("validation mAP (the best epoch is kept)")
+    right.set_title("validation mAP (the best epoch's weights are kept)")
+    rate.plot(epochs, [r.get("lr") for r in history], "o-", color="C4")
+    rate.set_xlabel("epoch"), rate.set_ylabel("learning rate at the epoch's end"), rate.grid(alpha=0.3)
+    for ax in (left, right, rate):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, folder / "training_curves.png")
 
 
@@ -160,7 +171,8 @@ def _table(metrics: dict, labels: list[str]) -> str:
 LABEL_COLUMNS = (("support", "support", "d"), ("AP", "ap", ".3f"), ("AUROC", "auroc", ".3f"),
                  ("threshold", "threshold", ".3f"), ("TP", "tp", "d"), ("FP", "fp", "d"), ("FN", "fn", "d"),
                  ("TN", "tn", "d"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
-                 ("F1", "f1", ".3f"), ("F1 at 0.5", "f1@0.5", ".3f"), ("ECE", "ece", ".3f"))
+                 ("F1", "f1", ".3f"), ("precision at 0.5", "precision@0.5", ".3f"),
+                 ("recall at 0.5", "recall@0.5", ".3f"), ("F1 at 0.5", "f1@0.5", ".3f"), ("ECE", "ece", ".3f"))
 
 
 def _cell(value, fmt: str) -> str:
@@ -254,7 +266,7 @@ def write_report(run_dir: Path, metrics: dict, history: list[dict], val_probs: n
               _plot_frequency(counts, labels, folder), _plot_calibration(val_probs, val_targets, folder, metrics, labels, raw_probs)]
     more = f"<p>Plots show the first {MAX_LABELS_PLOTTED} of {len(labels)} labels.</p>" \
         if len(labels) > MAX_LABELS_PLOTTED else ""
-    body = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
+    body = "".join(f'<figure><img src="{_data_uri(folder / name)}" alt="{name}"></figure>' for name in images)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mlabel report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}img{{max-width:100%}}
@@ -263,6 +275,12 @@ td.text{{text-align:left}}table.labels th{{cursor:pointer}}tr.lost td{{backgroun
 {_table(metrics, labels)}{more}{body}</body></html>"""
     write_text(folder / "report.html", page)
     return folder
+
+
+def _data_uri(path: Path) -> str:
+    """The PNG inlined, so ``report.html`` is one file that opens anywhere (the PNGs stay beside it)."""
+    import base64
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _read_history(path: Path) -> list[dict]:

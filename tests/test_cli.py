@@ -245,6 +245,8 @@ def test_report_has_the_run_header_and_per_label_counts_with_losers_marked(tmp_p
     assert "test_resnet (pretrained: False)" in page
     assert f"best epoch {run_info['best_epoch']}" in page
     assert f"<code>mlabel train {run / 'config.yaml'}</code>" in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)  # one file
     for split in ("val", "test"):
         section = page.split(f"<h2>Per label ({split})</h2>")[1].split("</table>")[0]
         for name, row in metrics[split]["per_label"].items():
@@ -254,3 +256,16 @@ def test_report_has_the_run_header_and_per_label_counts_with_losers_marked(tmp_p
             assert [float(v) for v in values[4:8]] == [row["tp"], row["fp"], row["fn"], row["tn"]]
             lost = row["f1"] is not None and row["f1@0.5"] is not None and row["f1"] < row["f1@0.5"]
             assert (' class="lost"' in cells) == lost
+    import mlabel
+    import numpy as np
+    import torch
+    from sklearn.metrics import precision_score, recall_score
+    model = mlabel.load(run)
+    with np.load(run / "predictions" / "val.npz") as saved:
+        probs = model.probabilities(torch.from_numpy(saved["logits"])).numpy()
+        targets = saved["targets"]
+    for j, name in enumerate(model.labels):
+        row = metrics["val"]["per_label"][name]
+        predicted = (probs[:, j] >= 0.5).astype(int)
+        assert row["precision@0.5"] == pytest.approx(precision_score(targets[:, j], predicted, zero_division=0))
+        assert row["recall@0.5"] == pytest.approx(recall_score(targets[:, j], predicted, zero_division=0))
