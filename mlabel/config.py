@@ -485,7 +485,7 @@ def cross_fit_kwargs(th: ThresholdsConfig) -> dict:
 def _check_backbone(model: ModelConfig) -> None:
     """A backbone timm knows, and offline weights that exist (hub names only with pretrained=true)."""
     import timm
-    from .weights import LITE_PACKAGES
+    from .weights import check_pretrained
     name = model.backbone
     if name.split(":", 1)[0] in ("hf-hub", "hf_hub"):
         if model.pretrained is not True:
@@ -496,10 +496,11 @@ def _check_backbone(model: ModelConfig) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"model.backbone: timm {timm.__version__} has no model {name!r}{hint}; "
                           "mlabel models PATTERN lists them")
-    pretrained = model.pretrained
-    if isinstance(pretrained, str) and pretrained not in LITE_PACKAGES and not Path(pretrained).is_file():
-        raise ConfigError(f"model.pretrained={pretrained!r} is neither a weights file nor one of "
-                          f"{sorted(LITE_PACKAGES)}; use true (timm hub), false, a file path or a package name")
+    if isinstance(model.pretrained, str):
+        try:
+            check_pretrained(model.pretrained)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_parts(config: Config) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .io import atomic_path, remove_stale_temps, write_json
 
-__all__ = ["META_FILE", "WEIGHTS_FILE", "read_model", "validate_meta", "weights_digest", "write_metadata",
+__all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "read_model", "validate_meta", "weights_digest", "write_metadata",
            "write_model"]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -60,10 +60,11 @@ def write_model(directory: Path, write_weights, meta: dict) -> None:
     _fsync_dir(directory)
 
 
-def write_metadata(directory: Path, meta: dict) -> Path:
-    """Replace ``mlabel.json`` alone (the weights stay): its digest is that of the weights on disk."""
+def write_metadata(directory: Path, meta: dict, digest: str | None = None) -> Path:
+    """Replace ``mlabel.json`` alone (the weights stay): its digest is that of the weights on disk,
+    ``digest`` when the caller has just verified it (:func:`read_model`), else computed here."""
     path = directory / META_FILE
-    write_json(path, {**meta, DIGEST_KEY: weights_digest(directory / WEIGHTS_FILE)})
+    write_json(path, {**meta, DIGEST_KEY: digest or weights_digest(directory / WEIGHTS_FILE)})
     (directory / PENDING).unlink(missing_ok=True)  # an interrupted save this one completes
     return path
 

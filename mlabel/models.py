@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .decision import Decision
-from .modeldir import META_FILE, WEIGHTS_FILE, read_model, validate_meta, write_metadata, write_model
+from .modeldir import DIGEST_KEY, META_FILE, WEIGHTS_FILE, read_model, validate_meta, write_metadata, write_model
 from ._registry import checked
 from .weights import load_backbone_weights
 
@@ -353,7 +353,8 @@ class MultiLabelClassifier(nn.Module):
         model metadata (``mlabel.tune`` uses it)."""
         directory = Path(directory)
         meta = read_model(directory) if keep and (directory / META_FILE).is_file() else {}
-        return write_metadata(directory, {**meta, **self.describe(), **(extra or {})})
+        # read_model has just checked the recorded digest against the weights: no second hashing
+        return write_metadata(directory, {**meta, **self.describe(), **(extra or {})}, meta.get(DIGEST_KEY))
 
 
 def locate_model(path: str | Path) -> tuple[Path, Path | None]:

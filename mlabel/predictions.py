@@ -19,7 +19,7 @@ import numpy as np
 
 from .io import atomic_path
 
-__all__ = ["save_predictions", "load_predictions"]
+__all__ = ["save_predictions", "load_predictions", "load_scores"]
 
 
 def save_predictions(run_dir: Path, split: str, outputs, targets, paths: list[str], labels: list[str]) -> Path:
@@ -57,3 +57,16 @@ def load_predictions(run_dir: Path, split: str, labels: list[str] | None = None)
     if labels is not None and list(arrays["labels"]) != list(labels):
         return None  # written for another label set: score afresh
     return arrays
+
+
+def load_scores(run_dir: Path, split: str, labels: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(outputs, targets) of ``predictions/SPLIT.npz`` laid out as the model's outputs and the
+    loader's targets are: the L label columns, then any regression columns (the inverse of
+    :func:`save_predictions`); None when there is no file for these labels."""
+    saved = load_predictions(run_dir, split, labels)
+    if saved is None:
+        return None
+    if "regression" not in saved:
+        return saved["logits"], saved["targets"]
+    return (np.concatenate([saved["logits"], saved["regression"]], 1),
+            np.concatenate([saved["targets"], saved["regression_targets"]], 1))

@@ -211,14 +211,14 @@ function sortBy(th) {
 </script>"""
 
 
-def run_header(run_dir: Path) -> str:
+def run_header(run_dir: Path, history: list[dict]) -> str:
     """What ran: backbone, head, loss, input, epochs and the best one, weights, calibration,
     threshold objective, data and split sizes, wall time, versions and the command that reruns it."""
     import json
 
-    import yaml
+    from .config import read_yaml
     rows = []
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     meta_path = run_dir / "model" / "mlabel.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -228,8 +228,7 @@ def run_header(run_dir: Path) -> str:
     rows += [("backbone", f"{model.get('backbone')} (pretrained: {model.get('pretrained')})"),
              ("head, loss", f"{model.get('head')}, {config.get('loss', {}).get('name')}"),
              ("input", f"{data.get('image_size')} px, resize {data.get('resize')}, augment {data.get('augment')}"),
-             ("epochs", f"{len(_read_history(run_dir / 'history.csv')) if (run_dir / 'history.csv').is_file() else '?'}"
-                        f" of {train.get('epochs')}; best epoch {run.get('best_epoch')} "
+             ("epochs", f"{len(history)} of {train.get('epochs')}; best epoch {run.get('best_epoch')} "
                         f"(val mAP {run.get('best_val_mAP', float('nan')):.4f}), weights saved: {run.get('weights')}"),
              ("decision", f"calibration {calibration}; thresholds: {meta.get('threshold_metric')}, policy "
                           f"{meta.get('threshold_policy')}"),
@@ -293,28 +292,25 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, history: list[dict] | None = None,
-                 device=None, quiet: bool = False) -> Path:
+                 scores: dict | None = None, device=None, quiet: bool = False) -> Path:
     """``RUN_DIR/report/`` from the run as it is now: the saved model (its current thresholds and
     calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
     afresh when a run has none), with the run's history and label counts. Training, ``mlabel
-    tune`` and ``mlabel report`` all build the page here, so it matches ``model/mlabel.json``."""
+    tune`` and ``mlabel report`` all build the page here, so it matches ``model/mlabel.json``.
+    ``scores`` (``{split: (outputs, targets)}``) is what training has in memory and has just saved."""
     import json
 
     import torch
 
     from .evaluate import evaluate_outputs
-    from .predictions import load_predictions
+    from .predictions import load_scores
     run_dir = Path(run_dir)
     if model is None:
         from .models import load
         model = load(run_dir)
-    scores = {}
-    for split in ("val", "test"):
-        saved = load_predictions(run_dir, split, model.labels)
-        if saved is not None:
-            packed = [np.concatenate([saved[a], saved[b]], 1) if "regression" in saved else saved[a]
-                      for a, b in (("logits", "regression"), ("targets", "regression_targets"))]
-            scores[split] = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in packed)
+    if scores is None:
+        scores = {split: tuple(torch.from_numpy(x) for x in pair) for split in ("val", "test")
+                  if (pair := load_scores(run_dir, split, model.labels)) is not None}
     if "val" not in scores:
         scores = _score_afresh(run_dir, model, device, quiet)
     if metrics is None:
@@ -326,14 +322,15 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     return write_report(run_dir, metrics, history, model.probabilities(logits).numpy(), targets.numpy(),
                         model.labels, model.thresholds.cpu().numpy(), counts,
                         raw_probs=torch.sigmoid(logits).numpy() if model.calibration else None,
-                        header=run_header(run_dir))
+                        header=run_header(run_dir, history))
 
 
 def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
     """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
+    from .config import load_config
     from .distributed import resolve_device
-    from .evaluate import load_run, split_logits
-    _, cfg, _, _ = load_run(str(run_dir), None, [])
+    from .evaluate import split_logits
+    cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(device or cfg.train.device)
     scores = {"val": split_logits(model, cfg, "val", device, quiet)}
     if cfg.data.test or cfg.data.test_fraction > 0:

@@ -325,7 +325,7 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
     for split, (logits, targets) in outputs.items():
         save_predictions(out_dir, split, logits.numpy(), targets.numpy(), getattr(splits, split).paths, model.labels)
     from .report import build_report
-    build_report(out_dir, model, metrics, history)
+    build_report(out_dir, model, metrics, history, scores=outputs)
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LITE_PACKAGES", "load_backbone_weights", "map_lite_keys", "offline_weights", "read_state_dict"]
+__all__ = ["LITE_PACKAGES", "check_pretrained", "load_backbone_weights", "map_lite_keys", "offline_weights", "read_state_dict"]
 
 # package name -> (module, class with get_model_file_path, timm architecture)
 LITE_PACKAGES = {
@@ -94,19 +94,24 @@ def offline_weights() -> dict[str, str]:
             if importlib.util.find_spec(module) is not None}
 
 
+def check_pretrained(pretrained: str) -> None:
+    """An offline weights source that exists: a weights file or a known weights package."""
+    if pretrained not in LITE_PACKAGES and not Path(pretrained).is_file():
+        raise ValueError(f"model.pretrained={pretrained!r} is neither a weights file nor one of "
+                         f"{sorted(LITE_PACKAGES)}; use true (timm hub), false, a file path or a package name")
+
+
 def load_backbone_weights(backbone: nn.Module, pretrained: str, architecture: str) -> None:
     """Load offline weights into a timm backbone built without a classifier.
 
     Classifier tensors in the file are dropped (the head is ours); any other missing or
     unexpected key is an error, so a wrong file never loads silently.
     """
+    check_pretrained(pretrained)
     if pretrained in LITE_PACKAGES:
         state = _lite_package_state(pretrained, backbone, architecture)
-    elif Path(pretrained).is_file():
-        state = read_state_dict(pretrained)
     else:
-        raise ValueError(f"model.pretrained={pretrained!r} is neither a weights file nor one of "
-                         f"{sorted(LITE_PACKAGES)}; use true (timm hub), false, a path or a package name")
+        state = read_state_dict(pretrained)
     classifier = getattr(backbone, "pretrained_cfg", {}).get("classifier", "classifier")
     state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
     try:
