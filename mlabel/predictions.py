@@ -19,7 +19,7 @@ import numpy as np
 
 from .io import atomic_path
 
-__all__ = ["save_predictions", "load_predictions", "load_scores"]
+__all__ = ["save_predictions", "load_predictions", "load_scores", "load_paths"]
 
 
 def save_predictions(run_dir: Path, split: str, outputs, targets, paths: list[str], labels: list[str]) -> Path:
@@ -70,3 +70,17 @@ def load_scores(run_dir: Path, split: str, labels: list[str]) -> tuple[np.ndarra
         return saved["logits"], saved["targets"]
     return (np.concatenate([saved["logits"], saved["regression"]], 1),
             np.concatenate([saved["targets"], saved["regression_targets"]], 1))
+
+
+def load_paths(run_dir: Path, split: str, count: int) -> list[str] | None:
+    """The image files of ``predictions/SPLIT.npz`` (None when there is no file, or it holds
+    another number of images than the scores in hand)."""
+    path = Path(run_dir) / "predictions" / f"{split}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            paths = data["paths"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return [str(p) for p in paths] if len(paths) == count else None

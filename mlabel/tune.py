@@ -59,7 +59,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cross-fit", type=int, metavar="K", help="folds for the cross-fitted F1 (0 = off)")
     parser.add_argument("--calibration", choices=CALIBRATION_METHODS,
                         help="refit the calibration (default: calibration.method of the config)")
+    parser.add_argument("--from-json", metavar="FILE", help='apply the thresholds of FILE ({"thresholds": '
+                        '{"label": 0.42, ...}}, as the report\'s explorer downloads it) instead of tuning')
     args = parser.parse_intermixed_args(argv)
+    if args.from_json:
+        return apply_json(args)
     recipe, overrides = split_arguments(args.rest)
     tuned = [f"thresholds.{key}={getattr(args, key)}" for key in
              ("metric", "beta", "min_recall", "min_precision", "policy", "mode", "cross_fit")
@@ -89,6 +93,73 @@ def main(argv: list[str]) -> int:
     if (Path(out_dir) / "run.json").is_file():  # a run directory: its report follows the new thresholds
         from .report import build_report
         print(f"report: {build_report(out_dir, model, device=device, quiet=args.quiet) / 'report.html'}")
+    return 0
+
+
+TUNING_OPTIONS = ("metric", "beta", "min_recall", "min_precision", "policy", "mode", "cross_fit", "calibration")
+
+
+def read_thresholds(path: str, labels: list[str]) -> dict[str, float]:
+    """``{label: threshold}`` from a thresholds JSON, every name and value checked."""
+    import difflib
+    import json
+    import math
+    file = Path(path)
+    if not file.is_file() or file.stat().st_size > 50_000_000:
+        raise ValueError(f"{path}: not a file of at most 50 MB; give the thresholds JSON the report downloads")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    chosen = data.get("thresholds") if isinstance(data, dict) else None
+    if not isinstance(chosen, dict) or not chosen:
+        raise ValueError(f'{path} needs a non-empty "thresholds" object of label names to numbers, '
+                         'e.g. {"thresholds": {"%s": 0.42}}' % labels[0])
+    for name, value in chosen.items():
+        if name not in labels:
+            close = difflib.get_close_matches(str(name), labels, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; the labels are {', '.join(labels[:20])}"
+            raise ValueError(f"{path}: label {name!r} is not one of the model's{hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not 0 <= value <= 1:
+            raise ValueError(f"{path}: the threshold of {name!r} is {value!r}; give a number in [0, 1]")
+    return {name: float(value) for name, value in chosen.items()}
+
+
+def apply_json(args) -> int:
+    """``mlabel tune RUN --from-json FILE``: set the thresholds FILE names (the others stay), keep the
+    calibration, store them in ``mlabel.json``, print val before and after, and rebuild the report."""
+    import torch
+
+    from .models import load, locate_model
+    from .predictions import load_scores
+    given = [f"--{key.replace('_', '-')}" for key in TUNING_OPTIONS if getattr(args, key) is not None]
+    if given or args.rest:
+        raise ValueError(f"--from-json sets the thresholds as they are: drop {' '.join(given + args.rest)}")
+    model_path, run_dir = locate_model(args.model_dir)
+    model = load(model_path, trust_pickle=args.trust_pickle)
+    chosen = read_thresholds(args.from_json, model.labels)
+    scores = load_scores(run_dir, "val", model.labels) if run_dir is not None else None
+    if scores is None and run_dir is not None:
+        from .config import load_config
+        scores = split_logits(model, load_config(run_dir / "config.yaml"), "val",
+                              resolve_device(args.device or "auto"), args.quiet)
+    scores = None if scores is None else tuple(torch.as_tensor(x) for x in scores)
+    before = evaluate_outputs(model, *scores) if scores is not None else None
+    old = model.thresholds.tolist()
+    model.set_thresholds([chosen.get(name, t) for name, t in zip(model.labels, old)])
+    meta_path = model.save_metadata(model_path, {"threshold_metric": "manual", "threshold_policy": "manual",
+                                                 "threshold_source": str(Path(args.from_json).resolve())})
+    for name, t_old, t_new in zip(model.labels, old, model.thresholds.tolist()):
+        if name in chosen:
+            print(f"{name:<24}{t_old:8.3f} -> {t_new:.3f}")
+    print(f"{len(chosen)} of {model.num_labels} thresholds set from {args.from_json}; stored in {meta_path}")
+    if scores is not None:
+        print(summary_line("val before", before))
+        print(summary_line("val after", evaluate_outputs(model, *scores)))
+    if run_dir is not None and (run_dir / "run.json").is_file():
+        from .report import build_report
+        print(f"report: {build_report(run_dir, model, device=args.device, quiet=args.quiet) / 'report.html'}")
     return 0
 
 

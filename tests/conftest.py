@@ -41,3 +41,16 @@ def folder_dataset(tmp_path_factory) -> Path:
                 pixels = np.clip(rng.normal(level, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{name}{i}.jpg")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, scene_csv) -> Path:
+    """A finished one-epoch run of a tiny model on ``scene_csv`` (val doubles as test). Copy it
+    before changing anything in it."""
+    from mlabel.train import main as train_main
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert train_main(["quickstart", f"out_dir={run}", f"data.root={scene_csv}", "data.val=val.csv",
+                       "data.test=val.csv", "data.allow_overlap=true", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.generate=null", "data.image_size=32", "data.num_workers=0",
+                       "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=1", "--quiet"]) == 0
+    return run

@@ -246,7 +246,7 @@ def test_report_has_the_run_header_and_per_label_counts_with_losers_marked(tmp_p
     assert f"best epoch {run_info['best_epoch']}" in page
     assert f"<code>mlabel train {run / 'config.yaml'}</code>" in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)  # one file
+    assert len(sources) == 6 and all(s.startswith("data:image/png;base64,") for s in sources)  # one file
     for split in ("val", "test"):
         section = page.split(f"<h2>Per label ({split})</h2>")[1].split("</table>")[0]
         for name, row in metrics[split]["per_label"].items():

@@ -1,0 +1,142 @@
+"""``report/`` of a run: plots a person reads faster than JSON, and one ``report.html``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..io import write_text
+from .explorer import explorer_data, explorer_html
+from .gallery import error_galleries
+from .page import page, run_header, summary_tables
+from .plots import (MAX_LABELS_PLOTTED, plot_calibration, plot_frequency, plot_pr_and_f1, plot_structure,
+                    plot_training)
+
+__all__ = ["build_report", "write_report"]
+
+def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict, labels: list[str],
+                 thresholds: np.ndarray, counts: dict, raw_val_probs: np.ndarray | None = None, header: str = "",
+                 paths: dict | None = None) -> Path:
+    """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder.
+
+    ``splits`` maps ``val`` (and ``test``) to the model's (calibrated) probabilities and the
+    targets, (N, L) each; ``paths`` maps a split to its image files (for the error galleries);
+    ``raw_val_probs`` is the plain sigmoid on val, drawn beside the calibrated probabilities in
+    the reliability diagram when a calibration is used.
+    """
+    folder = Path(run_dir) / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    thresholds = np.asarray(thresholds, np.float64)
+    val_probs, val_targets = splits["val"]
+    shown = list(splits)[-1]  # test when there is one, or the split the caller put last
+    probs, targets = splits[shown]
+    decisions = probs >= thresholds
+    images = [plot_training(history, folder), *plot_pr_and_f1(val_probs, val_targets, labels, thresholds, folder),
+              plot_frequency(counts, labels, folder),
+              plot_calibration(val_probs, val_targets, folder, metrics, labels, raw_val_probs)]
+    more = f"<p>Plots show the first {MAX_LABELS_PLOTTED} of {len(labels)} labels.</p>" \
+        if len(labels) > MAX_LABELS_PLOTTED else ""
+    figures = "".join(f'<figure><img src="{_data_uri(folder / name)}" alt="{name}"></figure>' for name in images)
+    structure = plot_structure(targets, decisions, labels, shown, folder)
+    galleries, thumbs = error_galleries(probs, targets, decisions, (paths or {}).get(shown), labels, shown)
+    explorer = explorer_html(explorer_data(splits, labels, thresholds, f"mlabel tune {run_dir} --from-json thresholds.json"))
+    body = (f"{header}<p>Thresholds are tuned per label on val; test figures use them unchanged.</p>"
+            f"{summary_tables(metrics, labels)}{explorer}{galleries}<h2>Label structure ({shown})</h2>"
+            f'<figure><img src="{_data_uri(folder / structure)}" alt="{structure}"></figure>'
+            f"<h2>Curves</h2>{more}{figures}"
+            f'<script type="application/json" id="thumbs">{json.dumps(thumbs)}</script>')
+    write_text(folder / "report.html", page(body))
+    return folder
+
+
+def _data_uri(path: Path) -> str:
+    """The PNG inlined, so ``report.html`` is one file that opens anywhere (the PNGs stay beside it)."""
+    import base64
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _read_history(path: Path) -> list[dict]:
+    """``history.csv`` rows as numbers (empty cells as None)."""
+    import csv
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the report is built from a finished run directory")
+    with path.open(newline="") as handle:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, history: list[dict] | None = None,
+                 scores: dict | None = None, device=None, quiet: bool = False, split: str | None = None) -> Path:
+    """``RUN_DIR/report/`` from the run as it is now: the saved model (its current thresholds and
+    calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
+    afresh when a run has none), with the run's history and label counts. Training, ``mlabel
+    tune``, ``mlabel evaluate`` and ``mlabel report`` all build the page here, so it matches
+    ``model/mlabel.json``. ``scores`` (``{split: (outputs, targets)}``) is what training has in
+    memory and has just saved; ``split`` picks the galleries' and label structure's split (default:
+    test when the run has one)."""
+    import torch
+
+    from ..evaluate import evaluate_outputs
+    from ..predictions import load_paths, load_scores
+    run_dir = Path(run_dir)
+    if model is None:
+        from ..models import load
+        model = load(run_dir)
+    if scores is None:
+        scores = {split: tuple(torch.from_numpy(x) for x in pair) for split in ("val", "test")
+                  if (pair := load_scores(run_dir, split, model.labels)) is not None}
+    if "val" not in scores:
+        scores = _score_afresh(run_dir, model, device, quiet)
+    if split is not None and split not in scores:
+        raise ValueError(f"{run_dir} has no {split} split to show; choose one of {sorted(scores)}")
+    if metrics is None:
+        metrics = {name: evaluate_outputs(model, *pair) for name, pair in scores.items()}
+    history = _read_history(run_dir / "history.csv") if history is None else history
+    counts = json.loads((run_dir / "run.json").read_text())["label_counts"]
+    n = model.num_labels
+    probs = {name: (model.probabilities(outputs[:, :n]).numpy(), targets[:, :n].numpy())
+             for name, (outputs, targets) in scores.items()}
+    if split is not None:  # the split shown in the galleries goes last
+        probs[split] = probs.pop(split)
+    paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
+    raw = torch.sigmoid(scores["val"][0][:, :n]).numpy() if model.calibration else None
+    return write_report(run_dir, metrics, history, probs, model.labels, model.thresholds.cpu().numpy(), counts,
+                        raw_val_probs=raw, header=run_header(run_dir, history), paths=paths)
+
+
+def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
+    """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
+    from ..config import load_config
+    from ..distributed import resolve_device
+    from ..evaluate import split_logits
+    cfg = load_config(run_dir / "config.yaml")
+    device = resolve_device(device or cfg.train.device)
+    scores = {"val": split_logits(model, cfg, "val", device, quiet)}
+    if cfg.data.test or cfg.data.test_fraction > 0:
+        scores["test"] = split_logits(model, cfg, "test", device, quiet)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import guarded
+    return guarded(_main)(argv)
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="mlabel report", description="(Re)build RUN_DIR/report/report.html "
+                                     "from the run's saved model (its current thresholds), data and history.")
+    parser.add_argument("run_dir", help="a run directory (with config.yaml, model/, history.csv and run.json)")
+    parser.add_argument("--split", choices=["val", "test"],
+                        help="the split of the error galleries and label structure (default: test when there is one)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the config's)")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    from ..models import locate_model
+    _, run_dir = locate_model(args.run_dir)
+    if run_dir is None:
+        raise ValueError(f"{args.run_dir} is a model directory without its run (config.yaml, history.csv, "
+                         "run.json); give the run directory")
+    folder = build_report(run_dir, device=args.device, quiet=args.quiet, split=args.split)
+    print(f"report: {folder / 'report.html'}")
+    return 0
