@@ -212,3 +212,15 @@ def test_evaluate_rebuilds_the_report_of_a_run(tiny_run, tmp_path):
     (run / "report" / "report.html").unlink()
     assert evaluate_main([str(run), "--split", "val", "--quiet"]) == 0
     assert (run / "report" / "report.html").is_file()
+
+
+def test_the_readme_predict_example_runs_on_the_sample_assets(tiny_run, tmp_path):
+    import csv
+    from mlabel.predict import main as predict_main
+    samples = Path(__file__).resolve().parents[1] / "assets" / "samples"
+    out = tmp_path / "preds.csv"
+    assert predict_main([str(tiny_run), str(samples), "--out", str(out), "--quiet"]) == 0
+    with out.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in samples.glob("*.png"))
+    assert len(rows) == 4

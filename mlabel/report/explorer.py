@@ -89,11 +89,10 @@ def explorer_html(data: dict) -> str:
     options = "".join(f'<option value="{j}">{html.escape(name)}</option>' for j, name in enumerate(data["labels"]))
     rows = "".join(f'<tr><th>{name}</th><td id="{{s}}-{key}"></td></tr>' for name, key in (
         ("precision", "precision"), ("recall", "recall"), ("F1", "f1"), ("TP", "tp"), ("FP", "fp"),
-        ("FN", "fn"), ("TN", "tn")))
+        ("FN", "fn"), ("TN", "tn"), ("F1 at saved", "saved"), ("F1 at 0.5", "half")))
     panels = "".join(
         f'<div class="panel"><h3>{split} ({info["images"]} images)</h3><canvas id="{split}-curve" width="280" '
-        f'height="260"></canvas><table>{rows.format(s=split)}<tr><th>F1 saved, 0.5</th><td id="{split}-saved" '
-        f'class="text"></td></tr></table></div>' for split, info in data["splits"].items())
+        f'height="260"></canvas><table>{rows.format(s=split)}</table></div>' for split, info in data["splits"].items())
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return f"""<h2>Threshold explorer</h2><div id="explorer">
 <p>Pick a label and move the slider (or type a threshold): the counts, precision, recall and F1 on each

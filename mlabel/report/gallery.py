@@ -51,10 +51,12 @@ def _thumbnail(path: str) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _names(row: np.ndarray, labels: list[str]) -> str:
-    names = [labels[j] for j in np.flatnonzero(row)]
-    more = f" +{len(names) - MAX_NAMES}" if len(names) > MAX_NAMES else ""
-    return html.escape(", ".join(names[:MAX_NAMES]) + more) or "none"
+def _names(row: np.ndarray, wrong: np.ndarray, labels: list[str]) -> str:
+    """The labels set in ``row``, those in ``wrong`` (missed or false) in red."""
+    shown = [f'<span class="bad">{html.escape(labels[j])}</span>' if wrong[j] else html.escape(labels[j])
+             for j in np.flatnonzero(row)]
+    more = f" +{len(shown) - MAX_NAMES}" if len(shown) > MAX_NAMES else ""
+    return ", ".join(shown[:MAX_NAMES]) + more or "none"
 
 
 def _tile(i: int, caption: str, paths, targets, decisions, labels, thumbs: _Thumbs) -> str:
@@ -63,7 +65,8 @@ def _tile(i: int, caption: str, paths, targets, decisions, labels, thumbs: _Thum
     picture = (f'<img data-thumb="{ident}" alt="{html.escape(path)}">' if thumbs.uris[ident] else
                f'<div class="missing">image not readable: {html.escape(path)}</div>')
     return (f'<figure class="tile" title="{html.escape(path)}">{picture}<figcaption>{caption}<br>'
-            f"true: {_names(targets[i] == 1, labels)}<br>predicted: {_names(decisions[i], labels)}"
+            f"true: {_names(targets[i] == 1, ~decisions[i], labels)}<br>"
+            f"predicted: {_names(decisions[i], targets[i] == 0, labels)}"
             "</figcaption></figure>")
 
 

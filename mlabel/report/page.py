@@ -104,7 +104,8 @@ def _versions(meta: dict) -> str:
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}td.text{text-align:left}
 table.labels th{cursor:pointer}tr.lost td{background:#fde2e1}.lost-note{color:#a11}
-.panels{display:flex;gap:2em;flex-wrap:wrap}.panel canvas{border:1px solid #eee}
+.panels{display:flex;gap:2em;flex-wrap:wrap}.panel{display:grid;grid-template-columns:auto auto;gap:0 1em;align-items:start}
+.panel h3{grid-column:1/3}.panel canvas{border:1px solid #eee}.bad{color:#c00;font-weight:bold}
 #explorer-slider{width:30em;vertical-align:middle}#explorer-value{width:7em}
 .tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:150px;font-size:11px}
 .tile img{display:block;max-width:112px;max-height:112px}.kind{margin:.5em 0 .2em;font-weight:bold}

@@ -118,8 +118,8 @@ async function startExplorer() {
       const saved = countsAt(curve, data.thresholds[j]), half = countsAt(curve, 0.5);
       for (const key of ["tp", "fp", "fn", "tn"]) root.querySelector(`#${s}-${key}`).textContent = String(c[key]);
       for (const key of ["precision", "recall", "f1"]) root.querySelector(`#${s}-${key}`).textContent = fmt(f[key]);
-      root.querySelector(`#${s}-saved`).textContent = `${fmt(figures(saved).f1)} at the saved ${data.thresholds[j]}` +
-        `, ${fmt(figures(half).f1)} at 0.5`;
+      root.querySelector(`#${s}-saved`).textContent = `${fmt(figures(saved).f1)} (${data.thresholds[j].toFixed(4)})`;
+      root.querySelector(`#${s}-half`).textContent = fmt(figures(half).f1);
       drawCurve(root.querySelector(`#${s}-curve`), curve,
                 [[half, "#999", 3], [saved, "#2ca02c", 4], [c, "#d62728", 5]]);
     }
