@@ -165,3 +165,25 @@ def test_the_explorer_agrees_with_evaluate_predictions_in_a_real_browser(browser
         "return [...document.querySelectorAll('#galleries img')].map(i => i.complete ? i.naturalWidth : -1)")
     assert len(widths) >= 10 and all(w > 0 for w in widths)
     screenshot(browser, tmp_path, "galleries", "galleries")
+
+
+def test_past_the_size_limit_the_explorer_snaps_to_bin_edges_and_stays_exact_there(
+        browser, tiny_run, scene_csv, tmp_path, monkeypatch):
+    from selenium.webdriver.common.keys import Keys
+    from mlabel.report import explorer
+    monkeypatch.setattr(explorer, "EXACT_LIMIT", 1000)  # 600 x 6 scores: histograms
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    scores = quickstart_sized(run, scene_csv, seed=1)
+    wait_ready(browser, run / "report" / "report.html")
+    typed = browser.find_element("id", "explorer-value")
+    for value, snapped in (("0.31415", 0.314), ("0.4276", 0.428), ("0.9", 0.9), ("1", 1.0), ("0", 0.0)):
+        typed.clear()
+        typed.send_keys(value, Keys.TAB)
+        assert float(typed.get_attribute("value")) == snapped
+        assert "steps of 0.001" in browser.find_element("id", "explorer-note").text
+        check_against_reference(browser, scores, 0, snapped)
+    slider = browser.find_element("id", "explorer-slider")
+    slider.send_keys(*[Keys.ARROW_RIGHT] * 250)
+    moved = float(slider.get_attribute("value"))
+    assert moved == pytest.approx(0.25) and round(moved * 1000) / 1000 == moved
+    check_against_reference(browser, scores, 0, moved)
