@@ -520,9 +520,9 @@ def _check_parts(config: Config) -> None:
 def _check_thresholds(th: ThresholdsConfig) -> None:
     """Threshold settings are used only after training: check them before it starts."""
     from .policy import resolve_policy
-    from .thresholds import _check_metric
+    from .thresholds import check_metric
     try:
-        _check_metric(th.metric, th.beta, th.min_recall, th.min_precision)
+        check_metric(th.metric, th.beta, th.min_recall, th.min_precision)
         resolve_policy(th.policy, th.metric)
     except ValueError as err:
         raise ConfigError(f"thresholds: {err}") from None

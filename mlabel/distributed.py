@@ -101,11 +101,11 @@ def mean_across(value: float, world: World) -> float:
 
 
 class OutputsModule(nn.Module):
-    """What DDP wraps: forward returns the model's logits and regression outputs."""
+    """What DDP wraps: forward returns the model's :class:`~mlabel.outputs.Outputs`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor):
         return self.model.outputs(images)

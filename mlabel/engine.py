@@ -14,6 +14,8 @@ from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() at once (a second DataLoader iterator)
 
 from .errors import NonFiniteLossError
+from .losses import task_loss
+from .outputs import Outputs, Targets, as_targets, concat
 
 __all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions", "autocast_for",
            "grad_scaler_for", "mix_batch", "batch_mixer", "set_train_mode", "Stepper", "ModelEma",
@@ -65,17 +67,18 @@ class ModelEma:
         self.updates = int(state["updates"])
 
 
-def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
-              prob: float = 1.0, num_labels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_batch(images: torch.Tensor, targets: Targets, mixup_alpha: float, cutmix_alpha: float,
+              prob: float = 1.0) -> tuple[torch.Tensor, Targets]:
     """Multi-hot mixup / cutmix: the batch is paired with its reverse and images and targets are
-    mixed with the same lambda (for cutmix, the pasted area's share). A target unknown (-1) in
-    either image stays unknown. Draws from torch's global RNG (restored on resume)."""
+    mixed with the same lambda (for cutmix, the pasted area's share). A label target unknown (-1)
+    in either image stays unknown; regression targets mix linearly (a missing one, NaN, stays
+    missing). Draws from torch's global RNG (restored on resume)."""
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or torch.rand(()).item() >= prob or len(images) < 2:
         return images, targets
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    other_images, other_targets = images.flip(0), targets.flip(0)
+    other_images = images.flip(0)
     if use_cutmix:
         h, w = images.shape[-2:]
         cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
@@ -87,16 +90,16 @@ def mix_batch(images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, c
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
         images = images * lam + other_images * (1 - lam)
-    n = targets.shape[1] if num_labels is None else num_labels
-    mixed = targets * lam + other_targets * (1 - lam)  # regression columns (after n) mix linearly
-    unknown = (targets[:, :n] < 0) | (other_targets[:, :n] < 0)
-    mixed[:, :n] = torch.where(unknown, torch.full_like(mixed[:, :n], -1.0), mixed[:, :n])
-    return images, mixed
+    labels, other = targets.labels, targets.labels.flip(0)
+    mixed = torch.where((labels < 0) | (other < 0), torch.full_like(labels, -1.0), labels * lam + other * (1 - lam))
+    regression = None if targets.regression is None else \
+        targets.regression * lam + targets.regression.flip(0) * (1 - lam)
+    return images, Targets(mixed, regression)
 
 
-def model_outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Everything the model predicts: logits, then any regression outputs (see ``outputs``)."""
-    return model.outputs(images) if hasattr(model, "outputs") else model(images)
+def model_outputs(model: nn.Module, images: torch.Tensor) -> Outputs:
+    """Everything the model predicts, by name (a plain module's output is its logits)."""
+    return model.outputs(images) if hasattr(model, "outputs") else Outputs(model(images))
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
@@ -180,12 +183,11 @@ class Stepper:
     forward: Callable | None = None
 
 
-def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0, num_labels: int | None = None):
+def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0):
     """The mixup / cutmix batch transform of :func:`mix_batch`, or None when both are off."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return None
-    return functools.partial(mix_batch, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
-                             num_labels=num_labels)
+    return functools.partial(mix_batch, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob)
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepper, device: torch.device,
@@ -198,19 +200,20 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepp
     if not model.training:
         model.train()
     scaler = stepper.scaler or grad_scaler_for(device, "fp32")
+    loss_fn = task_loss(loss_fn)
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     bar = _Progress(loader, f"epoch {epoch}", quiet)
     stepper.optimizer.zero_grad(set_to_none=True)
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = as_targets(targets).to(device, non_blocking=True)
         if stepper.mix is not None:
             images, targets = stepper.mix(images, targets)
         if stepper.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, stepper.precision):
-            logits = stepper.forward(images) if stepper.forward is not None else model_outputs(model, images)
-        loss = loss_fn(logits.float(), targets)
+            outputs = stepper.forward(images) if stepper.forward is not None else model_outputs(model, images)
+        loss = loss_fn(outputs.float(), targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at epoch {epoch}, step {step}; lower train.lr, set "
@@ -261,23 +264,25 @@ def _optimizer_step(model: nn.Module, stepper: Stepper, scaler) -> None:
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
                         *, channels_last: bool = False, quiet: bool = False, desc: str = "eval"):
-    """Logits and targets over a loader, and the mean loss when ``loss_fn`` is given.
+    """Outputs and targets over a loader, and the mean loss when ``loss_fn`` is given.
 
     Returns:
-        logits (N, L) float32 on the CPU, targets (N, L), mean loss (or None).
+        :class:`~mlabel.outputs.Outputs` (float32, on the CPU), :class:`~mlabel.outputs.Targets`,
+        mean loss (or None).
     """
     model.eval()
-    all_logits, all_targets, total_loss, seen = [], [], 0.0, 0
+    loss_fn = None if loss_fn is None else task_loss(loss_fn)
+    all_outputs, all_targets, total_loss, seen = [], [], 0.0, 0
     for images, targets in _Progress(loader, desc, quiet):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
-            logits = model_outputs(model, images).float()
+            outputs = model_outputs(model, images).float()
         if loss_fn is not None:
-            total_loss += loss_fn(logits, targets.to(device)).item() * len(images)
+            total_loss += loss_fn(outputs, as_targets(targets).to(device)).item() * len(images)
             seen += len(images)
-        all_logits.append(logits.cpu())
-        all_targets.append(targets)
+        all_outputs.append(outputs.to("cpu"))
+        all_targets.append(as_targets(targets))
     loss = total_loss / seen if loss_fn is not None and seen else None
-    return torch.cat(all_logits), torch.cat(all_targets), loss
+    return concat(all_outputs), concat(all_targets), loss

@@ -19,25 +19,25 @@ from .data import DataError, ImageDataset, build_splits, build_transform, make_l
 from .distributed import resolve_device
 from .engine import collect_predictions
 from .io import check_writable, write_json
-from .metrics import _nanmean, calibration_error, cutoff_metrics, evaluate_predictions
+from .metrics import nanmean, calibration_error, cutoff_metrics, evaluate_predictions
 from .models import MultiLabelClassifier, load, locate_model
+from .outputs import Outputs, Targets
 from .policy import choose_thresholds
 from .thresholds import cross_fit_predictions
 
-__all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_logits", "main"]
+__all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_outputs", "main"]
 
 
 def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor, *,
                        calibration: str = "platt", policy: str = "auto", metric: str = "f1",
                        mode: str = "exact", bins: int = 2048, bootstrap: int = 200, seed: int = 0,
                        fallback: float = 0.5, **objective) -> dict:
-    """Fit the ``calibration`` (``none``, ``temperature``, ``platt``) on val logits, then choose
-    thresholds on the calibrated probabilities with ``policy`` for ``metric`` (``objective``:
-    beta, min_recall, min_precision; ``mode``/``bins``: how the exact tuner under the policy
-    runs); both are stored in ``model``. Regression columns (after the L logits) are
-    ignored. Returns the policy's record for metrics.json (policy, and per label the threshold,
-    its val objective and bootstrap interval)."""
-    logits, targets = logits[:, :model.num_labels], targets[:, :model.num_labels]
+    """Fit the ``calibration`` (``none``, ``temperature``, ``platt``) on the val label logits
+    (N, L) and their targets, then choose thresholds on the calibrated probabilities with
+    ``policy`` for ``metric`` (``objective``: beta, min_recall, min_precision; ``mode``/``bins``:
+    how the exact tuner under the policy runs); both are stored in ``model``. Returns the policy's
+    record for metrics.json (policy, and per label the threshold, its val objective and bootstrap
+    interval)."""
     if calibration == "none":
         model.set_calibration(None)
     else:
@@ -50,21 +50,21 @@ def calibrate_and_tune(model: MultiLabelClassifier, logits: torch.Tensor, target
     return choice.to_dict(model.labels)
 
 
-def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets: torch.Tensor, *,
+def evaluate_outputs(model: MultiLabelClassifier, outputs: Outputs, targets: Targets, *,
                      cross_fit: int = 0, seed: int = 0, policy: str = "auto", metric: str = "f1",
                      fallback: float = 0.5, **objective) -> dict:
-    """Metrics of ``model``'s probabilities and thresholds on (logits, targets).
+    """Metrics of ``model``'s probabilities and thresholds on its named outputs and targets.
 
     With a calibration, ``macro_ece_uncalibrated`` and per-label ``ece_uncalibrated`` give the
     ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit`` folds (0: off),
     ``cross_fit`` holds the F1 reached by thresholds chosen (``policy``, ``metric``,
     ``objective``) on the other folds (the honest
-    estimate next to the in-sample ``macro_f1``). Outputs beyond the L logits are regression
-    values: ``regression`` gets their MSE and MAE (in the targets' units) over known targets.
+    estimate next to the in-sample ``macro_f1``). With regression outputs, ``regression`` gets
+    their MSE and MAE (in the targets' units) over known targets.
     """
-    n = model.num_labels
-    regression = _regression_metrics(model, logits[:, n:], targets[:, n:]) if logits.shape[1] > n else None
-    logits, targets = logits[:, :n], targets[:, :n]
+    regression = None if outputs.regression is None else \
+        _regression_metrics(model, outputs.regression, targets.regression)
+    logits, targets = outputs.logits, targets.labels
     probs = model.probabilities(logits)
     # Ranking metrics from float64 scores: float32 probabilities of large or strongly scaled
     # logits tie, and ties change AP. (The map is increasing, so the ranking is the logits'.)
@@ -74,7 +74,7 @@ def evaluate_outputs(model: MultiLabelClassifier, logits: torch.Tensor, targets:
     metrics["calibration"] = model.calibration or "none"
     if model.calibration is not None:
         raw = calibration_error(torch.sigmoid(logits.double()), targets)
-        metrics["macro_ece_uncalibrated"] = _nanmean(raw)
+        metrics["macro_ece_uncalibrated"] = nanmean(raw)
         for name, value in zip(model.labels, raw.tolist()):
             metrics["per_label"][name]["ece_uncalibrated"] = None if math.isnan(value) else value
     if cross_fit:
@@ -115,8 +115,8 @@ def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pic
     return model, cfg, model_path, run_dir or model_path.parent
 
 
-def split_logits(model: MultiLabelClassifier, cfg: Config, split: str, device: torch.device,
-                 quiet: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def split_outputs(model: MultiLabelClassifier, cfg: Config, split: str, device: torch.device,
+                  quiet: bool = False) -> tuple[Outputs, Targets]:
     """Run ``model`` over one split of ``cfg``'s data; targets in the model's label order."""
     splits = build_splits(cfg.data, cfg.task if cfg.task != "auto" else model.task, cfg.seed)
     table = getattr(splits, split, None)
@@ -136,9 +136,9 @@ def split_logits(model: MultiLabelClassifier, cfg: Config, split: str, device: t
                          batch_size=cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers,
                          seed=cfg.seed, pin_memory=device.type == "cuda")
     model.to(device)
-    logits, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
-                                             quiet=quiet, desc=split)
-    return logits, targets
+    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                              quiet=quiet, desc=split)
+    return outputs, targets
 
 
 def split_arguments(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -182,8 +182,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
     check_writable(out)
     device = resolve_device(args.device or cfg.train.device)
-    logits, targets = split_logits(model, cfg, args.split, device, args.quiet)
-    metrics = evaluate_outputs(model, logits, targets)
+    outputs, targets = split_outputs(model, cfg, args.split, device, args.quiet)
+    metrics = evaluate_outputs(model, outputs, targets)
     write_json(out, {args.split: metrics})
     print(summary_line(args.split, metrics))
     print(f"metrics written to {out}")

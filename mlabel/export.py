@@ -39,11 +39,10 @@ class _Exported(nn.Module):
 
     def forward(self, images: torch.Tensor):
         out = self.model.outputs(images)
-        n = self.model.num_labels
-        probs, mask = self.model.decision(out[:, :n])
-        if self.model.regression_head is None:
+        probs, mask = self.model.decision(out.logits)
+        if out.regression is None:
             return probs, mask
-        return probs, mask, self.model.regression_values(out[:, n:])
+        return probs, mask, self.model.regression_values(out.regression)
 
 
 def _example(model: MultiLabelClassifier, batch: int, seed: int = 0) -> torch.Tensor:

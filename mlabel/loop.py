@@ -22,7 +22,8 @@ from .distributed import OutputsModule, World, gather_rows, mean_across
 from .engine import (ModelEma, Stepper, batch_mixer, build_optimizer, build_scheduler, collect_predictions,
                      grad_scaler_for, set_train_mode, train_one_epoch)
 from .io import write_text
-from .metrics import _nanmean, average_precision
+from .metrics import nanmean, average_precision
+from .outputs import map_fields
 from .models import MultiLabelClassifier
 
 __all__ = ["CHECKPOINT", "collect_split", "duration", "fit_epochs", "log"]
@@ -37,10 +38,11 @@ def log(quiet: bool, *parts) -> None:
 
 def collect_split(model, loader, device, world: World, loss_fn=None, **kwargs):
     """Outputs and targets of a whole split: each rank runs its shard, then they are gathered."""
-    logits, targets, loss = collect_predictions(model, loader, device, loss_fn, **kwargs)
+    outputs, targets, loss = collect_predictions(model, loader, device, loss_fn, **kwargs)
     total = len(loader.dataset)
     loss = None if loss is None else mean_across(loss, world)
-    return gather_rows(logits, total, world), gather_rows(targets, total, world), loss
+    gather = lambda rows: gather_rows(rows, total, world)  # noqa: E731
+    return map_fields(outputs, gather), map_fields(targets, gather), loss
 
 
 def _set_backbone_frozen(model: MultiLabelClassifier, frozen: bool) -> None:
@@ -57,10 +59,9 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, world: World) -> tuple[float, float]:
-    logits, targets, val_loss = collect_split(model, loader, device, world, loss_fn,
-                                         channels_last=cfg.train.channels_last, quiet=quiet)
-    n = model.num_labels
-    return _nanmean(average_precision(logits[:, :n], targets[:, :n])) or 0.0, val_loss
+    outputs, targets, val_loss = collect_split(model, loader, device, world, loss_fn,
+                                               channels_last=cfg.train.channels_last, quiet=quiet)
+    return nanmean(average_precision(outputs.logits, targets.labels)) or 0.0, val_loss
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
     t = cfg.train
     return _Parts(optimizer, scheduler, grad_scaler_for(device, t.precision), ema, precision=t.precision,
                   channels_last=t.channels_last, accumulate=t.accumulate, grad_clip=t.grad_clip,
-                  mix=batch_mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, model.num_labels),
+                  mix=batch_mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob),
                   steps_per_epoch=steps_per_epoch)
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import checked
+from .outputs import Outputs, Targets
 
-__all__ = ["MaskedLoss", "MultiTaskLoss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
+__all__ = ["MaskedLoss", "TaskLoss", "task_loss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
            "build_loss", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
 
 # neg/pos is bounded because a label with 3 positives in 30,000 would otherwise get a weight of
@@ -209,31 +210,37 @@ class HingeLoss(_MaskedLoss):
         return self._weigh(F.relu(self.margin - logits), F.relu(self.margin + logits), targets)
 
 
-class MultiTaskLoss(nn.Module):
-    """Classification loss on the first ``num_labels`` outputs plus ``weight`` x a regression loss
-    (``mse`` or ``l1``, mean over known targets; NaN = missing) on the rest. The regression
+class TaskLoss(nn.Module):
+    """The training objective on named outputs and targets (:mod:`mlabel.outputs`): the
+    classification loss on the label logits, plus, with a regression ``kind`` (``mse`` or ``l1``),
+    ``weight`` x the regression loss (mean over known targets; NaN = missing). The regression
     targets are standardised with the training split's ``mean``/``std`` so both terms have
     comparable scales whatever the units."""
 
-    def __init__(self, classification: nn.Module, num_labels: int, kind: str = "mse", weight: float = 1.0,
+    def __init__(self, classification: nn.Module, kind: str | None = None, weight: float = 1.0,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
-        if kind not in ("mse", "l1"):
+        if kind not in (None, "mse", "l1"):
             raise ValueError(f"unknown regression loss {kind!r}; available: ['l1', 'mse']")
-        self.classification, self.num_labels, self.kind, self.weight = classification, num_labels, kind, weight
+        self.classification, self.kind, self.weight = classification, kind, weight
         self.register_buffer("mean", torch.as_tensor(mean if mean is not None else 0.0).float())
         self.register_buffer("std", torch.as_tensor(std if std is not None else 1.0).float())
 
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n = self.num_labels
-        loss = self.classification(outputs[:, :n], targets[:, :n])
-        values = targets[:, n:]
-        known = ~torch.isnan(values)
+    def forward(self, outputs: Outputs, targets: Targets) -> torch.Tensor:
+        loss = self.classification(outputs.logits, targets.labels)
+        if self.kind is None or targets.regression is None:
+            return loss
+        known = ~torch.isnan(targets.regression)
         if known.any():
-            error = outputs[:, n:] - ((values - self.mean) / self.std).nan_to_num()
+            error = outputs.regression - ((targets.regression - self.mean) / self.std).nan_to_num()
             per = error.square() if self.kind == "mse" else error.abs()
             loss = loss + self.weight * (per * known).sum() / known.sum()
         return loss
+
+
+def task_loss(loss_fn: nn.Module) -> TaskLoss:
+    """``loss_fn`` as a :class:`TaskLoss` (a plain classification loss gets the label logits)."""
+    return loss_fn if isinstance(loss_fn, TaskLoss) else TaskLoss(loss_fn)
 
 
 LOSSES = {"bce": BCEWithLogits, "bce_prob": BCEOnProbabilities, "focal": FocalLoss,

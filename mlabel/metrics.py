@@ -212,7 +212,7 @@ def _mean(x: np.ndarray) -> float | None:
     return float(x.mean()) if x.size else None
 
 
-def _nanmean(x) -> float | None:
+def nanmean(x) -> float | None:
     return _mean(np.asarray(x, dtype=np.float64))
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .decision import Decision
+from .outputs import Outputs
 from .modeldir import DIGEST_KEY, META_FILE, WEIGHTS_FILE, read_model, validate_meta, write_metadata, write_model
 from ._registry import checked
 from .weights import load_backbone_weights
@@ -205,22 +206,20 @@ class MultiLabelClassifier(nn.Module):
         prefix = getattr(self.backbone, "num_prefix_tokens", 0)
         return features[:, prefix:].transpose(1, 2)
 
-    def outputs(self, images: torch.Tensor) -> torch.Tensor:
-        """images -> (N, L + R): the L logits, then the R standardised regression outputs."""
+    def outputs(self, images: torch.Tensor) -> Outputs:
+        """images -> :class:`~mlabel.outputs.Outputs`: the label logits (N, L) and, with regression
+        targets, the standardised regression outputs (N, R)."""
         if getattr(self.head, "feature_map", False):
             feature_map = self._feature_map(images)
             logits, pooled = self.head(self.dropout(feature_map)), feature_map.mean(2)
         else:
             pooled = self.backbone(images)
             logits = self.head(self.dropout(pooled))
-        if self.regression_head is None:
-            return logits
-        return torch.cat([logits, self.regression_head(pooled)], dim=1)
+        return Outputs(logits, None if self.regression_head is None else self.regression_head(pooled))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (N, 3, H, W) normalised -> logits (N, L)."""
-        out = self.outputs(images)
-        return out if self.regression_head is None else out[:, :self.num_labels]
+        return self.outputs(images).logits
 
     def set_regression_scale(self, mean, std) -> None:
         self.regression_mean = torch.as_tensor(mean, dtype=torch.float32).to(self.thresholds.device)
@@ -235,10 +234,10 @@ class MultiLabelClassifier(nn.Module):
         """images (as for :meth:`predict_proba`) -> (N, R) regression values in the targets' units."""
         if self.regression_head is None:
             raise ValueError("this model has no regression targets (data.regression_columns)")
-        return self.regression_values(self._eval_outputs(images)[:, self.num_labels:])
+        return self.regression_values(self._eval_outputs(images).regression)
 
     @torch.no_grad()
-    def _eval_outputs(self, images) -> torch.Tensor:
+    def _eval_outputs(self, images) -> Outputs:
         """:meth:`outputs` in eval mode on preprocessed ``images``; the mode is restored after."""
         was_training = self.training
         self.eval()
@@ -303,7 +302,7 @@ class MultiLabelClassifier(nn.Module):
         ``images``: a normalised (N, 3, H, W) tensor, or paths, PIL images or uint8 RGB arrays
         (one or a list), which get the saved preprocessing.
         """
-        return self.probabilities(self._eval_outputs(images)[:, :self.num_labels], calibrated)
+        return self.probabilities(self._eval_outputs(images).logits, calibrated)
 
     @torch.no_grad()
     def predict(self, images) -> torch.Tensor:

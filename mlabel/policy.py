@@ -35,7 +35,7 @@ import torch
 
 from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
-from .thresholds import FALLBACK_THRESHOLD, _check_metric, _objective, _tune, fold_ids, out_of_fold
+from .thresholds import FALLBACK_THRESHOLD, check_metric, objective_values, tune_cutoffs, fold_ids, out_of_fold
 
 __all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy"]
 
@@ -128,7 +128,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
             constrained figure out of fold (5 folds; ``held_out``).
         mode, bins: how the exact optimum is found (:func:`mlabel.tune_thresholds`).
     """
-    _check_metric(metric, beta, min_recall, min_precision)
+    check_metric(metric, beta, min_recall, min_precision)
     name = resolve_policy(policy, metric)
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
@@ -217,7 +217,7 @@ def _policy(name, scores, codes, rng, tune: dict) -> np.ndarray:
 
 def _exact(scores, codes, tune: dict):
     """The exact tuner (the primitive): cut-offs and the objective reached."""
-    return _tune(scores, codes, tune["metric"], tune["objective"], tune["mode"], tune["bins"], None, tune["fallback"])
+    return tune_cutoffs(scores, codes, tune["metric"], tune["objective"], tune["mode"], tune["bins"], None, tune["fallback"])
 
 
 def _bagged(scores, codes, rng, tune: dict) -> np.ndarray:
@@ -259,7 +259,7 @@ def _smoothed(scores, codes, metric, objective) -> np.ndarray:
         pos, neg = np.bincount(where[y], minlength=4 * GRID), np.bincount(where[~y], minlength=4 * GRID)
         above = 0.5 * (1 + _erf((centre[None, :] - grid[:, None]) / (sigma * np.sqrt(2))))
         tp, fp = above @ pos, above @ neg
-        value = _objective(metric, tp[None].copy(), fp[None], np.array([[y.sum()]]), np.array([[(~y).sum()]]),
+        value = objective_values(metric, tp[None].copy(), fp[None], np.array([[y.sum()]]), np.array([[(~y).sum()]]),
                            **objective)[0]
         th[j] = grid[int(np.argmax(value))]
     return th
@@ -284,7 +284,7 @@ def _select(scores, codes, rng, tune: dict, folds: int = 5):
             tp[c] += t
             fp[c] += f
     n_pos, n_neg = (codes == 1).sum(0), (codes == 0).sum(0)
-    value = _objective(metric, tp.copy(), fp, n_pos[None], n_neg[None], **tune["objective"])
+    value = objective_values(metric, tp.copy(), fp, n_pos[None], n_neg[None], **tune["objective"])
     best = np.argmax(value, axis=0)  # ties go to the earlier candidate in SELECT_FROM
     per = {name: _policy(name, scores, codes, rng, tune) for name in {candidates[b] for b in best}}
     th = np.array([per[candidates[b]][j] for j, b in enumerate(best)])
@@ -305,7 +305,7 @@ def objective_at(scores: np.ndarray, codes: np.ndarray, thresholds: np.ndarray, 
         metric = "f1"
     tp, fp = _counts(scores, codes, thresholds)
     n_pos, n_neg = (codes == 1).sum(0).astype(np.float64), (codes == 0).sum(0).astype(np.float64)
-    return _objective(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
+    return objective_values(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
 
 
 def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
@@ -333,6 +333,6 @@ def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
             value, figure = (precision, recall) if metric == "precision_at_recall" else (recall, precision)
             other[b] = np.percentile(figure, [tail, 100 - tail], axis=0).T
         else:
-            value = _objective("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective)
+            value = objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective)
         out[b] = np.percentile(value, [tail, 100 - tail], axis=0).T
     return out, other

@@ -22,6 +22,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,6 +62,16 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
+class Predicted(NamedTuple):
+    """What a backend gives for a batch (or, from :func:`predict_paths`, one image): the
+    probabilities and, for a multi-task model, the regression values in the targets' units."""
+    probs: np.ndarray
+    regression: np.ndarray | None = None
+
+    def rows(self, index) -> "Predicted":
+        return Predicted(*(None if x is None else x[index] for x in self))
+
+
 class _TorchBackend:
     def __init__(self, model_dir: str, device: str | None, trust_pickle: bool):
         import torch
@@ -82,17 +93,16 @@ class _TorchBackend:
         self.thresholds = self.model.thresholds.cpu().numpy()
         self.preprocessing = self.model.preprocessing
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> Predicted:
         torch = self.torch
         with torch.inference_mode(), self.autocast():
             images = torch.from_numpy(batch).to(self.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
             out = self.model.outputs(images)
-            n = self.model.num_labels
-            probs = self.model.probabilities(out[:, :n]).float()
-            if self.regression_names:
-                probs = torch.cat([probs, self.model.regression_values(out[:, n:])], dim=1)
-            return probs.cpu().numpy()
+            probs = self.model.probabilities(out.logits).float().cpu().numpy()
+            if out.regression is None:
+                return Predicted(probs)
+            return Predicted(probs, self.model.regression_values(out.regression).cpu().numpy())
 
 
 class _OnnxBackend:
@@ -119,8 +129,8 @@ class _OnnxBackend:
         self.preprocessing = meta["preprocessing"]
         self.batch_size = 32
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.concatenate(self.session.run(self.outputs, {"images": batch}), axis=1)
+    def __call__(self, batch: np.ndarray) -> Predicted:
+        return Predicted(*self.session.run(self.outputs, {"images": batch}))
 
 
 def load_backend(model: str, device: str | None = None, trust_pickle: bool = False):
@@ -169,7 +179,8 @@ def _load(path: str, preprocessing: dict):
 
 def predict_paths(backend, paths: list[str], *, batch_size: int | None = None, workers: int = 4,
                   quiet: bool = False):
-    """Yield (path, probs row) for every readable image and (path, None, error) otherwise.
+    """Yield (path, :class:`Predicted` of that image, None) for every readable image and
+    (path, None, error) otherwise.
 
     Decoding runs in a thread pool one batch ahead of inference.
     """
@@ -185,10 +196,10 @@ def predict_paths(backend, paths: list[str], *, batch_size: int | None = None, w
             loaded = [f.result() for f in pending]
             pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else []
             good = [i for i, (array, _) in enumerate(loaded) if array is not None]
-            probs = backend(np.stack([loaded[i][0] for i in good])) if good else None
+            predicted = backend(np.stack([loaded[i][0] for i in good])) if good else None
             row = dict(zip(good, range(len(good))))
             for i, path in enumerate(chunk):
-                yield (path, probs[row[i]], None) if i in row else (path, None, loaded[i][1])
+                yield (path, predicted.rows(row[i]), None) if i in row else (path, None, loaded[i][1])
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -196,17 +207,16 @@ def predict_paths(backend, paths: list[str], *, batch_size: int | None = None, w
 
 
 def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
-    """rows: (path, probabilities then regression values, decisions)."""
+    """rows: (path, :class:`Predicted` of the image, decisions)."""
     from .io import write_text
     buffer = io.StringIO()
-    n = len(labels)
     if out.suffix.lower() in (".jsonl", ".json"):
         records = []
         for path, values, keep in rows:
             record = {"path": path, "labels": [name for name, k in zip(labels, keep) if k],
-                      "probs": {name: round(float(p), 6) for name, p in zip(labels, values[:n])}}
+                      "probs": {name: round(float(p), 6) for name, p in zip(labels, values.probs)}}
             if regression:
-                record["regression"] = {name: float(v) for name, v in zip(regression, values[n:])}
+                record["regression"] = {name: float(v) for name, v in zip(regression, values.regression)}
             records.append(record)
         if out.suffix.lower() == ".json":
             buffer.write(json.dumps(records, indent=1) + "\n")
@@ -217,7 +227,8 @@ def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
         writer.writerow(["path", "labels", *labels, *regression])
         for path, values, keep in rows:
             writer.writerow([path, ";".join(name for name, k in zip(labels, keep) if k),
-                             *(f"{p:.6f}" for p in values[:n]), *(f"{v:.6g}" for v in values[n:])])
+                             *(f"{p:.6f}" for p in values.probs),
+                             *(f"{v:.6g}" for v in (() if values.regression is None else values.regression))])
     write_text(out, buffer.getvalue())
 
 
@@ -247,11 +258,9 @@ def main(argv: list[str]) -> int:
     rows, skipped = _predict_all(backend, paths, args)
     seconds = time.perf_counter() - start
     if rows:
-        values = np.stack([p for _, p in rows])
-        keep = _decisions(values[:, :len(backend.labels)], backend.thresholds, args.threshold, args.topk,
-                          args.topk_only)
-        _write(out, backend.labels, backend.regression_names,
-               [(path, v, k) for (path, _), v, k in zip(rows, values, keep)])
+        probs = np.stack([p.probs for _, p in rows])
+        keep = _decisions(probs, backend.thresholds, args.threshold, args.topk, args.topk_only)
+        _write(out, backend.labels, backend.regression_names, [(path, p, k) for (path, p), k in zip(rows, keep)])
     _write_skipped(out.with_name(out.name + ".skipped.csv"), skipped)
     print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
           + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "

@@ -16,22 +16,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .io import atomic_path
+from .outputs import Outputs, Targets
 
 __all__ = ["save_predictions", "load_predictions", "load_scores", "load_paths"]
 
 
-def save_predictions(run_dir: Path, split: str, outputs, targets, paths: list[str], labels: list[str]) -> Path:
-    """Write ``predictions/SPLIT.npz`` atomically; ``outputs``/``targets`` are (N, L [+ R])."""
-    outputs, targets = np.asarray(outputs, np.float32), np.asarray(targets, np.float32)
-    n = len(labels)
-    if len(outputs) != len(paths) or len(targets) != len(paths):
-        raise ValueError(f"{split}: {len(outputs)} outputs and {len(targets)} targets for {len(paths)} images")
-    arrays = {"logits": outputs[:, :n], "targets": targets[:, :n], "paths": np.asarray(paths, dtype=str),
+def save_predictions(run_dir: Path, split: str, outputs: Outputs, targets: Targets, paths: list[str],
+                     labels: list[str]) -> Path:
+    """Write ``predictions/SPLIT.npz`` atomically from a split's named outputs and targets."""
+    def array(x):
+        return np.asarray(x.numpy() if torch.is_tensor(x) else x, np.float32)
+
+    logits, codes = array(outputs.logits), array(targets.labels)
+    if len(logits) != len(paths) or len(codes) != len(paths) or logits.shape[1] != len(labels):
+        raise ValueError(f"{split}: {logits.shape} outputs and {codes.shape} targets for {len(paths)} images "
+                         f"and {len(labels)} labels")
+    arrays = {"logits": logits, "targets": codes, "paths": np.asarray(paths, dtype=str),
               "labels": np.asarray(labels, dtype=str)}
-    if outputs.shape[1] > n:
-        arrays.update(regression=outputs[:, n:], regression_targets=targets[:, n:])
+    if outputs.regression is not None:
+        arrays.update(regression=array(outputs.regression), regression_targets=array(targets.regression))
     path = Path(run_dir) / "predictions" / f"{split}.npz"
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
@@ -59,17 +65,15 @@ def load_predictions(run_dir: Path, split: str, labels: list[str] | None = None)
     return arrays
 
 
-def load_scores(run_dir: Path, split: str, labels: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(outputs, targets) of ``predictions/SPLIT.npz`` laid out as the model's outputs and the
-    loader's targets are: the L label columns, then any regression columns (the inverse of
-    :func:`save_predictions`); None when there is no file for these labels."""
+def load_scores(run_dir: Path, split: str, labels: list[str]) -> tuple[Outputs, Targets] | None:
+    """The named outputs and targets (tensors) of ``predictions/SPLIT.npz``, as training had them
+    (the inverse of :func:`save_predictions`); None when there is no file for these labels."""
     saved = load_predictions(run_dir, split, labels)
     if saved is None:
         return None
-    if "regression" not in saved:
-        return saved["logits"], saved["targets"]
-    return (np.concatenate([saved["logits"], saved["regression"]], 1),
-            np.concatenate([saved["targets"], saved["regression_targets"]], 1))
+    tensor = lambda key: torch.from_numpy(saved[key]) if key in saved else None  # noqa: E731
+    return (Outputs(tensor("logits"), tensor("regression")),
+            Targets(tensor("targets"), tensor("regression_targets")))
 
 
 def load_paths(run_dir: Path, split: str, count: int) -> list[str] | None:

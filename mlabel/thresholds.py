@@ -42,7 +42,7 @@ OBJECTIVES = ("f1", "fbeta", "precision_at_recall", "recall_at_precision", "youd
 FALLBACK_THRESHOLD = 0.5
 
 
-def _objective(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
+def objective_values(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
                n_neg: np.ndarray, beta: float, min_recall: float, min_precision: float) -> np.ndarray:
     """The objective at each cut-off; ``tp``/``fp`` (L, C) float64, ``n_pos``/``n_neg`` (L, 1).
 
@@ -69,7 +69,7 @@ def _objective(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
     raise ValueError(f"unknown threshold metric {metric!r}; available: {list(OBJECTIVES)}")
 
 
-def _check_metric(metric: str, beta: float, min_recall: float, min_precision: float) -> None:
+def check_metric(metric: str, beta: float, min_recall: float, min_precision: float) -> None:
     if metric not in OBJECTIVES:
         raise ValueError(f"unknown threshold metric {metric!r}; available: {list(OBJECTIVES)}")
     if metric == "fbeta" and not beta > 0:
@@ -93,7 +93,7 @@ def _best_cutoffs(scores: np.ndarray, codes: np.ndarray, metric: str, objective:
     r = runs(rows)
     n_rows, n = rows.rank.shape
     n_pos, n_neg = r.tp[r.end], r.fp[r.end]
-    value = _objective(metric, r.tp.copy(), r.fp, r.spread(n_pos), r.spread(n_neg), **objective)
+    value = objective_values(metric, r.tp.copy(), r.fp, r.spread(n_pos), r.spread(n_neg), **objective)
     value[r.tp + r.fp == r.previous(r.tp + r.fp, 0.0)] = -np.inf  # a run of unknown targets only
     best_value = np.maximum.reduceat(value, r.start)
     hit = value == r.spread(best_value)
@@ -129,7 +129,7 @@ def _best_at_positives(scores, codes, metric, objective, kind, dtype):
     has = found.n_pos > 0
     if has.any():
         row = found.row
-        value = _objective(metric, found.tp.copy(), found.seen - found.tp, n_pos[row], n_neg[row], **objective)
+        value = objective_values(metric, found.tp.copy(), found.seen - found.tp, n_pos[row], n_neg[row], **objective)
         starts = found.first[has]
         best = np.maximum.reduceat(value, starts)
         hit = value == np.repeat(best, found.n_pos[has])
@@ -206,18 +206,18 @@ def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, mi
         thresholds (L,) on probs' device: float64 for float64 scores, else float32 (and the
         scores when ``return_scores``).
     """
-    _check_metric(metric, beta, min_recall, min_precision)
+    check_metric(metric, beta, min_recall, min_precision)
     if mode not in ("exact", "histogram"):
         raise ValueError(f"unknown mode {mode!r}; available: ['exact', 'histogram']")
     if not isinstance(bins, int) or bins < 2:
         raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
     scores, codes = as_arrays(probs, targets)
     objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
-    threshold, value = _tune(scores, codes, metric, objective, mode, bins, labels, fallback)
+    threshold, value = tune_cutoffs(scores, codes, metric, objective, mode, bins, labels, fallback)
     return _output(threshold, value, probs, return_scores)
 
 
-def _tune(scores, codes, metric, objective, mode, bins, labels, fallback):
+def tune_cutoffs(scores, codes, metric, objective, mode, bins, labels, fallback):
     """:func:`tune_thresholds` on validated arrays: float64 thresholds and objective values."""
     dtype = np.float64 if scores.dtype == np.float64 else np.float32
     if mode == "histogram":
@@ -341,9 +341,9 @@ class ScoreHistogram:
         fp = counts[..., 0][:, ::-1].cumsum(1)
         n_pos, n_neg = tp[:, -1:], fp[:, -1:]
         name = "f1" if metric == "global" else metric
-        value = _objective(name, tp.copy(), fp, n_pos, n_neg, **objective)
+        value = objective_values(name, tp.copy(), fp, n_pos, n_neg, **objective)
         fp_above = np.concatenate([np.zeros_like(fp[:, :1]), fp[:, :-1]], axis=1)
-        bound = _objective(name, tp.copy(), fp_above, n_pos, n_neg, **objective)
+        bound = objective_values(name, tp.copy(), fp_above, n_pos, n_neg, **objective)
         return tp, fp, n_pos, n_neg, value, bound
 
     def tune(self, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
@@ -351,7 +351,7 @@ class ScoreHistogram:
              fallback: float = FALLBACK_THRESHOLD, return_scores: bool = False):
         """Thresholds (L,) at bin edges maximising ``metric``; same contract as
         :func:`tune_thresholds`. Sets ``gap_bound`` (see the class docstring)."""
-        _check_metric(metric, beta, min_recall, min_precision)
+        check_metric(metric, beta, min_recall, min_precision)
         objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
         threshold, value, n_pos, n_neg = self._edge_cutoffs(metric, objective)
         threshold, value = _finish(metric, threshold, value, n_pos, n_neg, labels, fallback)
@@ -418,7 +418,7 @@ class ScoreHistogram:
         neg_before = np.where(group > 0, neg_cum[group - 1], 0)
         tp = (tp_above + pos_cum - pos_before)[None]
         fp = (fp_above + neg_cum - neg_before)[None]
-        value = _objective(metric, tp, fp, tp_edges[None, -1:], fp_edges[None, -1:], **objective)[0]
+        value = objective_values(metric, tp, fp, tp_edges[None, -1:], fp_edges[None, -1:], **objective)[0]
         value[np.r_[values[:-1] == values[1:], False]] = -np.inf  # only run ends are realisable
         best = int(np.argmax(value))
         chosen, key_best = values[best], self.bins - 1 - position[best]
@@ -466,13 +466,13 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy:
     metric = tune_kwargs.pop("metric", "f1")
     objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
     objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
-    _check_metric(metric, **objective)
+    check_metric(metric, **objective)
     options = dict(dict(mode="exact", bins=2048, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
     options.pop("labels", None)
     fold_of = fold_ids(n, folds, np.random.default_rng(seed))
     if policy == "argmax":
         def choose(s, c):
-            return _tune(s, c, metric, objective, labels=None, **options)[0]
+            return tune_cutoffs(s, c, metric, objective, labels=None, **options)[0]
     else:
         from .policy import choose_on_arrays, resolve_policy
         name = resolve_policy(policy, metric)

@@ -36,7 +36,7 @@ from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
 from .loop import CHECKPOINT, collect_split, duration, fit_epochs
 from .loop import log as _log
-from .losses import MultiTaskLoss, build_loss, pos_weight_from_targets
+from .losses import TaskLoss, build_loss, pos_weight_from_targets
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
@@ -282,7 +282,7 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(cfg.loss.name, pos_weight, **loss_kwargs(cfg.loss))
+    loss_fn = TaskLoss(build_loss(cfg.loss.name, pos_weight, **loss_kwargs(cfg.loss)))
     if splits.train.regression_names:
         values = splits.train.regression
         mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
@@ -290,8 +290,8 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
             missing = [n for n, m in zip(splits.train.regression_names, mean) if np.isnan(m)]
             raise DataError(f"regression columns {missing} have no value in the training split")
         model.set_regression_scale(mean, std)  # the loss standardises with the model's own scale
-        loss_fn = MultiTaskLoss(loss_fn, model.num_labels, cfg.loss.regression, cfg.loss.regression_weight,
-                                model.regression_mean.cpu(), model.regression_std.cpu())
+        loss_fn = TaskLoss(loss_fn.classification, cfg.loss.regression, cfg.loss.regression_weight,
+                           model.regression_mean.cpu(), model.regression_std.cpu())
     return loss_fn.to(device)
 
 
@@ -299,12 +299,13 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
     """Calibrate and choose thresholds on val, then score val (with cross-fitting) and test."""
     from .evaluate import calibrate_and_tune, evaluate_outputs
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
-    val_logits, val_targets, _ = collect_split(model, eval_loaders["val"], device, world, **eval_kwargs)
-    policy = calibrate_and_tune(model, val_logits, val_targets, calibration=cfg.calibration.method, seed=cfg.seed,
-                                **threshold_kwargs(cfg.thresholds))
-    metrics = {"val": evaluate_outputs(model, val_logits, val_targets, seed=cfg.seed, **cross_fit_kwargs(cfg.thresholds))}
+    val_outputs, val_targets, _ = collect_split(model, eval_loaders["val"], device, world, **eval_kwargs)
+    policy = calibrate_and_tune(model, val_outputs.logits, val_targets.labels, calibration=cfg.calibration.method,
+                                seed=cfg.seed, **threshold_kwargs(cfg.thresholds))
+    metrics = {"val": evaluate_outputs(model, val_outputs, val_targets, seed=cfg.seed,
+                                       **cross_fit_kwargs(cfg.thresholds))}
     metrics["val"]["threshold_policy"] = policy
-    outputs = {"val": (val_logits, val_targets)}
+    outputs = {"val": (val_outputs, val_targets)}
     if "test" in eval_loaders:
         outputs["test"] = collect_split(model, eval_loaders["test"], device, world, **eval_kwargs)[:2]
         metrics["test"] = evaluate_outputs(model, *outputs["test"])
@@ -322,8 +323,8 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
                                                      "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", run_info)
-    for split, (logits, targets) in outputs.items():
-        save_predictions(out_dir, split, logits.numpy(), targets.numpy(), getattr(splits, split).paths, model.labels)
+    for split, (named_outputs, targets) in outputs.items():
+        save_predictions(out_dir, split, named_outputs, targets, getattr(splits, split).paths, model.labels)
     from .report import build_report
     build_report(out_dir, model, metrics, history, scores=outputs)
 

@@ -14,7 +14,7 @@ from .cli import guarded
 from .distributed import resolve_device
 from .config import cross_fit_kwargs, threshold_kwargs
 from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
-                       split_arguments, split_logits, summary_line)
+                       split_arguments, split_outputs, summary_line)
 from .io import write_json
 from .policy import CONSTRAINTS, POLICIES
 from .thresholds import OBJECTIVES
@@ -73,11 +73,11 @@ def main(argv: list[str]) -> int:
     model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
     th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
     device = resolve_device(args.device or cfg.train.device)
-    logits, targets = split_logits(model, cfg, "val", device, args.quiet)
-    before = evaluate_outputs(model, logits, targets)
-    policy = calibrate_and_tune(model, logits, targets, calibration=cal_cfg.method, seed=cfg.seed,
+    outputs, targets = split_outputs(model, cfg, "val", device, args.quiet)
+    before = evaluate_outputs(model, outputs, targets)
+    policy = calibrate_and_tune(model, outputs.logits, targets.labels, calibration=cal_cfg.method, seed=cfg.seed,
                                 **threshold_kwargs(th_cfg))
-    after = evaluate_outputs(model, logits, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
+    after = evaluate_outputs(model, outputs, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
     after["threshold_policy"] = policy
     meta_path = model.save_metadata(model_path, {
         "threshold_metric": th_cfg.metric, "threshold_policy": policy["policy"],
@@ -129,8 +129,6 @@ def read_thresholds(path: str, labels: list[str]) -> dict[str, float]:
 def apply_json(args) -> int:
     """``mlabel tune RUN --from-json FILE``: set the thresholds FILE names (the others stay), keep the
     calibration, store them in ``mlabel.json``, print val before and after, and rebuild the report."""
-    import torch
-
     from .models import load, locate_model
     from .predictions import load_scores
     given = [f"--{key.replace('_', '-')}" for key in TUNING_OPTIONS if getattr(args, key) is not None]
@@ -142,9 +140,8 @@ def apply_json(args) -> int:
     scores = load_scores(run_dir, "val", model.labels) if run_dir is not None else None
     if scores is None and run_dir is not None:
         from .config import load_config
-        scores = split_logits(model, load_config(run_dir / "config.yaml"), "val",
+        scores = split_outputs(model, load_config(run_dir / "config.yaml"), "val",
                               resolve_device(args.device or "auto"), args.quiet)
-    scores = None if scores is None else tuple(torch.as_tensor(x) for x in scores)
     before = evaluate_outputs(model, *scores) if scores is not None else None
     old = model.thresholds.tolist()
     model.set_thresholds([chosen.get(name, t) for name, t in zip(model.labels, old)])

@@ -48,6 +48,9 @@ def browser(tmp_path):
 def quickstart_sized(run: Path, scene_csv: Path, seed: int = 0) -> dict:
     """Replace the tiny run's predictions with quickstart-sized ones (600 val, 1,000 test images,
     6 labels, some targets unknown) on the same images, and rebuild its report from them."""
+    import torch
+
+    from mlabel.outputs import Outputs, Targets
     from mlabel.predictions import save_predictions
     from mlabel.report import main as report_main
     model = mlabel.load(run)
@@ -60,8 +63,8 @@ def quickstart_sized(run: Path, scene_csv: Path, seed: int = 0) -> dict:
         targets = (rng.random((n, model.num_labels)) < np.linspace(0.1, 0.5, model.num_labels)).astype(np.float32)
         logits = (rng.normal(0, 1.5, targets.shape) + 2.5 * (targets - 0.5)).astype(np.float32)
         targets[rng.random(targets.shape) < 0.03] = -1
-        save_predictions(run, split, logits, targets, [images[i % len(images)] for i in range(n)], model.labels)
-        import torch
+        save_predictions(run, split, Outputs(torch.from_numpy(logits)), Targets(torch.from_numpy(targets)),
+                         [images[i % len(images)] for i in range(n)], model.labels)
         scores[split] = (model.probabilities(torch.from_numpy(logits)).numpy(), targets)
     assert report_main([str(run), "--quiet"]) == 0
     return scores

@@ -201,15 +201,15 @@ def test_predictions_hold_the_models_val_and_test_scores(tmp_path, scene_csv):
 
     import mlabel
     from mlabel.config import load_config as load
-    from mlabel.evaluate import split_logits
+    from mlabel.evaluate import split_outputs
     run = _tiny_run(tmp_path, scene_csv)
     model = mlabel.load(run)
     cfg = load(str(run / "config.yaml"))
-    logits, targets = split_logits(model, cfg, "val", torch.device("cpu"), quiet=True)
+    outputs, targets = split_outputs(model, cfg, "val", torch.device("cpu"), quiet=True)
     for split in ("val", "test"):
         with np.load(run / "predictions" / f"{split}.npz", allow_pickle=False) as saved:
-            np.testing.assert_allclose(saved["logits"], logits.numpy(), atol=1e-5)
-            np.testing.assert_array_equal(saved["targets"], targets.numpy())
+            np.testing.assert_allclose(saved["logits"], outputs.logits.numpy(), atol=1e-5)
+            np.testing.assert_array_equal(saved["targets"], targets.labels.numpy())
             assert list(saved["labels"]) == model.labels
             assert list(saved["paths"]) == [str(scene_csv / "images" / f"val{i}.png") for i in range(24)]
 
@@ -230,7 +230,7 @@ def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_m
     def no_model_runs(*args, **kwargs):
         raise AssertionError("the report must read predictions/, not run the model")
 
-    monkeypatch.setattr(evaluate, "split_logits", no_model_runs)
+    monkeypatch.setattr(evaluate, "split_outputs", no_model_runs)
     (run / "report" / "report.html").unlink()
     assert report.main([str(run), "--quiet"]) == 0 and (run / "report" / "report.html").is_file()
 

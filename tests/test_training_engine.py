@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlabel.engine import ModelEma, build_scheduler, mix_batch, train_one_epoch
+from mlabel.outputs import Targets
 from mlabel.losses import BCEWithLogits
 from mlabel.train import main as train_main
 
@@ -45,16 +46,21 @@ def test_ema_follows_its_update_rule():
 def test_mixup_and_cutmix_mix_targets_with_the_image_lambda():
     torch.manual_seed(0)
     images = torch.rand(4, 3, 16, 16)
-    targets = torch.tensor([[1.0, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    labels = torch.tensor([[1.0, 0, -1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    values = torch.tensor([[1.0, float("nan")], [2.0, 5.0], [3.0, 6.0], [4.0, 7.0]])  # regression targets
+    targets = Targets(labels, values)
     mixed, t = mix_batch(images, targets, mixup_alpha=0.4, cutmix_alpha=0.0)
     lam = float(((mixed[0] - images[3]) / (images[0] - images[3]))[0, 0, 0])
-    torch.testing.assert_close(t[0, :2], lam * targets[0, :2] + (1 - lam) * targets[3, :2])
-    assert t[0, 2] == -1  # unknown in one image: unknown in the mix
+    torch.testing.assert_close(t.labels[0, :2], lam * labels[0, :2] + (1 - lam) * labels[3, :2])
+    assert t.labels[0, 2] == -1  # unknown in one image: unknown in the mix
+    torch.testing.assert_close(t.regression[1], lam * values[1] + (1 - lam) * values[2])  # linear
+    assert torch.isnan(t.regression[0, 1]) and torch.isnan(t.regression[3, 1])  # missing in one: missing
     torch.manual_seed(1)
     images = torch.zeros(4, 1, 20, 20) + torch.arange(4.0)[:, None, None, None]
-    mixed, t = mix_batch(images, targets, mixup_alpha=0.0, cutmix_alpha=1.0)
+    mixed, t = mix_batch(images, Targets(labels), mixup_alpha=0.0, cutmix_alpha=1.0)
     pasted = float((mixed[1] == images[2]).float().mean())  # share of image 1 now from image 2
-    torch.testing.assert_close(t[1], (1 - pasted) * targets[1] + pasted * targets[2])
+    torch.testing.assert_close(t.labels[1], (1 - pasted) * labels[1] + pasted * labels[2])
+    assert t.regression is None
     same, t2 = mix_batch(images, targets, 0.4, 0.0, prob=0.0)
     assert same is images and t2 is targets
 
@@ -232,7 +238,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     def poisoned(self, images):  # the training forward (validation calls the model directly)
         calls.append(1)
         outputs = real(self, images)
-        return torch.full_like(outputs, float("nan")) if len(calls) == 9 else outputs
+        return outputs._replace(logits=torch.full_like(outputs.logits, float("nan"))) if len(calls) == 9 else outputs
         # the 9th training batch: epoch 2, step 2 (six batches of 8 per epoch)
 
     monkeypatch.setattr(OutputsModule, "forward", poisoned)

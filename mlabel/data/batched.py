@@ -399,7 +399,7 @@ class BatchImages:
     def load(self, items) -> dict:
         indices = np.fromiter((i for i, _ in items), np.int64, len(items))
         params = self.augment.draw([s for _, s in items])
-        targets = torch.from_numpy(self.table.model_targets(indices))
+        targets = self.table.model_targets(indices)
         batch = {"targets": targets, "params": params, "stage": "squares"}
         if self.encoded:
             batch["encoded"], batch["decoded"] = self._read_encoded(indices)

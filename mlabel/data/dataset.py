@@ -12,6 +12,7 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import presets as P
+from ..outputs import collate
 from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
 from ..errors import DataError
 from .tables import LabelTable
@@ -111,7 +112,7 @@ class ImageDataset(Dataset):
             self.transform.set_random_seed(seed)
         image = np.asarray(self.cache[index]) if self.cache is not None else read_rgb(self.table.paths[index])
         tensor = self.transform(image=image)["image"]
-        return tensor, torch.from_numpy(self.table.model_targets(index))
+        return tensor, self.table.model_targets(index)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -153,5 +154,5 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train, rank, world),
                       drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator, worker_init_fn=_seed_worker,
+                      pin_memory=pin_memory, generator=generator, worker_init_fn=_seed_worker, collate_fn=collate,
                       persistent_workers=persistent_workers and num_workers > 0)

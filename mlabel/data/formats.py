@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from .tables import LabelTable, _check_files, _resolve_image, read_text
+from .tables import LabelTable, check_files, resolve_image, read_text
 
 __all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table"]
 
@@ -68,13 +68,13 @@ def read_jsonl_table(path: Path, root: Path, *, labels: Sequence[str] | None = N
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise DataError(f'{at}: "{key}" must be a list of label names (strings), got {value!r}')
             sets.append(set(value))
-        images.append(_resolve_image(root, record["image"]))
+        images.append(resolve_image(root, record["image"]))
         rows.append((sets[0], sets[1]))
         where.append(at)
     if not images:
         raise DataError(f"{path} holds no records; give one JSON object per line")
     names, targets = _multi_hot(rows, labels, str(path), where)
-    _check_files(images, str(path))
+    check_files(images, str(path))
     return LabelTable([str(p) for p in images], targets, names, str(path))
 
 
@@ -110,7 +110,7 @@ def read_voc_table(root: Path, split: str, *, labels: Sequence[str] | None = Non
         rows.append((positive, difficult - positive))
         where.append(str(xml_path))
     names, targets = _multi_hot(rows, labels, str(listing), where)
-    _check_files(images, str(listing))
+    check_files(images, str(listing))
     return LabelTable([str(p) for p in images], targets, names, str(listing))
 
 
@@ -169,5 +169,5 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
     for i in order:
         direct = root / files[i]
         images.append(direct if direct.exists() or not (split_dir / files[i]).exists() else split_dir / files[i])
-    _check_files(images, str(path))
+    check_files(images, str(path))
     return LabelTable([str(p) for p in images], targets, names, str(path))

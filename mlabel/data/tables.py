@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..errors import DataError
+from ..outputs import Targets
 from ..preprocess import IMAGE_EXTENSIONS
 
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
@@ -38,13 +40,11 @@ class LabelTable:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def model_targets(self, index) -> np.ndarray:
-        """What the model is trained against for row(s) ``index``: the label targets, then the
-        regression targets when there are any (last axis)."""
-        target = self.targets[index]
-        if self.regression is None:
-            return target
-        return np.concatenate([target, self.regression[index]], -1)
+    def model_targets(self, index) -> Targets:
+        """What the model is trained against for row(s) ``index``, by name: the label targets and
+        the regression targets (None without regression columns), as tensors."""
+        regression = None if self.regression is None else torch.from_numpy(self.regression[index])
+        return Targets(torch.from_numpy(self.targets[index]), regression)
 
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
@@ -53,7 +53,7 @@ class LabelTable:
                           regression, self.regression_names)
 
 
-def _resolve_image(root: Path, name: str) -> Path:
+def resolve_image(root: Path, name: str) -> Path:
     """``root/name``; a name without extension is matched against the usual image extensions."""
     path = root / name
     if path.suffix.lower() in IMAGE_EXTENSIONS or path.exists():
@@ -65,7 +65,7 @@ def _resolve_image(root: Path, name: str) -> Path:
     return path
 
 
-def _check_files(paths: list[Path], source: str) -> None:
+def check_files(paths: list[Path], source: str) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         shown = "\n  ".join(missing[:10])
@@ -143,10 +143,10 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
         if len(row) != len(header):
             raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}; "
                             "quote fields that contain the delimiter")
-        images.append(_resolve_image(root, row[img_idx].strip()))
+        images.append(resolve_image(root, row[img_idx].strip()))
     if not images:
         raise DataError(f"{path} has a header but no rows")
-    _check_files(images, str(path))
+    check_files(images, str(path))
     regression = _numeric_columns(rows, path, header, list(regression_columns)) if regression_columns else None
     return LabelTable([str(p) for p in images], targets, names, str(path), regression,
                       list(regression_columns or ()))

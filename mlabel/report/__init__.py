@@ -71,7 +71,7 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
     afresh when a run has none), with the run's history and label counts. Training, ``mlabel
     tune``, ``mlabel evaluate`` and ``mlabel report`` all build the page here, so it matches
-    ``model/mlabel.json``. ``scores`` (``{split: (outputs, targets)}``) is what training has in
+    ``model/mlabel.json``. ``scores`` (``{split: (Outputs, Targets)}``) is what training has in
     memory and has just saved; ``split`` picks the galleries' and label structure's split (default:
     test when the run has one)."""
     import torch
@@ -83,7 +83,7 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
         from ..models import load
         model = load(run_dir)
     if scores is None:
-        scores = {split: tuple(torch.from_numpy(x) for x in pair) for split in ("val", "test")
+        scores = {split: pair for split in ("val", "test")
                   if (pair := load_scores(run_dir, split, model.labels)) is not None}
     if "val" not in scores:
         scores = _score_afresh(run_dir, model, device, quiet)
@@ -93,13 +93,12 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
         metrics = {name: evaluate_outputs(model, *pair) for name, pair in scores.items()}
     history = _read_history(run_dir / "history.csv") if history is None else history
     counts = json.loads((run_dir / "run.json").read_text())["label_counts"]
-    n = model.num_labels
-    probs = {name: (model.probabilities(outputs[:, :n]).numpy(), targets[:, :n].numpy())
+    probs = {name: (model.probabilities(outputs.logits).numpy(), targets.labels.numpy())
              for name, (outputs, targets) in scores.items()}
     if split is not None:  # the split shown in the galleries goes last
         probs[split] = probs.pop(split)
     paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
-    raw = torch.sigmoid(scores["val"][0][:, :n]).numpy() if model.calibration else None
+    raw = torch.sigmoid(scores["val"][0].logits).numpy() if model.calibration else None
     return write_report(run_dir, metrics, history, probs, model.labels, model.thresholds.cpu().numpy(), counts,
                         raw_val_probs=raw, header=run_header(run_dir, history), paths=paths)
 
@@ -108,12 +107,12 @@ def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
     """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
     from ..config import load_config
     from ..distributed import resolve_device
-    from ..evaluate import split_logits
+    from ..evaluate import split_outputs
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(device or cfg.train.device)
-    scores = {"val": split_logits(model, cfg, "val", device, quiet)}
+    scores = {"val": split_outputs(model, cfg, "val", device, quiet)}
     if cfg.data.test or cfg.data.test_fraction > 0:
-        scores["test"] = split_logits(model, cfg, "test", device, quiet)
+        scores["test"] = split_outputs(model, cfg, "test", device, quiet)
     return scores
 
 

@@ -21,7 +21,7 @@ import gzip
 
 import numpy as np
 
-from ..metrics import row_blocks
+from ..metrics import label_curves, row_blocks
 
 __all__ = ["EXACT_LIMIT", "BINS", "explorer_data", "histogram_counts"]
 
@@ -34,14 +34,11 @@ def _pack(array: np.ndarray) -> str:
 
 
 def _exact_split(probs: np.ndarray, targets: np.ndarray) -> dict:
-    """Per label, the distinct known scores (descending) and the positives and negatives at each."""
+    """Per label, the distinct known scores (descending) and the positives and negatives at each,
+    from the counting core the metrics and the threshold tuner use (:func:`~mlabel.metrics.label_curves`)."""
     offsets, cuts, tps, fps = [0], [], [], []
-    for j in range(probs.shape[1]):
-        known = targets[:, j] >= 0
-        values, where = np.unique(probs[known, j], return_inverse=True)
-        positive = targets[known, j] == 1
-        tp = np.bincount(where, positive, len(values))
-        cuts.append(values[::-1]), tps.append(tp[::-1]), fps.append(np.bincount(where, None, len(values))[::-1] - tp[::-1])
+    for values, tp, fp, _, _ in label_curves(probs, targets):
+        cuts.append(values), tps.append(np.diff(tp, prepend=0)), fps.append(np.diff(fp, prepend=0))
         offsets.append(offsets[-1] + len(values))
     return {"offsets": _pack(np.asarray(offsets, np.uint32)), "cuts": _pack(np.concatenate(cuts).astype(np.float32)),
             "tp": _pack(np.concatenate(tps).astype(np.uint32)), "fp": _pack(np.concatenate(fps).astype(np.uint32))}
