@@ -1,6 +1,6 @@
 """The augmentation presets as numbers, one table for both training paths: albumentations in the
 loader workers (:func:`mlabel.data.dataset.build_transform`) and batched tensor operations on
-the device (:class:`mlabel.data.batched.TensorAugment`). Changing a preset here changes both."""
+the device (:class:`mlabel.data.augment.TensorAugment`). Changing a preset here changes both."""
 from __future__ import annotations
 
 __all__ = ["PRESETS", "CROP_SCALE", "CROP_RATIO", "JITTER", "JITTER_P", "AFFINE", "BLUR_OR_NOISE_P",
