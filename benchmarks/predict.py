@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import mlabel
+from _images import noise_jpegs
 from mlabel.predict import load_backend, predict_paths
 
 
@@ -32,11 +32,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rng = np.random.default_rng(0)
-        paths = []
-        for i in range(args.images):
-            path = tmp / f"img{i:04d}.jpg"
-            Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
-            paths.append(str(path))
+        paths = noise_jpegs(tmp, args.images, 375, 500, rng)
         model = mlabel.create_model(args.backbone, ["a", "b", "c", "d", "e"], image_size=args.size)
         model_dir = model.save_pretrained(tmp / "model")
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 import mlabel
+from _images import noise_jpegs
 from mlabel.report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -110,10 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rng = np.random.default_rng(1)
-        images = []
-        for i in range(200):
-            images.append(str(tmp / f"img{i:03d}.jpg"))
-            Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(images[-1], quality=85)
+        images = noise_jpegs(tmp, 200, 240, 320, rng, quality=85)
         pages = {}
         print(f"{'report':<26}{'build':>10}{'x small':>9}{'size':>12}")
         small_s, small_b = build(tmp / "small", 6, 1000, images)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import timm
@@ -28,6 +27,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 
 import mlabel
+from _images import noise_jpegs
 from mlabel.data import ImageDataset, build_transform, make_loader
 from mlabel.data.tables import LabelTable
 from mlabel.engine import Stepper, build_optimizer, build_scheduler, train_one_epoch
@@ -70,11 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for i in range(args.images):
-            path = Path(tmp) / f"{i:05d}.jpg"
-            Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(path, quality=90)
-            paths.append(str(path))
+        paths = noise_jpegs(tmp, args.images, 240, 320, rng)
         targets = (rng.random((args.images, len(LABELS))) < 0.3).astype(np.float32)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         print(f"{args.images} JPEGs 320x240, {args.backbone} at {args.size}px, batch {args.batch_size}, "
