@@ -51,7 +51,8 @@ class DataConfig:
     allow_overlap: bool = _key(False, "accept the same annotation file for two splits (refused otherwise)")
     generate: Literal["scenes"] | None = _key(None, "draw a synthetic data set (the quickstart) into the cache")
     image_size: int = _key(224, "side of the square network input in pixels", "[8, 4096]")
-    resize: Literal["crop", "squish"] = _key("crop", "crop: short side to size then centre crop; squish: stretch")
+    resize: Literal["auto", "crop", "squish"] = _key(
+        "auto", "crop: short side to size then centre crop; squish: stretch; auto: squish for multi-label, crop for binary")
     augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = _key(
         "light", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]")
     augment_on: Literal["auto", "workers", "device"] = _key(
@@ -60,7 +61,7 @@ class DataConfig:
     cache: bool = _key(False, "decode every image once into a memory-mapped uint8 cache")
     cache_dir: str | None = _key(None, "where caches and generated data go; null: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel")
     batch_size: int = _key(64, "images per batch (per process under torchrun)", "[1, inf)")
-    num_workers: int = _key(4, "loader processes", "[0, 256]")
+    num_workers: int | Literal["auto"] = _key("auto", "loader processes; auto: usable cores - 1, at most 4", "[0, 256]")
     pin_memory: bool | None = _key(None, "null: on when training on CUDA")
     persistent_workers: bool = _key(True, "keep loader processes between epochs")
 
@@ -68,7 +69,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = _key("resnet50", "a timm model name (mlabel models lists them)")
-    pretrained: bool | str = _key(True, "true: timm's hub; false: from scratch; or a weights file or package name")
+    pretrained: bool | str = _key("auto", "auto: offline weights when installed for the backbone, else from scratch "
+                                  "(never downloads); true: timm's hub; false; or a weights file or package name")
     head: str = _key("linear", "a name of mlabel.models.HEADS: linear, mlp, csra")
     head_args: dict = _key({}, "the head's constructor arguments (over the flat keys below)")
     drop_rate: float = _key(0.0, "dropout before the head", "[0, 1)")
@@ -92,7 +94,7 @@ class TrainConfig:
     device: str = _key("auto", "auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "auto: bf16 on CUDA, fp32 on the CPU")
     accumulate: int = _key(1, "optimizer step every N batches (effective batch N x batch_size)", "[1, inf)")
-    schedule: Literal["cosine", "onecycle"] = _key("cosine", "learning-rate schedule after warmup")
+    schedule: Literal["cosine", "onecycle", "constant"] = _key("cosine", "learning-rate schedule after warmup")
     early_stop_patience: int = _key(0, "stop after N epochs without a better val mAP; 0 = never", "[0, inf)")
     mixup_alpha: float = _key(0.0, "> 0: mixup with lambda ~ Beta(a, a), targets mixed alike", "[0, inf)")
     cutmix_alpha: float = _key(0.0, "> 0: cutmix; with both, each batch picks one", "[0, inf)")
@@ -333,7 +335,7 @@ def _check_ranges(config: Config) -> None:
     for key, (f, _) in all_keys(config).items():
         text = f.metadata.get("range")
         value = _lookup(tree, key)
-        if text is None or value is None or isinstance(value, bool):
+        if text is None or value is None or isinstance(value, (bool, str)):  # "auto" is decided later
             continue
         if not _in_range(value, text):
             raise ConfigError(f"{key} must lie in {text}, got {value!r}")
@@ -496,7 +498,7 @@ def _check_backbone(model: ModelConfig) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"model.backbone: timm {timm.__version__} has no model {name!r}{hint}; "
                           "mlabel models PATTERN lists them")
-    if isinstance(model.pretrained, str):
+    if isinstance(model.pretrained, str) and model.pretrained != "auto":
         try:
             check_pretrained(model.pretrained)
         except ValueError as err:

@@ -120,7 +120,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                     kind: str = "cosine"):
     """``cosine``: linear warmup to the base learning rate, then cosine decay to 1 % of it.
     ``onecycle``: cosine rise from 4 % to the base rate over the warmup (at least 10 % of the
-    steps), then cosine decay to 1e-4 of it (the one-cycle policy, momentum left alone)."""
+    steps), then cosine decay to 1e-4 of it (the one-cycle policy, momentum left alone).
+    ``constant``: linear warmup, then the base rate to the end (a plain loop's schedule)."""
     if kind == "onecycle":
         warmup_steps = max(warmup_steps, int(0.1 * total_steps), 1)
 
@@ -133,6 +134,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
         def factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / warmup_steps
+            if kind == "constant":
+                return 1.0
             progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
             return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -16,6 +16,7 @@ from .calibration import apply_calibration, fit_calibration
 from .cli import guarded
 from .config import Config, ConfigError, load_config
 from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
+from .defaults import loader_workers
 from .distributed import resolve_device
 from .engine import collect_predictions
 from .io import check_writable, write_json
@@ -133,7 +134,7 @@ def split_outputs(model: MultiLabelClassifier, cfg: Config, split: str, device: 
         order = [splits.labels.index(name) for name in model.labels]
         table.targets = table.targets[:, order]
     loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)),
-                         batch_size=cfg.data.batch_size, train=False, num_workers=cfg.data.num_workers,
+                         batch_size=cfg.data.batch_size, train=False, num_workers=loader_workers(cfg.data.num_workers),
                          seed=cfg.seed, pin_memory=device.type == "cuda")
     model.to(device)
     outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,

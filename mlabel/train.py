@@ -40,6 +40,7 @@ from .losses import TaskLoss, build_loss, pos_weight_from_targets
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
+from .defaults import resolve_defaults
 from .rundir import claim_run_dir
 
 __all__ = ["main", "run"]
@@ -219,8 +220,9 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text))
+    resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written, with the auto values decided
     _check_against_data(cfg, splits)
     if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into
         cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))

@@ -111,6 +111,17 @@ def test_onecycle_rises_then_decays():
     assert int(np.argmax(lrs)) == 10 and lrs[-1] < 0.01
 
 
+def test_constant_schedule_warms_up_then_holds_the_base_rate():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = build_scheduler(optimizer, 50, 4, "constant")
+    lrs = []
+    for _ in range(50):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.125, 0.25, 0.375, 0.5]) and lrs[4:] == [0.5] * 46
+
+
 def _cmd(out, scene_csv, extra=()):
     return ["quickstart", f"out_dir={out}", "model.backbone=test_resnet", "model.pretrained=false",
             "data.generate=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",

