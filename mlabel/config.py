@@ -58,10 +58,12 @@ class DataConfig:
     augment_on: Literal["auto", "workers", "device"] = _key(
         "auto", "device: batched tensor ops on uint8 batches; workers: albumentations per image; auto: device when cached")
     on_bad_image: Literal["error", "skip"] = _key("error", "skip: drop unreadable images, listed in skipped.csv")
-    cache: bool = _key(False, "decode every image once into a memory-mapped uint8 cache")
+    cache: bool | Literal["auto"] = _key(
+        "auto", "decode every image once into a memory-mapped uint8 cache; auto: when it fits in 2 GiB (and RAM/8)")
     cache_dir: str | None = _key(None, "where caches and generated data go; null: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel")
     batch_size: int = _key(64, "images per batch (per process under torchrun)", "[1, inf)")
-    num_workers: int | Literal["auto"] = _key("auto", "loader processes; auto: usable cores - 1, at most 4", "[0, 256]")
+    num_workers: int | Literal["auto"] = _key(
+        "auto", "loader processes; auto: usable cores - 1, at most 4 (none with the cache on <= 2 cores)", "[0, 256]")
     pin_memory: bool | None = _key(None, "null: on when training on CUDA")
     persistent_workers: bool = _key(True, "keep loader processes between epochs")
 

@@ -221,7 +221,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text))
+    resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text),
+                     images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None))
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written, with the auto values decided
     _check_against_data(cfg, splits)
     if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into

@@ -54,7 +54,7 @@ def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scen
 
 def test_auto_pretrained_takes_the_installed_offline_weights():
     from types import SimpleNamespace
-    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0),
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False),
                           model=SimpleNamespace(pretrained="auto", backbone="tf_efficientnet_lite0"))
     said = []
     defaults.resolve_defaults(cfg, "binary", said.append)
@@ -71,3 +71,27 @@ def test_a_binary_task_keeps_the_centre_crop(folder_dataset, tmp_path):
                        "data.image_size=32", "data.augment=none", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
                        "train.epochs=1", "--quiet"]) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["resize"] == "crop"
+
+
+def test_a_small_data_set_is_decoded_once_into_the_cache(tmp_path, scene_csv, capsys):
+    config = _run(tmp_path, scene_csv, "model.pretrained=false", "data.cache=auto", "data.num_workers=auto",
+                  f"data.cache_dir={tmp_path / 'cache'}")
+    out = capsys.readouterr().out
+    assert config["data"]["cache"] is True and "defaults: data.cache=true (72 images decode to 0 MB" in out
+    assert any(p.suffix == ".u8" for p in (tmp_path / "cache").iterdir())  # the squares, not the user's folder
+    assert config["data"]["num_workers"] == defaults.loader_workers("auto", cached=True)
+
+
+def test_data_over_the_cache_budget_is_decoded_every_epoch(tmp_path, scene_csv, monkeypatch, capsys):
+    monkeypatch.setattr(defaults, "CACHE_BUDGET", 1000)
+    config = _run(tmp_path, scene_csv, "model.pretrained=false", "data.cache=auto", f"data.cache_dir={tmp_path / 'c'}")
+    assert config["data"]["cache"] is False
+    assert "over the 0.0 GiB kept in memory: decoded every epoch" in capsys.readouterr().out
+    assert not (tmp_path / "c").exists()
+
+
+def test_with_the_cache_on_two_cores_the_training_process_loads_the_images(monkeypatch):
+    monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert defaults.loader_workers("auto", cached=True) == 0 and defaults.loader_workers("auto") == 1
+    monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert defaults.loader_workers("auto", cached=True) == 4

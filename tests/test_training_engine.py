@@ -99,26 +99,26 @@ def test_reduced_precision_trains_with_a_scaler_for_fp16(precision):
         torch.testing.assert_close(a, b, atol=0.02, rtol=0)  # the same steps up to rounding
 
 
-def test_onecycle_rises_then_decays():
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_scheduler(optimizer, 100, 0, "onecycle")
+def _rates(kind: str, steps: int, warmup: int, lr: float) -> list[float]:
+    """The learning rate of every step of a ``kind`` schedule."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = build_scheduler(optimizer, steps, warmup, kind)
     lrs = []
-    for _ in range(100):
+    for _ in range(steps):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
+    return lrs
+
+
+def test_onecycle_rises_then_decays():
+    lrs = _rates("onecycle", 100, 0, 1.0)
     assert lrs[0] == pytest.approx(0.04) and max(lrs) == pytest.approx(1.0, abs=1e-3)
     assert int(np.argmax(lrs)) == 10 and lrs[-1] < 0.01
 
 
 def test_constant_schedule_warms_up_then_holds_the_base_rate():
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
-    scheduler = build_scheduler(optimizer, 50, 4, "constant")
-    lrs = []
-    for _ in range(50):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
+    lrs = _rates("constant", 50, 4, 0.5)
     assert lrs[:4] == pytest.approx([0.125, 0.25, 0.375, 0.5]) and lrs[4:] == [0.5] * 46
 
 
