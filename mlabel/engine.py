@@ -277,15 +277,15 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
     loss_fn = None if loss_fn is None else task_loss(loss_fn)
     all_outputs, all_targets, total_loss, seen = [], [], 0.0, 0
     for images, targets in _Progress(loader, desc, quiet):
-        images = images.to(device, non_blocking=True)
+        images, targets = images.to(device, non_blocking=True), as_targets(targets)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device):
             outputs = model_outputs(model, images).float()
         if loss_fn is not None:
-            total_loss += loss_fn(outputs, as_targets(targets).to(device)).item() * len(images)
+            total_loss += loss_fn(outputs, targets.to(device)).item() * len(images)
             seen += len(images)
         all_outputs.append(outputs.to("cpu"))
-        all_targets.append(as_targets(targets))
+        all_targets.append(targets)
     loss = total_loss / seen if loss_fn is not None and seen else None
     return concat(all_outputs), concat(all_targets), loss

@@ -188,9 +188,8 @@ def main(argv: list[str]) -> int:
     write_json(out, {args.split: metrics})
     print(summary_line(args.split, metrics))
     print(f"metrics written to {out}")
-    if (Path(out_dir) / "run.json").is_file():  # a run directory: its report follows the saved model
-        from .report import build_report
-        print(f"report: {build_report(out_dir, model, device=device, quiet=args.quiet) / 'report.html'}")
+    from .report import rebuild_run_report
+    rebuild_run_report(out_dir, model, device, args.quiet)  # a run's report follows the saved model
     return 0
 
 

@@ -45,15 +45,17 @@ def as_targets(targets) -> Targets:
     return targets if isinstance(targets, Targets) else Targets(targets)
 
 
+def _join(parts: list, join):
+    """Named pairs of one type joined field by field with ``join`` (a field None in the first is None)."""
+    first = parts[0]
+    return type(first)(*(None if field is None else join([p[k] for p in parts]) for k, field in enumerate(first)))
+
+
 def concat(parts: list):
     """Batches of :class:`Outputs` (or :class:`Targets`) joined along the images."""
-    first = parts[0]
-    return type(first)(*(None if field is None else torch.cat([p[k] for p in parts])
-                         for k, field in enumerate(first)))
+    return _join(parts, torch.cat)
 
 
 def collate(samples: list) -> tuple[torch.Tensor, Targets]:
     """The loader's batch of ``(image, Targets)`` samples."""
-    images = torch.stack([image for image, _ in samples])
-    return images, Targets(*(None if field is None else torch.stack([t[k] for _, t in samples])
-                             for k, field in enumerate(samples[0][1])))
+    return torch.stack([image for image, _ in samples]), _join([t for _, t in samples], torch.stack)

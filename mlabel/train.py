@@ -329,7 +329,8 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
     for split, (named_outputs, targets) in outputs.items():
         save_predictions(out_dir, split, named_outputs, targets, getattr(splits, split).paths, model.labels)
     from .report import build_report
-    build_report(out_dir, model, metrics, history, scores=outputs)
+    build_report(out_dir, model, metrics, history, scores=outputs,
+                 paths={split: getattr(splits, split).paths for split in outputs})
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:

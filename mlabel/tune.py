@@ -90,9 +90,8 @@ def main(argv: list[str]) -> int:
                                              "calibration": cal_cfg.method, "threshold_policy": policy,
                                              "val_before": before, "val_after": after})
     print(f"thresholds ({th_cfg.metric}, policy {policy['policy']}) stored in {meta_path}")
-    if (Path(out_dir) / "run.json").is_file():  # a run directory: its report follows the new thresholds
-        from .report import build_report
-        print(f"report: {build_report(out_dir, model, device=device, quiet=args.quiet) / 'report.html'}")
+    from .report import rebuild_run_report
+    rebuild_run_report(out_dir, model, device, args.quiet)  # a run's report follows the new thresholds
     return 0
 
 
@@ -140,8 +139,8 @@ def apply_json(args) -> int:
     scores = load_scores(run_dir, "val", model.labels) if run_dir is not None else None
     if scores is None and run_dir is not None:
         from .config import load_config
-        scores = split_outputs(model, load_config(run_dir / "config.yaml"), "val",
-                              resolve_device(args.device or "auto"), args.quiet)
+        cfg = load_config(run_dir / "config.yaml")
+        scores = split_outputs(model, cfg, "val", resolve_device(args.device or cfg.train.device), args.quiet)
     before = evaluate_outputs(model, *scores) if scores is not None else None
     old = model.thresholds.tolist()
     model.set_thresholds([chosen.get(name, t) for name, t in zip(model.labels, old)])
@@ -154,9 +153,8 @@ def apply_json(args) -> int:
     if scores is not None:
         print(summary_line("val before", before))
         print(summary_line("val after", evaluate_outputs(model, *scores)))
-    if run_dir is not None and (run_dir / "run.json").is_file():
-        from .report import build_report
-        print(f"report: {build_report(run_dir, model, device=args.device, quiet=args.quiet) / 'report.html'}")
+    from .report import rebuild_run_report
+    rebuild_run_report(run_dir, model, args.device, args.quiet)
     return 0
 
 

@@ -13,7 +13,7 @@ from .page import page, run_header, summary_tables
 from .plots import (MAX_LABELS_PLOTTED, plot_calibration, plot_frequency, plot_pr_and_f1, plot_structure,
                     plot_training)
 
-__all__ = ["build_report", "write_report"]
+__all__ = ["build_report", "rebuild_run_report", "write_report"]
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict, labels: list[str],
                  thresholds: np.ndarray, counts: dict, raw_val_probs: np.ndarray | None = None, header: str = "",
@@ -66,14 +66,15 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, history: list[dict] | None = None,
-                 scores: dict | None = None, device=None, quiet: bool = False, split: str | None = None) -> Path:
+                 scores: dict | None = None, device=None, quiet: bool = False, split: str | None = None,
+                 paths: dict | None = None) -> Path:
     """``RUN_DIR/report/`` from the run as it is now: the saved model (its current thresholds and
     calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
     afresh when a run has none), with the run's history and label counts. Training, ``mlabel
     tune``, ``mlabel evaluate`` and ``mlabel report`` all build the page here, so it matches
     ``model/mlabel.json``. ``scores`` (``{split: (Outputs, Targets)}``) is what training has in
-    memory and has just saved; ``split`` picks the galleries' and label structure's split (default:
-    test when the run has one)."""
+    memory and has just saved, ``paths`` (``{split: image files}``) its images; ``split`` picks the
+    galleries' and label structure's split (default: test when the run has one)."""
     import torch
 
     from ..evaluate import evaluate_outputs
@@ -97,10 +98,18 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
              for name, (outputs, targets) in scores.items()}
     if split is not None:  # the split shown in the galleries goes last
         probs[split] = probs.pop(split)
-    paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
+    if paths is None:
+        paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
     raw = torch.sigmoid(scores["val"][0].logits).numpy() if model.calibration else None
     return write_report(run_dir, metrics, history, probs, model.labels, model.thresholds.cpu().numpy(), counts,
                         raw_val_probs=raw, header=run_header(run_dir, history), paths=paths)
+
+
+def rebuild_run_report(run_dir: Path, model, device=None, quiet: bool = False) -> None:
+    """After a command changed or scored a saved model: rebuild the report of its run directory
+    (when it is one, with ``run.json``) and print where it is."""
+    if run_dir is not None and (Path(run_dir) / "run.json").is_file():
+        print(f"report: {build_report(run_dir, model, device=device, quiet=quiet) / 'report.html'}")
 
 
 def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
