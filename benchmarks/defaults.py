@@ -17,6 +17,10 @@ Data sets (built under --work, default a temporary folder; reused when already t
               1-4 digits anywhere on a noisy coloured background, 10 labels with a skewed frequency;
               each split draws its digits from its own share of the 1,797 originals
   quickstart  mlabel's generated scenes (6 shapes), 64x64
+  miml        ../shared/data/miml-scene: 2,000 natural scenes, 5 labels, a seeded stratified
+              60/15/25 split (as the shipped recipe's), at 96x96
+  catsdogs    ../shared/data/catsdogs, binary (dog = 1): 1,700 train, 300 val (15 % of train/),
+              2,000 test, at 96x96
 
 Not yet here (issue 17): the two sets of ../shared/data and the shipped recipes' runs.
 """
@@ -102,8 +106,47 @@ def quickstart_scenes(folder: Path, scale: float = 1.0, seed: int = 0) -> dict:
     return {"format": "csv", "root": str(folder), "train": "train.csv", "val": "val.csv", "test": "test.csv"}
 
 
+def _write_splits(folder: Path, root: Path, header: list[str], rows: list[list], folds: np.ndarray) -> dict:
+    """CSV splits in ``folder`` (never in the data's own folder) of images under ``root``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, split in enumerate(("train", "val", "test")):
+        with (folder / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(row for row, fold in zip(rows, folds) if fold == index)
+    return {"format": "csv", "root": str(root), **{s: str(folder / f"{s}.csv") for s in ("train", "val", "test")}}
+
+
+def miml_scenes(folder: Path, scale: float = 1.0, seed: int = 0) -> dict:
+    """../shared/data/miml-scene (2,000 photos, 5 labels) in a seeded stratified 60/15/25 split, as
+    the shipped recipe carves it."""
+    from mlabel.data.split import iterative_split
+    source = SHARED / "miml-scene"
+    with (source / "labels.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, rows = rows[0], rows[1:int(1 + (len(rows) - 1) * scale)]
+    folds = iterative_split(np.array([[int(v) for v in r[1:]] for r in rows]), [0.6, 0.15, 0.25], seed)
+    return _write_splits(folder, source / "images", ["image", *header[1:]], rows, folds)
+
+
+def cats_dogs(folder: Path, scale: float = 1.0, seed: int = 0) -> dict:
+    """../shared/data/catsdogs as a binary task (one column, ``dog``): val is 15 % of train/
+    (stratified, seeded), test is test/."""
+    source = SHARED / "catsdogs"
+    rng = np.random.default_rng(seed)
+    rows, folds = [], []
+    for split in ("train", "test"):
+        for animal in ("cat", "dog"):
+            names = sorted((source / split / animal).glob("*.jpg"))
+            names = [names[i] for i in sorted(rng.permutation(len(names))[:int(len(names) * scale)])]
+            val = set(rng.permutation(len(names))[:round(0.15 * len(names))]) if split == "train" else set()
+            rows += [[str(n.relative_to(source)), int(animal == "dog")] for n in names]
+            folds += [2 if split == "test" else (1 if i in val else 0) for i in range(len(names))]
+    return _write_splits(folder, source, ["image", "dog"], rows, np.array(folds))
+
+
 def read_split(data: dict, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    with open(Path(data["root"]) / data[split], newline="") as handle:
+    with open(Path(data["root"]) / data[split], newline="") as handle:  # an absolute path stays itself
         rows = list(csv.reader(handle))
     return ([str(Path(data["root"]) / r[0]) for r in rows[1:]],
             np.array([[float(v) for v in r[1:]] for r in rows[1:]], np.float32), rows[0][1:])
@@ -156,7 +199,8 @@ def mlabel_run(data: dict, image_size: int, epochs: int, work: Path, name: str, 
     return {"mAP": metrics["mAP"], "macro_f1": metrics["macro_f1"], "seconds": seconds, "chosen": chosen}
 
 
-SETS = {"digits": (digit_canvases, 64), "quickstart": (quickstart_scenes, 64)}
+SETS = {"digits": (digit_canvases, 64), "quickstart": (quickstart_scenes, 64),
+        "miml": (miml_scenes, 96), "catsdogs": (cats_dogs, 96)}
 
 
 def main() -> None:

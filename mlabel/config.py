@@ -55,6 +55,8 @@ class DataConfig:
         "auto", "crop: short side to size then centre crop; squish: stretch; auto: squish for multi-label, crop for binary")
     augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = _key(
         "light", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]")
+    box_crops: bool | Literal["auto"] = _key(
+        "auto", "random crops keep every labelled box (voc, coco); auto: on when the annotations give boxes")
     augment_on: Literal["auto", "workers", "device"] = _key(
         "auto", "device: batched tensor ops on uint8 batches; workers: albumentations per image; auto: device when cached")
     on_bad_image: Literal["error", "skip"] = _key("error", "skip: drop unreadable images, listed in skipped.csv")

@@ -10,6 +10,8 @@ holds the decided values, so a rerun trains the same way.
 - ``data.num_workers``: the cores this process may use, less one for training, at most 4; none
   with the cache on two cores or fewer (measured: 162 images/s in the training process against
   146-155 with a loader thread beside it; docs/RESULTS.md).
+- ``data.box_crops``: on when the annotations give boxes (voc, coco): a random crop of a training
+  image then keeps every labelled box (and reads the image from its file, not the cache).
 - ``model.pretrained``: the offline weights installed for the backbone (``mlabel models`` lists
   them), else from scratch. ``auto`` never downloads; ``true`` asks timm's hub.
 """
@@ -62,15 +64,20 @@ def _cache_fits(data, images: int) -> tuple[bool, str]:
     return True, f"{where}, within {limit / 2**30:.1f} GiB: decoded once, not every epoch"
 
 
-def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0) -> None:
-    """Replace every ``auto`` of ``cfg`` that the data (``task``, ``images`` in all splits) or the
-    machine decides, in place."""
+def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0, boxes: bool = False) -> None:
+    """Replace every ``auto`` of ``cfg`` that the data (``task``, ``images`` in all splits,
+    whether the training annotations give ``boxes``) or the machine decides, in place."""
     data, model = cfg.data, cfg.model
     if data.resize == "auto":
         data.resize = "squish" if task == "multilabel" else "crop"
         reason = "multi-label: keep the whole image, so no labelled object is cropped away" \
             if task == "multilabel" else "binary: one subject, centre-cropped as pretrained models saw it"
         log(f"defaults: data.resize={data.resize} ({reason})")
+    if data.box_crops == "auto":
+        data.box_crops = boxes
+        log(f"defaults: data.box_crops={str(boxes).lower()} (" + (
+            "the annotations give boxes: random crops keep every labelled box" if boxes else
+            "the annotations give no boxes") + ")")
     if data.cache == "auto":
         data.cache, reason = _cache_fits(data, images)
         log(f"defaults: data.cache={str(data.cache).lower()} ({reason})")

@@ -30,6 +30,7 @@ from .cli import guarded
 from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
                      list_recipes, load_config, loss_kwargs, threshold_kwargs)
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
+from .data.dataset import box_crop
 from .data.check import drop_bad_images, kept_rows
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
@@ -70,18 +71,20 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
                   pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
                   world=world.size)
     on_device = augment_on_device(cfg.data, device)
-    if on_device:
-        from .data.batched import BatchImages, DeviceBatches, TensorAugment
 
-        def batches(table, cache, augment: str, train: bool):
-            images = BatchImages(table, pre, TensorAugment(pre, augment), cache, crop=device.type == "cpu",
-                                 encoded=train and device.type == "cuda", pin=pin)
-            return DeviceBatches(images, cfg.data.batch_size, device=device, train=train, seed=cfg.seed,
-                                 workers=cfg.data.num_workers, rank=world.rank, world=world.size)
+    def batches(table, cache, augment: str, train: bool):
+        from .data.batched import BatchImages, DeviceBatches, TensorAugment
+        images = BatchImages(table, pre, TensorAugment(pre, augment), cache, crop=device.type == "cpu",
+                             encoded=train and device.type == "cuda", pin=pin)
+        return DeviceBatches(images, cfg.data.batch_size, device=device, train=train, seed=cfg.seed,
+                             workers=cfg.data.num_workers, rank=world.rank, world=world.size)
+
+    crop = train_box_crop(cfg, splits, pre)
+    if on_device and crop is None:
         train = batches(splits.train, caches.get("train"), cfg.data.augment, True)
-    else:
-        train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment), caches.get("train")),
-                            train=True, **common)
+    else:  # box-keeping crops cut the whole decoded image: per image, from the files
+        train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment, crop is not None),
+                                         caches.get("train"), crop), train=True, **common)
     evaluate = {}
     for name, table in (("val", splits.val), ("test", splits.test)):
         if table is None:
@@ -92,6 +95,14 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
             evaluate[name] = make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
                                          train=False, **common)
     return train, evaluate
+
+
+def train_box_crop(cfg: Config, splits, preprocessing: dict):
+    """The crop that keeps every labelled box of a training image (``data.box_crops`` with
+    boxes in the annotations and an augmentation that crops), else None."""
+    if cfg.data.box_crops is not True or splits.train.boxes is None:
+        return None
+    return box_crop(preprocessing, cfg.data.augment)
 
 
 def augment_on_device(data, device: torch.device) -> bool:
@@ -113,7 +124,7 @@ def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, qui
     workers = max(2, cfg.data.num_workers)
     if not cfg.data.cache:
         return drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log), {}
-    caches = _caches(cfg, splits, preprocessing, world)
+    caches = _caches(cfg, splits, preprocessing, world, skip_train=train_box_crop(cfg, splits, preprocessing) is not None)
     tables = {name: getattr(splits, name) for name in caches}
     splits = drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log,
                              known={name: cache.bad for name, cache in caches.items()})
@@ -121,10 +132,12 @@ def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, qui
                     for name, cache in caches.items()}
 
 
-def _caches(cfg: Config, splits, preprocessing: dict, world: World) -> dict:
-    """Decoded caches of every split; rank 0 builds them while the other ranks wait."""
+def _caches(cfg: Config, splits, preprocessing: dict, world: World, skip_train: bool = False) -> dict:
+    """Decoded caches of every split (but train where box-keeping crops read the files); rank 0
+    builds them while the other ranks wait."""
     from .data.cache import DecodedCache
-    tables = {n: getattr(splits, n) for n in ("train", "val", "test") if getattr(splits, n) is not None}
+    tables = {n: getattr(splits, n) for n in ("train", "val", "test")
+              if getattr(splits, n) is not None and not (skip_train and n == "train")}
 
     def build():
         return {n: DecodedCache(t, preprocessing, cfg.data.cache_dir, max(2, cfg.data.num_workers),
@@ -222,7 +235,8 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     out_dir = Path(cfg.out_dir)
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text),
-                     images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None))
+                     images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None),
+                     boxes=splits.train.boxes is not None)
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written, with the auto values decided
     _check_against_data(cfg, splits)
     if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into

@@ -54,7 +54,7 @@ def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scen
 
 def test_auto_pretrained_takes_the_installed_offline_weights():
     from types import SimpleNamespace
-    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False),
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False),
                           model=SimpleNamespace(pretrained="auto", backbone="tf_efficientnet_lite0"))
     said = []
     defaults.resolve_defaults(cfg, "binary", said.append)

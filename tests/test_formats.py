@@ -312,14 +312,17 @@ def test_jsonl_parser_raises_only_data_errors(pool, tmp_path_factory, lines):
 
 @PROPERTY
 @given(objects=st.lists(st.tuples(NAMES, st.sampled_from(["0", "1", "", "x"])), max_size=4),
-       noise=st.sampled_from(["", "<", "</annotation>", "<object>", "&"]), filename=st.sampled_from(["a.png", "zz.png", ""]))
-def test_voc_parser_raises_only_data_errors(pool, tmp_path_factory, objects, noise, filename):
+       noise=st.sampled_from(["", "<", "</annotation>", "<object>", "&"]), filename=st.sampled_from(["a.png", "zz.png", ""]),
+       box=st.sampled_from(["", "<bndbox><xmin>3</xmin><ymin>x</ymin></bndbox>", "<bndbox><xmin>1</xmin><ymin>2</ymin>"
+                            "<xmax>4</xmax><ymax>5</ymax></bndbox>", "<bndbox><xmin>9</xmin><ymin>2</ymin><xmax>4</xmax>"
+                            "<ymax>5</ymax></bndbox>", "<bndbox><xmin>nan</xmin></bndbox>"]))
+def test_voc_parser_raises_only_data_errors(pool, tmp_path_factory, objects, noise, filename, box):
     root = tmp_path_factory.mktemp("voc")
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "Annotations").mkdir()
     (root / "JPEGImages").symlink_to(pool)
     (root / "ImageSets" / "Main" / "train.txt").write_text("1\n")
-    objs = "".join(f"<object><name>{n}</name><difficult>{d}</difficult></object>" for n, d in objects)
+    objs = "".join(f"<object><name>{n}</name><difficult>{d}</difficult>{box}</object>" for n, d in objects)
     (root / "Annotations" / "1.xml").write_text(f"<annotation><filename>{filename}</filename>{objs}{noise}</annotation>")
     _only_data_errors(lambda: read_voc_table(root, "train"))
 

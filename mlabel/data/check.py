@@ -41,12 +41,13 @@ def kept_rows(table, found: list[tuple[str, str]]) -> np.ndarray:
 def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4, log=print, known=None):
     """Check train/val/test. ``policy="error"`` raises a :class:`DataError` listing every bad
     image; ``"skip"`` removes them and writes ``out_dir/skipped.csv`` (split, path, reason).
-    ``known`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check."""
+    ``known`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check
+    of the splits it names."""
     bad = {}
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
         if table is not None:
-            problems = known.get(name, []) if known is not None else find_bad_images(table.paths, workers)
+            problems = known[name] if known is not None and name in known else find_bad_images(table.paths, workers)
             if problems:
                 bad[name] = problems
     if not bad:

@@ -1,6 +1,7 @@
 """Image decoding, albumentations transforms and the DataLoader for one split."""
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -17,7 +18,7 @@ from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
 from ..errors import DataError
 from .tables import LabelTable
 
-__all__ = ["EvalTransform", "ImageDataset", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
+__all__ = ["BoxSafeCrop", "EvalTransform", "ImageDataset", "box_crop", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
 
 class EvalTransform:
     """The evaluation preprocessing of :func:`mlabel.preprocess.preprocess_image`, called like
@@ -54,7 +55,56 @@ def augmentation_ops(spec: list[dict]) -> list:
     return ops
 
 
-def build_transform(preprocessing: dict, train: bool, augment: str | list = "none"):
+class BoxSafeCrop:
+    """A random resized crop that keeps every labelled box of its image (``data.box_crops``).
+
+    The region is drawn as timm's ``RandomResizedCrop`` draws it (an area share in ``scale``, a
+    log-uniform aspect ratio in ``ratio``, ten tries, else the whole image); then, where the
+    region is smaller than the rectangle around the image's boxes, it is widened to that
+    rectangle, and it is placed uniformly among the positions that contain it. Augmentation so
+    never cuts a labelled object out of the frame while its target still says it is there.
+    """
+
+    def __init__(self, scale: tuple[float, float], ratio: tuple[float, float]):
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def region(self, height: int, width: int, boxes: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of the crop in a ``height x width`` image with ``boxes`` (K, 4)."""
+        h, w = height, width
+        for _ in range(10):
+            area = height * width * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= width and 0 < ch <= height:
+                h, w = ch, cw
+                break
+        x0, y0, x1, y1 = width, height, 0, 0  # no box: any position
+        if len(boxes):
+            x0, y0 = (int(math.floor(min(max(v, 0.0), limit))) for v, limit in
+                      ((boxes[:, 0].min(), width), (boxes[:, 1].min(), height)))
+            x1, y1 = (int(math.ceil(max(min(v, limit), 0.0))) for v, limit in
+                      ((boxes[:, 2].max(), width), (boxes[:, 3].max(), height)))
+            w, h = max(w, x1 - x0), max(h, y1 - y0)
+        # the positions that keep [x0, x1) x [y0, y1) inside [left, left + w) x [top, top + h)
+        left = int(rng.integers(max(0, x1 - w), min(x0, width - w) + 1))
+        top = int(rng.integers(max(0, y1 - h), min(y0, height - h) + 1))
+        return top, left, h, w
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        top, left, h, w = self.region(image.shape[0], image.shape[1], boxes, rng)
+        return image[top:top + h, left:left + w]
+
+
+def box_crop(preprocessing: dict, augment) -> BoxSafeCrop | None:
+    """The box-keeping crop where the training augmentation crops (a preset with ``resize:
+    crop``), else None: ``squish`` and ``none`` keep the whole image anyway, and a list of
+    albumentations transforms is the user's own."""
+    if augment == "none" or not isinstance(augment, str) or preprocessing.get("resize", "crop") == "squish":
+        return None
+    return BoxSafeCrop(P.CROP_SCALE[augment], P.CROP_RATIO)
+
+
+def build_transform(preprocessing: dict, train: bool, augment: str | list = "none", box_safe: bool = False):
     """The pipeline for a model's saved preprocessing.
 
     Evaluation (and training without augmentation) uses :class:`EvalTransform`: ``crop`` resizes
@@ -64,6 +114,7 @@ def build_transform(preprocessing: dict, train: bool, augment: str | list = "non
     rotations; ``medium`` a wider crop range and colour jitter; ``strong`` adds to ``medium``
     small affine moves, blur or noise, and coarse dropout. A list of transforms replaces the
     preset; the result is resized to the model's size. Normalisation always comes last.
+    ``box_safe``: the image arrives cropped by :class:`BoxSafeCrop`, and is resized, not cropped.
     """
     if not train or augment == "none":
         return EvalTransform(preprocessing)
@@ -73,7 +124,7 @@ def build_transform(preprocessing: dict, train: bool, augment: str | list = "non
     if isinstance(augment, list):
         ops = augmentation_ops(augment) + [A.Resize(size, size, interpolation=interp)]
     else:
-        ops = [A.Resize(size, size, interpolation=interp) if squish
+        ops = [A.Resize(size, size, interpolation=interp) if squish or box_safe
                else A.RandomResizedCrop(size=(size, size), scale=P.CROP_SCALE[augment], ratio=P.CROP_RATIO,
                                         interpolation=interp),
                A.HorizontalFlip(p=0.5)]
@@ -96,10 +147,13 @@ def build_transform(preprocessing: dict, train: bool, augment: str | list = "non
 class ImageDataset(Dataset):
     """(image tensor (3, H, W), target (L,)) pairs of a :class:`LabelTable`."""
 
-    def __init__(self, table: LabelTable, transform, cache=None):
+    def __init__(self, table: LabelTable, transform, cache=None, crop: BoxSafeCrop | None = None):
         self.table = table
         self.transform = transform
         self.cache = cache  # a DecodedCache: decoded squares instead of the files
+        self.crop = crop if table.boxes is not None else None  # boxes are in the files' pixels
+        if self.crop is not None and cache is not None:
+            raise ValueError("box-keeping crops need the whole decoded image, not the cache's square")
 
     def __len__(self) -> int:
         return len(self.table)
@@ -111,6 +165,9 @@ class ImageDataset(Dataset):
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
         image = np.asarray(self.cache[index]) if self.cache is not None else read_rgb(self.table.paths[index])
+        if self.crop is not None:
+            rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
+            image = self.crop(image, self.table.boxes[index], rng)
         tensor = self.transform(image=image)["image"]
         return tensor, self.table.model_targets(index)
 

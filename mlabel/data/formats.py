@@ -89,7 +89,7 @@ def read_voc_table(root: Path, split: str, *, labels: Sequence[str] | None = Non
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError(f"{listing} lists no image ids")
-    images, rows, where = [], [], []
+    images, rows, where, boxes = [], [], [], []
     for image_id in ids:
         xml_path = root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
@@ -98,20 +98,41 @@ def read_voc_table(root: Path, split: str, *, labels: Sequence[str] | None = Non
             tree = ET.parse(xml_path).getroot()
         except ET.ParseError as err:
             raise DataError(f"{xml_path}: malformed XML ({err}); fix or regenerate the annotation") from None
-        positive, difficult = set(), set()
+        positive, difficult, kept = set(), set(), []
         for obj in tree.iter("object"):
             name = (obj.findtext("name") or "").strip()
             if not name:
                 raise DataError(f"{xml_path}: an <object> has no <name>")
             flag = (obj.findtext("difficult") or "0").strip()
             (difficult if flag == "1" else positive).add(name)
+            if flag != "1":
+                kept.append(_voc_box(obj, xml_path))
+        boxes.append(np.array(kept, np.float32).reshape(-1, 4))
         filename = (tree.findtext("filename") or f"{image_id}.jpg").strip()
         images.append(root / "JPEGImages" / filename)
         rows.append((positive, difficult - positive))
         where.append(str(xml_path))
     names, targets = _multi_hot(rows, labels, str(listing), where)
     check_files(images, str(listing))
-    return LabelTable([str(p) for p in images], targets, names, str(listing))
+    return LabelTable([str(p) for p in images], targets, names, str(listing), boxes=boxes)
+
+
+def _voc_box(obj, xml_path: Path) -> list[float]:
+    """An object's ``<bndbox>`` as x0, y0, x1, y1 pixels (VOC's 1-based corners, inclusive);
+    without one, an infinite box: a crop of that image must keep all of it."""
+    box = obj.find("bndbox")
+    if box is None:
+        return [-np.inf, -np.inf, np.inf, np.inf]
+    try:
+        x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, ValueError):
+        raise DataError(f"{xml_path}: a <bndbox> lacks a numeric xmin, ymin, xmax or ymax") from None
+    if not np.isfinite([x0, y0, x1, y1]).all():
+        raise DataError(f"{xml_path}: <bndbox> {x0:g},{y0:g},{x1:g},{y1:g} is not finite; give pixel coordinates")
+    if not (x0 <= x1 and y0 <= y1):
+        raise DataError(f"{xml_path}: <bndbox> {x0:g},{y0:g},{x1:g},{y1:g} has a corner before the other; "
+                        "xmin <= xmax and ymin <= ymax")
+    return [x0 - 1, y0 - 1, x1, y1]
 
 
 def _unique_ids(path: Path, what: str, pairs: list[tuple[int, str]]) -> dict[int, str]:
@@ -144,6 +165,7 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
         category_pairs = [(int(c["id"]), str(c["name"])) for c in data["categories"]]
         image_pairs = [(int(im["id"]), str(im["file_name"])) for im in data["images"]]
         annotations = [(int(a["image_id"]), int(a["category_id"])) for a in data.get("annotations") or []]
+        bboxes = [_coco_box(a.get("bbox")) for a in data.get("annotations") or []]
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{path}: a category, image or annotation lacks a valid field ({err!r}); "
                         "categories need id and name, images id and file_name, annotations image_id "
@@ -153,12 +175,14 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
     if not files:
         raise DataError(f"{path} lists no images")
     positives: dict[int, set] = {image_id: set() for image_id in files}
-    for image_id, category in annotations:
+    kept: dict[int, list] = {image_id: [] for image_id in files}
+    for (image_id, category), bbox in zip(annotations, bboxes):
         if image_id not in files:
             raise DataError(f"{path}: an annotation refers to image id {image_id}, which is not in images")
         if category not in categories:
             raise DataError(f"{path}: an annotation refers to category id {category}, which is not in categories")
         positives[image_id].add(categories[category])
+        kept[image_id].append(bbox)
     order = sorted(files)
     rows = [(positives[i], set()) for i in order]
     where = [f"{path} (image id {i})" for i in order]
@@ -170,4 +194,16 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
         direct = root / files[i]
         images.append(direct if direct.exists() or not (split_dir / files[i]).exists() else split_dir / files[i])
     check_files(images, str(path))
-    return LabelTable([str(p) for p in images], targets, names, str(path))
+    boxes = [np.array(kept[i], np.float32).reshape(-1, 4) for i in order]
+    return LabelTable([str(p) for p in images], targets, names, str(path), boxes=boxes)
+
+
+def _coco_box(bbox) -> list[float]:
+    """COCO's ``[x, y, width, height]`` as x0, y0, x1, y1; absent (or malformed, which COCO
+    readers tolerate for classification), an infinite box: a crop must keep the whole image."""
+    whole = [-np.inf, -np.inf, np.inf, np.inf]
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        return whole
+    return [x, y, x + max(w, 0.0), y + max(h, 0.0)] if np.isfinite([x, y, w, h]).all() else whole

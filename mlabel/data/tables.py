@@ -36,6 +36,9 @@ class LabelTable:
     source: str
     regression: np.ndarray | None = None  # (N, R) float32 auxiliary targets, NaN = missing
     regression_names: list[str] = field(default_factory=list)
+    # per image, the (K, 4) float32 boxes x0, y0, x1, y1 (pixels of the original image) of its
+    # labelled objects, for crops that keep them all (data.box_crops); None: the format has none
+    boxes: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,8 +52,9 @@ class LabelTable:
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
+        boxes = None if self.boxes is None else [self.boxes[i] for i in index]
         return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source,
-                          regression, self.regression_names)
+                          regression, self.regression_names, boxes)
 
 
 def resolve_image(root: Path, name: str) -> Path:
