@@ -44,8 +44,15 @@ def pos_weight_from_targets(targets: torch.Tensor, max_weight: float = DEFAULT_P
     targets = torch.as_tensor(targets, dtype=torch.float32)
     if targets.ndim == 1:
         targets = targets[:, None]
-    positives = (targets == 1).sum(0).float()
-    negatives = (targets == 0).sum(0).float()
+    return pos_weight_from_counts((targets == 1).sum(0), (targets == 0).sum(0), max_weight, labels)
+
+
+def pos_weight_from_counts(positives, negatives, max_weight: float = DEFAULT_POS_WEIGHT_MAX,
+                           labels: Sequence[str] | None = None) -> torch.Tensor:
+    """:func:`pos_weight_from_targets` from per-label counts of positives and negatives (as a
+    sparse label table gives them without a dense table)."""
+    positives = torch.as_tensor(positives).float()
+    negatives = torch.as_tensor(negatives).float()
     no_pos = positives == 0
     if no_pos.any():
         names = [labels[i] if labels else str(i) for i in no_pos.nonzero().flatten().tolist()]

@@ -1,0 +1,103 @@
+"""Sparse label tables and histogram metrics (issue 19) against the dense references."""
+import numpy as np
+import pytest
+import torch
+
+from mlabel.data.sparse import SparseLabels, sparse_pos_weight, sparse_split
+from mlabel.data.split import iterative_split
+from mlabel.losses import pos_weight_from_targets
+from mlabel.metrics import average_precision, auroc, calibration_error
+from mlabel.streaming import histogram_metrics
+from mlabel.thresholds import ScoreHistogram, tune_thresholds
+
+
+def _dense(rng, n=300, labels=12, unknown=0.05, default=0.0):
+    frequency = 0.4 / np.arange(1, labels + 1)
+    targets = (rng.random((n, labels)) < frequency).astype(np.float32)
+    other = -1.0 if default == 0.0 else 0.0
+    targets[(rng.random((n, labels)) < unknown) & (targets == 0)] = other
+    if default == -1.0:  # partial labels: most entries unknown, a few verified negatives
+        targets[(targets == 0) & (rng.random((n, labels)) < 0.9)] = -1.0
+        targets[(targets == -1.0) & (rng.random((n, labels)) < 0.02)] = 0.0
+    return targets
+
+
+@pytest.mark.parametrize("default", [0.0, -1.0])
+def test_sparse_rows_counts_and_pos_weight_equal_the_dense_table(default):
+    rng = np.random.default_rng(1)
+    targets = _dense(rng, default=default)
+    table = SparseLabels.from_dense(targets, default=default)
+    rows = rng.permutation(len(targets))[:77]
+    np.testing.assert_array_equal(table.dense(rows), targets[rows])
+    np.testing.assert_array_equal(table.dense(np.arange(len(targets))), targets)
+    np.testing.assert_array_equal(table.subset(rows).dense(np.arange(77)), targets[rows])
+    counts = table.counts()
+    for name, value in (("positive", 1), ("negative", 0), ("unknown", -1)):
+        np.testing.assert_array_equal(counts[name], (targets == value).sum(0))
+    torch.testing.assert_close(sparse_pos_weight(table, 10.0), pos_weight_from_targets(torch.from_numpy(targets), 10.0))
+    listed = (targets == 1).sum() + (targets == (-1.0 if default == 0.0 else 0.0)).sum()
+    assert table.nbytes == 2 * 8 * (len(targets) + 1) + 4 * listed  # grows with the listed labels only
+
+
+def test_lists_with_repeats_and_conflicts_keep_the_positive():
+    table = SparseLabels.from_lists([[3, 1, 3], [], [0]], 4, others=[[1, 2], [2], [0, 0]])
+    np.testing.assert_array_equal(table.dense([0, 1, 2]), [[0, 1, -1, 1], [0, 0, -1, 0], [1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="outside"):
+        SparseLabels.from_lists([[4]], 4)
+    with pytest.raises(ValueError, match="default"):
+        SparseLabels.from_lists([[1]], 4, default=0.5)
+
+
+def test_small_tables_split_exactly_as_the_dense_iterative_split():
+    targets = _dense(np.random.default_rng(2))
+    folds = sparse_split(SparseLabels.from_dense(targets), [0.6, 0.2, 0.2], seed=3)
+    np.testing.assert_array_equal(folds, iterative_split(targets, [0.6, 0.2, 0.2], seed=3))
+
+
+def test_the_scalable_split_spreads_every_label_in_proportion(monkeypatch):
+    import mlabel.data.sparse as sparse
+    monkeypatch.setattr(sparse, "DENSE_SPLIT_LIMIT", 0)
+    rng = np.random.default_rng(4)
+    n, labels = 20_000, 400
+    frequency = 1.0 / np.arange(1, labels + 1) ** 1.1
+    draws = rng.choice(labels, size=n * 3, p=frequency / frequency.sum())
+    table = SparseLabels.from_pairs(np.repeat(np.arange(n), 3), draws, n, labels)
+    fractions = np.array([0.7, 0.1, 0.2])
+    folds = sparse.sparse_split(table, fractions, seed=0)
+    assert np.allclose(np.bincount(folds, minlength=3) / n, fractions, atol=0.005)
+    positives = table.dense(np.arange(n)) == 1
+    per_fold = np.stack([positives[folds == k].sum(0) for k in range(3)], 1)  # (L, 3)
+    expected = positives.sum(0)[:, None] * fractions
+    random = rng.choice(3, size=n, p=fractions)  # the reference: a plain seeded random split
+    per_fold_random = np.stack([positives[random == k].sum(0) for k in range(3)], 1)
+    rare = positives.sum(0) <= 60
+    ours, theirs = np.abs(per_fold - expected)[rare], np.abs(per_fold_random - expected)[rare]
+    assert rare.sum() > 100 and ours.max() <= 6 and ours.mean() < 0.6 * theirs.mean()
+    assert np.abs(per_fold - expected).mean() < 0.8 * np.abs(per_fold_random - expected).mean()
+
+
+def _scores(rng, n=40_000, labels=20):
+    prevalence = rng.uniform(0.01, 0.3, labels)
+    targets = (rng.random((n, labels)) < prevalence).astype(np.float32)
+    targets[rng.random((n, labels)) < 0.02] = -1
+    logits = rng.normal(0, 1, (n, labels)) + (targets == 1) * rng.uniform(0.5, 3, labels) + np.log(prevalence / (1 - prevalence))
+    return (1 / (1 + np.exp(-logits))).astype(np.float32), targets
+
+
+def test_histogram_metrics_match_the_exact_ones_within_the_stated_error():
+    probs, targets = _scores(np.random.default_rng(5))
+    histogram = ScoreHistogram(probs.shape[1])
+    for rows in np.array_split(np.arange(len(probs)), 7):  # streamed in batches
+        histogram.update(probs[rows], targets[rows])
+    thresholds = histogram.tune("f1").numpy()
+    got = histogram_metrics(histogram, thresholds)
+    assert np.abs(got["ap"] - average_precision(probs, targets).numpy()).max() < 2e-3
+    assert np.abs(got["auroc"] - auroc(probs, targets).numpy()).max() < 1e-3
+    assert np.abs(got["ece"] - calibration_error(probs, targets).numpy()).max() < 1e-3
+    predicted = probs >= thresholds
+    tp = (predicted & (targets == 1)).sum(0)
+    fp = (predicted & (targets == 0)).sum(0)
+    fn = (~predicted & (targets == 1)).sum(0)
+    np.testing.assert_allclose(got["f1"], 2 * tp / (2 * tp + fp + fn), atol=1e-12)  # exact at edges
+    exact = tune_thresholds(probs, targets, "f1", return_scores=True)[1].numpy()  # the exact tuner's F1
+    assert np.abs(got["f1"] - exact).max() < 1e-3 and (got["f1"] <= exact + 1e-12).all()
