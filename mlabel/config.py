@@ -53,8 +53,9 @@ class DataConfig:
     image_size: int = _key(224, "side of the square network input in pixels", "[8, 4096]")
     resize: Literal["auto", "crop", "squish"] = _key(
         "auto", "crop: short side to size then centre crop; squish: stretch; auto: squish for multi-label, crop for binary")
-    augment: Literal["none", "light", "flips", "medium", "strong"] | list[dict] = _key(
-        "light", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]")
+    augment: Literal["auto", "none", "light", "flips", "medium", "strong"] | list[dict] = _key(
+        "auto", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]; "
+        "auto: light for a binary task, none for multi-label (a mirror image can change what a label means)")
     box_crops: bool | Literal["auto"] = _key(
         "auto", "random crops keep every labelled box (voc, coco); auto: on when the annotations give boxes")
     augment_on: Literal["auto", "workers", "device"] = _key(
@@ -94,11 +95,14 @@ class TrainConfig:
     freeze_backbone_epochs: int = _key(0, "train only the head for this many epochs", "[0, inf)")
     freeze_norm_stats: bool = _key(False, "keep the backbone's batch-norm statistics fixed")
     grad_clip: float | None = _key(None, "clip the gradient norm to this value; null: off", "(0, inf)")
-    channels_last: bool = _key(False, "NHWC memory format (faster with AMP on GPUs)")
+    channels_last: bool = _key(True, "NHWC memory format (faster convolutions on GPUs and CPUs)")
     device: str = _key("auto", "auto, cpu, cuda, cuda:1 ...")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = _key("auto", "auto: bf16 on CUDA, fp32 on the CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _key(
+        "auto", "training precision; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (evaluation: fp32 on CPUs)")
     accumulate: int = _key(1, "optimizer step every N batches (effective batch N x batch_size)", "[1, inf)")
-    schedule: Literal["cosine", "onecycle", "constant"] = _key("cosine", "learning-rate schedule after warmup")
+    schedule: Literal["auto", "cosine", "onecycle", "constant", "plateau"] = _key(
+        "auto", "learning-rate schedule after warmup; plateau: constant until val mAP stalls, then cosine; "
+        "auto: cosine from pretrained weights, plateau from scratch")
     early_stop_patience: int = _key(0, "stop after N epochs without a better val mAP; 0 = never", "[0, inf)")
     mixup_alpha: float = _key(0.0, "> 0: mixup with lambda ~ Beta(a, a), targets mixed alike", "[0, inf)")
     cutmix_alpha: float = _key(0.0, "> 0: cutmix; with both, each batch picks one", "[0, inf)")
@@ -113,8 +117,9 @@ class TrainConfig:
 class LossConfig:
     name: str = _key("bce", "a name of mlabel.losses.LOSSES: bce, bce_prob, focal, asl, hinge")
     args: dict = _key({}, "the loss's constructor arguments (over the flat keys below)")
-    pos_weight: Literal["auto", "none"] | list[float] = _key(
-        "auto", "auto: negatives/positives per label (capped); none; or one value per label")
+    pos_weight: Literal["auto", "sqrt", "none"] | list[float] = _key(
+        "none", "auto: negatives/positives per label (capped); sqrt: its square root; none (the default: "
+        "thresholds are tuned per label, and the weighting cost mAP on data it was not tuned for); or one value per label")
     pos_weight_max: float = _key(10.0, "cap of the automatic pos_weight", "(0, inf)")
     label_smoothing: float = _key(0.0, "bce, bce_prob: targets pulled towards 0.5 by this share", "[0, 1)")
     eps: float = _key(1.0e-7, "bce_prob: probabilities clamped to [eps, 1 - eps]", "(0, 0.5)")

@@ -10,10 +10,20 @@ holds the decided values, so a rerun trains the same way.
 - ``data.num_workers``: the cores this process may use, less one for training, at most 4; none
   with the cache on two cores or fewer (measured: 162 images/s in the training process against
   146-155 with a loader thread beside it; docs/RESULTS.md).
+- ``data.augment``: ``light`` (random resized crop and flip) for a binary task; ``none`` for
+  multi-label data, whose ``light`` preset is only a horizontal flip once the image is squished:
+  a mirrored digit, letter or left/right label is another label, and the flip gained at most
+  0.01 mAP where it was harmless (docs/RESULTS.md). Set ``light`` or ``flips`` for content
+  without a handedness.
 - ``data.box_crops``: on when the annotations give boxes (voc, coco): a random crop of a training
   image then keeps every labelled box (and reads the image from its file, not the cache).
 - ``model.pretrained``: the offline weights installed for the backbone (``mlabel models`` lists
   them), else from scratch. ``auto`` never downloads; ``true`` asks timm's hub.
+- ``train.schedule``: ``cosine`` from pretrained weights; ``plateau`` from scratch (the base rate
+  while val mAP still improves, then cosine): from scratch in a short budget some data sets are
+  still under-fitted at the end, and a rate decayed on a fixed plan costs them (docs/RESULTS.md).
+- ``train.precision``: ``bf16`` autocast for training on CUDA and on CPUs with native bf16
+  (AVX512-BF16, AMX: about twice the fp32 speed), else ``fp32``; evaluation stays fp32 on CPUs.
 """
 from __future__ import annotations
 
@@ -64,15 +74,22 @@ def _cache_fits(data, images: int) -> tuple[bool, str]:
     return True, f"{where}, within {limit / 2**30:.1f} GiB: decoded once, not every epoch"
 
 
-def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0, boxes: bool = False) -> None:
+def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0, boxes: bool = False,
+                     device=None) -> None:
     """Replace every ``auto`` of ``cfg`` that the data (``task``, ``images`` in all splits,
-    whether the training annotations give ``boxes``) or the machine decides, in place."""
+    whether the training annotations give ``boxes``) or the machine (``device``) decides, in place."""
     data, model = cfg.data, cfg.model
     if data.resize == "auto":
         data.resize = "squish" if task == "multilabel" else "crop"
         reason = "multi-label: keep the whole image, so no labelled object is cropped away" \
             if task == "multilabel" else "binary: one subject, centre-cropped as pretrained models saw it"
         log(f"defaults: data.resize={data.resize} ({reason})")
+    if data.augment == "auto":
+        data.augment = "light" if task == "binary" else "none"
+        log(f"defaults: data.augment={data.augment} (" + (
+            "binary: random resized crops and flips" if task == "binary" else
+            "multi-label: no mirror images, which can change what a label means; "
+            "data.augment=light or flips for content without a handedness") + ")")
     if data.box_crops == "auto":
         data.box_crops = boxes
         log(f"defaults: data.box_crops={str(boxes).lower()} (" + (
@@ -90,7 +107,23 @@ def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0
         from .weights import offline_weights
         package = offline_weights().get(model.backbone)
         model.pretrained = package or False
-        log(f"defaults: model.pretrained={model.pretrained} (" + (
+        log(f"defaults: model.pretrained={package or 'false'} (" + (
             f"ImageNet weights installed offline for {model.backbone}" if package else
             f"no offline weights for {model.backbone} on this machine: from scratch, nothing downloaded; "
             "model.pretrained=true fetches timm's") + ")")
+    _resolve_training(cfg.train, bool(model.pretrained), device, log)
+
+
+def _resolve_training(train, pretrained: bool, device, log: Callable[[str], None]) -> None:
+    if getattr(train, "schedule", None) == "auto":
+        train.schedule = "cosine" if pretrained else "plateau"
+        log(f"defaults: train.schedule={train.schedule} (" + (
+            "pretrained weights: decay from the start" if pretrained else
+            "from scratch: the base rate while val mAP improves, then cosine") + ")")
+    if getattr(train, "precision", None) == "auto" and device is not None:
+        from .engine import native_bf16
+        train.precision = "bf16" if native_bf16(device) else "fp32"
+        reason = {"cuda": "CUDA", "cpu": "this CPU computes bf16 natively"}.get(device.type, device.type) \
+            if train.precision == "bf16" else f"no native bf16 on {device.type}"
+        log(f"defaults: train.precision={train.precision} ({reason}; evaluation in "
+            f"{'bf16' if device.type == 'cuda' else 'fp32'})")

@@ -22,6 +22,16 @@ __all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_pre
            "NonFiniteLossError"]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
     """``auto``: bf16 autocast on CUDA, full fp32 on the CPU (CPU bf16 is slow and less
     accurate); ``bf16`` / ``fp16``: autocast to that type on any device; ``fp32``: none."""
@@ -116,29 +126,50 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(param_groups, lr=lr)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    kind: str = "cosine"):
-    """``cosine``: linear warmup to the base learning rate, then cosine decay to 1 % of it.
+class ScheduleFactor:
+    """The learning-rate factor of step ``step`` (a callable object, so that ``LambdaLR`` saves its
+    state, ``decay_from`` included, in checkpoints).
+
+    ``cosine``: linear warmup to the base learning rate, then cosine decay to 1 % of it.
     ``onecycle``: cosine rise from 4 % to the base rate over the warmup (at least 10 % of the
     steps), then cosine decay to 1e-4 of it (the one-cycle policy, momentum left alone).
-    ``constant``: linear warmup, then the base rate to the end (a plain loop's schedule)."""
-    if kind == "onecycle":
-        warmup_steps = max(warmup_steps, int(0.1 * total_steps), 1)
+    ``constant``: linear warmup, then the base rate to the end (a plain loop's schedule).
+    ``plateau``: as ``constant`` until :meth:`decay_now` (called by the epoch loop once val mAP
+    has stalled), then cosine to 1 % over the steps left: a model still learning keeps its rate,
+    one that has stopped improving anneals.
+    """
 
-        def factor(step: int) -> float:
-            if step < warmup_steps:
-                return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / warmup_steps))
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int, kind: str = "cosine"):
+        if kind == "onecycle":
+            warmup_steps = max(warmup_steps, int(0.1 * total_steps), 1)
+        self.total_steps, self.warmup_steps, self.kind = total_steps, warmup_steps, kind
+        self.decay_from = warmup_steps if kind == "cosine" else None
+
+    def decay_now(self, step: int) -> bool:
+        """Start a ``plateau`` schedule's decay at ``step``; whether it started here."""
+        if self.kind != "plateau" or self.decay_from is not None or step >= self.total_steps:
+            return False
+        self.decay_from = step
+        return True
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "onecycle":
+            if step < self.warmup_steps:
+                return 0.04 + 0.96 * 0.5 * (1 - math.cos(math.pi * step / self.warmup_steps))
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    else:
-        def factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            if kind == "constant":
-                return 1.0
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay_from is None:
+            return 1.0
+        progress = (step - self.decay_from) / max(1, self.total_steps - self.decay_from)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    kind: str = "cosine"):
+    """``LambdaLR`` with a :class:`ScheduleFactor` of ``kind``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleFactor(total_steps, warmup_steps, kind))
 
 
 class _Progress:

@@ -112,9 +112,15 @@ def _wrap(cfg: Config, model, wrapped: dict, frozen: bool, device, world: World)
     return wrapped["forward"]
 
 
+PLATEAU_DROP = 0.005  # train.schedule=plateau: a val mAP this share under the best (or two epochs without a new best)
+
+
 def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, val_loader,
                  device, quiet: bool, world: World) -> None:
-    """Score the EMA too; keep the better weights when val mAP improves, else count patience."""
+    """Score the EMA too; keep the better weights when val mAP improves, else count patience
+    and start a ``plateau`` schedule's decay once val mAP has stalled: fallen more than
+    :data:`PLATEAU_DROP` of the best (a dip of a thousandth is noise, not a plateau), or no new
+    best for two epochs."""
     candidates = [("model", row["val_mAP"], model)]
     if parts.ema is not None:
         row["val_mAP_ema"], _ = _evaluate_val(parts.ema.module, val_loader, None, device, cfg, quiet, world)
@@ -123,8 +129,15 @@ def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoc
     if best_here > state["best_map"]:
         state.update(best_map=best_here, best_epoch=epoch, best_weights=source,
                      best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
-    elif cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
-        state["stopped_early"] = True
+    else:
+        factor = parts.scheduler.lr_lambdas[0]
+        stalled = best_here < (1 - PLATEAU_DROP) * state["best_map"] or epoch - state["best_epoch"] >= 2
+        if stalled and factor.decay_now(parts.scheduler.last_epoch):
+            left = cfg.train.epochs - epoch
+            log(quiet, f"val mAP {best_here:.4f} has stalled (best {state['best_map']:.4f}): the learning rate anneals over the {left} "
+                       f"epoch{'s' if left != 1 else ''} left (train.schedule=plateau)")
+        if cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
+            state["stopped_early"] = True
 
 
 def _epoch_line(cfg: Config, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool) -> str:

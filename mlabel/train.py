@@ -57,8 +57,9 @@ def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> t
     spec = cfg.loss.pos_weight
     if spec == "none":
         return None
-    if spec == "auto":
-        return pos_weight_from_targets(torch.from_numpy(targets), cfg.loss.pos_weight_max, labels)
+    if spec in ("auto", "sqrt"):
+        weight = pos_weight_from_targets(torch.from_numpy(targets), cfg.loss.pos_weight_max, labels)
+        return weight.sqrt() if spec == "sqrt" else weight
     if len(spec) != len(labels):
         raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
     return torch.tensor(spec, dtype=torch.float32)
@@ -236,7 +237,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text),
                      images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None),
-                     boxes=splits.train.boxes is not None)
+                     boxes=splits.train.boxes is not None, device=device)
     resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written, with the auto values decided
     _check_against_data(cfg, splits)
     if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into

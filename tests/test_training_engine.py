@@ -320,3 +320,42 @@ def test_resume_from_a_corrupt_checkpoint_is_one_clear_error(tmp_path, scene_csv
     err = capsys.readouterr().err
     assert "checkpoint.pt is not a readable mlabel checkpoint" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # nothing written
+
+
+def test_plateau_schedule_holds_the_rate_until_told_then_anneals_to_one_percent():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = build_scheduler(optimizer, 40, 4, "plateau")
+    factor, lrs = scheduler.lr_lambdas[0], []
+    for step in range(40):
+        if step == 15:
+            assert factor.decay_now(scheduler.last_epoch) and not factor.decay_now(scheduler.last_epoch)
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0]) and lrs[4:16] == [2.0] * 12
+    expected = [2.0 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * (s - 15) / 25))) for s in range(15, 40)]
+    assert lrs[15:] == pytest.approx(expected)
+    # the decay's start travels with the scheduler's state (checkpoints, resume)
+    again = build_scheduler(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0), 40, 4, "plateau")
+    again.load_state_dict(scheduler.state_dict())
+    assert again.lr_lambdas[0].decay_from == 15
+    assert not build_scheduler(optimizer, 40, 4, "cosine").lr_lambdas[0].decay_now(10)  # cosine decays anyway
+
+
+@pytest.mark.parametrize("scores, anneals_after", [([0.5, 0.6, 0.55, 0.7, 0.8], 3),  # a real drop
+                                                  ([0.5, 0.6, 0.599, 0.7, 0.8], None),  # a dip within noise
+                                                  ([0.5, 0.6, 0.599, 0.598, 0.8], 4)])  # two epochs, no new best
+def test_plateau_run_anneals_once_val_map_stalls(tmp_path, scene_csv, monkeypatch, scores, anneals_after):
+    """Val mAP scripted: the rate holds while it improves, then falls from the stall on."""
+    import mlabel.loop as loop
+    scripted = iter(scores)
+    monkeypatch.setattr(loop, "_evaluate_val", lambda *a, **k: (next(scripted), 0.1))
+    out = tmp_path / "run"
+    assert train_main(_cmd(out, scene_csv, ["train.epochs=5", "train.schedule=plateau", "train.warmup_epochs=0",
+                                            "train.lr=0.001"])) == 0
+    rows = list(__import__("csv").DictReader((out / "history.csv").open()))
+    lrs = [float(r["lr"]) for r in rows]  # the rate of each epoch's last step
+    held = anneals_after or 5
+    assert lrs[:held] == pytest.approx([0.001] * held)
+    if anneals_after:
+        assert all(a > b for a, b in zip(lrs[held - 1:], lrs[held:])) and lrs[4] == pytest.approx(1e-5, rel=1e-6)
