@@ -35,7 +35,8 @@ def _key(default: Any, help: str, range: str | None = None):
 
 @dataclass
 class DataConfig:
-    format: Literal["csv", "folder", "jsonl", "voc", "coco"] = _key("csv", "layout of the annotations")
+    format: Literal["csv", "folder", "jsonl", "voc", "coco", "wds"] = _key(
+        "csv", "layout of the annotations; wds: WebDataset tar shards (python -m mlabel.data shard writes them)")
     root: str = _key(".", "folder the image paths are relative to")
     train: str = _key("train.csv", "training split: a csv/jsonl file, folder, annotation file or split name")
     val: str | None = _key(None, "validation split; null: a seeded stratified share of train")
@@ -69,6 +70,7 @@ class DataConfig:
         "auto", "loader processes; auto: usable cores - 1, at most 4 (none with the cache on <= 2 cores)", "[0, 256]")
     pin_memory: bool | None = _key(None, "null: on when training on CUDA")
     persistent_workers: bool = _key(True, "keep loader processes between epochs")
+    shuffle_buffer: int = _key(1000, "wds: samples each loader worker mixes while streaming its shards", "[1, inf)")
 
 
 @dataclass
@@ -453,11 +455,27 @@ def _check(config: Config) -> None:
         both = set(config.data.regression_columns) & set(config.data.label_columns or ())
         if both:
             raise ConfigError(f"columns {sorted(both)} are in both data.label_columns and data.regression_columns")
+    if config.data.format == "wds":
+        _check_wds(config.data)
     if config.thresholds.cross_fit == 1:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     _check_thresholds(config.thresholds)
     _check_parts(config)
     _check_backbone(config.model)
+
+
+def _check_wds(data: DataConfig) -> None:
+    """What WebDataset shards cannot do: they hold images and labels, streamed."""
+    if data.cache is True:
+        raise ConfigError("data.cache=true decodes image files into a cache; wds shards are streamed and "
+                          "decoded in the loader workers: set data.cache=false (or auto)")
+    if data.augment_on == "device":
+        raise ConfigError("data.augment_on=device augments batches of the cache or of image files; with "
+                          "data.format=wds images are decoded and augmented in the loader workers: set "
+                          "data.augment_on=auto (or workers)")
+    for key in ("image_column", "label_columns", "labels_column", "regression_columns"):
+        if getattr(data, key):
+            raise ConfigError(f"data.{key} is a csv key; wds shards carry their labels in each sample's JSON")
 
 
 # The flat keys of the shipped heads, as their constructor arguments.

@@ -95,6 +95,9 @@ def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0
         log(f"defaults: data.box_crops={str(boxes).lower()} (" + (
             "the annotations give boxes: random crops keep every labelled box" if boxes else
             "the annotations give no boxes") + ")")
+    if data.cache == "auto" and data.format == "wds":
+        data.cache = False
+        log("defaults: data.cache=false (wds shards are streamed and decoded in the loader workers)")
     if data.cache == "auto":
         data.cache, reason = _cache_fits(data, images)
         log(f"defaults: data.cache={str(data.cache).lower()} ({reason})")

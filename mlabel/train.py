@@ -32,6 +32,8 @@ from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, desc
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .data.dataset import box_crop
 from .data.check import drop_bad_images, kept_rows
+from .data.shards import ShardLoader, ShardStream
+from .outputs import collate
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
@@ -81,7 +83,12 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
                              workers=cfg.data.num_workers, rank=world.rank, world=world.size)
 
     crop = train_box_crop(cfg, splits, pre)
-    if on_device and crop is None:
+    if splits.train.members is not None:  # wds: streamed from the shards
+        stream = ShardStream(splits.train, build_transform(pre, True, cfg.data.augment), cfg.data.batch_size,
+                             rank=world.rank, world=world.size, shuffle_buffer=cfg.data.shuffle_buffer,
+                             skip_bad=cfg.data.on_bad_image == "skip", collate=collate)
+        train = ShardLoader(stream, num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=pin)
+    elif on_device and crop is None:
         train = batches(splits.train, caches.get("train"), cfg.data.augment, True)
     else:  # box-keeping crops cut the whole decoded image: per image, from the files
         train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment, crop is not None),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .shards import read_wds_table
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .split import iterative_split
@@ -26,10 +27,13 @@ class Splits:
     train: LabelTable
     val: LabelTable
     test: LabelTable | None
+    skipped: list = dataclasses.field(default_factory=list)  # (split, where, reason) left out while reading
 
 
-def _read(data, name: str, labels, task: str) -> LabelTable:
+def _read(data, name: str, labels, task: str, skipped: list | None = None) -> LabelTable:
     root = Path(data.root)
+    if data.format == "wds":
+        return read_wds_table(root, name, labels=labels, skip_bad=data.on_bad_image == "skip", skipped=skipped)
     path = Path(name) if Path(name).is_absolute() else root / name
     if data.format == "folder":
         return read_folder_table(path, labels=labels, task=task)
@@ -57,7 +61,7 @@ def check_overlap(data, tables: dict) -> None:
     measure memory, not generalisation) unless ``data.allow_overlap``; images listed twice within
     or across splits are counted in a warning."""
     files = {name: os.path.realpath(Path(data.root) / getattr(data, name)) for name in ("train", "val", "test")
-             if getattr(data, name) and data.format != "voc"}
+             if getattr(data, name) and data.format not in ("voc", "wds")}
     for a, b in (("val", "train"), ("test", "train"), ("test", "val")):
         if a in files and files.get(b) == files[a] and not data.allow_overlap:
             raise DataError(f"data.{a} and data.{b} are the same file ({getattr(data, a)}): the {a} figures "
@@ -85,10 +89,11 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     iterative-stratified split."""
     if data.generate == "scenes":
         data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
-    train = _read(data, data.train, data.labels, task)
+    skipped: list = []
+    train = _read(data, data.train, data.labels, task, skipped)
     labels = train.labels
-    val = _read(data, data.val, labels, task) if data.val else None
-    test = _read(data, data.test, labels, task) if data.test else None
+    val = _read(data, data.val, labels, task, skipped) if data.val else None
+    test = _read(data, data.test, labels, task, skipped) if data.test else None
     fractions = [data.val_fraction if val is None else 0.0,
                  data.test_fraction if test is None else 0.0]
     if sum(fractions) > 0:
@@ -105,4 +110,4 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     if task == "binary" and len(labels) != 1:
         raise DataError(f"task binary needs one label, the data has {len(labels)}: {labels}; "
                         "set task=multilabel or pick the positive class with data.labels=[NAME]")
-    return Splits(labels, resolved, train, val, test)
+    return Splits(labels, resolved, train, val, test, skipped)

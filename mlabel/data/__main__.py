@@ -1,5 +1,5 @@
 """``python -m mlabel.data RECIPE [key=value ...] [--out DIR]``: what a dataset holds before you
-train on it. Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
+train on it (``python -m mlabel.data shard RECIPE --out DIR``: the same splits as WebDataset shards). Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
 unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.png`` to DIR."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from ..cli import guarded
 from ..config import load_config
 from ..defaults import loader_workers
 from ..io import atomic_path, write_json
-from . import build_splits, label_counts
+from . import DataError, build_splits, label_counts
 from .check import find_bad_images
 
 TOP_PAIRS = 10
@@ -35,8 +35,7 @@ def summarise(splits, workers: int = 4) -> dict:
             either = int((positive[:, a] | positive[:, b]).sum())
             pairs.append({"labels": [labels[a], labels[b]], "images": both, "jaccard": both / either})
     pairs.sort(key=lambda p: (-p["images"], p["labels"]))
-    paths = [p for t in tables.values() for p in t.paths]
-    bad = find_bad_images(paths, workers)
+    bad = [b for t in tables.values() for b in find_bad_images(t.paths, workers, t)]
     with_pos = n_pos[n_pos > 0]
     return {
         "task": splits.task, "labels": labels,
@@ -106,8 +105,42 @@ def _print(summary: dict) -> None:
     print(f"unreadable images: {len(bad)}" + "".join(f"\n  {b['reason']}" for b in bad[:10]))
 
 
+def shard(argv: list[str]) -> int:
+    """``python -m mlabel.data shard RECIPE [key=value ...] --out DIR [--shard-size N]``."""
+    from .shards import write_shards
+    parser = argparse.ArgumentParser(prog="mlabel data shard", description="write the recipe's splits (as "
+                                     "training would read them, val carved from train where the recipe says so) "
+                                     "as WebDataset tar shards with their vocabulary in labels.json")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
+    parser.add_argument("--out", required=True, help="folder for the shards (new, or an interrupted run's)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    args = parser.parse_intermixed_args(argv)
+    if args.shard_size < 1:
+        parser.error("--shard-size must be at least 1")
+    cfg = load_config(args.recipe, args.overrides)
+    if cfg.data.format == "wds":
+        raise DataError("the recipe's data are shards already (data.format=wds)")
+    splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    out, root = Path(args.out).resolve(), Path(cfg.data.root).resolve()
+    if out == root or root in out.parents:
+        raise DataError(f"--out {args.out} is inside the data folder {cfg.data.root}; mlabel never writes "
+                        "into a data folder: give a folder elsewhere")
+    tree = write_shards(splits, out, args.shard_size, root, skip_bad=cfg.data.on_bad_image == "skip")
+    for name, split in tree["splits"].items():
+        print(f"{name}: {sum(split['samples'])} samples in {len(split['shards'])} shards")
+    if tree["skipped"]:
+        print(f"left out {len(tree['skipped'])} unreadable images (data.on_bad_image=skip), listed in "
+              f"{out / 'labels.json'} under 'skipped'")
+    print(f"written: {out} (train with data.format=wds data.root={out} data.train=train data.val=val"
+          + (" data.test=test" if "test" in tree["splits"] else "") + ")")
+    return 0
+
+
 @guarded
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["shard"]:
+        return shard(argv[1:])
     parser = argparse.ArgumentParser(prog="mlabel data", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")

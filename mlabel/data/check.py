@@ -17,18 +17,24 @@ __all__ = ["find_bad_images", "drop_bad_images", "kept_rows"]
 SHOWN = 20
 
 
-def _problem(path: str) -> str | None:
+def _problem(path: str, read=read_rgb) -> str | None:
     try:
-        read_rgb(path, draft=64)  # JPEGs decode at 1/8 size: the check reads every byte but fast
+        read(path, draft=64)  # JPEGs decode at 1/8 size: the check reads every byte but fast
         return None
     except DataError as err:
         return str(err)
 
 
-def find_bad_images(paths: list[str], workers: int = 4) -> list[tuple[str, str]]:
-    """(path, reason) for every path that does not decode to an RGB image."""
+def find_bad_images(paths: list[str], workers: int = 4, table=None) -> list[tuple[str, str]]:
+    """(path, reason) for every path that does not decode to an RGB image (``table``: read
+    them through it, e.g. from its shards)."""
+    if table is not None and table.members is not None:
+        where = {p: i for i, p in enumerate(table.paths)}
+        check = lambda p: _problem(where[p], table.read_image)  # noqa: E731
+    else:
+        check = _problem
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(_problem, paths, chunksize=32))
+        reasons = list(pool.map(check, paths, chunksize=32))
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
@@ -42,17 +48,21 @@ def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4,
     """Check train/val/test. ``policy="error"`` raises a :class:`DataError` listing every bad
     image; ``"skip"`` removes them and writes ``out_dir/skipped.csv`` (split, path, reason).
     ``known`` ({split: [(path, reason)]}, e.g. from building the decoded cache) replaces the check
-    of the splits it names."""
+    of the splits it names. The training split of wds shards is not read here: it is streamed, and
+    checked as it is read (samples the shards' reader already left out, ``splits.skipped``, are
+    listed with the rest)."""
     bad = {}
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
-        if table is not None:
-            problems = known[name] if known is not None and name in known else find_bad_images(table.paths, workers)
-            if problems:
-                bad[name] = problems
-    if not bad:
+        if table is None or (name == "train" and table.members is not None):
+            continue
+        problems = known[name] if known is not None and name in known else find_bad_images(table.paths, workers, table)
+        if problems:
+            bad[name] = problems
+    earlier = list(getattr(splits, "skipped", []))
+    if not bad and not earlier:
         return splits
-    rows = [(split, path, reason) for split, found in bad.items() for path, reason in found]
+    rows = earlier + [(split, path, reason) for split, found in bad.items() for path, reason in found]
     if policy == "error":
         shown = "\n  ".join(f"{split}: {reason}" for split, _, reason in rows[:SHOWN])
         more = f"\n  ... and {len(rows) - SHOWN} more" if len(rows) > SHOWN else ""

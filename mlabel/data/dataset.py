@@ -164,7 +164,7 @@ class ImageDataset(Dataset):
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
-        image = np.asarray(self.cache[index]) if self.cache is not None else read_rgb(self.table.paths[index])
+        image = np.asarray(self.cache[index]) if self.cache is not None else self.table.read_image(index)
         if self.crop is not None:
             rng = np.random.default_rng(seed if seed is not None else np.random.randint(2**31))
             image = self.crop(image, self.table.boxes[index], rng)

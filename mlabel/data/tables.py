@@ -17,7 +17,7 @@ import torch
 
 from ..errors import DataError
 from ..outputs import Targets
-from ..preprocess import IMAGE_EXTENSIONS
+from ..preprocess import IMAGE_EXTENSIONS, read_rgb
 
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
@@ -39,6 +39,9 @@ class LabelTable:
     # per image, the (K, 4) float32 boxes x0, y0, x1, y1 (pixels of the original image) of its
     # labelled objects, for crops that keep them all (data.box_crops); None: the format has none
     boxes: list[np.ndarray] | None = None
+    # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds);
+    # None: ``paths`` are image files
+    members: list[tuple[str, int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,8 +56,16 @@ class LabelTable:
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
         boxes = None if self.boxes is None else [self.boxes[i] for i in index]
+        members = None if self.members is None else [self.members[i] for i in index]
         return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source,
-                          regression, self.regression_names, boxes)
+                          regression, self.regression_names, boxes, members)
+
+    def read_image(self, index: int, draft: int | None = None) -> np.ndarray:
+        """Image ``index`` decoded to (H, W, 3) uint8 RGB, from its file or its shard."""
+        if self.members is not None:
+            from .shards import read_member
+            return read_member(self.members[index], self.paths[index], draft)
+        return read_rgb(self.paths[index], draft=draft)
 
 
 def resolve_image(root: Path, name: str) -> Path:

@@ -1,0 +1,485 @@
+"""WebDataset tar shards: written from any format, read back as splits, streamed (issue 19).
+
+A shard is a POSIX tar of samples in the WebDataset layout: the members of a sample share a key
+(the member name up to its first dot) and follow each other: ``KEY.jpg`` (or .png ...: the image's
+bytes as in the source, not re-encoded) and ``KEY.json``::
+
+    {"labels": ["sea", "sunset"], "unknown": [], "path": "images/42.jpg"}
+
+``labels`` are the positives; every label not listed takes the vocabulary's ``default``
+(``negative``, or ``unknown`` for partial-label data, whose verified negatives are then listed
+under ``negative``); ``unknown`` lists the exceptions when the default is negative. Beside the
+shards, ``labels.json`` holds the vocabulary, the default and, per split, the shard files and
+their sample counts.
+
+Reading: :func:`read_wds_table` scans a split's shards once (headers and the small JSON members;
+image bytes are skipped by seeking) into a :class:`~mlabel.data.tables.LabelTable` whose
+``members`` locate each image inside its shard. Training streams them with
+:class:`ShardStream`; evaluation reads members by offset in table order.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import math
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import DataError
+from ..io import atomic_path, write_json
+from ..preprocess import read_rgb
+from .tables import LabelTable
+
+__all__ = ["VOCABULARY", "expand_braces", "read_wds_table", "read_member", "write_shards", "ShardStream",
+           "ShardLoader", "stream_plan"]
+
+VOCABULARY = "labels.json"
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+PROGRESS = ".shard-progress.json"
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``train-{000000..000002}.tar`` -> three names (the width of the first bound is kept);
+    ``{a,b}`` alternatives; several braces multiply."""
+    found = re.search(r"\{([^{}]*)\}", pattern)
+    if found is None:
+        return [pattern]
+    body = found.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        first, last = bounds.groups()
+        items = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+    else:
+        items = body.split(",")
+    head, tail = pattern[:found.start()], pattern[found.end():]
+    return [name for item in items for name in expand_braces(head + item + tail)]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the member path up to the first dot of its last part."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@dataclass
+class Vocabulary:
+    path: Path
+    labels: list[str]
+    default: str  # "negative" | "unknown"
+    splits: dict
+
+
+def read_vocabulary(folder: Path) -> Vocabulary:
+    path = folder / VOCABULARY
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: wds shards need their vocabulary beside them (labels.json, as "
+                        "python -m mlabel.data shard writes it); set data.root to the shards' folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read {path}: {err}; rewrite it with python -m mlabel.data shard") from None
+    labels = tree.get("labels") if isinstance(tree, dict) else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels) \
+            or len(set(labels)) != len(labels):
+        raise DataError(f"{path}: 'labels' must be a non-empty list of distinct label names")
+    default = tree.get("default", "negative")
+    if default not in ("negative", "unknown"):
+        raise DataError(f"{path}: 'default' must be negative or unknown, not {default!r}")
+    splits = tree.get("splits", {})
+    return Vocabulary(path, labels, default, splits if isinstance(splits, dict) else {})
+
+
+def shard_files(root: Path, spec: str, vocabulary: Vocabulary) -> list[Path]:
+    """The shards of a split: a split name of the vocabulary, a brace pattern or a glob."""
+    if spec in vocabulary.splits:
+        names = vocabulary.splits[spec].get("shards", [])
+    elif any(c in spec for c in "*?["):
+        names = sorted(glob.glob(str(root / spec)))
+    else:
+        names = expand_braces(spec)
+    paths = [Path(n) if Path(n).is_absolute() else root / n for n in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise DataError(f"data split {spec!r}: " + (f"shard {missing[0]} not found" if missing else "no shards")
+                        + f" (under {root}; splits in {vocabulary.path.name}: {sorted(vocabulary.splits) or 'none'})")
+    return paths
+
+
+@dataclass
+class _Sample:
+    key: str
+    image: tuple[int, int] | None = None  # offset, size in the shard
+    meta: dict | None = None
+
+
+def _scan(path: Path) -> tuple[list[_Sample], str | None]:
+    """The samples of one shard, in order, and the problem that cut it short (None when whole)."""
+    samples: list[_Sample] = []
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split_key(info.name)
+                if not samples or samples[-1].key != key:
+                    samples.append(_Sample(key))
+                if info.offset_data + info.size > size:
+                    return samples[:-1], f"truncated inside sample {key}"
+                if ext == "json":
+                    try:
+                        samples[-1].meta = json.loads(tar.extractfile(info).read())
+                    except (ValueError, UnicodeDecodeError) as err:
+                        samples[-1].meta = {"__error__": f"malformed JSON ({err})"}
+                elif ext in IMAGE_TYPES:
+                    samples[-1].image = (info.offset_data, info.size)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        return samples[:-1], f"unreadable after {len(samples) - 1 if samples else 0} samples ({err})"
+    return samples, None
+
+
+def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[np.ndarray | None, str | None]:
+    """The sample's target row, or the problem with its JSON."""
+    meta = sample.meta
+    if sample.image is None:
+        return None, "has no image member (.jpg, .png ...)"
+    if meta is None:
+        return None, "has no .json member (its labels)"
+    if not isinstance(meta, dict) or "__error__" in meta:
+        return None, meta.get("__error__", "JSON is not an object") if isinstance(meta, dict) else "JSON is not an object"
+    listed = "unknown" if vocabulary.default == "negative" else "negative"
+    row = np.full(len(vocabulary.labels), 0.0 if vocabulary.default == "negative" else -1.0, np.float32)
+    for field, value in ((listed, -1.0 if listed == "unknown" else 0.0), ("labels", 1.0)):
+        names = meta.get(field, [])
+        if not isinstance(names, list):
+            return None, f"'{field}' must be a list of label names"
+        for name in names:
+            if name not in index:
+                return None, f"label {name!r} is not in the vocabulary {vocabulary.path}"
+            row[index[name]] = value
+    return row, None
+
+
+def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None,
+                   skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
+    """A split of WebDataset shards as a :class:`LabelTable`: ``paths`` are ``SHARD#KEY``,
+    ``members`` the (shard, offset, size) of each image. A truncated shard, a sample without
+    JSON or image, or a label outside the vocabulary raise a :class:`DataError` naming shard and
+    key; with ``skip_bad`` they are left out and listed in ``skipped`` (split, where, reason)."""
+    vocabulary = read_vocabulary(root)
+    names = list(labels) if labels is not None else vocabulary.labels
+    unknown = [n for n in names if n not in vocabulary.labels]
+    if unknown:
+        raise DataError(f"labels {unknown} are not in the shards' vocabulary {vocabulary.path}")
+    order = [vocabulary.labels.index(n) for n in names]
+    index = {n: j for j, n in enumerate(vocabulary.labels)}
+    paths, rows, members, problems = [], [], [], []
+    for shard in shard_files(root, spec, vocabulary):
+        samples, cut = _scan(shard)
+        if cut is not None:
+            problems.append((str(shard), cut + "; the shard's remaining samples are lost: rewrite it"))
+        for sample in samples:
+            row, problem = _targets(sample, index, vocabulary)
+            if problem is not None:
+                problems.append((f"{shard}#{sample.key}", f"sample {sample.key} {problem}"))
+                continue
+            paths.append(f"{shard}#{sample.key}")
+            rows.append(row[order])
+            members.append((str(shard), *sample.image))
+    if problems and not skip_bad:
+        shown = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:20])
+        raise DataError(f"{len(problems)} problems in the shards of split {spec!r}:\n  {shown}\n"
+                        "Rewrite the shards (python -m mlabel.data shard), or set data.on_bad_image=skip to "
+                        "train without these samples (counted and listed in skipped.csv)")
+    if skipped is not None:
+        skipped += [(spec, where, reason) for where, reason in problems]
+    if not paths:
+        raise DataError(f"the shards of split {spec!r} hold no usable sample")
+    targets = np.stack(rows).astype(np.float32)
+    return LabelTable(paths, targets, names, f"{root}/{spec}", members=members)
+
+
+class NamedBytes(io.BytesIO):
+    """Image bytes that print as where they came from (``SHARD#KEY``) in error messages."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def read_member(member: tuple[str, int, int], name: str, draft: int | None = None) -> np.ndarray:
+    """Decode the image at (shard, offset, size) to (H, W, 3) uint8 RGB."""
+    shard, offset, size = member
+    try:
+        with open(shard, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+    except OSError as err:
+        raise DataError(f"cannot read {name}: {err}") from None
+    if len(data) != size:
+        raise DataError(f"cannot read {name}: the shard ends inside the image; rewrite the shard")
+    return read_rgb(NamedBytes(data, name), draft=draft)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fingerprint(splits, shard_size: int) -> str:
+    digest = hashlib.sha256(json.dumps([splits.labels, shard_size]).encode())
+    for name in ("train", "val", "test"):
+        table = getattr(splits, name)
+        if table is not None:
+            digest.update(name.encode() + json.dumps(table.paths).encode() + table.targets.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed owner, mode and time: the same source writes the same bytes
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sample_json(table: LabelTable, row: int, root: Path) -> bytes:
+    target = table.targets[row]
+    path = Path(table.paths[row])
+    try:
+        path = path.relative_to(root)
+    except ValueError:
+        pass
+    return json.dumps({"labels": [n for n, t in zip(table.labels, target) if t == 1],
+                       "unknown": [n for n, t in zip(table.labels, target) if t < 0],
+                       "path": path.as_posix()}).encode()
+
+
+def _write_shard(path: Path, table: LabelTable, rows: range, root: Path, check: Callable) -> list:
+    """One shard, atomically; returns the (path, reason) of the images ``check`` refused."""
+    bad = []
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for row in rows:
+            source = table.paths[row]
+            problem = check(source)
+            if problem is not None:
+                bad.append((source, problem))
+                continue
+            ext = Path(source).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            key = f"{row:09d}"
+            _tar_member(tar, f"{key}.{ext if ext in IMAGE_TYPES else 'img'}", Path(source).read_bytes())
+            _tar_member(tar, f"{key}.json", _sample_json(table, row, root))
+    return bad
+
+
+def write_shards(splits, out: Path, shard_size: int, root: Path, *, skip_bad: bool = False,
+                 log=print, check: Callable[[str], str | None] | None = None) -> dict:
+    """Every split as ``out/SPLIT-000000.tar`` ... of ``shard_size`` samples, and ``out/labels.json``.
+
+    Each shard is written to a temporary name and renamed; a progress file records the finished
+    ones, so an interrupted run (kill -9, disk full) started again writes only what is missing,
+    and ``labels.json``, written last, marks the set complete. A folder holding shards of another
+    source is refused. Unreadable images fail (naming them) or, with ``skip_bad``, are left out
+    and listed in the result."""
+    from .check import _problem
+    check = check or _problem
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(splits, shard_size)
+    progress_path, vocab_path = out / PROGRESS, out / VOCABULARY
+    if vocab_path.is_file():
+        done = json.loads(vocab_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            log(f"{out} already holds these shards (labels.json is complete); nothing to do")
+            return done
+        raise DataError(f"{out} already holds shards of another source or shard size; give an empty --out folder")
+    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"fingerprint": fingerprint, "done": {}}
+    if progress.get("fingerprint") != fingerprint:
+        raise DataError(f"{progress_path} records shards of another source or shard size; give an empty --out "
+                        "folder (or delete that folder to start over)")
+    tree = {"labels": splits.labels, "task": splits.task, "default": "negative", "splits": {},
+            "fingerprint": fingerprint, "skipped": []}
+    for name in ("train", "val", "test"):
+        table = getattr(splits, name)
+        if table is None:
+            continue
+        shards, counts = [], []
+        for number, start in enumerate(range(0, len(table), shard_size)):
+            file = f"{name}-{number:06d}.tar"
+            rows = range(start, min(start + shard_size, len(table)))
+            if file not in progress["done"] or not (out / file).is_file():
+                bad = _write_shard(out / file, table, rows, root, check)
+                if bad and not skip_bad:
+                    (out / file).unlink()
+                    raise DataError(f"{len(bad)} images of split {name} cannot be used, e.g. {bad[0][1]}; replace "
+                                    "them, or set data.on_bad_image=skip to leave them out of the shards (listed)")
+                progress["done"][file] = {"samples": len(rows) - len(bad), "skipped": [list(b) for b in bad]}
+                write_json(progress_path, progress)
+                log(f"wrote {out / file} ({progress['done'][file]['samples']} samples)")
+            shards.append(file)
+            counts.append(progress["done"][file]["samples"])
+            tree["skipped"] += [[name, *b] for b in progress["done"][file]["skipped"]]
+        tree["splits"][name] = {"shards": shards, "samples": counts}
+    write_json(vocab_path, tree)
+    progress_path.unlink()
+    return tree
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def stream_plan(shard_sizes: Sequence[int], order: Sequence[int], batch_size: int, rank: int, world: int,
+                worker: int, workers: int) -> tuple[int, int, list[int], int]:
+    """Which samples worker ``worker`` of rank ``rank`` streams in an epoch whose shard order is
+    ``order``: (first, stop) positions in the epoch's sequence of samples (the shards
+    concatenated in that order), the sizes of its batches, and the steps every rank takes.
+
+    The N samples are cut into ``world`` contiguous ranges of N // W or N // W + 1 samples; every
+    rank takes the same number of steps S = ceil(ceil(N / W) / batch_size) (at most N // W, so no
+    batch is empty: batch_size 1 with N mod W > 0 then gives some batches of 2) with batches as
+    even as possible, so no sample is dropped or repeated and DDP never waits on a rank that ran
+    out. A DataLoader takes batch k from worker k mod workers, so worker w streams the
+    contiguous run of samples of the batches w, w + workers, ..."""
+    total = int(sum(shard_sizes[s] for s in order))
+    if total < world:
+        raise DataError(f"{total} samples cannot feed {world} processes: give more data or fewer processes")
+    start, stop = rank * total // world, (rank + 1) * total // world
+    steps = min(math.ceil(math.ceil(total / world) / batch_size), total // world)
+    mine = stop - start
+    sizes = [mine // steps + (k < mine % steps) for k in range(steps)]
+    before = sum(sum(sizes[k] for k in range(w, steps, workers)) for w in range(worker))
+    own = [sizes[k] for k in range(worker, steps, workers)]
+    return start + before, start + before + sum(own), own, steps
+
+
+class ShardStream(IterableDataset):
+    """Batches of a :class:`LabelTable` read from its shards: each epoch a seeded shard order, a
+    contiguous range of it per rank and loader worker (:func:`stream_plan`: every sample exactly
+    once across ranks and workers), samples read in shard order and mixed in a seeded shuffle
+    buffer, each image's augmentation seeded by its place in the epoch (the same after a resume).
+    ``skip_steps`` (a resume inside an epoch) skips the first steps' samples without decoding them.
+    """
+
+    def __init__(self, table: LabelTable, transform, batch_size: int, *, rank: int = 0, world: int = 1,
+                 shuffle_buffer: int = 1000, skip_bad: bool = False, collate=None):
+        if table.members is None:
+            raise ValueError("a ShardStream reads tables of wds shards")
+        self.table, self.transform, self.batch_size = table, transform, batch_size
+        self.rank, self.world, self.shuffle_buffer, self.skip_bad = rank, world, shuffle_buffer, skip_bad
+        self.collate = collate
+        shards: dict[str, list[int]] = {}
+        for row, (shard, _, _) in enumerate(table.members):
+            shards.setdefault(shard, []).append(row)
+        self.shard_rows = list(shards.values())
+        self.epoch_seed, self.skip_steps, self.workers = 0, 0, 1
+
+    def __len__(self) -> int:  # this rank's samples
+        total = len(self.table)
+        return (self.rank + 1) * total // self.world - self.rank * total // self.world
+
+    @property
+    def steps(self) -> int:
+        return stream_plan([len(r) for r in self.shard_rows], range(len(self.shard_rows)), self.batch_size,
+                           0, self.world, 0, 1)[3]
+
+    def epoch_rows(self) -> np.ndarray:
+        order = np.random.default_rng(self.epoch_seed).permutation(len(self.shard_rows))
+        return np.concatenate([self.shard_rows[s] for s in order]), order
+
+    def worker_rows(self, worker: int, workers: int) -> tuple[list[int], list[int], int]:
+        """(rows in the order this worker emits them, its batch sizes, first position in the epoch)."""
+        rows, order = self.epoch_rows()
+        first, stop, sizes, _ = stream_plan([len(r) for r in self.shard_rows], order, self.batch_size,
+                                            self.rank, self.world, worker, workers)
+        mine = rows[first:stop]
+        rng = np.random.default_rng([self.epoch_seed, self.rank, worker])
+        buffer, emitted = [], []
+        for position, row in enumerate(mine):  # a shuffle buffer: what streaming sees, not a full permutation
+            buffer.append((first + position, int(row)))
+            if len(buffer) >= self.shuffle_buffer:
+                emitted.append(buffer.pop(int(rng.integers(len(buffer)))))
+        while buffer:
+            emitted.append(buffer.pop(int(rng.integers(len(buffer)))))
+        return emitted, sizes, first
+
+    def __iter__(self):
+        """Called in the worker (or, without workers, when the loader's iterator is made): the
+        epoch's seed and skip are taken now, not when the first batch is asked for."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # the loader asks worker 0 first: after a resume at step k it plays the part of the worker
+        # that served batch k, so every batch holds the samples it held in the uninterrupted epoch
+        worker = (worker + self.skip_steps) % workers
+        emitted, sizes, _ = self.worker_rows(worker, workers)
+        skip = len(range(worker, self.skip_steps, workers))  # this worker's batches already trained
+        return self._batches(emitted, sizes, skip)
+
+    def sample(self, row: int, position: int, image: np.ndarray):
+        """(image tensor, targets) of table row ``row``, augmented with the seed of its place in the epoch."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(np.random.default_rng([self.epoch_seed, position]).integers(2**31)))
+        return self.transform(image=image)["image"], self.table.model_targets(row)
+
+    def _batches(self, emitted: list, sizes: list[int], skip: int):
+        start = sum(sizes[:skip])
+        for size in sizes[skip:]:
+            chunk, start = emitted[start:start + size], start + size
+            samples, problems = [], []
+            for position, row in chunk:
+                try:
+                    image = read_member(self.table.members[row], self.table.paths[row])
+                except DataError as err:
+                    if not self.skip_bad:
+                        yield StreamProblem(str(err))
+                        return
+                    problems.append((self.table.paths[row], str(err)))
+                    continue
+                samples.append(self.sample(row, position, image))
+            if problems:
+                yield StreamProblem(None, problems)
+            if samples:
+                yield self.collate(samples)
+
+
+@dataclass
+class StreamProblem:
+    """A worker's message to the training process: a fatal problem, or samples it skipped."""
+    message: str | None
+    skipped: list | None = None
+
+
+class ShardLoader:
+    """The training loader over a :class:`ShardStream`: ``len()`` is the steps per epoch (equal on
+    every rank); reseeding ``generator`` before an epoch fixes its shard order, shuffle and
+    augmentation, as for the file loaders. Problems found in a worker are raised here as one
+    :class:`DataError`; skipped samples are counted in ``skipped``."""
+
+    def __init__(self, stream: ShardStream, *, num_workers: int, seed: int, pin_memory: bool = False):
+        self.dataset, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.generator = torch.Generator().manual_seed(seed)
+        self.skipped: list = []
+
+    def __len__(self) -> int:
+        return self.dataset.steps
+
+    def __iter__(self):
+        self.dataset.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        batches = iter(loader)  # the workers (or the dataset's iterator) take the seed and skip now
+        self.dataset.skip_steps = 0  # a resume's skip applies to the epoch it was set for
+        for item in batches:
+            if isinstance(item, StreamProblem):
+                if item.message is not None:
+                    raise DataError(item.message + "; rewrite that shard, or set data.on_bad_image=skip")
+                self.skipped += item.skipped
+                continue
+            yield item

@@ -1,0 +1,262 @@
+"""WebDataset shards (issue 19): written from any format, read back, streamed across ranks and
+loader workers exactly once, resumable writing, and clear errors for broken shards."""
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from mlabel.data import DataError, build_splits
+from mlabel.data.__main__ import main as data_main
+from mlabel.data.shards import (ShardLoader, ShardStream, expand_braces, read_member, read_wds_table, stream_plan,
+                                write_shards)
+from mlabel.config import load_config
+from mlabel.preprocess import read_rgb
+
+SCENES = ["data.generate=null", "data.val=val.csv", "data.test=null"]
+
+
+def scene_splits(scene_csv):
+    return build_splits(load_config("quickstart", [f"data.root={scene_csv}", *SCENES]).data, "auto", 0)
+
+
+@pytest.fixture(scope="module")
+def shards(scene_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "s"
+    assert data_main(["shard", "quickstart", f"data.root={scene_csv}", *SCENES, "--out", str(out),
+                      "--shard-size", "10"]) == 0
+    return out
+
+
+def test_expand_braces():
+    assert expand_braces("a-{008..011}.tar") == ["a-008.tar", "a-009.tar", "a-010.tar", "a-011.tar"]
+    assert expand_braces("{x,y}-{1..2}") == ["x-1", "x-2", "y-1", "y-2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_shards_hold_the_splits_as_read_from_csv(shards, scene_csv):
+    splits = scene_splits(scene_csv)
+    vocabulary = json.loads((shards / "labels.json").read_text())
+    assert vocabulary["labels"] == splits.labels
+    assert vocabulary["splits"]["train"]["samples"] == [10, 10, 10, 10, 8]
+    for name in ("train", "val"):
+        table, source = read_wds_table(shards, name), getattr(splits, name)
+        assert table.labels == source.labels
+        np.testing.assert_array_equal(table.targets, source.targets)
+        for row in (0, len(table) - 1):  # the same pixels: the bytes are the source file's
+            np.testing.assert_array_equal(table.read_image(row), read_rgb(source.paths[row]))
+    # a brace pattern names the same shards as the split name
+    by_pattern = read_wds_table(shards, "train-{000000..000004}.tar")
+    np.testing.assert_array_equal(by_pattern.targets, splits.train.targets)
+
+
+def test_webdataset_reads_our_shards(shards):
+    wds = pytest.importorskip("webdataset")
+    keys = [(s["__key__"], json.loads(s["json"])["labels"]) for s in wds.WebDataset(str(shards / "val-000000.tar"),
+                                                                                   shardshuffle=False)]
+    table = read_wds_table(shards, "val")
+    assert [k for k, _ in keys] == [p.split("#")[1] for p in table.paths[:10]]
+    assert [sorted(names) for _, names in keys] == [sorted(n for n, t in zip(table.labels, row) if t == 1)
+                                                     for row in table.targets[:10]]
+
+
+def test_interrupted_writing_resumes_to_the_same_bytes(scene_csv, tmp_path, shards):
+    splits = scene_splits(scene_csv)
+    calls = {"n": 0}
+
+    def dies_on_the_25th(path):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt  # as a kill: the shard being written is left as a temporary file
+        return None
+    out = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(splits, out, 10, Path(scene_csv).resolve(), check=dies_on_the_25th, log=lambda *a: None)
+    assert not (out / "labels.json").exists() and (out / "train-000001.tar").is_file()
+    assert not (out / "train-000002.tar").exists()
+    before = (out / "train-000000.tar").stat().st_mtime_ns
+    written = []
+    write_shards(splits, out, 10, Path(scene_csv).resolve(), log=written.append)
+    assert (out / "train-000000.tar").stat().st_mtime_ns == before  # finished shards are not rewritten
+    assert not any("train-000000" in line or "train-000001" in line for line in written)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.name for p in shards.iterdir())  # no temporary or progress file left
+    for name in names:
+        if name.endswith(".tar"):
+            assert (out / name).read_bytes() == (shards / name).read_bytes(), name
+
+
+def test_refuses_a_folder_of_other_shards(scene_csv, tmp_path, shards):
+    splits = scene_splits(scene_csv)
+    out = tmp_path / "s"
+    write_shards(splits, out, 10, Path(scene_csv).resolve(), log=lambda *a: None)
+    with pytest.raises(DataError, match="another source"):
+        write_shards(splits, out, 7, Path(scene_csv).resolve(), log=lambda *a: None)
+    # and into the data folder: refused, nothing written
+    assert data_main(["shard", "quickstart", f"data.root={scene_csv}", *SCENES, "--out", str(scene_csv / "s")]) == 2
+    assert not (scene_csv / "s").exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12), world=st.integers(1, 4),
+       workers=st.integers(1, 4), batch=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_plan_covers_every_sample_once_with_equal_steps(sizes, world, workers, batch, seed):
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    total = sum(sizes)
+    if total < world:
+        with pytest.raises(DataError, match="cannot feed"):
+            stream_plan(sizes, order, batch, 0, world, 0, workers)
+        return
+    seen, steps = np.zeros(total, int), set()
+    for rank in range(world):
+        batches = 0
+        for worker in range(workers):
+            first, stop, own, every = stream_plan(sizes, order, batch, rank, world, worker, workers)
+            seen[first:stop] += 1
+            largest = batch if -(-total // world) <= batch * (total // world) else batch + 1
+            assert sum(own) == stop - first and all(0 < b <= largest for b in own)
+            batches += len(own)
+            steps.add(every)
+        assert batches == every  # each rank takes the same number of steps
+    assert len(steps) == 1
+    np.testing.assert_array_equal(seen, 1)
+
+
+class RowStream(ShardStream):
+    """Batches of table rows (what each rank and worker reads), images still decoded."""
+
+    def sample(self, row, position, image):
+        return row, position
+
+
+def rows_collate(samples):
+    return [r for r, _ in samples], [p for _, p in samples]
+
+
+def _epoch_rows(shards, rank, world, workers, seed=0, skip=0, batch=4):
+    table = read_wds_table(shards, "train")
+    stream = RowStream(table, None, batch, rank=rank, world=world, shuffle_buffer=8, collate=rows_collate)
+    loader = ShardLoader(stream, num_workers=workers, seed=seed)
+    stream.skip_steps = skip
+    return [b for b in loader], len(loader)
+
+
+def _ddp_rank(rank, world, shards, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batches, steps = _epoch_rows(shards, rank, world, workers=2)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (batches, steps))
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_two_workers_read_every_key_once(shards, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks.json"
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, shards, port, str(out)), nprocs=2)
+    per_rank = json.loads(out.read_text())
+    rows = [r for batches, _ in per_rank for rows, _ in batches for r in rows]
+    assert sorted(rows) == list(range(48))  # every sample once across ranks and workers
+    assert [len(batches) for batches, _ in per_rank] == [steps for _, steps in per_rank] == [6, 6]
+    single, steps = _epoch_rows(shards, 0, 1, workers=2)
+    assert sorted(r for rows, _ in single for r in rows) == list(range(48)) and len(single) == steps == 12
+
+
+def test_stream_is_seeded_and_resumes_inside_an_epoch(shards):
+    first, _ = _epoch_rows(shards, 0, 1, workers=2, seed=3)
+    again, _ = _epoch_rows(shards, 0, 1, workers=2, seed=3)
+    other, _ = _epoch_rows(shards, 0, 1, workers=2, seed=4)
+    assert first == again and first != other
+    resumed, _ = _epoch_rows(shards, 0, 1, workers=2, seed=3, skip=5)
+    assert resumed == first[5:]  # the same batches, the same augmentation seeds (positions)
+    # the buffer mixes samples of different shards within a batch, not only shard by shard
+    assert any(len({r // 10 for r in rows}) > 1 for rows, _ in first)
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    """Copy a shard member by member, ``change(name, data)`` -> (name, data) or None to drop."""
+    with tarfile.open(src) as tar, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as new:
+        for info in tar:
+            kept = change(info.name, tar.extractfile(info).read())
+            if kept is not None:
+                member = tarfile.TarInfo(kept[0])
+                member.size = len(kept[1])
+                new.addfile(member, io.BytesIO(kept[1]))
+
+
+@pytest.fixture
+def broken(shards, tmp_path):
+    out = tmp_path / "broken"
+    out.mkdir()
+    for path in shards.iterdir():
+        (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_truncated_shard_names_the_shard(broken):
+    data = (broken / "train-000002.tar").read_bytes()
+    (broken / "train-000002.tar").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DataError, match=r"train-000002.tar: truncated inside sample 00000002\d"):
+        read_wds_table(broken, "train")
+    skipped = []
+    table = read_wds_table(broken, "train", skip_bad=True, skipped=skipped)
+    assert 40 <= len(table) < 48 and len(skipped) == 1 and "train-000002.tar" in skipped[0][1]
+
+
+def test_sample_without_json_or_with_a_foreign_label(broken):
+    _rewrite(broken / "train-000001.tar", broken / "t.tar",
+             lambda n, d: None if n == "000000013.json" else
+             (n, json.dumps({"labels": ["unicorn"]}).encode()) if n == "000000015.json" else (n, d))
+    os.replace(broken / "t.tar", broken / "train-000001.tar")
+    with pytest.raises(DataError) as err:
+        read_wds_table(broken, "train")
+    assert "train-000001.tar#000000013: sample 000000013 has no .json member" in str(err.value)
+    assert "label 'unicorn' is not in the vocabulary" in str(err.value) and "#000000015" in str(err.value)
+    skipped = []
+    assert len(read_wds_table(broken, "train", skip_bad=True, skipped=skipped)) == 46 and len(skipped) == 2
+
+
+def test_undecodable_image_in_the_stream(broken):
+    _rewrite(broken / "train-000000.tar", broken / "t.tar",
+             lambda n, d: (n, b"not an image" + d[:20]) if n == "000000004.png" else (n, d))
+    os.replace(broken / "t.tar", broken / "train-000000.tar")
+    table = read_wds_table(broken, "train")  # the scan reads labels, not pixels
+    with pytest.raises(DataError, match=r"cannot read image .*train-000000.tar#000000004"):
+        read_member(table.members[4], table.paths[4])
+    stream = RowStream(table, None, 4, collate=rows_collate)
+    with pytest.raises(DataError, match=r"train-000000.tar#000000004.*on_bad_image=skip"):
+        list(ShardLoader(stream, num_workers=2, seed=0))
+    stream = RowStream(table, None, 4, collate=rows_collate, skip_bad=True)
+    loader = ShardLoader(stream, num_workers=2, seed=0)
+    rows = sorted(r for rows, _ in loader for r in rows)
+    assert rows == [r for r in range(48) if r != 4] and [p for p, _ in loader.skipped] == [table.paths[4]]
+
+
+def test_train_on_shards_end_to_end(shards, tmp_path):
+    from mlabel.train import main as train_main
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
+                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.image_size=32", "data.num_workers=2", "thresholds.cross_fit=0",
+                       "thresholds.bootstrap=0", "train.epochs=1", "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["mAP"] > 0
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 2
+    # a recipe asking what shards cannot do is refused before anything is written
+    assert train_main(["quickstart", f"out_dir={tmp_path / 'r2'}", "data.format=wds", f"data.root={shards}",
+                       "data.train=train", "data.val=val", "data.test=null", "data.generate=null",
+                       "data.cache=true", "--quiet"]) == 2
+    assert not (tmp_path / "r2").exists()
