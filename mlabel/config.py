@@ -105,6 +105,8 @@ class TrainConfig:
     schedule: Literal["auto", "cosine", "onecycle", "constant", "plateau"] = _key(
         "auto", "learning-rate schedule after warmup; plateau: constant until val mAP stalls, then cosine; "
         "auto: cosine from pretrained weights, plateau from scratch")
+    checkpoint_every_steps: int = _key(0, "also checkpoint every N optimizer steps inside an epoch (long epochs); "
+                                       "0: after each epoch only", "[0, inf)")
     early_stop_patience: int = _key(0, "stop after N epochs without a better val mAP; 0 = never", "[0, inf)")
     mixup_alpha: float = _key(0.0, "> 0: mixup with lambda ~ Beta(a, a), targets mixed alike", "[0, inf)")
     cutmix_alpha: float = _key(0.0, "> 0: cutmix; with both, each batch picks one", "[0, inf)")

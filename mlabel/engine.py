@@ -225,20 +225,26 @@ def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0):
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepper, device: torch.device,
-                    epoch: int, *, quiet: bool = False) -> dict:
+                    epoch: int, *, quiet: bool = False, start: dict | None = None,
+                    on_step: Callable[[dict], None] | None = None) -> dict:
     """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
 
     The model trains in the mode the caller set (:func:`set_train_mode` freezes the backbone or
     its norm statistics); a model left wholly in eval mode is switched to train mode.
+    ``start`` ({"step", "loss", "seen"}: a resume inside the epoch, with a loader that skips
+    those steps) continues the epoch's count; ``on_step`` is called after every optimizer step
+    with that record (to checkpoint inside long epochs).
     """
     if not model.training:
         model.train()
     scaler = stepper.scaler or grad_scaler_for(device, "fp32")
     loss_fn = task_loss(loss_fn)
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    first = start["step"] if start else 0
+    total_loss, seen = (start["loss"], start["seen"]) if start else (0.0, 0)
+    done_before, start_time = seen, time.perf_counter()
     bar = _Progress(loader, f"epoch {epoch}", quiet)
     stepper.optimizer.zero_grad(set_to_none=True)
-    for step, (images, targets) in enumerate(bar):
+    for step, (images, targets) in enumerate(bar, start=first):
         images = images.to(device, non_blocking=True)
         targets = as_targets(targets).to(device, non_blocking=True)
         if stepper.mix is not None:
@@ -254,15 +260,19 @@ def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepp
                 "train.grad_clip, or check the inputs of that batch. The last good checkpoint "
                 "(end of the previous epoch) is kept: resume=true continues from it")
         scaler.scale(loss / stepper.accumulate).backward()
-        if (step + 1) % stepper.accumulate == 0 or step + 1 == len(loader):
+        stepped = (step + 1) % stepper.accumulate == 0 or step + 1 == len(loader)
+        if stepped:
             _optimizer_step(model, stepper, scaler)
         total_loss += loss.item() * len(images)
         seen += len(images)
-        rate = seen / (time.perf_counter() - start)
+        rate = (seen - done_before) / (time.perf_counter() - start_time)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", lr=f"{stepper.scheduler.get_last_lr()[-1]:.2e}",
                         img_s=f"{rate:.0f}")
-    elapsed = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "images_per_s": seen / max(elapsed, 1e-9),
+        if stepped and on_step is not None and step + 1 < len(loader):
+            on_step({"step": step + 1, "loss": total_loss, "seen": seen})
+    elapsed = time.perf_counter() - start_time
+    return {"train_loss": total_loss / max(seen, 1), "images_per_s": (seen - done_before) / max(elapsed, 1e-9),
+            "train_images": seen,
             "lr": stepper.scheduler.get_last_lr()[-1], "train_time_s": elapsed}
 
 

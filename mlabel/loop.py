@@ -96,7 +96,9 @@ def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool
     if parts.ema is not None:
         parts.ema.load_state_dict(saved["ema"])
     restore_rng(saved["rng"])
-    log(quiet, f"resumed from {path} after epoch {saved['train_state']['epoch']}")
+    inside = saved["train_state"].get("in_epoch")
+    log(quiet, f"resumed from {path} after epoch {saved['train_state']['epoch']}"
+        + (f" and step {inside['step']} of epoch {inside['epoch']}" if inside else ""))
     return saved["train_state"]
 
 
@@ -164,6 +166,46 @@ def duration(seconds: float) -> str:
     return f"{minutes}m {seconds:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
 
 
+def _as_if_running(loader) -> None:
+    """A resumed run starts its loader as the interrupted run had it: a DataLoader with persistent
+    workers draws its workers' base seed from the shared generator when its first iterator is
+    made (epoch 1), not in later epochs, so a process resuming at a later epoch makes its iterator
+    now, before the epoch's reseed; the epoch then orders its samples as the uninterrupted run."""
+    if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader.num_workers > 0:
+        iter(loader)
+
+
+def skip_steps(loader, steps: int, batch_size: int) -> None:
+    """Make the next pass of a training loader (reseeded for its epoch) leave out its first
+    ``steps`` batches: the shard stream skips them, the file loaders' sampler their samples."""
+    from .data.shards import ShardLoader
+    if isinstance(loader, ShardLoader):
+        loader.dataset.skip_steps = steps
+        return
+    sampler = getattr(loader, "sampler", None) or getattr(getattr(loader, "batches", None), "sampler", None)
+    sampler.skip = steps * batch_size
+
+
+def _save(cfg: Config, model, parts: _Parts, state: dict, out_dir: Path) -> None:
+    save_checkpoint(out_dir / CHECKPOINT, {
+        "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+        "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
+        "train_state": state, "config": config_to_dict(cfg)})
+
+
+def _step_checkpoints(cfg: Config, model, parts: _Parts, state: dict, epoch: int, out_dir: Path, world: World):
+    """``train.checkpoint_every_steps``: the callback that checkpoints inside the epoch (None when off)."""
+    every = cfg.train.checkpoint_every_steps * cfg.train.accumulate
+    if not every:
+        return None
+
+    def checkpoint(record: dict) -> None:
+        if record["step"] % every == 0 and world.main:
+            _save(cfg, model, parts, {**state, "in_epoch": {"epoch": epoch, **record}}, out_dir)
+    return checkpoint
+
+
 def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool,
                out_dir: Path, quiet: bool, world: World, board) -> None:
     """Record, log, checkpoint (one writer: every rank holds the same state) and TensorBoard."""
@@ -172,11 +214,7 @@ def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch:
     state["epoch"] = epoch
     log(quiet, _epoch_line(cfg, parts, state, row, epoch, frozen))
     if world.main:
-        save_checkpoint(out_dir / CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
-            "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
-            "train_state": state, "config": config_to_dict(cfg)})
+        _save(cfg, model, parts, state, out_dir)
         _write_history(out_dir / "history.csv", state["history"])
     if board is not None:
         for key, value in row.items():
@@ -208,10 +246,19 @@ def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quie
         _set_backbone_frozen(model, frozen)
         set_train_mode(model, frozen, cfg.train.freeze_norm_stats)
         parts.forward = _wrap(cfg, model, wrapped, frozen, device, world)
+        if resumed is not None and epoch > 1:  # once, before the first epoch this process trains
+            _as_if_running(train_loader)
+        resumed = None
         train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        trained = train_one_epoch(model, train_loader, loss_fn, parts, device, epoch, quiet=quiet)
+        partial = state.pop("in_epoch", None)
+        if partial is not None:
+            skip_steps(train_loader, partial["step"], cfg.data.batch_size)
+            log(quiet, f"epoch {epoch} continues after step {partial['step']} of {len(train_loader)}")
+        trained = train_one_epoch(model, train_loader, loss_fn, parts, device, epoch, quiet=quiet, start=partial,
+                                  on_step=_step_checkpoints(cfg, model, parts, state, epoch, out_dir, world))
         val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet, world)
         row = {"epoch": epoch, "train_loss": mean_across(trained["train_loss"], world), "val_loss": val_loss,
+               "train_images": round(mean_across(trained["train_images"], world) * world.size),
                "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,
                "epoch_time_s": trained["train_time_s"]}
         _select_best(cfg, model, parts, state, row, epoch, eval_loaders["val"], device, quiet, world)

@@ -260,3 +260,43 @@ def test_train_on_shards_end_to_end(shards, tmp_path):
                        "data.train=train", "data.val=val", "data.test=null", "data.generate=null",
                        "data.cache=true", "--quiet"]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("source", ["wds", "files"])
+def test_resume_inside_an_epoch_repeats_the_run(shards, scene_csv, tmp_path, monkeypatch, source):
+    """Killed just after a checkpoint at step 4 of epoch 2 (train.checkpoint_every_steps=2) and
+    resumed: the epoch continues at step 5 with the batches it would have had, and the run ends
+    as the uninterrupted one."""
+    from mlabel import loop
+    from mlabel.train import main as train_main
+    data = ([f"data.format=wds", f"data.root={shards}", "data.train=train", "data.val=val"] if source == "wds" else
+            [f"data.root={scene_csv}", "data.val=val.csv", "data.cache=false"])
+
+    def argv(out, *extra):
+        return ["quickstart", f"out_dir={out}", *data, "data.test=null", "data.generate=null", "data.batch_size=4",
+                "model.backbone=test_resnet", "model.pretrained=false", "data.image_size=32", "data.num_workers=2",
+                "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=2", "data.augment=light",
+                "train.checkpoint_every_steps=2", "train.precision=fp32", "--quiet", *extra]
+
+    assert train_main(argv(tmp_path / "straight")) == 0
+    real = loop.save_checkpoint
+
+    def killed_after(path, state):
+        real(path, state)
+        if state["train_state"].get("in_epoch", {}).get("step") == 4 and state["train_state"]["epoch"] == 1:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_main(argv(tmp_path / "resumed", "--debug"))
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    assert train_main(argv(tmp_path / "resumed", "resume=true")) == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "resumed"))
+    for key in ("mAP", "macro_f1", "micro_f1", "macro_auroc"):
+        assert a["val"][key] == pytest.approx(b["val"][key], abs=1e-12), key
+    import csv as _csv
+    rows = [list(_csv.DictReader((tmp_path / d / "history.csv").open())) for d in ("straight", "resumed")]
+    for x, y in zip(*rows):
+        assert x["train_images"] == y["train_images"] == "48"
+        assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-9)
+        assert x["val_mAP"] == y["val_mAP"]

@@ -192,6 +192,7 @@ class SeededSampler(Sampler):
     def __init__(self, size: int, generator: torch.Generator, shuffle: bool, rank: int = 0, world: int = 1):
         self.size, self.generator, self.shuffle, self.rank, self.world = size, generator, shuffle, rank, world
         self.positions = (size // world) * world if shuffle else -(-size // world) * world
+        self.skip = 0  # samples of this rank to leave out of the next pass (a resume inside an epoch)
 
     def __len__(self) -> int:
         return self.positions // self.world
@@ -200,7 +201,8 @@ class SeededSampler(Sampler):
         order = torch.randperm(self.size, generator=self.generator) if self.shuffle else torch.arange(self.size)
         base = int(torch.randint(0, 2**31 - self.positions, (1,), generator=self.generator))
         mine = range(self.rank, self.positions, self.world)
-        return iter([(int(order[k % self.size]), base + k) for k in mine])
+        skip, self.skip = self.skip, 0
+        return iter([(int(order[k % self.size]), base + k) for k in mine][skip:])
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
