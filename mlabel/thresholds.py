@@ -315,6 +315,56 @@ class ScoreHistogram:
         thread_map(block, range(0, self.num_labels, step))
         return self
 
+    @torch.no_grad()
+    def update_sparse(self, probs, labels) -> "ScoreHistogram":
+        """Add a batch whose targets are a :class:`~mlabel.data.sparse.SparseLabels` of its rows
+        (positives and exceptions as index lists): no dense target table is made. With a negative
+        default, every score is first counted as a negative (one pass over the scores), then the
+        listed positives and unknowns are moved (work in the listed labels); with an unknown
+        default only the listed labels are counted."""
+        scores = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+        if scores.shape != (len(labels), self.num_labels):
+            raise ValueError(f"scores {scores.shape} for {len(labels)} images x {self.num_labels} labels")
+        pos = labels._gather(labels.pos_ptr, labels.pos_idx, np.arange(len(labels)))
+        other = labels._gather(labels.other_ptr, labels.other_idx, np.arange(len(labels)))
+        size = self.num_labels * self.bins
+        pos_keys = self._bin_keys(scores[pos]) + pos[1].astype(np.int32) * self.bins
+        other_keys = self._bin_keys(scores[other]) + other[1].astype(np.int32) * self.bins
+        positives = np.bincount(pos_keys, minlength=size)
+        counts = self.counts.view(self.num_labels, self.bins, 2)
+        if labels.default == 0.0:  # unlisted: negative; listed others: unknown
+            negatives = self._all_counts(scores) - positives - np.bincount(other_keys, minlength=size)
+            low = scores.min(0) if len(scores) else np.full(self.num_labels, np.inf)
+            if len(other[0]):  # labels with unknowns: their lowest known score, column by column
+                columns, where = np.unique(other[1], return_inverse=True)
+                part = scores[:, columns]
+                part[other[0], where] = np.inf
+                low[columns] = part.min(0)
+        else:  # unlisted: unknown; listed others: negative
+            negatives = np.bincount(other_keys, minlength=size)
+            low = np.full(self.num_labels, np.inf)
+            np.minimum.at(low, pos[1], scores[pos])
+            np.minimum.at(low, other[1], scores[other])
+        counts[..., 0].add_(torch.from_numpy(negatives.reshape(self.num_labels, self.bins)).to(counts.device))
+        counts[..., 1].add_(torch.from_numpy(positives.reshape(self.num_labels, self.bins)).to(counts.device))
+        torch.minimum(self.lowest, torch.from_numpy(low.astype(np.float64)).to(self.lowest.device), out=self.lowest)
+        return self
+
+    def _all_counts(self, scores: np.ndarray) -> np.ndarray:
+        """(L * bins,) counts of every score by label and bin: blocks of labels whose counts stay
+        in cache, a thread per core."""
+        step = max(1, (1 << 16) // self.bins)
+        out = np.empty(self.num_labels * self.bins, np.int64)
+
+        def block(start):
+            stop = min(start + step, self.num_labels)
+            key = self._bin_keys(scores[:, start:stop])
+            key += np.arange(stop - start, dtype=np.int32) * self.bins
+            out[start * self.bins:stop * self.bins] = np.bincount(key.ravel(), minlength=(stop - start) * self.bins)
+
+        thread_map(block, range(0, self.num_labels, step))
+        return out
+
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
         if other.counts.shape != self.counts.shape:
             raise ValueError(f"cannot merge histograms of shape {tuple(other.counts.shape)} into "
