@@ -132,7 +132,7 @@ def split_outputs(model: MultiLabelClassifier, cfg: Config, split: str, device: 
             raise DataError(f"the data's labels do not match the model's: missing {missing}, "
                             f"not known to the model {extra}")
         order = [splits.labels.index(name) for name in model.labels]
-        table.targets = table.targets[:, order]
+        table.targets = table.targets.reorder(order) if table.sparse else table.targets[:, order]
     loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)),
                          batch_size=cfg.data.batch_size, train=False, num_workers=loader_workers(cfg.data.num_workers),
                          seed=cfg.seed, pin_memory=device.type == "cuda")

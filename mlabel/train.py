@@ -6,6 +6,8 @@ The run directory receives ``config.yaml``, ``model/``, ``metrics.json``, ``hist
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import random
@@ -39,7 +41,7 @@ from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
 from .loop import CHECKPOINT, collect_split, duration, fit_epochs
 from .loop import log as _log
-from .losses import TaskLoss, build_loss, pos_weight_from_targets
+from .losses import TaskLoss, build_loss, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
@@ -55,12 +57,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_pos_weight(cfg: Config, targets: np.ndarray, labels: list[str]) -> torch.Tensor | None:
+def resolve_pos_weight(cfg: Config, train, labels: list[str]) -> torch.Tensor | None:
+    """``loss.pos_weight`` for the training split ``train`` (a LabelTable, dense or sparse: from
+    its label counts; or a dense (N, L) table)."""
     spec = cfg.loss.pos_weight
     if spec == "none":
         return None
     if spec in ("auto", "sqrt"):
-        weight = pos_weight_from_targets(torch.from_numpy(targets), cfg.loss.pos_weight_max, labels)
+        stats = train.label_stats() if hasattr(train, "label_stats") else \
+            {"positive": (train == 1).sum(0), "negative": (train == 0).sum(0)}
+        weight = pos_weight_from_counts(torch.as_tensor(np.asarray(stats["positive"])),
+                                        torch.as_tensor(np.asarray(stats["negative"])), cfg.loss.pos_weight_max, labels)
         return weight.sqrt() if spec == "sqrt" else weight
     if len(spec) != len(labels):
         raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
@@ -122,6 +129,22 @@ def augment_on_device(data, device: torch.device) -> bool:
         cheap = device.type == "cuda" or data.augment in ("none", "light", "flips")
         return bool(data.cache) and isinstance(data.augment, str) and cheap
     return data.augment_on == "device"
+
+
+def _record_stream_skips(loader, out_dir: Path, quiet: bool, world: World) -> None:
+    """Training images of wds shards that did not decode (``data.on_bad_image=skip``): counted
+    per epoch they were met in, appended to ``skipped.csv`` (this rank's; rank 0 writes)."""
+    skipped = getattr(loader, "skipped", None)
+    if not skipped or not world.main:
+        return
+    found = {path: reason for path, reason in skipped}
+    _log(quiet, f"skipped {len(found)} training images that did not decode (data.on_bad_image=skip; "
+                f"{len(skipped)} times over the epochs); listed in {out_dir / 'skipped.csv'}")
+    listed = out_dir / "skipped.csv"
+    old = listed.read_text() if listed.is_file() else "split,path,reason\n"
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(("train", path, reason) for path, reason in found.items())
+    write_text(listed, old + buffer.getvalue())
 
 
 def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, quiet: bool, world: World):
@@ -255,13 +278,14 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
                          regression=splits.train.regression_names)
     splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
     counts = _describe_splits(splits, quiet)
-    pos_weight = resolve_pos_weight(cfg, splits.train.targets, splits.labels)
+    pos_weight = resolve_pos_weight(cfg, splits.train, splits.labels)
     loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
     loaders = _loaders(cfg, splits, model, device, world, caches)
     if world.main:  # once the config, the data, the model and the loss are known to be good
         write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
     state = fit_epochs(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed)
     del resumed  # its tensors are in the model and the optimizer now
+    _record_stream_skips(loaders[0], out_dir, quiet, world)
     model.load_state_dict(state["best_state"])
     if world.main:  # saved before the post-training steps (thresholds 0.5 until tuned), so none loses it
         model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
@@ -301,9 +325,9 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
     term and the model's regression scale when the data has regression columns)."""
     if pos_weight is not None:
         _log(quiet, "pos_weight: " + ", ".join(f"{n} {w:.2f}" for n, w in zip(splits.labels, pos_weight.tolist())))
-    train_targets = torch.from_numpy(splits.train.targets)
-    known = (train_targets >= 0).sum(0).clamp(min=1)
-    model.init_head_bias((train_targets == 1).sum(0) / known)
+    stats = {k: torch.from_numpy(np.asarray(v)) for k, v in splits.train.label_stats().items()}
+    known = (stats["positive"] + stats["negative"]).clamp(min=1)
+    model.init_head_bias(stats["positive"] / known)
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -47,12 +47,17 @@ def test_shards_hold_the_splits_as_read_from_csv(shards, scene_csv):
     for name in ("train", "val"):
         table, source = read_wds_table(shards, name), getattr(splits, name)
         assert table.labels == source.labels
-        np.testing.assert_array_equal(table.targets, source.targets)
+        assert table.sparse  # index lists, dense rows only per batch
+        np.testing.assert_array_equal(table.dense_targets(), source.targets)
+        np.testing.assert_array_equal(table.model_targets([1, 0]).labels.numpy(), source.targets[[1, 0]])
         for row in (0, len(table) - 1):  # the same pixels: the bytes are the source file's
             np.testing.assert_array_equal(table.read_image(row), read_rgb(source.paths[row]))
     # a brace pattern names the same shards as the split name
     by_pattern = read_wds_table(shards, "train-{000000..000004}.tar")
-    np.testing.assert_array_equal(by_pattern.targets, splits.train.targets)
+    np.testing.assert_array_equal(by_pattern.dense_targets(), splits.train.targets)
+    # data.labels: a subset in another order
+    picked = read_wds_table(shards, "val", labels=["star", "circle"])
+    np.testing.assert_array_equal(picked.dense_targets(), splits.val.targets[:, [5, 0]])
 
 
 def test_webdataset_reads_our_shards(shards):
@@ -62,7 +67,7 @@ def test_webdataset_reads_our_shards(shards):
     table = read_wds_table(shards, "val")
     assert [k for k, _ in keys] == [p.split("#")[1] for p in table.paths[:10]]
     assert [sorted(names) for _, names in keys] == [sorted(n for n, t in zip(table.labels, row) if t == 1)
-                                                     for row in table.targets[:10]]
+                                                     for row in table.dense_targets()[:10]]
 
 
 def test_interrupted_writing_resumes_to_the_same_bytes(scene_csv, tmp_path, shards):
@@ -255,6 +260,8 @@ def test_train_on_shards_end_to_end(shards, tmp_path):
     assert metrics["val"]["mAP"] > 0
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 2
+    page = (run / "report" / "report.html").read_text()  # the galleries show images from inside the shards
+    assert "data:image/jpeg" in page and "image not readable" not in page
     # a recipe asking what shards cannot do is refused before anything is written
     assert train_main(["quickstart", f"out_dir={tmp_path / 'r2'}", "data.format=wds", f"data.root={shards}",
                        "data.train=train", "data.val=val", "data.test=null", "data.generate=null",
@@ -300,3 +307,21 @@ def test_resume_inside_an_epoch_repeats_the_run(shards, scene_csv, tmp_path, mon
         assert x["train_images"] == y["train_images"] == "48"
         assert float(x["train_loss"]) == pytest.approx(float(y["train_loss"]), rel=1e-9)
         assert x["val_mAP"] == y["val_mAP"]
+
+
+def test_training_skips_and_lists_an_undecodable_image(broken, tmp_path):
+    from mlabel.train import main as train_main
+    _rewrite(broken / "train-000000.tar", broken / "t.tar",
+             lambda n, d: (n, b"not an image") if n == "000000004.png" else (n, d))
+    os.replace(broken / "t.tar", broken / "train-000000.tar")
+    argv = ["quickstart", "data.format=wds", f"data.root={broken}", "data.train=train", "data.val=val",
+            "data.test=null", "data.generate=null", "model.backbone=test_resnet", "model.pretrained=false",
+            "data.image_size=32", "data.num_workers=2", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
+            "train.epochs=2", "--quiet"]
+    assert train_main([*argv, f"out_dir={tmp_path / 'stops'}"]) == 2
+    assert train_main([*argv, f"out_dir={tmp_path / 'skips'}", "data.on_bad_image=skip"]) == 0
+    listed = (tmp_path / "skips" / "skipped.csv").read_text().splitlines()
+    assert listed[0] == "split,path,reason" and len(listed) == 2
+    assert listed[1].startswith(f"train,{broken / 'train-000000.tar'}#000000004,")
+    rows = list(__import__("csv").DictReader((tmp_path / "skips" / "history.csv").open()))
+    assert [r["train_images"] for r in rows] == ["47", "47"]

@@ -122,3 +122,26 @@ def test_histogram_from_sparse_targets_equals_the_dense_update(default):
         b = ScoreHistogram(labels, bins=64).update_sparse(scores[split], table.subset(np.arange(n)[split]))
         assert torch.equal(a.counts, b.counts)
         assert torch.equal(a.lowest, b.lowest)
+
+
+@pytest.mark.parametrize("default", [0.0, -1.0])
+def test_rows_reorder_and_the_label_table_on_sparse_targets(default):
+    from mlabel.data.tables import LabelTable
+    rng = np.random.default_rng(2)
+    other = 0.0 if default == -1.0 else -1.0
+    dense = np.where(rng.random((40, 6)) < 0.2, 1.0, np.where(rng.random((40, 6)) < 0.1, other, default)).astype(np.float32)
+    table = SparseLabels.from_dense(dense, default=default)
+    np.testing.assert_array_equal(table.rows(7), dense[7])
+    np.testing.assert_array_equal(table.rows([3, 1, 3]), dense[[3, 1, 3]])
+    order = [4, 0, 5, 1, 3, 2]
+    np.testing.assert_array_equal(table.reorder(order).dense(np.arange(40)), dense[:, order])
+    with pytest.raises(ValueError):
+        table.reorder([0, 0, 1, 2, 3, 4])
+    names = list("abcdef")
+    sparse_table = LabelTable([f"{i}.png" for i in range(40)], table, names, "t")
+    dense_table = LabelTable([f"{i}.png" for i in range(40)], dense, names, "t")
+    for key, value in dense_table.label_stats().items():
+        np.testing.assert_array_equal(sparse_table.label_stats()[key], value)
+    part = sparse_table.subset([5, 2, 9], "part")
+    assert part.sparse and part.paths == ["5.png", "2.png", "9.png"]
+    np.testing.assert_array_equal(part.model_targets([2, 0]).labels.numpy(), dense[[9, 5]])

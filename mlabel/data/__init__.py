@@ -12,6 +12,7 @@ import numpy as np
 from .shards import read_wds_table
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
+from .sparse import sparse_split
 from .split import iterative_split
 from .synthetic import ensure_scenes, scenes_root
 from .tables import DataError, LabelTable, read_csv_table, read_folder_table
@@ -50,10 +51,10 @@ def _read(data, name: str, labels, task: str, skipped: list | None = None) -> La
 
 def label_counts(table: LabelTable) -> dict:
     """Per-label positives / negatives / unknowns, for printing and saving with the run."""
-    t = table.targets
+    stats = table.label_stats()
     return {"images": len(table), **{
-        name: {"positive": int((t[:, j] == 1).sum()), "negative": int((t[:, j] == 0).sum()),
-               "unknown": int((t[:, j] < 0).sum())} for j, name in enumerate(table.labels)}}
+        name: {"positive": int(stats["positive"][j]), "negative": int(stats["negative"][j]),
+               "unknown": int(stats["unknown"][j])} for j, name in enumerate(table.labels)}}
 
 
 def check_overlap(data, tables: dict) -> None:
@@ -97,7 +98,8 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     fractions = [data.val_fraction if val is None else 0.0,
                  data.test_fraction if test is None else 0.0]
     if sum(fractions) > 0:
-        fold = iterative_split(train.targets, [1 - sum(fractions), *fractions], seed=seed)
+        shares = [1 - sum(fractions), *fractions]
+        fold = sparse_split(train.targets, shares, seed) if train.sparse else iterative_split(train.targets, shares, seed=seed)
         if val is None:
             val = train.subset(np.flatnonzero(fold == 1), f"{train.source} (val split)")
         if test is None and fractions[1] > 0:

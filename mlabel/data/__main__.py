@@ -22,7 +22,7 @@ TOP_PAIRS = 10
 
 def summarise(splits, workers: int = 4) -> dict:
     tables = {n: getattr(splits, n) for n in ("train", "val", "test") if getattr(splits, n) is not None}
-    targets = np.concatenate([t.targets for t in tables.values()])
+    targets = np.concatenate([t.dense_targets() for t in tables.values()])
     labels = splits.labels
     positive, known = targets == 1, targets >= 0
     n_pos = positive.sum(0)

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..preprocess import read_rgb
+from .sparse import SparseLabels
 from .tables import LabelTable
 
 __all__ = ["VOCABULARY", "expand_braces", "read_wds_table", "read_member", "write_shards", "ShardStream",
@@ -148,8 +149,9 @@ def _scan(path: Path) -> tuple[list[_Sample], str | None]:
     return samples, None
 
 
-def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[np.ndarray | None, str | None]:
-    """The sample's target row, or the problem with its JSON."""
+def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tuple | None, str | None]:
+    """The sample's (positive, other) vocabulary indices (other: the listed exceptions to the
+    default), or the problem with its JSON."""
     meta = sample.meta
     if sample.image is None:
         return None, "has no image member (.jpg, .png ...)"
@@ -157,22 +159,22 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[np.n
         return None, "has no .json member (its labels)"
     if not isinstance(meta, dict) or "__error__" in meta:
         return None, meta.get("__error__", "JSON is not an object") if isinstance(meta, dict) else "JSON is not an object"
-    listed = "unknown" if vocabulary.default == "negative" else "negative"
-    row = np.full(len(vocabulary.labels), 0.0 if vocabulary.default == "negative" else -1.0, np.float32)
-    for field, value in ((listed, -1.0 if listed == "unknown" else 0.0), ("labels", 1.0)):
+    found = []
+    for field in ("labels", "unknown" if vocabulary.default == "negative" else "negative"):
         names = meta.get(field, [])
         if not isinstance(names, list):
             return None, f"'{field}' must be a list of label names"
         for name in names:
             if name not in index:
                 return None, f"label {name!r} is not in the vocabulary {vocabulary.path}"
-            row[index[name]] = value
-    return row, None
+        found.append([index[name] for name in names])
+    return tuple(found), None
 
 
 def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None,
                    skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
-    """A split of WebDataset shards as a :class:`LabelTable`: ``paths`` are ``SHARD#KEY``,
+    """A split of WebDataset shards as a :class:`LabelTable` with sparse targets (index lists:
+    memory grows with the listed labels, not images x labels): ``paths`` are ``SHARD#KEY``,
     ``members`` the (shard, offset, size) of each image. A truncated shard, a sample without
     JSON or image, or a label outside the vocabulary raise a :class:`DataError` naming shard and
     key; with ``skip_bad`` they are left out and listed in ``skipped`` (split, where, reason)."""
@@ -181,9 +183,10 @@ def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None
     unknown = [n for n in names if n not in vocabulary.labels]
     if unknown:
         raise DataError(f"labels {unknown} are not in the shards' vocabulary {vocabulary.path}")
-    order = [vocabulary.labels.index(n) for n in names]
+    kept = np.full(len(vocabulary.labels), -1, np.int64)  # vocabulary index -> the table's label (-1: not used)
+    kept[[vocabulary.labels.index(n) for n in names]] = np.arange(len(names))
     index = {n: j for j, n in enumerate(vocabulary.labels)}
-    paths, rows, members, problems = [], [], [], []
+    paths, positives, others, members, problems = [], [], [], [], []
     for shard in shard_files(root, spec, vocabulary):
         samples, cut = _scan(shard)
         if cut is not None:
@@ -194,7 +197,8 @@ def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None
                 problems.append((f"{shard}#{sample.key}", f"sample {sample.key} {problem}"))
                 continue
             paths.append(f"{shard}#{sample.key}")
-            rows.append(row[order])
+            positives.append(row[0])
+            others.append(row[1])
             members.append((str(shard), *sample.image))
     if problems and not skip_bad:
         shown = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:20])
@@ -205,7 +209,12 @@ def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None
         skipped += [(spec, where, reason) for where, reason in problems]
     if not paths:
         raise DataError(f"the shards of split {spec!r} hold no usable sample")
-    targets = np.stack(rows).astype(np.float32)
+    def pairs(lists):
+        rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+        labels = kept[np.asarray([j for x in lists for j in x], np.int64)]
+        return rows[labels >= 0], labels[labels >= 0]
+    targets = SparseLabels.from_pairs(*pairs(positives), len(paths), len(names), *pairs(others),
+                                      default=0.0 if vocabulary.default == "negative" else -1.0)
     return LabelTable(paths, targets, names, f"{root}/{spec}", members=members)
 
 
@@ -234,6 +243,22 @@ def read_member(member: tuple[str, int, int], name: str, draft: int | None = Non
     return read_rgb(NamedBytes(data, name), draft=draft)
 
 
+def shard_image_bytes(name: str) -> bytes | None:
+    """The image bytes of ``SHARD#KEY`` (as wds tables name their images, in predictions and the
+    report) by a scan of the shard, or None when ``name`` is not such a path."""
+    shard, sep, key = name.rpartition("#")
+    if not sep or not shard.endswith(".tar") or not Path(shard).is_file():
+        return None
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for info in tar:
+                if info.isfile() and _split_key(info.name) in ((key, ext) for ext in IMAGE_TYPES):
+                    return tar.extractfile(info).read()
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+    return None
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -242,7 +267,7 @@ def _fingerprint(splits, shard_size: int) -> str:
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
         if table is not None:
-            digest.update(name.encode() + json.dumps(table.paths).encode() + table.targets.tobytes())
+            digest.update(name.encode() + json.dumps(table.paths).encode() + table.dense_targets().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -253,7 +278,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _sample_json(table: LabelTable, row: int, root: Path) -> bytes:
-    target = table.targets[row]
+    target = table.target_rows(row)
     path = Path(table.paths[row])
     try:
         path = path.relative_to(root)

@@ -141,6 +141,25 @@ class SparseLabels:
             return {"positive": positive, "negative": rest, "unknown": other}
         return {"positive": positive, "negative": other, "unknown": rest}
 
+    def rows(self, index) -> np.ndarray:
+        """Dense rows as ``dense_table[index]`` gives them: (L,) for an int, (n, L) otherwise."""
+        if np.ndim(index) == 0:
+            return self.dense([int(index)])[0]
+        return self.dense(index)
+
+    def reorder(self, order: Sequence[int]) -> "SparseLabels":
+        """The table with its labels in ``order`` (new label j = old label ``order[j]``)."""
+        order = np.asarray(order, np.int64)
+        if sorted(order.tolist()) != list(range(self.num_labels)):
+            raise ValueError("order must be a permutation of the labels")
+        new_of_old = np.empty(self.num_labels, np.int32)
+        new_of_old[order] = np.arange(self.num_labels, dtype=np.int32)
+        n = len(self)
+        pos = self._gather(self.pos_ptr, self.pos_idx, np.arange(n))
+        other = self._gather(self.other_ptr, self.other_idx, np.arange(n))
+        return SparseLabels.from_pairs(pos[0], new_of_old[pos[1]], n, self.num_labels, other[0],
+                                       new_of_old[other[1]], default=self.default)
+
     def positives_per_image(self) -> np.ndarray:
         return np.diff(self.pos_ptr)
 

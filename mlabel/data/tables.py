@@ -18,6 +18,7 @@ import torch
 from ..errors import DataError
 from ..outputs import Targets
 from ..preprocess import IMAGE_EXTENSIONS, read_rgb
+from .sparse import SparseLabels
 
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
@@ -31,7 +32,9 @@ class LabelTable:
     """Images and their targets for one split."""
 
     paths: list[str]
-    targets: np.ndarray  # (N, L) float32: 1 / 0 / -1 unknown
+    # (N, L) float32: 1 / 0 / -1 unknown; or a SparseLabels (index lists, dense rows per batch:
+    # wds shards), read through target_rows / label_counts / ``subset``
+    targets: "np.ndarray | SparseLabels"
     labels: list[str]
     source: str
     regression: np.ndarray | None = None  # (N, R) float32 auxiliary targets, NaN = missing
@@ -50,14 +53,34 @@ class LabelTable:
         """What the model is trained against for row(s) ``index``, by name: the label targets and
         the regression targets (None without regression columns), as tensors."""
         regression = None if self.regression is None else torch.from_numpy(self.regression[index])
-        return Targets(torch.from_numpy(self.targets[index]), regression)
+        return Targets(torch.from_numpy(self.target_rows(index)), regression)
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.targets, SparseLabels)
+
+    def target_rows(self, index) -> np.ndarray:
+        """Dense float32 target rows ``index`` (an int: one row)."""
+        return self.targets.rows(index) if self.sparse else self.targets[index]
+
+    def dense_targets(self) -> np.ndarray:
+        """The whole (N, L) table: for what needs it at small sizes (dense splits, summaries)."""
+        return self.targets.dense(np.arange(len(self))) if self.sparse else self.targets
+
+    def label_stats(self) -> dict[str, np.ndarray]:
+        """Per label: ``positive``, ``negative`` and ``unknown`` image counts."""
+        if self.sparse:
+            return self.targets.counts()
+        t = self.targets
+        return {"positive": (t == 1).sum(0), "negative": (t == 0).sum(0), "unknown": (t < 0).sum(0)}
 
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
         boxes = None if self.boxes is None else [self.boxes[i] for i in index]
         members = None if self.members is None else [self.members[i] for i in index]
-        return LabelTable([self.paths[i] for i in index], self.targets[index], self.labels, source,
+        targets = self.targets.subset(index) if self.sparse else self.targets[index]
+        return LabelTable([self.paths[i] for i in index], targets, self.labels, source,
                           regression, self.regression_names, boxes, members)
 
     def read_image(self, index: int, draft: int | None = None) -> np.ndarray:

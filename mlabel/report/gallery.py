@@ -39,8 +39,11 @@ class _Thumbs:
 
 def _thumbnail(path: str) -> str | None:
     from PIL import Image, ImageOps
+
+    from ..data.shards import shard_image_bytes
+    data = shard_image_bytes(path)  # an image inside a wds shard: SHARD#KEY
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEG: decode at a reduced size
             small = ImageOps.exif_transpose(image).convert("RGB")
             small.thumbnail((THUMB, THUMB))
