@@ -325,3 +325,13 @@ def test_training_skips_and_lists_an_undecodable_image(broken, tmp_path):
     assert listed[1].startswith(f"train,{broken / 'train-000000.tar'}#000000004,")
     rows = list(__import__("csv").DictReader((tmp_path / "skips" / "history.csv").open()))
     assert [r["train_images"] for r in rows] == ["47", "47"]
+
+
+def test_summary_of_the_shards_equals_the_csv_summary(shards, scene_csv, tmp_path):
+    """mlabel.data's figures come from the label lists: the same on the shards as on the CSV."""
+    for name, args in (("csv", [f"data.root={scene_csv}", *SCENES]),
+                       ("wds", ["data.format=wds", f"data.root={shards}", "data.train=train", "data.val=val",
+                                "data.test=null", "data.generate=null"])):
+        assert data_main(["quickstart", *args, "--out", str(tmp_path / name)]) == 0
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("csv", "wds"))
+    assert a == b and a["top_cooccurring_pairs"] and a["distinct_label_sets"] > 5

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +15,58 @@ from ..defaults import loader_workers
 from ..io import atomic_path, write_json
 from . import DataError, build_splits, label_counts
 from .check import find_bad_images
+from .sparse import SparseLabels
 
 TOP_PAIRS = 10
 
 
+def _cooccurring(table: SparseLabels) -> dict[tuple[int, int], int]:
+    """Images per pair of positive labels (a < b), from the positive lists: work in the pairs."""
+    rows = np.repeat(np.arange(len(table)), np.diff(table.pos_ptr))
+    idx = table.pos_idx.astype(np.int64)
+    keys = []
+    for d in range(1, int(np.diff(table.pos_ptr).max(initial=0))):
+        same = rows[:-d] == rows[d:]  # label lists are sorted: the pair (idx[i], idx[i + d]) has a < b
+        keys.append(idx[:-d][same] * table.num_labels + idx[d:][same])
+    found, counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_counts=True)
+    return {(int(k // table.num_labels), int(k % table.num_labels)): int(c) for k, c in zip(found, counts)}
+
+
 def summarise(splits, workers: int = 4) -> dict:
+    """The data set's figures, from each split's label lists (a dense table is made sparse first):
+    memory and time grow with the positives, not images x labels."""
     tables = {n: getattr(splits, n) for n in ("train", "val", "test") if getattr(splits, n) is not None}
-    targets = np.concatenate([t.dense_targets() for t in tables.values()])
+    sparse = {n: t.targets if t.sparse else SparseLabels.from_dense(t.targets) for n, t in tables.items()}
     labels = splits.labels
-    positive, known = targets == 1, targets >= 0
-    n_pos = positive.sum(0)
-    n_neg = (known & ~positive).sum(0)
-    per_image = positive.sum(1)
-    pairs = []
-    for a, b in combinations(range(len(labels)), 2):
-        both = int((positive[:, a] & positive[:, b]).sum())
-        if both:
-            either = int((positive[:, a] | positive[:, b]).sum())
-            pairs.append({"labels": [labels[a], labels[b]], "images": both, "jaccard": both / either})
+    stats = [t.label_stats() for t in tables.values()]
+    n_pos = sum(np.asarray(s["positive"]) for s in stats)
+    n_neg = sum(np.asarray(s["negative"]) for s in stats)
+    known = n_pos + n_neg
+    total = sum(len(t) for t in tables.values())
+    per_image = np.concatenate([t.positives_per_image() for t in sparse.values()])
+    together: dict[tuple[int, int], int] = {}
+    for table in sparse.values():
+        for pair, count in _cooccurring(table).items():
+            together[pair] = together.get(pair, 0) + count
+    pairs = [{"labels": [labels[a], labels[b]], "images": both, "jaccard": both / (n_pos[a] + n_pos[b] - both)}
+             for (a, b), both in together.items()]
     pairs.sort(key=lambda p: (-p["images"], p["labels"]))
+    label_sets = {t.pos_idx[t.pos_ptr[i]:t.pos_ptr[i + 1]].tobytes() for t in sparse.values() for i in range(len(t))}
     bad = [b for t in tables.values() for b in find_bad_images(t.paths, workers, t)]
     with_pos = n_pos[n_pos > 0]
     return {
         "task": splits.task, "labels": labels,
-        "images": {name: len(t) for name, t in tables.items()}, "total_images": int(len(targets)),
+        "images": {name: len(t) for name, t in tables.items()}, "total_images": int(total),
         "label_counts": {name: label_counts(t) for name, t in tables.items()},
-        "label_frequency": {n: float(p / max(k, 1)) for n, p, k in zip(labels, n_pos, known.sum(0))},
+        "label_frequency": {n: float(p / max(k, 1)) for n, p, k in zip(labels, n_pos, known)},
         "negatives_per_positive": {n: (float(ng / p) if p else None) for n, ng, p in zip(labels, n_neg, n_pos)},
         "imbalance_ratio": float(with_pos.max() / with_pos.min()) if len(with_pos) else None,
         "label_cardinality": float(per_image.mean()),
         "label_density": float(per_image.mean() / len(labels)),
         "images_without_positive": int((per_image == 0).sum()),
-        "distinct_label_sets": int(len({tuple(row) for row in positive.astype(np.int8)})),
-        "top_cooccurring_pairs": pairs[:TOP_PAIRS],
-        "unknown_rate": float(1 - known.mean()),
+        "distinct_label_sets": len(label_sets),
+        "top_cooccurring_pairs": [{**p, "jaccard": float(p["jaccard"])} for p in pairs[:TOP_PAIRS]],
+        "unknown_rate": float(1 - known.sum() / (total * len(labels))),
         "unreadable_images": [{"path": p, "reason": r} for p, r in bad],
     }
 
