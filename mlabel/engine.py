@@ -307,8 +307,11 @@ def _optimizer_step(model: nn.Module, stepper: Stepper, scaler) -> None:
 
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
-                        *, channels_last: bool = False, quiet: bool = False, desc: str = "eval"):
+                        *, channels_last: bool = False, quiet: bool = False, desc: str = "eval",
+                        consume: Callable | None = None):
     """Outputs and targets over a loader, and the mean loss when ``loss_fn`` is given.
+    ``consume(outputs, targets)`` takes each batch instead (streaming evaluation: nothing is kept;
+    the outputs and targets returned are then None).
 
     Returns:
         :class:`~mlabel.outputs.Outputs` (float32, on the CPU), :class:`~mlabel.outputs.Targets`,
@@ -326,7 +329,12 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
         if loss_fn is not None:
             total_loss += loss_fn(outputs, targets.to(device)).item() * len(images)
             seen += len(images)
+        if consume is not None:
+            consume(outputs, targets)
+            continue
         all_outputs.append(outputs.to("cpu"))
         all_targets.append(targets)
     loss = total_loss / seen if loss_fn is not None and seen else None
+    if consume is not None:
+        return None, None, loss
     return concat(all_outputs), concat(all_targets), loss

@@ -58,7 +58,44 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
+STREAM_LIMIT = 2 * 10**8  # scores of a split past which thresholds.streaming=auto streams
+
+
+def streams(cfg: Config, loader) -> bool:
+    """Whether the split of ``loader`` is evaluated from histograms (``thresholds.streaming``)."""
+    if cfg.thresholds.streaming == "auto":
+        return len(loader.dataset) * len(loader.dataset.table.labels) > STREAM_LIMIT
+    return bool(cfg.thresholds.streaming)
+
+
+def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds=None, loss_fn=None,
+                 quiet: bool = False):
+    """One pass over a split into a :class:`~mlabel.streaming.SplitStream` (histograms and, at
+    ``thresholds``, decision counts) summed over the ranks, and the mean loss: no (N, L) scores
+    are kept. Each rank feeds its own images; the evaluation sampler's padding (the first images
+    again, so that every rank has as many) is left out."""
+    from .streaming import SplitStream
+    from .engine import collect_predictions
+    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds)
+    total = len(loader.dataset)
+    left = [len(range(world.rank, total, world.size))]  # this rank's own images; the rest is padding
+
+    def consume(outputs, targets):
+        take = min(left[0], len(outputs.logits))
+        left[0] -= take
+        if take:
+            stream.update(model.probabilities(outputs.logits[:take].float().cpu()), targets.labels[:take])
+
+    _, _, loss = collect_predictions(model, loader, device, loss_fn, channels_last=cfg.train.channels_last,
+                                     quiet=quiet, consume=consume)
+    return stream.all_reduce(world), None if loss is None else mean_across(loss, world)
+
+
 def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, world: World) -> tuple[float, float]:
+    if streams(cfg, loader):
+        from .streaming import histogram_metrics
+        stream, val_loss = stream_split(model, loader, device, world, cfg, loss_fn=loss_fn, quiet=quiet)
+        return histogram_metrics(stream.histogram)["mAP"] or 0.0, val_loss
     outputs, targets, val_loss = collect_split(model, loader, device, world, loss_fn,
                                                channels_last=cfg.train.channels_last, quiet=quiet)
     return nanmean(average_precision(outputs.logits, targets.labels)) or 0.0, val_loss

@@ -19,6 +19,8 @@ Conventions (named so results can be compared with other tools):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from typing import Sequence
 
@@ -222,8 +224,46 @@ def _harmonic(p: float | None, r: float | None) -> float | None:
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
+@dataclass
+class RowStats:
+    """The per-image decision counts summed: all the summary needs of them, so that a split
+    streamed in batches (or over DDP ranks) adds these instead of keeping a row per image."""
+    images: int = 0
+    known_rows: int = 0  # images with at least one known target
+    known: int = 0  # known targets
+    wrong: int = 0  # wrong decisions among them
+    exact_rows: int = 0  # images with a known target and no wrong decision
+    row_f1_sum: float = 0.0  # per-image F1 summed over the images with a known target
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> "RowStats":
+        """From per-image counts (5, n): tp, predicted, true, wrong, known."""
+        tp, pred, true, wrong, known = rows
+        has = known > 0
+        row_f1 = _ratio(2.0 * tp, (pred + true).astype(np.float64))
+        row_f1 = np.where(np.isnan(row_f1), 0.0, row_f1)[has]
+        return cls(rows.shape[1], int(has.sum()), int(known.sum()), int(wrong.sum()), int((wrong[has] == 0).sum()),
+                   float(row_f1.sum()))
+
+    def __add__(self, other: "RowStats") -> "RowStats":
+        return RowStats(*(a + b for a, b in zip(self.as_array(), other.as_array())))
+
+    def as_array(self) -> list:
+        return [self.images, self.known_rows, self.known, self.wrong, self.exact_rows, self.row_f1_sum]
+
+    @classmethod
+    def from_array(cls, values) -> "RowStats":
+        return cls(*(int(round(v)) for v in values[:5]), float(values[5]))
+
+
 def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
-    tp, fp, fn, tn = (a.astype(np.float64) for a in cuts.label)
+    return summarise_counts(cuts.label, RowStats.of(cuts.rows), binary)
+
+
+def summarise_counts(label: np.ndarray, rows: RowStats, binary: bool) -> tuple[dict, dict]:
+    """The cut-off summary and per-label arrays from per-label (tp, fp, fn, tn) counts (4, L)
+    and the per-image figures summed."""
+    tp, fp, fn, tn = (a.astype(np.float64) for a in label)
     has_known = tp + fp + fn + tn > 0
     zero_if_known = np.where(has_known, 0.0, np.nan)
 
@@ -232,23 +272,21 @@ def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
 
     precision, recall, f1 = per_label(tp, tp + fp), per_label(tp, tp + fn), per_label(2 * tp, 2 * tp + fp + fn)
     stp, sfp, sfn = tp.sum(), fp.sum(), fn.sum()
-    n_known = int(cuts.row("known").sum())
+    n_known = rows.known
 
     def micro(num, den):
         return (num / den if den > 0 else 0.0) if n_known else None
 
-    rows = cuts.row("known") > 0
-    row_f1 = _ratio(2.0 * cuts.row("tp"), (cuts.row("pred") + cuts.row("true")).astype(np.float64))
-    row_f1 = np.where(np.isnan(row_f1), 0.0, row_f1)[rows]
     support = tp + fn
     micro_p, micro_r = micro(stp, stp + sfp), micro(stp, stp + sfn)
     cp, cr = _mean(precision), _mean(recall)
     summary = {
         "macro_f1": _mean(f1), "micro_f1": micro(2 * stp, 2 * stp + sfp + sfn),
-        "samples_f1": _mean(row_f1), "weighted_f1": micro(np.nansum(f1 * support), support.sum()),
+        "samples_f1": rows.row_f1_sum / rows.known_rows if rows.known_rows else None,
+        "weighted_f1": micro(np.nansum(f1 * support), support.sum()),
         "macro_precision": cp, "macro_recall": cr, "micro_precision": micro_p, "micro_recall": micro_r,
-        "hamming_loss": int(cuts.row("wrong").sum()) / n_known if n_known else None,
-        "subset_accuracy": _mean((cuts.row("wrong")[rows] == 0).astype(np.float64)),
+        "hamming_loss": rows.wrong / n_known if n_known else None,
+        "subset_accuracy": rows.exact_rows / rows.known_rows if rows.known_rows else None,
         # Per-class and overall precision/recall/F1 of the multi-label literature (ML-GCN, ASL):
         # CF1 is the harmonic mean of CP and CR (not the mean of per-label F1); OF1 = micro F1.
         "CP": cp, "CR": cr, "CF1": _harmonic(cp, cr),

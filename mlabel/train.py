@@ -39,7 +39,7 @@ from .outputs import collate
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
-from .loop import CHECKPOINT, collect_split, duration, fit_epochs
+from .loop import CHECKPOINT, collect_split, duration, fit_epochs, stream_split, streams
 from .loop import log as _log
 from .losses import TaskLoss, build_loss, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
@@ -347,6 +347,8 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
 def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool):
     """Calibrate and choose thresholds on val, then score val (with cross-fitting) and test."""
     from .evaluate import calibrate_and_tune, evaluate_outputs
+    if streams(cfg, eval_loaders["val"]):
+        return _streamed_metrics(cfg, model, eval_loaders, state, device, world, quiet), {}
     eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
     val_outputs, val_targets, _ = collect_split(model, eval_loaders["val"], device, world, **eval_kwargs)
     policy = calibrate_and_tune(model, val_outputs.logits, val_targets.labels, calibration=cfg.calibration.method,
@@ -364,6 +366,34 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
     return metrics, outputs
 
 
+def _streamed_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool) -> dict:
+    """``thresholds.streaming``: thresholds tuned on the val histograms (the best bin edge per
+    label, on the plain sigmoid: calibration needs the scores), then val scored again at them
+    and test once, each pass summed over the ranks without keeping (N, L) scores."""
+    t = cfg.thresholds
+    _log(quiet, f"evaluation: streaming (thresholds.streaming={str(t.streaming).lower()}): per-label histograms of "
+                f"{t.bins} bins; no calibration, predictions/ or report")
+    model.set_calibration(None)
+    histogram = stream_split(model, eval_loaders["val"], device, world, cfg, quiet=quiet)[0].histogram
+    thresholds, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
+                                        labels=model.labels, fallback=t.fallback, return_scores=True)
+    model.set_thresholds(thresholds)
+    metrics = {}
+    for split in ("val", "test"):
+        if split in eval_loaders:
+            stream = stream_split(model, eval_loaders[split], device, world, cfg, thresholds=thresholds.numpy(),
+                                  quiet=quiet)[0]
+            metrics[split] = stream.metrics(model.labels, model.task == "binary")
+            metrics[split]["calibration"] = "none"
+            metrics[split]["weights"] = state["best_weights"]
+    metrics["val"]["threshold_policy"] = {
+        "policy": "histogram", "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
+                                             for name, th, v in zip(model.labels, thresholds.tolist(), values.tolist())}}
+    if "test" in metrics:
+        _constraint_met(metrics["test"], t)
+    return metrics
+
+
 def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits,
                out_dir: Path) -> None:
     """The model, metrics.json, run.json, predictions/ and the report."""
@@ -374,6 +404,8 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
     write_json(out_dir / "run.json", run_info)
     for split, (named_outputs, targets) in outputs.items():
         save_predictions(out_dir, split, named_outputs, targets, getattr(splits, split).paths, model.labels)
+    if not outputs:  # streaming evaluation: no per-image scores to save or to plot
+        return
     from .report import build_report
     build_report(out_dir, model, metrics, history, scores=outputs,
                  paths={split: getattr(splits, split).paths for split in outputs})
@@ -382,12 +414,16 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
     from .evaluate import summary_line
     policy = metrics["val"].get("threshold_policy")
-    if policy:
+    if policy and policy["policy"] == "histogram":
+        _log(quiet, "thresholds: the best bin edge per label on the val histograms (metrics.json: val.threshold_policy)")
+    elif policy:
         _log(quiet, f"thresholds: policy {policy['policy']} on the calibrated val probabilities "
                     "(per label with its 90 % interval in metrics.json: val.threshold_policy)")
     for split, m in metrics.items():
         _log(quiet, summary_line(split, m))
-    print(f"run directory: {out_dir}  ({duration(seconds)})\nreport: {out_dir / 'report' / 'report.html'}", flush=True)
+    report = out_dir / "report" / "report.html"
+    print(f"run directory: {out_dir}  ({duration(seconds)})" + (f"\nreport: {report}" if report.is_file() else ""),
+          flush=True)
 
 
 @guarded

@@ -335,3 +335,35 @@ def test_summary_of_the_shards_equals_the_csv_summary(shards, scene_csv, tmp_pat
         assert data_main(["quickstart", *args, "--out", str(tmp_path / name)]) == 0
     a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("csv", "wds"))
     assert a == b and a["top_cooccurring_pairs"] and a["distinct_label_sets"] > 5
+
+
+def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp_path):
+    """thresholds.streaming=true: thresholds from the val histograms, metrics without the (N, L)
+    scores; an exact evaluation of the saved model on val gives the same cut-off figures."""
+    from mlabel.evaluate import main as evaluate_main
+    from mlabel.train import main as train_main
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
+                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.image_size=32", "data.num_workers=2", "train.epochs=2",
+                       "thresholds.streaming=true", "--quiet"]) == 0
+    streamed = json.loads((run / "metrics.json").read_text())["val"]
+    assert streamed["streaming"]["bins"] == 2048 and streamed["threshold_policy"]["policy"] == "histogram"
+    assert not (run / "predictions").exists() and not (run / "report").exists()
+    assert evaluate_main([str(run), "--split", "val", "--out", str(tmp_path / "exact.json"), "--quiet"]) == 0
+    exact = json.loads((tmp_path / "exact.json").read_text())["val"]
+    for key in ("macro_f1", "micro_f1", "samples_f1", "hamming_loss", "subset_accuracy", "macro_f1@0.5"):
+        assert streamed[key] == pytest.approx(exact[key], abs=1e-9), key
+    # the ranking figures are the histograms' (this barely trained model's scores crowd into a few
+    # bins, so they differ from the exact ones here): the same as the histograms of the exact scores
+    from mlabel import load
+    from mlabel.config import load_config
+    from mlabel.evaluate import split_outputs
+    from mlabel.streaming import histogram_metrics
+    from mlabel.thresholds import ScoreHistogram
+    model = load(run / "model")
+    outputs, targets = split_outputs(model, load_config(str(run / "config.yaml")), "val", torch.device("cpu"), True)
+    whole = ScoreHistogram(len(model.labels)).update(model.probabilities(outputs.logits), targets.labels)
+    ranked = histogram_metrics(whole)
+    assert streamed["mAP"] == pytest.approx(ranked["mAP"], abs=1e-9)
+    assert [streamed["per_label"][n]["ap"] for n in model.labels] == pytest.approx(list(ranked["ap"]), abs=1e-9)

@@ -145,3 +145,66 @@ def test_rows_reorder_and_the_label_table_on_sparse_targets(default):
     part = sparse_table.subset([5, 2, 9], "part")
     assert part.sparse and part.paths == ["5.png", "2.png", "9.png"]
     np.testing.assert_array_equal(part.model_targets([2, 0]).labels.numpy(), dense[[9, 5]])
+
+
+def _split_stream(probs, targets, thresholds, batches=5):
+    from mlabel.streaming import SplitStream
+    stream = SplitStream(probs.shape[1], 2048, thresholds)
+    for rows in np.array_split(np.arange(len(probs)), batches):
+        stream.update(probs[rows], targets[rows])
+    return stream
+
+
+def test_a_streamed_split_gives_the_exact_cutoff_metrics_and_close_ranking_ones():
+    """SplitStream (histograms and decision counts, batch by batch) against evaluate_predictions
+    on the whole (N, L) table: every cut-off figure equal, the ranking ones within the stated error."""
+    from mlabel.metrics import evaluate_predictions
+    probs, targets = _scores(np.random.default_rng(11), n=20_000, labels=12)
+    thresholds = np.random.default_rng(1).uniform(0.2, 0.8, 12)
+    names = [f"l{j}" for j in range(12)]
+    got = _split_stream(probs, targets, thresholds).metrics(names, binary=False)
+    exact = evaluate_predictions(probs, targets, thresholds, names)
+    cutoff = [k for k in exact if k.split("@")[0] in ("macro_f1", "micro_f1", "samples_f1", "weighted_f1",
+              "hamming_loss", "subset_accuracy", "CP", "CR", "CF1", "OP", "OR", "OF1", "macro_precision",
+              "macro_recall", "micro_precision", "micro_recall")]
+    assert len(cutoff) == 32
+    for key in cutoff:
+        assert got[key] == pytest.approx(exact[key], abs=1e-12), key
+    for name in names:
+        for key in ("f1", "precision", "recall", "tp", "fp", "fn", "tn", "support", "threshold", "f1@0.5"):
+            assert got["per_label"][name][key] == pytest.approx(exact["per_label"][name][key], abs=1e-12), key
+        assert abs(got["per_label"][name]["ap"] - exact["per_label"][name]["ap"]) < 2e-3
+        assert abs(got["per_label"][name]["auroc"] - exact["per_label"][name]["auroc"]) < 1e-3
+    assert abs(got["mAP"] - exact["mAP"]) < 1e-3 and abs(got["macro_ece"] - exact["macro_ece"]) < 1e-3
+    assert got["n_images"] == 20_000 and got["micro_ap"] is None
+
+
+def _stream_rank(rank, world, port, out):
+    import os
+    from mlabel.distributed import World
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        probs, targets = _scores(np.random.default_rng(11), n=6_000, labels=7)
+        mine = np.arange(rank, len(probs), world)
+        stream = _split_stream(probs[mine], targets[mine], np.full(7, 0.4), batches=3)
+        stream.all_reduce(World(rank, world, rank))
+        if rank == 0:
+            import json
+            from pathlib import Path
+            Path(out).write_text(json.dumps(stream.metrics([str(j) for j in range(7)], False)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_streams_of_two_gloo_ranks_sum_to_the_whole_split(tmp_path):
+    import json
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_stream_rank, args=(2, port, str(tmp_path / "m.json")), nprocs=2)
+    got = json.loads((tmp_path / "m.json").read_text())
+    probs, targets = _scores(np.random.default_rng(11), n=6_000, labels=7)
+    whole = json.loads(json.dumps(_split_stream(probs, targets, np.full(7, 0.4)).metrics([str(j) for j in range(7)], False)))
+    assert got == whole
