@@ -276,7 +276,7 @@ def test_resume_inside_an_epoch_repeats_the_run(shards, scene_csv, tmp_path, mon
     as the uninterrupted one."""
     from mlabel import loop
     from mlabel.train import main as train_main
-    data = ([f"data.format=wds", f"data.root={shards}", "data.train=train", "data.val=val"] if source == "wds" else
+    data = (["data.format=wds", f"data.root={shards}", "data.train=train", "data.val=val"] if source == "wds" else
             [f"data.root={scene_csv}", "data.val=val.csv", "data.cache=false"])
 
     def argv(out, *extra):
