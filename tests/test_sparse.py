@@ -208,3 +208,63 @@ def test_streams_of_two_gloo_ranks_sum_to_the_whole_split(tmp_path):
     probs, targets = _scores(np.random.default_rng(11), n=6_000, labels=7)
     whole = json.loads(json.dumps(_split_stream(probs, targets, np.full(7, 0.4)).metrics([str(j) for j in range(7)], False)))
     assert got == whole
+
+
+def test_list_readers_keep_large_tables_sparse_with_the_same_targets(monkeypatch, tmp_path, scene_csv):
+    """Past SPARSE_FROM cells the csv name column, jsonl, voc and coco readers return index lists:
+    the same targets, counts, split and pos_weight as the dense table they return below it."""
+    import json
+    from PIL import Image
+    from mlabel.data import build_splits, tables
+    from mlabel.data.formats import read_jsonl_table
+    from mlabel.config import load_config
+    (tmp_path / "a.png").write_bytes((scene_csv / "images" / "train0.png").read_bytes())
+    lines = [{"image": "a.png", "labels": ["x", "y"], "unknown": ["z"]}, {"image": "a.png", "labels": ["z"]},
+             {"image": "a.png", "labels": [], "unknown": ["x", "y"]}, {"image": "a.png", "labels": ["y"], "unknown": ["y"]}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    dense = read_jsonl_table(tmp_path / "t.jsonl", tmp_path)
+    monkeypatch.setattr(tables, "SPARSE_FROM", 0)
+    sparse = read_jsonl_table(tmp_path / "t.jsonl", tmp_path)
+    assert sparse.sparse and not dense.sparse
+    np.testing.assert_array_equal(sparse.dense_targets(), dense.targets)
+    assert dense.targets.tolist() == [[1, 1, -1], [0, 0, 1], [-1, -1, 0], [0, 1, 0]]
+    # a whole recipe's splits (csv name column carved into val), dense and sparse
+    (tmp_path / "names.csv").write_text("image,tags\n" + "".join(
+        f"images/train{i}.png,{' '.join(n for n, t in zip('abcdef', row) if t == 1)}\n"
+        for i, row in enumerate(np.random.default_rng(0).random((48, 6)) < 0.3)))
+    cfg = load_config("quickstart", [f"data.root={scene_csv}", "data.generate=null", f"data.train={tmp_path / 'names.csv'}",
+                                     "data.labels_column=tags", "data.val=null", "data.test=null", "data.val_fraction=0.25"])
+    sparse_splits = build_splits(cfg.data, "auto", 0)
+    monkeypatch.setattr(tables, "SPARSE_FROM", 10**12)
+    dense_splits = build_splits(cfg.data, "auto", 0)
+    assert sparse_splits.train.sparse and not dense_splits.train.sparse
+    for name in ("train", "val"):
+        a, b = getattr(sparse_splits, name), getattr(dense_splits, name)
+        assert a.paths == b.paths
+        np.testing.assert_array_equal(a.dense_targets(), b.targets)
+        for key, value in b.label_stats().items():
+            np.testing.assert_array_equal(a.label_stats()[key], value)
+
+
+def test_training_on_a_sparse_table_repeats_the_dense_run(monkeypatch, tmp_path, scene_csv):
+    """The trainer reads targets through the table: index lists train exactly as the dense table."""
+    import json
+    from mlabel.data import tables
+    from mlabel.train import main as train_main
+    (tmp_path / "names.csv").write_text("image,tags\n" + "".join(
+        f"images/train{i}.png,{' '.join(n for n, t in zip('abcdef', row) if t == 1)}\n"
+        for i, row in enumerate(np.random.default_rng(0).random((48, 6)) < 0.3)))
+
+    def run(name):
+        assert train_main(["quickstart", f"out_dir={tmp_path / name}", f"data.root={scene_csv}", "data.generate=null",
+                           f"data.train={tmp_path / 'names.csv'}", "data.labels_column=tags", "data.val=null",
+                           "data.test=null", "data.val_fraction=0.25", "model.backbone=test_resnet",
+                           "model.pretrained=false", "data.image_size=32", "data.num_workers=0", "train.epochs=2",
+                           "train.precision=fp32", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
+                           "loss.pos_weight=auto", "--quiet"]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())["val"]
+    dense = run("dense")
+    monkeypatch.setattr(tables, "SPARSE_FROM", 0)
+    sparse = run("sparse")
+    for key in ("mAP", "macro_f1", "micro_f1", "samples_f1"):
+        assert sparse[key] == dense[key], key

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from .tables import LabelTable, check_files, resolve_image, read_text
+from .tables import LabelTable, check_files, resolve_image, read_text, targets_from_lists
 
 __all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table"]
 
@@ -29,17 +29,13 @@ def _multi_hot(rows: list[tuple[set, set]], labels: Sequence[str] | None, source
     else:
         names = list(labels)
     position = {name: j for j, name in enumerate(names)}
-    targets = np.zeros((len(rows), len(names)), dtype=np.float32)
     for i, (positive, unknown) in enumerate(rows):
         for name in positive | unknown:
             if name not in position:
                 raise DataError(f"{where[i]}: label {name!r} is not in the training labels {names}; every "
                                 "split must use the training split's labels (or list them in data.labels)")
-        for name in unknown - positive:
-            targets[i, position[name]] = -1.0
-        for name in positive:
-            targets[i, position[name]] = 1.0
-    return names, targets
+    return names, targets_from_lists([[position[n] for n in p] for p, _ in rows],
+                                     [[position[n] for n in u - p] for p, u in rows], len(names))
 
 
 def read_jsonl_table(path: Path, root: Path, *, labels: Sequence[str] | None = None) -> LabelTable:

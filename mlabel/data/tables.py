@@ -91,6 +91,24 @@ class LabelTable:
         return read_rgb(self.paths[index], draft=draft)
 
 
+SPARSE_FROM = 5 * 10**7  # images x labels past which list-based readers keep targets as index lists
+
+
+def targets_from_lists(positives: list, unknowns: list | None, num_labels: int):
+    """Targets of per-image lists of positive (and unknown) label indices: the dense (N, L)
+    table up to :data:`SPARSE_FROM` cells (the same as always), past it a :class:`SparseLabels`
+    whose memory grows with the listed labels (web-scale tag sets read from csv name columns,
+    jsonl, voc or coco)."""
+    if len(positives) * num_labels > SPARSE_FROM:
+        return SparseLabels.from_lists(positives, num_labels, unknowns)
+    targets = np.zeros((len(positives), num_labels), dtype=np.float32)
+    for i, listed in enumerate(unknowns or ()):
+        targets[i, listed] = -1.0
+    for i, listed in enumerate(positives):
+        targets[i, listed] = 1.0
+    return targets
+
+
 def resolve_image(root: Path, name: str) -> Path:
     """``root/name``; a name without extension is matched against the usual image extensions."""
     path = root / name
@@ -238,13 +256,11 @@ def _names_column(rows, path, index, delimiter, labels):
     if not names:
         raise DataError(f"{path}: the labels column is empty in every row")
     position = {name: j for j, name in enumerate(names)}
-    targets = np.zeros((len(per_row), len(names)), dtype=np.float32)
-    for i, (line, tags) in enumerate(per_row):
+    for line, tags in per_row:
         for tag in tags:
             if tag not in position:
                 raise DataError(f"{path}:{line}: label {tag!r} is not in the training labels {names}")
-            targets[i, position[tag]] = 1.0
-    return names, targets
+    return names, targets_from_lists([[position[t] for t in tags] for _, tags in per_row], None, len(names))
 
 
 def read_folder_table(folder: Path, *, labels: Sequence[str] | None = None,
