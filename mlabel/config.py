@@ -475,10 +475,6 @@ def _check_wds(data: DataConfig) -> None:
     if data.cache is True:
         raise ConfigError("data.cache=true decodes image files into a cache; wds shards are streamed and "
                           "decoded in the loader workers: set data.cache=false (or auto)")
-    if data.augment_on == "device":
-        raise ConfigError("data.augment_on=device augments batches of the cache or of image files; with "
-                          "data.format=wds images are decoded and augmented in the loader workers: set "
-                          "data.augment_on=auto (or workers)")
     for key in ("image_column", "label_columns", "labels_column", "regression_columns"):
         if getattr(data, key):
             raise ConfigError(f"data.{key} is a csv key; wds shards carry their labels in each sample's JSON")

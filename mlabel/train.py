@@ -91,10 +91,16 @@ def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.dev
 
     crop = train_box_crop(cfg, splits, pre)
     if splits.train.members is not None:  # wds: streamed from the shards
+        finish, whole = None, None
+        if on_device:  # batches of uint8 squares (or JPEG bytes on CUDA) finished on the device
+            from .data.batched import BatchImages, DeviceBatches, TensorAugment
+            whole = BatchImages(splits.train, pre, TensorAugment(pre, cfg.data.augment), None,
+                                crop=device.type == "cpu", encoded=device.type == "cuda")
+            finish = DeviceBatches(whole, cfg.data.batch_size, device=device, train=True, seed=cfg.seed)._ready
         stream = ShardStream(splits.train, build_transform(pre, True, cfg.data.augment), cfg.data.batch_size,
                              rank=world.rank, world=world.size, shuffle_buffer=cfg.data.shuffle_buffer,
-                             skip_bad=cfg.data.on_bad_image == "skip", collate=collate)
-        train = ShardLoader(stream, num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=pin)
+                             skip_bad=cfg.data.on_bad_image == "skip", collate=collate, batch_images=whole)
+        train = ShardLoader(stream, num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=pin, finish=finish)
     elif on_device and crop is None:
         train = batches(splits.train, caches.get("train"), cfg.data.augment, True)
     else:  # box-keeping crops cut the whole decoded image: per image, from the files

@@ -262,6 +262,14 @@ def test_train_on_shards_end_to_end(shards, tmp_path):
     assert len(history) == 2
     page = (run / "report" / "report.html").read_text()  # the galleries show images from inside the shards
     assert "data:image/jpeg" in page and "image not readable" not in page
+    # batched tensor augmentation of whole batches (uint8 crops in the workers, the rest here)
+    assert train_main(["quickstart", f"out_dir={tmp_path / 'device'}", "data.format=wds", f"data.root={shards}",
+                       "data.train=train", "data.val=val", "data.test=null", "data.generate=null",
+                       "model.backbone=test_resnet", "model.pretrained=false", "data.image_size=32",
+                       "data.num_workers=2", "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=1",
+                       "data.augment_on=device", "data.augment=light", "--quiet"]) == 0
+    rows = list(__import__("csv").DictReader((tmp_path / "device" / "history.csv").open()))
+    assert rows[0]["train_images"] == "48"
     # a recipe asking what shards cannot do is refused before anything is written
     assert train_main(["quickstart", f"out_dir={tmp_path / 'r2'}", "data.format=wds", f"data.root={shards}",
                        "data.train=train", "data.val=val", "data.test=null", "data.generate=null",
@@ -367,3 +375,24 @@ def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp
     ranked = histogram_metrics(whole)
     assert streamed["mAP"] == pytest.approx(ranked["mAP"], abs=1e-9)
     assert [streamed["per_label"][n]["ap"] for n in model.labels] == pytest.approx(list(ranked["ap"]), abs=1e-9)
+
+
+def test_whole_batches_for_device_augmentation_find_and_skip_a_bad_image(broken):
+    from mlabel.data.batched import BatchImages, TensorAugment
+    from mlabel.models import create_model
+    _rewrite(broken / "train-000001.tar", broken / "t.tar",
+             lambda n, d: (n, b"not an image") if n == "000000012.png" else (n, d))
+    os.replace(broken / "t.tar", broken / "train-000001.tar")
+    table = read_wds_table(broken, "train")
+    pre = create_model("test_resnet", ["a"], pretrained=False, image_size=32).preprocessing
+    for skip in (False, True):
+        whole = BatchImages(table, pre, TensorAugment(pre, "light"), crop=True)
+        stream = ShardStream(table, None, 8, skip_bad=skip, batch_images=whole)
+        loader = ShardLoader(stream, num_workers=2, seed=0)
+        if not skip:
+            with pytest.raises(DataError, match=r"train-000001.tar#000000012"):
+                list(loader)
+            continue
+        batches = list(loader)
+        assert sum(len(b["images"]) for b in batches) == 47 and tuple(batches[0]["images"].shape[1:]) == (3, 32, 32)
+        assert [p for p, _ in loader.skipped] == [table.paths[12]]

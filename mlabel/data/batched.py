@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..preprocess import read_rgb, resize_square
+from ..preprocess import resize_square
 from .augment import GRAY, TensorAugment, adjust_hue
 from .decode import decode_to_squares
 from .presets import PRESETS
@@ -74,7 +74,7 @@ class BatchImages:
         else:
             array = squares.numpy()
             for k, i in enumerate(indices):
-                array[k] = resize_square(read_rgb(self.table.paths[i]), self.preprocessing)
+                array[k] = resize_square(self.table.read_image(i), self.preprocessing)
         squares = squares.permute(0, 3, 1, 2)
         if self.crop:
             out = self._empty((len(indices), size, size, 3))
@@ -87,13 +87,11 @@ class BatchImages:
         """JPEG files as bytes; other formats decoded to squares here: {position: square}."""
         encoded, decoded = [], {}
         for k, i in enumerate(indices):
-            path = self.table.paths[i]
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = self.table.read_bytes(i)
             if data[:3] == b"\xff\xd8\xff":
                 encoded.append((k, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
             else:
-                decoded[k] = torch.from_numpy(np.array(resize_square(read_rgb(path), self.preprocessing)))
+                decoded[k] = torch.from_numpy(np.array(resize_square(self.table.read_image(i), self.preprocessing)))
         return encoded, decoded
 
 

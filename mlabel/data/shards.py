@@ -394,10 +394,13 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, table: LabelTable, transform, batch_size: int, *, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 1000, skip_bad: bool = False, collate=None):
+                 shuffle_buffer: int = 1000, skip_bad: bool = False, collate=None, batch_images=None):
         if table.members is None:
             raise ValueError("a ShardStream reads tables of wds shards")
         self.table, self.transform, self.batch_size = table, transform, batch_size
+        # data.augment_on=device: a BatchImages loads whole batches (uint8 squares, or JPEG bytes
+        # to decode on the GPU) and the training process finishes them on the device
+        self.batch_images = batch_images
         self.rank, self.world, self.shuffle_buffer, self.skip_bad = rank, world, shuffle_buffer, skip_bad
         self.collate = collate
         shards: dict[str, list[int]] = {}
@@ -450,13 +453,19 @@ class ShardStream(IterableDataset):
     def sample(self, row: int, position: int, image: np.ndarray):
         """(image tensor, targets) of table row ``row``, augmented with the seed of its place in the epoch."""
         if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(int(np.random.default_rng([self.epoch_seed, position]).integers(2**31)))
+            self.transform.set_random_seed(self._seed(position))
         return self.transform(image=image)["image"], self.table.model_targets(row)
+
+    def _seed(self, position: int) -> int:
+        return int(np.random.default_rng([self.epoch_seed, position]).integers(2**31))
 
     def _batches(self, emitted: list, sizes: list[int], skip: int):
         start = sum(sizes[:skip])
         for size in sizes[skip:]:
             chunk, start = emitted[start:start + size], start + size
+            if self.batch_images is not None:
+                yield from self._whole_batch(chunk)
+                continue
             samples, problems = [], []
             for position, row in chunk:
                 try:
@@ -474,6 +483,36 @@ class ShardStream(IterableDataset):
                 yield self.collate(samples)
 
 
+    def _whole_batch(self, chunk: list):
+        """One batch through ``batch_images`` (seeded per place in the epoch, like the per-image
+        path); a batch that fails is loaded image by image to find the bad ones (left out and
+        reported with ``skip_bad``, else the first one stops training)."""
+        items = [(row, self._seed(position)) for position, row in chunk]
+        try:
+            yield self.batch_images.load(items)
+            return
+        except DataError:
+            pass
+        good, problems = [], []
+        for item in items:
+            try:
+                self.batch_images.load([item])
+                good.append(item)
+            except DataError as err:
+                if not self.skip_bad:
+                    yield StreamProblem(str(err))
+                    return
+                problems.append((self.table.paths[item[0]], str(err)))
+        yield StreamProblem(None, problems)
+        if good:
+            yield self.batch_images.load(good)
+
+
+def _as_is(batch):
+    """The stream's batches are made in the worker: passed on unchanged (no conversion of NumPy arrays)."""
+    return batch
+
+
 @dataclass
 class StreamProblem:
     """A worker's message to the training process: a fatal problem, or samples it skipped."""
@@ -487,8 +526,10 @@ class ShardLoader:
     augmentation, as for the file loaders. Problems found in a worker are raised here as one
     :class:`DataError`; skipped samples are counted in ``skipped``."""
 
-    def __init__(self, stream: ShardStream, *, num_workers: int, seed: int, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, *, num_workers: int, seed: int, pin_memory: bool = False,
+                 finish: Callable | None = None):
         self.dataset, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.finish = finish  # (batch of the stream's BatchImages) -> (images, targets) on the device
         self.generator = torch.Generator().manual_seed(seed)
         self.skipped: list = []
 
@@ -497,7 +538,7 @@ class ShardLoader:
 
     def __iter__(self):
         self.dataset.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             pin_memory=self.pin_memory, persistent_workers=False)
         batches = iter(loader)  # the workers (or the dataset's iterator) take the seed and skip now
         self.dataset.skip_steps = 0  # a resume's skip applies to the epoch it was set for
@@ -507,4 +548,4 @@ class ShardLoader:
                     raise DataError(item.message + "; rewrite that shard, or set data.on_bad_image=skip")
                 self.skipped += item.skipped
                 continue
-            yield item
+            yield item if self.finish is None else self.finish(item)

@@ -83,6 +83,19 @@ class LabelTable:
         return LabelTable([self.paths[i] for i in index], targets, self.labels, source,
                           regression, self.regression_names, boxes, members)
 
+    def read_bytes(self, index: int) -> bytes:
+        """The encoded bytes of image ``index``, from its file or its shard."""
+        if self.members is not None:
+            shard, offset, size = self.members[index]
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+            if len(data) != size:
+                raise DataError(f"cannot read {self.paths[index]}: the shard ends inside the image; rewrite the shard")
+            return data
+        with open(self.paths[index], "rb") as handle:
+            return handle.read()
+
     def read_image(self, index: int, draft: int | None = None) -> np.ndarray:
         """Image ``index`` decoded to (H, W, 3) uint8 RGB, from its file or its shard."""
         if self.members is not None:
