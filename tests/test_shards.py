@@ -396,3 +396,15 @@ def test_whole_batches_for_device_augmentation_find_and_skip_a_bad_image(broken)
         batches = list(loader)
         assert sum(len(b["images"]) for b in batches) == 47 and tuple(batches[0]["images"].shape[1:]) == (3, 32, 32)
         assert [p for p, _ in loader.skipped] == [table.paths[12]]
+
+
+def test_oversized_or_malformed_members_are_named(broken, monkeypatch):
+    from mlabel.data import shards as shard_module
+    monkeypatch.setattr(shard_module, "MAX_IMAGE_BYTES", 20_000)  # the scenes' PNGs are about 9 KB
+    _rewrite(broken / "train-000000.tar", broken / "t.tar",
+             lambda n, d: (n, d * 3) if n == "000000002.png" else (n, b"[1, 2" if n == "000000005.json" else d))
+    os.replace(broken / "t.tar", broken / "train-000000.tar")
+    with pytest.raises(DataError) as err:
+        read_wds_table(broken, "train")
+    assert "#000000002: sample 000000002 has an image member of" in str(err.value)
+    assert "#000000005: sample 000000005 malformed JSON" in str(err.value)

@@ -46,6 +46,8 @@ __all__ = ["VOCABULARY", "expand_braces", "read_wds_table", "read_member", "writ
 VOCABULARY = "labels.json"
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 PROGRESS = ".shard-progress.json"
+MAX_JSON_BYTES = 1 << 20  # a sample's JSON: label lists, not megabytes (read whole while scanning)
+MAX_IMAGE_BYTES = 256 << 20  # an image member is read whole before decoding
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -121,6 +123,7 @@ class _Sample:
     key: str
     image: tuple[int, int] | None = None  # offset, size in the shard
     meta: dict | None = None
+    problem: str | None = None
 
 
 def _scan(path: Path) -> tuple[list[_Sample], str | None]:
@@ -139,10 +142,15 @@ def _scan(path: Path) -> tuple[list[_Sample], str | None]:
                     return samples[:-1], f"truncated inside sample {key}"
                 if ext == "json":
                     try:
+                        if info.size > MAX_JSON_BYTES:
+                            raise ValueError(f"{info.size:,} bytes, more than a label list needs ({MAX_JSON_BYTES:,})")
                         samples[-1].meta = json.loads(tar.extractfile(info).read())
-                    except (ValueError, UnicodeDecodeError) as err:
-                        samples[-1].meta = {"__error__": f"malformed JSON ({err})"}
+                    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+                        samples[-1].meta, samples[-1].problem = {}, f"malformed JSON ({str(err)[:200]})"
                 elif ext in IMAGE_TYPES:
+                    if info.size > MAX_IMAGE_BYTES:
+                        samples[-1].problem = (f"has an image member of {info.size:,} bytes (more than "
+                                               f"{MAX_IMAGE_BYTES:,}): resize it before sharding")
                     samples[-1].image = (info.offset_data, info.size)
     except (tarfile.TarError, EOFError, OSError) as err:
         return samples[:-1], f"unreadable after {len(samples) - 1 if samples else 0} samples ({err})"
@@ -157,8 +165,10 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tupl
         return None, "has no image member (.jpg, .png ...)"
     if meta is None:
         return None, "has no .json member (its labels)"
-    if not isinstance(meta, dict) or "__error__" in meta:
-        return None, meta.get("__error__", "JSON is not an object") if isinstance(meta, dict) else "JSON is not an object"
+    if sample.problem is not None:
+        return None, sample.problem
+    if not isinstance(meta, dict):
+        return None, "JSON is not an object"
     found = []
     for field in ("labels", "unknown" if vocabulary.default == "negative" else "negative"):
         names = meta.get(field, [])
