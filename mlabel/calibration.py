@@ -14,7 +14,7 @@ import torch
 from ._counting import UNKNOWN
 from .metrics import as_arrays
 
-__all__ = ["fit_calibration", "apply_calibration", "CALIBRATION_METHODS"]
+__all__ = ["fit_calibration", "fit_calibration_from_histogram", "apply_calibration", "CALIBRATION_METHODS"]
 
 CALIBRATION_METHODS = ("none", "temperature", "platt")
 
@@ -42,6 +42,30 @@ def fit_calibration(logits, targets, method: str = "platt", max_iter: int = 100)
     if fit.any():
         cols = np.flatnonzero(fit)
         scale[cols], bias[cols] = _newton(x[:, cols], y[:, cols], known[:, cols], method == "platt", max_iter)
+    return torch.from_numpy(scale).float(), torch.from_numpy(bias).float()
+
+
+def fit_calibration_from_histogram(histogram, method: str = "platt", max_iter: int = 100, block: int = 256):
+    """:func:`fit_calibration` from a :class:`~mlabel.thresholds.ScoreHistogram` of the plain
+    sigmoid probabilities (streaming evaluation): each bin's negatives and positives count as
+    that many images at the logit of the bin's centre, a weighted fit per label, in blocks of
+    ``block`` labels (memory ``2 x bins x block`` per array, whatever N and L)."""
+    if method not in ("temperature", "platt"):
+        raise ValueError(f"unknown calibration method {method!r}; available: {list(CALIBRATION_METHODS)}")
+    counts = histogram.counts.cpu().numpy().astype(np.float64)  # (L, bins, 2): negatives, positives
+    centre = (np.arange(histogram.bins) + 0.5) / histogram.bins
+    logit = np.log(centre) - np.log1p(-centre)
+    n_labels = counts.shape[0]
+    scale, bias = np.ones(n_labels), np.zeros(n_labels)
+    fit = (counts[..., 0].sum(1) > 0) & (counts[..., 1].sum(1) > 0)
+    cols = np.flatnonzero(fit)
+    x_one = np.concatenate([logit, logit])[:, None]
+    y_one = np.concatenate([np.zeros(histogram.bins), np.ones(histogram.bins)])[:, None]
+    for start in range(0, len(cols), block):
+        part = cols[start:start + block]
+        w = np.concatenate([counts[part, :, 0].T, counts[part, :, 1].T])  # (2 bins, labels)
+        x, y = np.broadcast_to(x_one, w.shape), np.broadcast_to(y_one, w.shape)
+        scale[part], bias[part] = _newton(x, y, w, method == "platt", max_iter)
     return torch.from_numpy(scale).float(), torch.from_numpy(bias).float()
 
 

@@ -76,7 +76,8 @@ def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds
     again, so that every rank has as many) is left out."""
     from .streaming import SplitStream
     from .engine import collect_predictions
-    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds)
+    calibrated = getattr(model, "calibration", None) is not None
+    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds, uncalibrated=calibrated)
     total = len(loader.dataset)
     left = [len(range(world.rank, total, world.size))]  # this rank's own images; the rest is padding
 
@@ -84,7 +85,9 @@ def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds
         take = min(left[0], len(outputs.logits))
         left[0] -= take
         if take:
-            stream.update(model.probabilities(outputs.logits[:take].float().cpu()), targets.labels[:take])
+            logits = outputs.logits[:take].float().cpu()
+            stream.update(model.probabilities(logits), targets.labels[:take],
+                          torch.sigmoid(logits) if calibrated else None)
 
     _, _, loss = collect_predictions(model, loader, device, loss_fn, channels_last=cfg.train.channels_last,
                                      quiet=quiet, consume=consume)

@@ -93,16 +93,20 @@ class SplitStream:
     DDP rank feeds its own images; :meth:`all_reduce` sums them. Memory: ``2 x L x bins`` counts
     and ``8 x L`` decision counts, whatever N."""
 
-    def __init__(self, num_labels: int, bins: int = 2048, thresholds=None):
+    def __init__(self, num_labels: int, bins: int = 2048, thresholds=None, uncalibrated: bool = False):
         self.histogram = ScoreHistogram(num_labels, bins)
+        # the plain sigmoid's histogram beside the calibrated one (its ECE in metrics.json)
+        self.uncalibrated = ScoreHistogram(num_labels, bins) if uncalibrated else None
         self.thresholds = None if thresholds is None else np.asarray(thresholds, np.float64).reshape(-1)
         self.cuts = {}  # "tuned" / "half" -> [label counts (4, L), RowStats]
         self.loss_sum, self.seen = 0.0, 0
 
-    def update(self, probs, targets) -> None:
+    def update(self, probs, targets, uncalibrated=None) -> None:
         from .metrics import RowStats, _Cuts, as_arrays
         scores, codes = as_arrays(probs, targets)
         self.histogram.update(scores, targets)
+        if self.uncalibrated is not None:
+            self.uncalibrated.update(uncalibrated, targets)
         if self.thresholds is None:
             return
         for name, th in (("tuned", self.thresholds), ("half", np.full(scores.shape[1], 0.5))):
@@ -117,6 +121,8 @@ class SplitStream:
             return self
         import torch
         self.histogram.all_reduce()
+        if self.uncalibrated is not None:
+            self.uncalibrated.all_reduce()
         for name in ("tuned", "half"):
             if name in self.cuts:
                 label, stats = self.cuts[name]
@@ -144,6 +150,11 @@ class SplitStream:
         support = counts[..., 1].sum(1)
         result["per_label"] = {name: _label_row(i, ranked["ap"], ranked["auroc"], per, per_half, self.thresholds,
                                                 ranked["ece"], support) for i, name in enumerate(labels)}
+        if self.uncalibrated is not None:
+            raw = histogram_metrics(self.uncalibrated)["ece"]
+            result["macro_ece_uncalibrated"] = _mean(raw)
+            for name, value in zip(labels, raw.tolist()):
+                result["per_label"][name]["ece_uncalibrated"] = None if np.isnan(value) else value
         result["streaming"] = {"bins": self.histogram.bins, "note": "AP, AUROC and ECE from per-label score "
                                "histograms (docs/RESULTS.md states their measured error); cut-off figures exact"}
         return result

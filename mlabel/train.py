@@ -373,28 +373,35 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
 
 
 def _streamed_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool) -> dict:
-    """``thresholds.streaming``: thresholds tuned on the val histograms (the best bin edge per
-    label, on the plain sigmoid: calibration needs the scores), then val scored again at them
-    and test once, each pass summed over the ranks without keeping (N, L) scores."""
-    t = cfg.thresholds
+    """``thresholds.streaming``: from the val histograms of the plain sigmoid, the calibration
+    (``calibration.method``, fitted on the bins) and the thresholds (the best bin edge per label,
+    mapped through the calibration: the same decisions); then val scored again at them and test
+    once, each pass summed over the ranks without keeping (N, L) scores."""
+    from .calibration import apply_calibration, fit_calibration_from_histogram
+    t, method = cfg.thresholds, cfg.calibration.method
     _log(quiet, f"evaluation: streaming (thresholds.streaming={str(t.streaming).lower()}): per-label histograms of "
-                f"{t.bins} bins; no calibration, predictions/ or report")
+                f"{t.bins} bins; no predictions/ or report")
     model.set_calibration(None)
     histogram = stream_split(model, eval_loaders["val"], device, world, cfg, quiet=quiet)[0].histogram
-    thresholds, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
-                                        labels=model.labels, fallback=t.fallback, return_scores=True)
-    model.set_thresholds(thresholds)
+    raw, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
+                                 labels=model.labels, fallback=t.fallback, return_scores=True)
+    thresholds = raw.double()
+    if method != "none":
+        scale, bias = fit_calibration_from_histogram(histogram, method)
+        model.set_calibration(method, scale, bias)
+        thresholds = apply_calibration(torch.logit(thresholds), scale.double(), bias.double())
+    model.set_thresholds(thresholds.float())
     metrics = {}
     for split in ("val", "test"):
         if split in eval_loaders:
-            stream = stream_split(model, eval_loaders[split], device, world, cfg, thresholds=thresholds.numpy(),
-                                  quiet=quiet)[0]
+            stream = stream_split(model, eval_loaders[split], device, world, cfg,
+                                  thresholds=model.thresholds.cpu().numpy(), quiet=quiet)[0]
             metrics[split] = stream.metrics(model.labels, model.task == "binary")
-            metrics[split]["calibration"] = "none"
+            metrics[split]["calibration"] = method
             metrics[split]["weights"] = state["best_weights"]
     metrics["val"]["threshold_policy"] = {
         "policy": "histogram", "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
-                                             for name, th, v in zip(model.labels, thresholds.tolist(), values.tolist())}}
+                                             for name, th, v in zip(model.labels, model.thresholds.tolist(), values.tolist())}}
     if "test" in metrics:
         _constraint_met(metrics["test"], t)
     return metrics

@@ -357,6 +357,7 @@ def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp
                        "thresholds.streaming=true", "--quiet"]) == 0
     streamed = json.loads((run / "metrics.json").read_text())["val"]
     assert streamed["streaming"]["bins"] == 2048 and streamed["threshold_policy"]["policy"] == "histogram"
+    assert streamed["calibration"] == "platt" and streamed["macro_ece_uncalibrated"] is not None
     assert not (run / "predictions").exists() and not (run / "report").exists()
     assert evaluate_main([str(run), "--split", "val", "--out", str(tmp_path / "exact.json"), "--quiet"]) == 0
     exact = json.loads((tmp_path / "exact.json").read_text())["val"]

@@ -268,3 +268,19 @@ def test_training_on_a_sparse_table_repeats_the_dense_run(monkeypatch, tmp_path,
     sparse = run("sparse")
     for key in ("mAP", "macro_f1", "micro_f1", "samples_f1"):
         assert sparse[key] == dense[key], key
+
+
+@pytest.mark.parametrize("method", ["platt", "temperature"])
+def test_calibration_fitted_on_histograms_matches_the_fit_on_the_scores(method):
+    from mlabel.calibration import apply_calibration, fit_calibration, fit_calibration_from_histogram
+    probs, targets = _scores(np.random.default_rng(3), n=40_000, labels=20)
+    logits = np.log(probs) - np.log1p(-probs)
+    scale, bias = fit_calibration(logits, targets, method)
+    histogram = ScoreHistogram(20)
+    for rows in np.array_split(np.arange(len(probs)), 4):
+        histogram.update(probs[rows], targets[rows])
+    got_scale, got_bias = fit_calibration_from_histogram(histogram, method, block=7)  # blocks of labels
+    assert (got_scale - scale).abs().max() < 1e-3 and (got_bias - bias).abs().max() < 1e-3
+    exact = calibration_error(apply_calibration(torch.from_numpy(logits).double(), scale, bias), targets).numpy()
+    binned = calibration_error(apply_calibration(torch.from_numpy(logits).double(), got_scale, got_bias), targets).numpy()
+    assert np.abs(exact - binned).max() < 1e-3
