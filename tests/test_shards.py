@@ -409,3 +409,56 @@ def test_oversized_or_malformed_members_are_named(broken, monkeypatch):
         read_wds_table(broken, "train")
     assert "#000000002: sample 000000002 has an image member of" in str(err.value)
     assert "#000000005: sample 000000005 malformed JSON" in str(err.value)
+
+
+@pytest.fixture
+def served(shards):
+    """The shards behind a local HTTP server that answers range requests (as object stores do)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = shards / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            wanted = self.headers.get("Range")
+            if wanted:
+                start, stop = (int(x) for x in wanted.split("=")[1].split("-"))
+                data = data[start:stop + 1]
+                self.send_response(206)
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_shards_over_http_read_and_train_as_local_ones(served, shards, tmp_path):
+    from mlabel.train import main as train_main
+    remote, local = read_wds_table(served, "train"), read_wds_table(shards, "train")
+    np.testing.assert_array_equal(remote.dense_targets(), local.dense_targets())
+    assert remote.paths[3] == f"{served}/train-000000.tar#000000003"
+    np.testing.assert_array_equal(remote.read_image(3), local.read_image(3))  # a range request
+    by_pattern = read_wds_table(served, "val-{000000..000002}.tar")
+    assert len(by_pattern) == 24
+    with pytest.raises(DataError, match=r"cannot fetch http://127.0.0.1:\d+/nothing.tar"):
+        read_wds_table(served, "nothing.tar")
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={served}", "data.train=train",
+                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.image_size=32", "data.num_workers=2", "thresholds.cross_fit=0",
+                       "thresholds.bootstrap=0", "train.epochs=1", "--quiet"]) == 0
+    assert list(__import__("csv").DictReader((run / "history.csv").open()))[0]["train_images"] == "48"
+    page = (run / "report" / "report.html").read_text()
+    assert "data:image/jpeg" in page and "image not readable" not in page

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import read_wds_table
+from .shards import is_url, read_wds_table
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .sparse import sparse_split
@@ -32,9 +32,10 @@ class Splits:
 
 
 def _read(data, name: str, labels, task: str, skipped: list | None = None) -> LabelTable:
-    root = Path(data.root)
-    if data.format == "wds":
+    if data.format == "wds":  # data.root: the shards' folder or URL
+        root = data.root if is_url(data.root) else Path(data.root)
         return read_wds_table(root, name, labels=labels, skip_bad=data.on_bad_image == "skip", skipped=skipped)
+    root = Path(data.root)
     path = Path(name) if Path(name).is_absolute() else root / name
     if data.format == "folder":
         return read_folder_table(path, labels=labels, task=task)

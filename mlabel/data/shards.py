@@ -74,18 +74,59 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def is_url(name) -> bool:
+    return isinstance(name, str) and name.startswith(("http://", "https://"))
+
+
+def _join(root, name: str):
+    """``name`` under the shards' folder or URL (absolute names and URLs as they are)."""
+    if is_url(name) or Path(name).is_absolute():
+        return name
+    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else Path(root) / name
+
+
+URL_TIMEOUT = 60  # seconds a shard server may take to answer
+
+
+def _url_bytes(url: str, start: int | None = None, size: int | None = None) -> bytes:
+    """The body of ``url``, or ``size`` bytes from ``start`` (an HTTP range request)."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url)
+    if start is not None:
+        request.add_header("Range", f"bytes={start}-{start + size - 1}")
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            data = response.read()
+            if start is not None and response.status != 206:  # a server without ranges sent it all
+                data = data[start:start + size]
+            return data
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DataError(f"cannot fetch {url}: {err}") from None
+
+
+def _open_url(url: str):
+    import urllib.error
+    import urllib.request
+    try:
+        return urllib.request.urlopen(url, timeout=URL_TIMEOUT)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DataError(f"cannot fetch {url}: {err}") from None
+
+
 @dataclass
 class Vocabulary:
-    path: Path
+    path: "Path | str"  # a file, or a URL
     labels: list[str]
     default: str  # "negative" | "unknown"
     splits: dict
 
 
-def read_vocabulary(folder: Path) -> Vocabulary:
-    path = folder / VOCABULARY
+def read_vocabulary(folder) -> Vocabulary:
+    path = _join(folder, VOCABULARY)
     try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
+        text = _url_bytes(path).decode("utf-8") if is_url(path) else path.read_text(encoding="utf-8")
+        tree = json.loads(text)
     except FileNotFoundError:
         raise DataError(f"{path} not found: wds shards need their vocabulary beside them (labels.json, as "
                         "python -m mlabel.data shard writes it); set data.root to the shards' folder") from None
@@ -99,22 +140,25 @@ def read_vocabulary(folder: Path) -> Vocabulary:
     if default not in ("negative", "unknown"):
         raise DataError(f"{path}: 'default' must be negative or unknown, not {default!r}")
     splits = tree.get("splits", {})
-    return Vocabulary(path, labels, default, splits if isinstance(splits, dict) else {})
+    return Vocabulary(Path(path) if not is_url(path) else path, labels, default, splits if isinstance(splits, dict) else {})
 
 
 def shard_files(root: Path, spec: str, vocabulary: Vocabulary) -> list[Path]:
-    """The shards of a split: a split name of the vocabulary, a brace pattern or a glob."""
+    """The shards of a split: a split name of the vocabulary, a brace pattern or a glob (files);
+    under a URL root, or given as URLs, they are fetched over HTTP(S)."""
     if spec in vocabulary.splits:
         names = vocabulary.splits[spec].get("shards", [])
     elif any(c in spec for c in "*?["):
-        names = sorted(glob.glob(str(root / spec)))
+        if is_url(root) or is_url(spec):
+            raise DataError(f"data split {spec!r}: a glob cannot list a URL; give a brace pattern or a split name")
+        names = sorted(glob.glob(str(Path(root) / spec)))
     else:
         names = expand_braces(spec)
-    paths = [Path(n) if Path(n).is_absolute() else root / n for n in names]
-    missing = [str(p) for p in paths if not p.is_file()]
+    paths = [_join(root, n) for n in names]
+    missing = [str(p) for p in paths if not is_url(p) and not p.is_file()]
     if not paths or missing:
         raise DataError(f"data split {spec!r}: " + (f"shard {missing[0]} not found" if missing else "no shards")
-                        + f" (under {root}; splits in {vocabulary.path.name}: {sorted(vocabulary.splits) or 'none'})")
+                        + f" (under {root}; splits in {VOCABULARY}: {sorted(vocabulary.splits) or 'none'})")
     return paths
 
 
@@ -129,9 +173,16 @@ class _Sample:
 def _scan(path: Path) -> tuple[list[_Sample], str | None]:
     """The samples of one shard, in order, and the problem that cut it short (None when whole)."""
     samples: list[_Sample] = []
-    size = path.stat().st_size
+    stream = None
     try:
-        with tarfile.open(path, "r:") as tar:
+        if is_url(path):  # read once, front to back (offsets still count from the start)
+            stream = _open_url(path)
+            size = int(stream.headers.get("Content-Length") or 2**62)
+            opened = tarfile.open(fileobj=stream, mode="r|")
+        else:
+            size = path.stat().st_size
+            opened = tarfile.open(path, "r:")
+        with opened as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -152,8 +203,11 @@ def _scan(path: Path) -> tuple[list[_Sample], str | None]:
                         samples[-1].problem = (f"has an image member of {info.size:,} bytes (more than "
                                                f"{MAX_IMAGE_BYTES:,}): resize it before sharding")
                     samples[-1].image = (info.offset_data, info.size)
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         return samples[:-1], f"unreadable after {len(samples) - 1 if samples else 0} samples ({err})"
+    finally:
+        if stream is not None:
+            stream.close()
     return samples, None
 
 
@@ -181,7 +235,7 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tupl
     return tuple(found), None
 
 
-def read_wds_table(root: Path, spec: str, *, labels: Sequence[str] | None = None,
+def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
                    skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
     """A split of WebDataset shards as a :class:`LabelTable` with sparse targets (index lists:
     memory grows with the listed labels, not images x labels): ``paths`` are ``SHARD#KEY``,
@@ -239,32 +293,45 @@ class NamedBytes(io.BytesIO):
         return self.name
 
 
-def read_member(member: tuple[str, int, int], name: str, draft: int | None = None) -> np.ndarray:
-    """Decode the image at (shard, offset, size) to (H, W, 3) uint8 RGB."""
+def member_bytes(member: tuple[str, int, int], name: str) -> bytes:
+    """The bytes at (shard, offset, size): a seek in a file, a range request to a URL."""
     shard, offset, size = member
-    try:
-        with open(shard, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(size)
-    except OSError as err:
-        raise DataError(f"cannot read {name}: {err}") from None
+    if is_url(shard):
+        data = _url_bytes(shard, offset, size)
+    else:
+        try:
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+        except OSError as err:
+            raise DataError(f"cannot read {name}: {err}") from None
     if len(data) != size:
         raise DataError(f"cannot read {name}: the shard ends inside the image; rewrite the shard")
-    return read_rgb(NamedBytes(data, name), draft=draft)
+    return data
+
+
+def read_member(member: tuple[str, int, int], name: str, draft: int | None = None) -> np.ndarray:
+    """Decode the image at (shard, offset, size) to (H, W, 3) uint8 RGB."""
+    return read_rgb(NamedBytes(member_bytes(member, name), name), draft=draft)
 
 
 def shard_image_bytes(name: str) -> bytes | None:
     """The image bytes of ``SHARD#KEY`` (as wds tables name their images, in predictions and the
     report) by a scan of the shard, or None when ``name`` is not such a path."""
     shard, sep, key = name.rpartition("#")
-    if not sep or not shard.endswith(".tar") or not Path(shard).is_file():
+    if not sep or not shard.endswith(".tar") or not (is_url(shard) or Path(shard).is_file()):
         return None
     try:
-        with tarfile.open(shard, "r:") as tar:
+        if is_url(shard):
+            import urllib.request
+            opened = tarfile.open(fileobj=urllib.request.urlopen(shard, timeout=URL_TIMEOUT), mode="r|")
+        else:
+            opened = tarfile.open(shard, "r:")
+        with opened as tar:
             for info in tar:
                 if info.isfile() and _split_key(info.name) in ((key, ext) for ext in IMAGE_TYPES):
                     return tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError):
+    except (tarfile.TarError, EOFError, OSError, ValueError):
         return None
     return None
 

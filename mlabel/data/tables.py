@@ -86,13 +86,8 @@ class LabelTable:
     def read_bytes(self, index: int) -> bytes:
         """The encoded bytes of image ``index``, from its file or its shard."""
         if self.members is not None:
-            shard, offset, size = self.members[index]
-            with open(shard, "rb") as handle:
-                handle.seek(offset)
-                data = handle.read(size)
-            if len(data) != size:
-                raise DataError(f"cannot read {self.paths[index]}: the shard ends inside the image; rewrite the shard")
-            return data
+            from .shards import member_bytes
+            return member_bytes(self.members[index], self.paths[index])
         with open(self.paths[index], "rb") as handle:
             return handle.read()
 
