@@ -462,3 +462,28 @@ def test_shards_over_http_read_and_train_as_local_ones(served, shards, tmp_path)
     assert list(__import__("csv").DictReader((run / "history.csv").open()))[0]["train_images"] == "48"
     page = (run / "report" / "report.html").read_text()
     assert "data:image/jpeg" in page and "image not readable" not in page
+
+
+def test_the_index_written_with_the_shards_spares_the_scan(shards, monkeypatch, tmp_path):
+    from mlabel.data import shards as shard_module
+    scanned = read_wds_table(shards, "train")  # before: the scan's table
+    assert (shards / "train.index.npz").is_file()
+
+    def no_scan(path):
+        raise AssertionError(f"scanned {path}")
+    monkeypatch.setattr(shard_module, "_scan", no_scan)
+    indexed = read_wds_table(shards, "train")
+    assert indexed.paths == scanned.paths and indexed.members == scanned.members
+    np.testing.assert_array_equal(indexed.dense_targets(), scanned.dense_targets())
+    picked = read_wds_table(shards, "val", labels=["star", "circle"])  # a subset of the labels, reordered
+    assert picked.labels == ["star", "circle"]
+    # a shard changed after the index: scanned again
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in shards.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    import time
+    time.sleep(0.01)
+    (copy / "train-000001.tar").write_bytes((copy / "train-000001.tar").read_bytes())
+    with pytest.raises(AssertionError, match="scanned"):
+        read_wds_table(copy, "train")

@@ -235,23 +235,13 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tupl
     return tuple(found), None
 
 
-def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
-                   skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
-    """A split of WebDataset shards as a :class:`LabelTable` with sparse targets (index lists:
-    memory grows with the listed labels, not images x labels): ``paths`` are ``SHARD#KEY``,
-    ``members`` the (shard, offset, size) of each image. A truncated shard, a sample without
-    JSON or image, or a label outside the vocabulary raise a :class:`DataError` naming shard and
-    key; with ``skip_bad`` they are left out and listed in ``skipped`` (split, where, reason)."""
-    vocabulary = read_vocabulary(root)
-    names = list(labels) if labels is not None else vocabulary.labels
-    unknown = [n for n in names if n not in vocabulary.labels]
-    if unknown:
-        raise DataError(f"labels {unknown} are not in the shards' vocabulary {vocabulary.path}")
-    kept = np.full(len(vocabulary.labels), -1, np.int64)  # vocabulary index -> the table's label (-1: not used)
-    kept[[vocabulary.labels.index(n) for n in names]] = np.arange(len(names))
+def _scan_split(paths: list, vocabulary: Vocabulary) -> tuple[dict, list]:
+    """Every shard of a split scanned: the index arrays (per sample its shard, key, image offset
+    and size; the listed labels as (sample, vocabulary label) pairs) and the problems found."""
     index = {n: j for j, n in enumerate(vocabulary.labels)}
-    paths, positives, others, members, problems = [], [], [], [], []
-    for shard in shard_files(root, spec, vocabulary):
+    shard_of, keys, offsets, sizes, problems = [], [], [], [], []
+    pairs = {"pos": ([], []), "other": ([], [])}
+    for number, shard in enumerate(paths):
         samples, cut = _scan(shard)
         if cut is not None:
             problems.append((str(shard), cut + "; the shard's remaining samples are lost: rewrite it"))
@@ -260,10 +250,66 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
             if problem is not None:
                 problems.append((f"{shard}#{sample.key}", f"sample {sample.key} {problem}"))
                 continue
-            paths.append(f"{shard}#{sample.key}")
-            positives.append(row[0])
-            others.append(row[1])
-            members.append((str(shard), *sample.image))
+            for kind, listed in zip(("pos", "other"), row):
+                pairs[kind][0].extend([len(keys)] * len(listed))
+                pairs[kind][1].extend(listed)
+            shard_of.append(number)
+            keys.append(sample.key)
+            offsets.append(sample.image[0])
+            sizes.append(sample.image[1])
+    arrays = {"shard": np.asarray(shard_of, np.int32), "key": np.asarray(keys, dtype=str),
+              "offset": np.asarray(offsets, np.int64), "size": np.asarray(sizes, np.int64),
+              **{f"{kind}_{part}": np.asarray(values, np.int64)
+                 for kind, (rows, labels) in pairs.items() for part, values in (("rows", rows), ("labels", labels))}}
+    return arrays, problems
+
+
+def _load_index(root, spec: str, vocabulary: Vocabulary, paths: list) -> dict | None:
+    """The split's index written with the shards (no scan at start-up), or None when there is
+    none, or when a local shard changed after it (another size, or newer than the index: the
+    shards were rewritten or copied without their times) and the shards are to be scanned."""
+    entry = vocabulary.splits.get(spec, {})
+    if "index" not in entry or len(entry.get("bytes", [])) != len(paths):
+        return None
+    source = _join(root, entry["index"])
+    if not is_url(source):
+        if not Path(source).is_file():
+            return None
+        written = Path(source).stat().st_mtime_ns
+        for path, size in zip(paths, entry["bytes"]):
+            if not is_url(path) and (Path(path).stat().st_size != size or Path(path).stat().st_mtime_ns > written):
+                return None
+    try:
+        data = _url_bytes(source) if is_url(source) else Path(source).read_bytes()
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"cannot read the shard index {source}: {err}; delete it (the shards are then "
+                        "scanned) or rewrite the shards") from None
+
+
+def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
+                   skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
+    """A split of WebDataset shards as a :class:`LabelTable` with sparse targets (index lists:
+    memory grows with the listed labels, not images x labels): ``paths`` are ``SHARD#KEY``,
+    ``members`` the (shard, offset, size) of each image.
+
+    A split written by ``mlabel.data shard`` is read from its index (written with the shards):
+    nothing is scanned at start-up. Other shards are scanned once (tar headers and the JSON
+    members): a truncated shard, a sample without JSON or image, or a label outside the
+    vocabulary raise a :class:`DataError` naming shard and key; with ``skip_bad`` they are left out
+    and listed in ``skipped`` (split, where, reason)."""
+    vocabulary = read_vocabulary(root)
+    names = list(labels) if labels is not None else vocabulary.labels
+    unknown = [n for n in names if n not in vocabulary.labels]
+    if unknown:
+        raise DataError(f"labels {unknown} are not in the shards' vocabulary {vocabulary.path}")
+    kept = np.full(len(vocabulary.labels), -1, np.int64)  # vocabulary index -> the table's label (-1: not used)
+    kept[[vocabulary.labels.index(n) for n in names]] = np.arange(len(names))
+    paths = shard_files(root, spec, vocabulary)
+    arrays, problems = _load_index(root, spec, vocabulary, paths), []
+    if arrays is None:
+        arrays, problems = _scan_split(paths, vocabulary)
     if problems and not skip_bad:
         shown = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:20])
         raise DataError(f"{len(problems)} problems in the shards of split {spec!r}:\n  {shown}\n"
@@ -271,15 +317,20 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
                         "train without these samples (counted and listed in skipped.csv)")
     if skipped is not None:
         skipped += [(spec, where, reason) for where, reason in problems]
-    if not paths:
+    n = len(arrays["key"])
+    if not n:
         raise DataError(f"the shards of split {spec!r} hold no usable sample")
-    def pairs(lists):
-        rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
-        labels = kept[np.asarray([j for x in lists for j in x], np.int64)]
+
+    def pairs(kind):
+        rows, labels = arrays[f"{kind}_rows"], kept[arrays[f"{kind}_labels"]]
         return rows[labels >= 0], labels[labels >= 0]
-    targets = SparseLabels.from_pairs(*pairs(positives), len(paths), len(names), *pairs(others),
+    targets = SparseLabels.from_pairs(*pairs("pos"), n, len(names), *pairs("other"),
                                       default=0.0 if vocabulary.default == "negative" else -1.0)
-    return LabelTable(paths, targets, names, f"{root}/{spec}", members=members)
+    shards = [str(p) for p in paths]
+    where = [shards[i] for i in arrays["shard"].tolist()]
+    members = list(zip(where, arrays["offset"].tolist(), arrays["size"].tolist()))
+    return LabelTable([f"{w}#{k}" for w, k in zip(where, arrays["key"].tolist())], targets, names,
+                      f"{root}/{spec}", members=members)
 
 
 class NamedBytes(io.BytesIO):
@@ -383,6 +434,20 @@ def _write_shard(path: Path, table: LabelTable, rows: range, root: Path, check: 
     return bad
 
 
+def _write_index(out: Path, name: str, shards: list[str], tree: dict) -> dict:
+    """The split's index beside its shards (``SPLIT.index.npz``): what a reader would learn by
+    scanning them, so that no reader has to; returned: its entry in ``labels.json`` (the index
+    file and the shards' sizes, which tell a stale index)."""
+    vocabulary = Vocabulary(out / VOCABULARY, tree["labels"], tree["default"], {})
+    arrays, problems = _scan_split([out / f for f in shards], vocabulary)
+    if problems:
+        raise DataError(f"the shards just written do not read back: {problems[0][0]}: {problems[0][1]}")
+    file = f"{name}.index.npz"
+    with atomic_path(out / file) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return {"index": file, "bytes": [(out / f).stat().st_size for f in shards]}
+
+
 def write_shards(splits, out: Path, shard_size: int, root: Path, *, skip_bad: bool = False,
                  log=print, check: Callable[[str], str | None] | None = None) -> dict:
     """Every split as ``out/SPLIT-000000.tar`` ... of ``shard_size`` samples, and ``out/labels.json``.
@@ -429,7 +494,7 @@ def write_shards(splits, out: Path, shard_size: int, root: Path, *, skip_bad: bo
             shards.append(file)
             counts.append(progress["done"][file]["samples"])
             tree["skipped"] += [[name, *b] for b in progress["done"][file]["skipped"]]
-        tree["splits"][name] = {"shards": shards, "samples": counts}
+        tree["splits"][name] = {"shards": shards, "samples": counts, **_write_index(out, name, shards, tree)}
     write_json(vocab_path, tree)
     progress_path.unlink()
     return tree
