@@ -487,3 +487,13 @@ def test_the_index_written_with_the_shards_spares_the_scan(shards, monkeypatch, 
     (copy / "train-000001.tar").write_bytes((copy / "train-000001.tar").read_bytes())
     with pytest.raises(AssertionError, match="scanned"):
         read_wds_table(copy, "train")
+
+
+def test_a_split_given_twice_is_refused_and_shared_shards_are_counted(shards, capsys):
+    base = ["data.format=wds", f"data.root={shards}", "data.generate=null", "data.test=null"]
+    cfg = load_config("quickstart", [*base, "data.train=train", "data.val=train"])
+    with pytest.raises(DataError, match="data.val and data.train are the same"):
+        build_splits(cfg.data, "auto", 0)
+    cfg = load_config("quickstart", [*base, "data.train=train", "data.val=train-{000003..000004}.tar"])
+    build_splits(cfg.data, "auto", 0)
+    assert "2 shards are in both train and val" in capsys.readouterr().err

@@ -62,8 +62,8 @@ def check_overlap(data, tables: dict) -> None:
     """The same annotation file given for two splits is refused (its val or test figures would
     measure memory, not generalisation) unless ``data.allow_overlap``; images listed twice within
     or across splits are counted in a warning."""
-    files = {name: os.path.realpath(Path(data.root) / getattr(data, name)) for name in ("train", "val", "test")
-             if getattr(data, name) and data.format not in ("voc", "wds")}
+    files = {name: getattr(data, name) if data.format == "wds" else os.path.realpath(Path(data.root) / getattr(data, name))
+             for name in ("train", "val", "test") if getattr(data, name) and data.format != "voc"}
     for a, b in (("val", "train"), ("test", "train"), ("test", "val")):
         if a in files and files.get(b) == files[a] and not data.allow_overlap:
             raise DataError(f"data.{a} and data.{b} are the same file ({getattr(data, a)}): the {a} figures "
@@ -72,6 +72,14 @@ def check_overlap(data, tables: dict) -> None:
     seen: dict[str, str] = {}
     repeats: dict[tuple[str, str], int] = {}
     for name, table in tables.items():
+        if table is not None and table.members is not None:  # wds: a sample is a shard's key, its shard tells
+            for shard in sorted({m[0] for m in (table.members[i] for i in _shard_starts(table))}):
+                if shard in seen:
+                    pair = (seen[shard], name)
+                    repeats[pair] = repeats.get(pair, 0) + 1
+                else:
+                    seen[shard] = name
+            continue
         for path in table.paths if table is not None else ():
             key = os.path.normpath(path)
             if key in seen:
@@ -81,8 +89,17 @@ def check_overlap(data, tables: dict) -> None:
                 seen[key] = name
     for (first, second), count in repeats.items():
         where = f"listed twice in {first}" if first == second else f"in both {first} and {second}"
-        print(f"warning: {count} images are {where}; metrics on {second} overstate what unseen images "
+        what = "shards" if tables[second].members is not None else "images"
+        print(f"warning: {count} {what} are {where}; metrics on {second} overstate what unseen images "
               "would give (remove the repeats)", file=sys.stderr)
+
+
+def _shard_starts(table) -> np.ndarray:
+    """Rows where a wds table's shard changes (one row per run of a shard)."""
+    shard_of = getattr(table.members, "shard_of", None)
+    if shard_of is None:
+        return np.arange(len(table))
+    return np.flatnonzero(np.diff(shard_of, prepend=-1) != 0)
 
 
 def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:

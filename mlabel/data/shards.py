@@ -288,6 +288,51 @@ def _load_index(root, spec: str, vocabulary: Vocabulary, paths: list) -> dict | 
                         "scanned) or rewrite the shards") from None
 
 
+class ShardMembers(Sequence):
+    """Where each image of a split lies, as arrays (about 20 bytes an image, not a Python tuple
+    and string per image): item i is (shard, offset, size)."""
+
+    def __init__(self, shards: list[str], shard_of: np.ndarray, offset: np.ndarray, size: np.ndarray):
+        self.shards, self.shard_of, self.offset, self.size = shards, shard_of, offset, size
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(np.arange(len(self))[i])
+        return self.shards[self.shard_of[i]], int(self.offset[i]), int(self.size[i])
+
+    def subset(self, index) -> "ShardMembers":
+        index = np.asarray(index, np.int64)
+        return ShardMembers(self.shards, self.shard_of[index], self.offset[index], self.size[index])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
+class ShardPaths(Sequence):
+    """``SHARD#KEY`` names of a split's images, made when asked for (keys kept as bytes)."""
+
+    def __init__(self, shards: list[str], shard_of: np.ndarray, keys: np.ndarray):
+        self.shards, self.shard_of, self.keys = shards, shard_of, keys.astype(np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.shard_of)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.subset(np.arange(len(self))[i])
+        return f"{self.shards[self.shard_of[i]]}#{self.keys[i].decode()}"
+
+    def subset(self, index) -> "ShardPaths":
+        index = np.asarray(index, np.int64)
+        return ShardPaths(self.shards, self.shard_of[index], self.keys[index])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
                    skip_bad: bool = False, skipped: list | None = None) -> LabelTable:
     """A split of WebDataset shards as a :class:`LabelTable` with sparse targets (index lists:
@@ -327,10 +372,9 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
     targets = SparseLabels.from_pairs(*pairs("pos"), n, len(names), *pairs("other"),
                                       default=0.0 if vocabulary.default == "negative" else -1.0)
     shards = [str(p) for p in paths]
-    where = [shards[i] for i in arrays["shard"].tolist()]
-    members = list(zip(where, arrays["offset"].tolist(), arrays["size"].tolist()))
-    return LabelTable([f"{w}#{k}" for w, k in zip(where, arrays["key"].tolist())], targets, names,
-                      f"{root}/{spec}", members=members)
+    members = ShardMembers(shards, arrays["shard"], arrays["offset"], arrays["size"])
+    return LabelTable(ShardPaths(shards, arrays["shard"], arrays["key"]), targets, names, f"{root}/{spec}",
+                      members=members)
 
 
 class NamedBytes(io.BytesIO):
@@ -545,10 +589,15 @@ class ShardStream(IterableDataset):
         self.batch_images = batch_images
         self.rank, self.world, self.shuffle_buffer, self.skip_bad = rank, world, shuffle_buffer, skip_bad
         self.collate = collate
-        shards: dict[str, list[int]] = {}
-        for row, (shard, _, _) in enumerate(table.members):
-            shards.setdefault(shard, []).append(row)
-        self.shard_rows = list(shards.values())
+        if isinstance(table.members, ShardMembers):  # rows grouped by shard, in the table's order
+            order = np.argsort(table.members.shard_of, kind="stable")
+            bounds = np.flatnonzero(np.diff(table.members.shard_of[order])) + 1
+            self.shard_rows = [part for part in np.split(order, bounds) if len(part)]
+        else:
+            shards: dict[str, list[int]] = {}
+            for row, (shard, _, _) in enumerate(table.members):
+                shards.setdefault(shard, []).append(row)
+            self.shard_rows = [np.asarray(rows) for rows in shards.values()]
         self.epoch_seed, self.skip_steps, self.workers = 0, 0, 1
 
     def __len__(self) -> int:  # this rank's samples

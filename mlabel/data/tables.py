@@ -44,7 +44,7 @@ class LabelTable:
     boxes: list[np.ndarray] | None = None
     # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds);
     # None: ``paths`` are image files
-    members: list[tuple[str, int, int]] | None = None
+    members: "Sequence[tuple[str, int, int]] | None" = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -78,9 +78,11 @@ class LabelTable:
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
         boxes = None if self.boxes is None else [self.boxes[i] for i in index]
-        members = None if self.members is None else [self.members[i] for i in index]
+        members = None if self.members is None else self.members.subset(index) if hasattr(self.members, "subset") \
+            else [self.members[i] for i in index]
         targets = self.targets.subset(index) if self.sparse else self.targets[index]
-        return LabelTable([self.paths[i] for i in index], targets, self.labels, source,
+        paths = self.paths.subset(index) if hasattr(self.paths, "subset") else [self.paths[i] for i in index]
+        return LabelTable(paths, targets, self.labels, source,
                           regression, self.regression_names, boxes, members)
 
     def read_bytes(self, index: int) -> bytes:
