@@ -346,11 +346,13 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
     and listed in ``skipped`` (split, where, reason)."""
     vocabulary = read_vocabulary(root)
     names = list(labels) if labels is not None else vocabulary.labels
-    unknown = [n for n in names if n not in vocabulary.labels]
+    known = set(vocabulary.labels)
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise DataError(f"labels {unknown} are not in the shards' vocabulary {vocabulary.path}")
     kept = np.full(len(vocabulary.labels), -1, np.int64)  # vocabulary index -> the table's label (-1: not used)
-    kept[[vocabulary.labels.index(n) for n in names]] = np.arange(len(names))
+    where = {n: j for j, n in enumerate(vocabulary.labels)}
+    kept[[where[n] for n in names]] = np.arange(len(names))
     paths = shard_files(root, spec, vocabulary)
     arrays, problems = _load_index(root, spec, vocabulary, paths), []
     if arrays is None:
@@ -439,7 +441,11 @@ def _fingerprint(splits, shard_size: int) -> str:
     for name in ("train", "val", "test"):
         table = getattr(splits, name)
         if table is not None:
-            digest.update(name.encode() + json.dumps(table.paths).encode() + table.dense_targets().tobytes())
+            digest.update(name.encode() + json.dumps(list(table.paths)).encode())
+            parts = (table.targets.pos_ptr, table.targets.pos_idx, table.targets.other_ptr, table.targets.other_idx,
+                     np.float32(table.targets.default)) if table.sparse else (table.targets,)
+            for part in parts:  # the targets as they are held: no dense copy of a sparse table
+                digest.update(np.ascontiguousarray(part).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -456,8 +462,8 @@ def _sample_json(table: LabelTable, row: int, root: Path) -> bytes:
         path = path.relative_to(root)
     except ValueError:
         pass
-    return json.dumps({"labels": [n for n, t in zip(table.labels, target) if t == 1],
-                       "unknown": [n for n, t in zip(table.labels, target) if t < 0],
+    return json.dumps({"labels": [table.labels[j] for j in np.flatnonzero(target == 1)],
+                       "unknown": [table.labels[j] for j in np.flatnonzero(target < 0)],
                        "path": path.as_posix()}).encode()
 
 
