@@ -119,6 +119,15 @@ def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pic
 def split_outputs(model: MultiLabelClassifier, cfg: Config, split: str, device: torch.device,
                   quiet: bool = False) -> tuple[Outputs, Targets]:
     """Run ``model`` over one split of ``cfg``'s data; targets in the model's label order."""
+    loader = split_loader(model, cfg, split, device)
+    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                              quiet=quiet, desc=split)
+    return outputs, targets
+
+
+def split_loader(model: MultiLabelClassifier, cfg: Config, split: str, device: torch.device):
+    """The evaluation loader of one split of ``cfg``'s data, targets in the model's label order;
+    the model is moved to ``device``."""
     splits = build_splits(cfg.data, cfg.task if cfg.task != "auto" else model.task, cfg.seed)
     table = getattr(splits, split, None)
     if table is None:
@@ -137,9 +146,7 @@ def split_outputs(model: MultiLabelClassifier, cfg: Config, split: str, device: 
                          batch_size=cfg.data.batch_size, train=False, num_workers=loader_workers(cfg.data.num_workers),
                          seed=cfg.seed, pin_memory=device.type == "cuda")
     model.to(device)
-    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
-                                              quiet=quiet, desc=split)
-    return outputs, targets
+    return loader
 
 
 def split_arguments(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -183,7 +190,17 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
     check_writable(out)
     device = resolve_device(args.device or cfg.train.device)
-    outputs, targets = split_outputs(model, cfg, args.split, device, args.quiet)
+    loader = split_loader(model, cfg, args.split, device)
+    from .loop import stream_metrics, streams
+    if streams(cfg, loader):  # thresholds.streaming: no (N, L) scores held
+        from .distributed import World
+        metrics = stream_metrics(model, loader, device, World(), cfg, args.quiet)
+        write_json(out, {args.split: metrics})
+        print(summary_line(args.split, metrics) + f"  (streamed: histograms of {cfg.thresholds.bins} bins)")
+        print(f"metrics written to {out}")
+        return 0
+    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                              quiet=args.quiet, desc=args.split)
     metrics = evaluate_outputs(model, outputs, targets)
     write_json(out, {args.split: metrics})
     print(summary_line(args.split, metrics))

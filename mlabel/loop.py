@@ -94,6 +94,36 @@ def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds
     return stream.all_reduce(world), None if loss is None else mean_across(loss, world)
 
 
+def stream_tune(model, loader, device, world: World, cfg: Config, quiet: bool = False) -> dict:
+    """Calibration and thresholds of ``model`` from one streamed pass over val: the histograms of
+    the plain sigmoid give the calibration (``calibration.method``, fitted on the bins) and each
+    label's best bin edge for ``thresholds.metric``, mapped through the calibration (the same
+    decisions). Both are stored in ``model``; returns the record for metrics.json."""
+    from .calibration import apply_calibration, fit_calibration_from_histogram
+    t, method = cfg.thresholds, cfg.calibration.method
+    model.set_calibration(None)
+    histogram = stream_split(model, loader, device, world, cfg, quiet=quiet)[0].histogram
+    raw, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
+                                 labels=model.labels, fallback=t.fallback, return_scores=True)
+    thresholds = raw.double()
+    if method != "none":
+        scale, bias = fit_calibration_from_histogram(histogram, method)
+        model.set_calibration(method, scale, bias)
+        thresholds = apply_calibration(torch.logit(thresholds), scale.double(), bias.double())
+    model.set_thresholds(thresholds.float())
+    return {"policy": "histogram", "metric": t.metric, "bins": t.bins,
+            "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
+                          for name, th, v in zip(model.labels, model.thresholds.tolist(), values.tolist())}}
+
+
+def stream_metrics(model, loader, device, world: World, cfg: Config, quiet: bool = False) -> dict:
+    """The metrics.json section of a split at ``model``'s thresholds, from one streamed pass."""
+    stream = stream_split(model, loader, device, world, cfg, thresholds=model.thresholds.cpu().numpy(), quiet=quiet)[0]
+    metrics = stream.metrics(model.labels, model.task == "binary")
+    metrics["calibration"] = model.calibration or "none"
+    return metrics
+
+
 def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, world: World) -> tuple[float, float]:
     if streams(cfg, loader):
         from .streaming import histogram_metrics

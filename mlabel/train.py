@@ -39,7 +39,7 @@ from .outputs import collate
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
-from .loop import CHECKPOINT, collect_split, duration, fit_epochs, stream_split, streams
+from .loop import CHECKPOINT, collect_split, duration, fit_epochs, stream_metrics, stream_tune, streams
 from .loop import log as _log
 from .losses import TaskLoss, build_loss, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
@@ -373,37 +373,19 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
 
 
 def _streamed_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool) -> dict:
-    """``thresholds.streaming``: from the val histograms of the plain sigmoid, the calibration
-    (``calibration.method``, fitted on the bins) and the thresholds (the best bin edge per label,
-    mapped through the calibration: the same decisions); then val scored again at them and test
-    once, each pass summed over the ranks without keeping (N, L) scores."""
-    from .calibration import apply_calibration, fit_calibration_from_histogram
-    t, method = cfg.thresholds, cfg.calibration.method
-    _log(quiet, f"evaluation: streaming (thresholds.streaming={str(t.streaming).lower()}): per-label histograms of "
-                f"{t.bins} bins; no predictions/ or report")
-    model.set_calibration(None)
-    histogram = stream_split(model, eval_loaders["val"], device, world, cfg, quiet=quiet)[0].histogram
-    raw, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
-                                 labels=model.labels, fallback=t.fallback, return_scores=True)
-    thresholds = raw.double()
-    if method != "none":
-        scale, bias = fit_calibration_from_histogram(histogram, method)
-        model.set_calibration(method, scale, bias)
-        thresholds = apply_calibration(torch.logit(thresholds), scale.double(), bias.double())
-    model.set_thresholds(thresholds.float())
-    metrics = {}
-    for split in ("val", "test"):
-        if split in eval_loaders:
-            stream = stream_split(model, eval_loaders[split], device, world, cfg,
-                                  thresholds=model.thresholds.cpu().numpy(), quiet=quiet)[0]
-            metrics[split] = stream.metrics(model.labels, model.task == "binary")
-            metrics[split]["calibration"] = method
-            metrics[split]["weights"] = state["best_weights"]
-    metrics["val"]["threshold_policy"] = {
-        "policy": "histogram", "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
-                                             for name, th, v in zip(model.labels, model.thresholds.tolist(), values.tolist())}}
+    """``thresholds.streaming``: calibration and thresholds from the val histograms
+    (:func:`mlabel.loop.stream_tune`), then val scored again at them and test once, each pass
+    summed over the ranks without keeping (N, L) scores."""
+    _log(quiet, f"evaluation: streaming (thresholds.streaming={str(cfg.thresholds.streaming).lower()}): per-label "
+                f"histograms of {cfg.thresholds.bins} bins; no predictions/ or report")
+    policy = stream_tune(model, eval_loaders["val"], device, world, cfg, quiet)
+    metrics = {split: stream_metrics(model, eval_loaders[split], device, world, cfg, quiet)
+               for split in ("val", "test") if split in eval_loaders}
+    for section in metrics.values():
+        section["weights"] = state["best_weights"]
+    metrics["val"]["threshold_policy"] = policy
     if "test" in metrics:
-        _constraint_met(metrics["test"], t)
+        _constraint_met(metrics["test"], cfg.thresholds)
     return metrics
 
 

@@ -13,8 +13,10 @@ from .calibration import CALIBRATION_METHODS
 from .cli import guarded
 from .distributed import resolve_device
 from .config import cross_fit_kwargs, threshold_kwargs
+from .engine import collect_predictions
 from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
-                       split_arguments, split_outputs, summary_line)
+                       split_arguments, split_loader, split_outputs, summary_line)
+from .loop import stream_metrics, stream_tune, streams
 from .io import write_json
 from .policy import CONSTRAINTS, POLICIES
 from .thresholds import OBJECTIVES
@@ -73,7 +75,11 @@ def main(argv: list[str]) -> int:
     model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
     th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
     device = resolve_device(args.device or cfg.train.device)
-    outputs, targets = split_outputs(model, cfg, "val", device, args.quiet)
+    loader = split_loader(model, cfg, "val", device)
+    if streams(cfg, loader):
+        return _tune_streamed(model, cfg, loader, device, model_path, out_dir, args.quiet)
+    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                              quiet=args.quiet, desc="val")
     before = evaluate_outputs(model, outputs, targets)
     policy = calibrate_and_tune(model, outputs.logits, targets.labels, calibration=cal_cfg.method, seed=cfg.seed,
                                 **threshold_kwargs(th_cfg))
@@ -92,6 +98,33 @@ def main(argv: list[str]) -> int:
     print(f"thresholds ({th_cfg.metric}, policy {policy['policy']}) stored in {meta_path}")
     from .report import rebuild_run_report
     rebuild_run_report(out_dir, model, device, args.quiet)  # a run's report follows the new thresholds
+    return 0
+
+
+def _tune_streamed(model, cfg, loader, device, model_path, out_dir, quiet: bool) -> int:
+    """``thresholds.streaming``: calibration and thresholds from the val histograms, val scored
+    before and after in streamed passes; no (N, L) scores held, no report (it needs them)."""
+    from .distributed import World
+    world, t = World(), cfg.thresholds
+    before = stream_metrics(model, loader, device, world, cfg, quiet)
+    policy = stream_tune(model, loader, device, world, cfg, quiet)
+    after = stream_metrics(model, loader, device, world, cfg, quiet)
+    after["threshold_policy"] = policy
+    meta_path = model.save_metadata(model_path, {
+        "threshold_metric": t.metric, "threshold_policy": policy["policy"],
+        "threshold_params": {"beta": t.beta, "min_recall": t.min_recall, "min_precision": t.min_precision,
+                             "mode": "histogram", "bins": t.bins}})
+    print(f"{'label':<24}{'old':>8}{'new':>8}  {'val ' + t.metric:>14}  (best bin edge of {t.bins})")
+    for name in model.labels:
+        row = policy["per_label"][name]
+        print(f"{name:<24}{before['per_label'][name]['threshold']:8.3f}{row['threshold']:8.3f}  "
+              f"{_fmt(row['val_' + t.metric]):>14}")
+    print(summary_line("val before", before))
+    print(summary_line("val after", after))
+    write_json(Path(out_dir) / "tune.json", {"metric": t.metric, "policy": policy["policy"],
+                                             "calibration": cfg.calibration.method, "threshold_policy": policy,
+                                             "val_before": before, "val_after": after})
+    print(f"thresholds ({t.metric}, streamed histograms) stored in {meta_path}")
     return 0
 
 

@@ -359,7 +359,8 @@ def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp
     assert streamed["streaming"]["bins"] == 2048 and streamed["threshold_policy"]["policy"] == "histogram"
     assert streamed["calibration"] == "platt" and streamed["macro_ece_uncalibrated"] is not None
     assert not (run / "predictions").exists() and not (run / "report").exists()
-    assert evaluate_main([str(run), "--split", "val", "--out", str(tmp_path / "exact.json"), "--quiet"]) == 0
+    assert evaluate_main([str(run), "thresholds.streaming=false", "--split", "val", "--out", str(tmp_path / "exact.json"),
+                          "--quiet"]) == 0
     exact = json.loads((tmp_path / "exact.json").read_text())["val"]
     for key in ("macro_f1", "micro_f1", "samples_f1", "hamming_loss", "subset_accuracy", "macro_f1@0.5"):
         assert streamed[key] == pytest.approx(exact[key], abs=1e-9), key
@@ -497,3 +498,25 @@ def test_a_split_given_twice_is_refused_and_shared_shards_are_counted(shards, ca
     cfg = load_config("quickstart", [*base, "data.train=train", "data.val=train-{000003..000004}.tar"])
     build_splits(cfg.data, "auto", 0)
     assert "2 shards are in both train and val" in capsys.readouterr().err
+
+
+def test_evaluate_and_tune_stream_when_asked(shards, tmp_path):
+    """mlabel.evaluate and mlabel.tune under thresholds.streaming (the run's config says so): the
+    same streamed figures as training wrote, and thresholds tuned again from the val histograms."""
+    from mlabel.evaluate import main as evaluate_main
+    from mlabel.train import main as train_main
+    from mlabel.tune import main as tune_main
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
+                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.image_size=32", "data.num_workers=0", "train.epochs=1",
+                       "thresholds.streaming=true", "--quiet"]) == 0
+    trained = json.loads((run / "metrics.json").read_text())["val"]
+    assert evaluate_main([str(run), "--split", "val", "--out", str(tmp_path / "e.json"), "--quiet"]) == 0
+    streamed = json.loads((tmp_path / "e.json").read_text())["val"]
+    assert "streaming" in streamed and not (run / "predictions").exists()
+    for key in ("mAP", "macro_f1", "samples_f1", "subset_accuracy", "macro_ece"):
+        assert streamed[key] == pytest.approx(trained[key], abs=1e-9), key
+    assert tune_main([str(run), "--metric", "f1", "--quiet"]) == 0
+    tuned = json.loads((run / "tune.json").read_text())
+    assert tuned["policy"] == "histogram" and tuned["val_after"]["macro_f1"] == pytest.approx(trained["macro_f1"], abs=1e-9)
