@@ -32,27 +32,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb, reset_peak  # noqa: E402
 
 
 def _stage(results: dict, name: str, fn):
-    _reset_peak()
+    reset_peak()
     start = time.perf_counter()
     value = fn()
-    results[name] = {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb()}
+    results[name] = {"seconds": time.perf_counter() - start, "peak_mb": peak_mb()}
     return value
 
 

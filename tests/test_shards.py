@@ -345,17 +345,22 @@ def test_summary_of_the_shards_equals_the_csv_summary(shards, scene_csv, tmp_pat
     assert a == b and a["top_cooccurring_pairs"] and a["distinct_label_sets"] > 5
 
 
+def _train_streamed(shards, run, *extra):
+    """A tiny run on the shards with streaming evaluation."""
+    from mlabel.train import main as train_main
+    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
+                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
+                       "model.pretrained=false", "data.image_size=32", "thresholds.streaming=true", "--quiet",
+                       *extra]) == 0
+    return json.loads((run / "metrics.json").read_text())["val"]
+
+
 def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp_path):
     """thresholds.streaming=true: thresholds from the val histograms, metrics without the (N, L)
     scores; an exact evaluation of the saved model on val gives the same cut-off figures."""
     from mlabel.evaluate import main as evaluate_main
-    from mlabel.train import main as train_main
     run = tmp_path / "run"
-    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
-                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
-                       "model.pretrained=false", "data.image_size=32", "data.num_workers=2", "train.epochs=2",
-                       "thresholds.streaming=true", "--quiet"]) == 0
-    streamed = json.loads((run / "metrics.json").read_text())["val"]
+    streamed = _train_streamed(shards, run, "data.num_workers=2", "train.epochs=2")
     assert streamed["streaming"]["bins"] == 2048 and streamed["threshold_policy"]["policy"] == "histogram"
     assert streamed["calibration"] == "platt" and streamed["macro_ece_uncalibrated"] is not None
     assert not (run / "predictions").exists() and not (run / "report").exists()
@@ -504,14 +509,9 @@ def test_evaluate_and_tune_stream_when_asked(shards, tmp_path):
     """mlabel.evaluate and mlabel.tune under thresholds.streaming (the run's config says so): the
     same streamed figures as training wrote, and thresholds tuned again from the val histograms."""
     from mlabel.evaluate import main as evaluate_main
-    from mlabel.train import main as train_main
     from mlabel.tune import main as tune_main
     run = tmp_path / "run"
-    assert train_main(["quickstart", f"out_dir={run}", "data.format=wds", f"data.root={shards}", "data.train=train",
-                       "data.val=val", "data.test=null", "data.generate=null", "model.backbone=test_resnet",
-                       "model.pretrained=false", "data.image_size=32", "data.num_workers=0", "train.epochs=1",
-                       "thresholds.streaming=true", "--quiet"]) == 0
-    trained = json.loads((run / "metrics.json").read_text())["val"]
+    trained = _train_streamed(shards, run, "data.num_workers=0", "train.epochs=1")
     assert evaluate_main([str(run), "--split", "val", "--out", str(tmp_path / "e.json"), "--quiet"]) == 0
     streamed = json.loads((tmp_path / "e.json").read_text())["val"]
     assert "streaming" in streamed and not (run / "predictions").exists()
