@@ -192,19 +192,20 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device or cfg.train.device)
     loader = split_loader(model, cfg, args.split, device)
     from .loop import stream_metrics, streams
-    if streams(cfg, loader):  # thresholds.streaming: no (N, L) scores held
+    streamed = streams(cfg, loader)  # thresholds.streaming: no (N, L) scores held
+    if streamed:
         from .distributed import World
         metrics = stream_metrics(model, loader, device, World(), cfg, args.quiet)
-        write_json(out, {args.split: metrics})
-        print(summary_line(args.split, metrics) + f"  (streamed: histograms of {cfg.thresholds.bins} bins)")
-        print(f"metrics written to {out}")
-        return 0
-    outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
-                                              quiet=args.quiet, desc=args.split)
-    metrics = evaluate_outputs(model, outputs, targets)
+    else:
+        outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
+                                                  quiet=args.quiet, desc=args.split)
+        metrics = evaluate_outputs(model, outputs, targets)
     write_json(out, {args.split: metrics})
-    print(summary_line(args.split, metrics))
+    print(summary_line(args.split, metrics) + (f"  (streamed: histograms of {cfg.thresholds.bins} bins)"
+                                               if streamed else ""))
     print(f"metrics written to {out}")
+    if streamed:  # the report needs per-image scores
+        return 0
     from .report import rebuild_run_report
     rebuild_run_report(out_dir, model, device, args.quiet)  # a run's report follows the saved model
     return 0

@@ -59,13 +59,12 @@ def seed_everything(seed: int) -> None:
 
 def resolve_pos_weight(cfg: Config, train, labels: list[str]) -> torch.Tensor | None:
     """``loss.pos_weight`` for the training split ``train`` (a LabelTable, dense or sparse: from
-    its label counts; or a dense (N, L) table)."""
+    its label counts)."""
     spec = cfg.loss.pos_weight
     if spec == "none":
         return None
     if spec in ("auto", "sqrt"):
-        stats = train.label_stats() if hasattr(train, "label_stats") else \
-            {"positive": (train == 1).sum(0), "negative": (train == 0).sum(0)}
+        stats = train.label_stats()
         weight = pos_weight_from_counts(torch.as_tensor(np.asarray(stats["positive"])),
                                         torch.as_tensor(np.asarray(stats["negative"])), cfg.loss.pos_weight_max, labels)
         return weight.sqrt() if spec == "sqrt" else weight

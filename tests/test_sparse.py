@@ -214,7 +214,6 @@ def test_list_readers_keep_large_tables_sparse_with_the_same_targets(monkeypatch
     """Past SPARSE_FROM cells the csv name column, jsonl, voc and coco readers return index lists:
     the same targets, counts, split and pos_weight as the dense table they return below it."""
     import json
-    from PIL import Image
     from mlabel.data import build_splits, tables
     from mlabel.data.formats import read_jsonl_table
     from mlabel.config import load_config

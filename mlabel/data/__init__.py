@@ -73,7 +73,7 @@ def check_overlap(data, tables: dict) -> None:
     repeats: dict[tuple[str, str], int] = {}
     for name, table in tables.items():
         if table is not None and table.members is not None:  # wds: a sample is a shard's key, its shard tells
-            for shard in sorted({m[0] for m in (table.members[i] for i in _shard_starts(table))}):
+            for shard in (table.members.shards[i] for i in np.unique(table.members.shard_of)):
                 if shard in seen:
                     pair = (seen[shard], name)
                     repeats[pair] = repeats.get(pair, 0) + 1
@@ -92,14 +92,6 @@ def check_overlap(data, tables: dict) -> None:
         what = "shards" if tables[second].members is not None else "images"
         print(f"warning: {count} {what} are {where}; metrics on {second} overstate what unseen images "
               "would give (remove the repeats)", file=sys.stderr)
-
-
-def _shard_starts(table) -> np.ndarray:
-    """Rows where a wds table's shard changes (one row per run of a shard)."""
-    shard_of = getattr(table.members, "shard_of", None)
-    if shard_of is None:
-        return np.arange(len(table))
-    return np.flatnonzero(np.diff(shard_of, prepend=-1) != 0)
 
 
 def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:

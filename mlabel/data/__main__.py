@@ -1,6 +1,7 @@
 """``python -m mlabel.data RECIPE [key=value ...] [--out DIR]``: what a dataset holds before you
-train on it (``python -m mlabel.data shard RECIPE --out DIR``: the same splits as WebDataset shards). Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
-unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.png`` to DIR."""
+train on it. Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
+unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.png`` to DIR.
+``python -m mlabel.data shard RECIPE --out DIR`` writes the same splits as WebDataset shards."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def summarise(splits, workers: int = 4) -> dict:
              for (a, b), both in together.items()]
     pairs.sort(key=lambda p: (-p["images"], p["labels"]))
     label_sets = {t.pos_idx[t.pos_ptr[i]:t.pos_ptr[i + 1]].tobytes() for t in sparse.values() for i in range(len(t))}
-    bad = [b for t in tables.values() for b in find_bad_images(t.paths, workers, t)]
+    bad = [b for t in tables.values() for b in find_bad_images(t, workers)]
     with_pos = n_pos[n_pos > 0]
     return {
         "task": splits.task, "labels": labels,

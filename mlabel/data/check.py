@@ -17,25 +17,21 @@ __all__ = ["find_bad_images", "drop_bad_images", "kept_rows"]
 SHOWN = 20
 
 
-def _problem(path: str, read=read_rgb) -> str | None:
+def _problem(item, read=read_rgb) -> str | None:
+    """Why ``read(item)`` (a path, or a table row) gives no RGB image; None when it does."""
     try:
-        read(path, draft=64)  # JPEGs decode at 1/8 size: the check reads every byte but fast
+        read(item, draft=64)  # JPEGs decode at 1/8 size: the check reads every byte but fast
         return None
     except DataError as err:
         return str(err)
 
 
-def find_bad_images(paths: list[str], workers: int = 4, table=None) -> list[tuple[str, str]]:
-    """(path, reason) for every path that does not decode to an RGB image (``table``: read
-    them through it, e.g. from its shards)."""
-    if table is not None and table.members is not None:
-        where = {p: i for i, p in enumerate(table.paths)}
-        check = lambda p: _problem(where[p], table.read_image)  # noqa: E731
-    else:
-        check = _problem
+def find_bad_images(table, workers: int = 4) -> list[tuple[str, str]]:
+    """(path, reason) for every image of ``table`` that does not decode to an RGB image, read as
+    training reads it (from its file or its shard)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(check, paths, chunksize=32))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+        reasons = list(pool.map(lambda row: _problem(row, table.read_image), range(len(table)), chunksize=32))
+    return [(table.paths[i], r) for i, r in enumerate(reasons) if r is not None]
 
 
 def kept_rows(table, found: list[tuple[str, str]]) -> np.ndarray:
@@ -56,7 +52,7 @@ def drop_bad_images(splits, policy: str, out_dir: Path | None, workers: int = 4,
         table = getattr(splits, name)
         if table is None or (name == "train" and table.members is not None):
             continue
-        problems = known[name] if known is not None and name in known else find_bad_images(table.paths, workers, table)
+        problems = known[name] if known is not None and name in known else find_bad_images(table, workers)
         if problems:
             bad[name] = problems
     earlier = list(getattr(splits, "skipped", []))

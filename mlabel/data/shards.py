@@ -14,7 +14,7 @@ their sample counts.
 
 Reading: :func:`read_wds_table` scans a split's shards once (headers and the small JSON members;
 image bytes are skipped by seeking) into a :class:`~mlabel.data.tables.LabelTable` whose
-``members`` locate each image inside its shard. Training streams them with
+``members`` (:class:`ShardMembers`) locate each image inside its shard. Training streams them with
 :class:`ShardStream`; evaluation reads members by offset in table order.
 """
 from __future__ import annotations
@@ -88,30 +88,27 @@ def _join(root, name: str):
 URL_TIMEOUT = 60  # seconds a shard server may take to answer
 
 
+def _open_url(url: str, headers: dict | None = None):
+    """The response to a GET of ``url``; a failure is a :class:`DataError` naming it."""
+    import urllib.error
+    import urllib.request
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=URL_TIMEOUT)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise DataError(f"cannot fetch {url}: {err}") from None
+
+
 def _url_bytes(url: str, start: int | None = None, size: int | None = None) -> bytes:
     """The body of ``url``, or ``size`` bytes from ``start`` (an HTTP range request)."""
-    import urllib.error
-    import urllib.request
-    request = urllib.request.Request(url)
-    if start is not None:
-        request.add_header("Range", f"bytes={start}-{start + size - 1}")
-    try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+    ranged = start is not None
+    with _open_url(url, {"Range": f"bytes={start}-{start + size - 1}"} if ranged else None) as response:
+        try:
             data = response.read()
-            if start is not None and response.status != 206:  # a server without ranges sent it all
-                data = data[start:start + size]
-            return data
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise DataError(f"cannot fetch {url}: {err}") from None
-
-
-def _open_url(url: str):
-    import urllib.error
-    import urllib.request
-    try:
-        return urllib.request.urlopen(url, timeout=URL_TIMEOUT)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise DataError(f"cannot fetch {url}: {err}") from None
+        except OSError as err:
+            raise DataError(f"cannot fetch {url}: {err}") from None
+        if ranged and response.status != 206:  # a server without ranges sent it all
+            data = data[start:start + size]
+        return data
 
 
 @dataclass
@@ -419,16 +416,12 @@ def shard_image_bytes(name: str) -> bytes | None:
     if not sep or not shard.endswith(".tar") or not (is_url(shard) or Path(shard).is_file()):
         return None
     try:
-        if is_url(shard):
-            import urllib.request
-            opened = tarfile.open(fileobj=urllib.request.urlopen(shard, timeout=URL_TIMEOUT), mode="r|")
-        else:
-            opened = tarfile.open(shard, "r:")
+        opened = tarfile.open(fileobj=_open_url(shard), mode="r|") if is_url(shard) else tarfile.open(shard, "r:")
         with opened as tar:
             for info in tar:
                 if info.isfile() and _split_key(info.name) in ((key, ext) for ext in IMAGE_TYPES):
                     return tar.extractfile(info).read()
-    except (tarfile.TarError, EOFError, OSError, ValueError):
+    except (DataError, tarfile.TarError, EOFError, OSError, ValueError):
         return None
     return None
 
@@ -595,16 +588,10 @@ class ShardStream(IterableDataset):
         self.batch_images = batch_images
         self.rank, self.world, self.shuffle_buffer, self.skip_bad = rank, world, shuffle_buffer, skip_bad
         self.collate = collate
-        if isinstance(table.members, ShardMembers):  # rows grouped by shard, in the table's order
-            order = np.argsort(table.members.shard_of, kind="stable")
-            bounds = np.flatnonzero(np.diff(table.members.shard_of[order])) + 1
-            self.shard_rows = [part for part in np.split(order, bounds) if len(part)]
-        else:
-            shards: dict[str, list[int]] = {}
-            for row, (shard, _, _) in enumerate(table.members):
-                shards.setdefault(shard, []).append(row)
-            self.shard_rows = [np.asarray(rows) for rows in shards.values()]
-        self.epoch_seed, self.skip_steps, self.workers = 0, 0, 1
+        order = np.argsort(table.members.shard_of, kind="stable")  # rows grouped by shard, in table order
+        bounds = np.flatnonzero(np.diff(table.members.shard_of[order])) + 1
+        self.shard_rows = [part for part in np.split(order, bounds) if len(part)]
+        self.epoch_seed, self.skip_steps = 0, 0
 
     def __len__(self) -> int:  # this rank's samples
         total = len(self.table)
@@ -615,12 +602,13 @@ class ShardStream(IterableDataset):
         return stream_plan([len(r) for r in self.shard_rows], range(len(self.shard_rows)), self.batch_size,
                            0, self.world, 0, 1)[3]
 
-    def epoch_rows(self) -> np.ndarray:
+    def epoch_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's rows, shard after shard in its seeded shard order, and that order."""
         order = np.random.default_rng(self.epoch_seed).permutation(len(self.shard_rows))
         return np.concatenate([self.shard_rows[s] for s in order]), order
 
-    def worker_rows(self, worker: int, workers: int) -> tuple[list[int], list[int], int]:
-        """(rows in the order this worker emits them, its batch sizes, first position in the epoch)."""
+    def worker_rows(self, worker: int, workers: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """((position in the epoch, row) in the order this worker emits them, its batch sizes)."""
         rows, order = self.epoch_rows()
         first, stop, sizes, _ = stream_plan([len(r) for r in self.shard_rows], order, self.batch_size,
                                             self.rank, self.world, worker, workers)
@@ -633,7 +621,7 @@ class ShardStream(IterableDataset):
                 emitted.append(buffer.pop(int(rng.integers(len(buffer)))))
         while buffer:
             emitted.append(buffer.pop(int(rng.integers(len(buffer)))))
-        return emitted, sizes, first
+        return emitted, sizes
 
     def __iter__(self):
         """Called in the worker (or, without workers, when the loader's iterator is made): the
@@ -643,7 +631,7 @@ class ShardStream(IterableDataset):
         # the loader asks worker 0 first: after a resume at step k it plays the part of the worker
         # that served batch k, so every batch holds the samples it held in the uninterrupted epoch
         worker = (worker + self.skip_steps) % workers
-        emitted, sizes, _ = self.worker_rows(worker, workers)
+        emitted, sizes = self.worker_rows(worker, workers)
         skip = len(range(worker, self.skip_steps, workers))  # this worker's batches already trained
         return self._batches(emitted, sizes, skip)
 
@@ -678,7 +666,6 @@ class ShardStream(IterableDataset):
                 yield StreamProblem(None, problems)
             if samples:
                 yield self.collate(samples)
-
 
     def _whole_batch(self, chunk: list):
         """One batch through ``batch_images`` (seeded per place in the epoch, like the per-image

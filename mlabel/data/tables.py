@@ -10,7 +10,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from ..errors import DataError
 from ..outputs import Targets
 from ..preprocess import IMAGE_EXTENSIONS, read_rgb
 from .sparse import SparseLabels
+
+if TYPE_CHECKING:
+    from .shards import ShardMembers
 
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
@@ -42,9 +45,9 @@ class LabelTable:
     # per image, the (K, 4) float32 boxes x0, y0, x1, y1 (pixels of the original image) of its
     # labelled objects, for crops that keep them all (data.box_crops); None: the format has none
     boxes: list[np.ndarray] | None = None
-    # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds);
-    # None: ``paths`` are image files
-    members: "Sequence[tuple[str, int, int]] | None" = None
+    # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds: a
+    # mlabel.data.shards.ShardMembers); None: ``paths`` are image files
+    members: "ShardMembers | None" = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -78,8 +81,7 @@ class LabelTable:
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
         boxes = None if self.boxes is None else [self.boxes[i] for i in index]
-        members = None if self.members is None else self.members.subset(index) if hasattr(self.members, "subset") \
-            else [self.members[i] for i in index]
+        members = None if self.members is None else self.members.subset(index)
         targets = self.targets.subset(index) if self.sparse else self.targets[index]
         paths = self.paths.subset(index) if hasattr(self.paths, "subset") else [self.paths[i] for i in index]
         return LabelTable(paths, targets, self.labels, source,
