@@ -153,8 +153,8 @@ class ThresholdsConfig:
     cross_fit: int = _key(5, "folds for the cross-fitted F1 in metrics.json; 0 = off", "[0, inf)")
     streaming: bool | Literal["auto"] = _key(
         "auto", "val/test metrics and thresholds from per-label score histograms (thresholds.bins) merged across "
-        "ranks, without the (N, L) scores (no calibration, predictions/ or report); auto: when a split has more "
-        "than 2e8 scores")
+        "ranks, without the (N, L) scores (calibration fitted on the bins; no predictions/ or report); "
+        "auto: when a split has more than 2e8 scores")
     fallback: float = _key(0.5, "threshold of labels with one class in val", "[0, 1]")
 
 
