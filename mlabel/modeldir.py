@@ -16,12 +16,14 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .io import atomic_path, remove_stale_temps, write_json
 
-__all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "read_model", "validate_meta", "weights_digest", "write_metadata",
-           "write_model"]
+__all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "ModelFiles", "read_model", "read_model_files", "validate_meta",
+           "weights_digest", "write_metadata", "write_model"]
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mlabel.json"
@@ -72,31 +74,71 @@ def write_metadata(directory: Path, meta: dict, digest: str | None = None) -> Pa
 def _parse(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the model directory is damaged: re-save "
-                         "or retrain the model") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # ValueError: also a 5,000-digit number
+        raise ValueError(f"{path} is not valid JSON ({str(err)[:200] or 'nested too deeply'}); the model "
+                         "directory is damaged: re-save or retrain the model") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} must hold a JSON object; the model directory is damaged")
     return meta
 
 
+class ModelFiles(NamedTuple):
+    """One save's metadata and the bytes of its weights (None: no ``model.safetensors``)."""
+    meta: dict
+    weights: bytes | None
+
+
+READ_ATTEMPTS = 6  # a save replaces both files within milliseconds; 6 reads span ~0.3 s of back-off
+
+
+def read_model_files(directory: Path) -> ModelFiles:
+    """The metadata and the weights of one save in ``directory`` (see the module docstring).
+
+    The weights are read once and the same bytes are hashed and returned for parsing: a save
+    that replaces the files between reading the metadata and the weights shows as a digest
+    mismatch, and both are read again (a few times, with back-off) rather than mixed.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        meta = _parse(directory / META_FILE)
+        weights = _read_bytes(directory / WEIGHTS_FILE)
+        if DIGEST_KEY not in meta or weights is None:
+            # written before digests were recorded, or pickle-only weights (checked later)
+            return ModelFiles(meta, weights)
+        digest = hashlib.sha256(weights).hexdigest()
+        if meta[DIGEST_KEY] == digest:
+            return ModelFiles(meta, weights)
+        pending = _parse_pending(directory / PENDING)
+        if pending is not None and pending.get(DIGEST_KEY) == digest:
+            return ModelFiles(pending, weights)  # a save's weights landed, its metadata not yet
+        time.sleep(0.01 * 2 ** attempt)  # a save may be replacing the pair right now
+    raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / META_FILE} (its SHA-256 differs "
+                     "from the one recorded): the files come from different saves or were edited (or a save "
+                     "into this folder kept replacing them); re-save the model (save_pretrained) or restore "
+                     "both files together")
+
+
 def read_model(directory: Path) -> dict:
-    """The metadata that belongs to the weights in ``directory`` (see the module docstring)."""
-    meta = _parse(directory / META_FILE)
-    weights = directory / WEIGHTS_FILE
-    if DIGEST_KEY not in meta or not weights.is_file():
-        return meta  # written before digests were recorded, or pickle-only weights (checked later)
-    digest = weights_digest(weights)
-    if meta[DIGEST_KEY] == digest:
-        return meta
-    pending = directory / PENDING
-    if pending.is_file():
-        newer = _parse(pending)
-        if newer.get(DIGEST_KEY) == digest:
-            return newer  # a save was interrupted after its weights landed: this is the new model
-    raise ValueError(f"{weights} does not match {directory / META_FILE} (its SHA-256 differs from the one "
-                     "recorded): the files come from different saves or were edited; re-save the model "
-                     "(save_pretrained) or restore both files together")
+    """The metadata that belongs to the weights in ``directory`` (:func:`read_model_files`)."""
+    return read_model_files(directory).meta
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:  # one open: a file replaced meanwhile is read whole, old or new
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a weights file; the model directory is damaged") from None
+
+
+def _parse_pending(path: Path) -> dict | None:
+    """The pending metadata of an interrupted save; None when there is none (or a save has just
+    moved it into place, or a writer is mid-way: the caller reads again)."""
+    try:
+        return _parse(path)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- metadata checks

@@ -7,12 +7,13 @@ from typing import Sequence
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save_file
 from torch import nn
 
 from .decision import Decision
 from .outputs import Outputs
-from .modeldir import DIGEST_KEY, META_FILE, WEIGHTS_FILE, read_model, validate_meta, write_metadata, write_model
+from .modeldir import (DIGEST_KEY, META_FILE, WEIGHTS_FILE, read_model, read_model_files, validate_meta, write_metadata,
+                       write_model)
 from ._registry import checked
 from .weights import load_backbone_weights
 
@@ -402,8 +403,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
     read with ``torch.load(weights_only=True)``, which builds tensors but calls no code.
     """
     path, _ = locate_model(path)
-    model = ModelSpec.from_meta(read_model(path), path / META_FILE).build()
-    state = _read_weights(path, map_location, trust_pickle)
+    files = read_model_files(path)  # metadata and weights of one save, even while another is saving
+    model = ModelSpec.from_meta(files.meta, path / META_FILE).build()
+    state = _read_weights(path, files.weights, map_location, trust_pickle)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # tensors missing, unexpected or of another shape than the metadata says
@@ -413,14 +415,17 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *,
     return model.eval()
 
 
-def _read_weights(path: Path, map_location, trust_pickle: bool) -> dict:
+def _read_weights(path: Path, data: bytes | None, map_location, trust_pickle: bool) -> dict:
+    """The state dict from ``data`` (the bytes of ``model.safetensors`` that were checked against
+    the metadata: the file is not opened again), else from a pickle-based file when trusted."""
     safe = path / WEIGHTS_FILE
-    if safe.is_file():
+    if data is not None:
         try:
-            return load_file(str(safe), device=str(map_location))
+            state = load_safetensors(data)
         except Exception as err:  # safetensors' own error type: a truncated or tampered file
             raise ValueError(f"{safe} is not a readable safetensors file ({err}); re-save or retrain "
                              "the model") from None
+        return {k: v.to(map_location) for k, v in state.items()}
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not pickles:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}")
