@@ -137,8 +137,10 @@ def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, worl
 @dataclass
 class _Parts(Stepper):
     """What the epoch loop steps besides the model: the step's parts and settings, and the
-    optimizer steps an epoch takes."""
+    optimizer steps an epoch takes, and the resume guard the checkpoints carry
+    (:func:`mlabel.resume.resume_guard`)."""
     steps_per_epoch: int = 0
+    guard: dict | None = None
 
 
 def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
@@ -155,7 +157,7 @@ def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
 
 
 def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> dict:
-    """The training state: fresh, or everything the checkpoint read by :func:`_load_resume` holds."""
+    """The training state: fresh, or everything the checkpoint read by :func:`mlabel.resume.load_resume` holds."""
     if resumed is None:
         return {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
                 "best_state": None, "history": [], "stopped_early": False}
@@ -261,7 +263,7 @@ def _save(cfg: Config, model, parts: _Parts, state: dict, out_dir: Path) -> None
         "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
         "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
-        "train_state": state, "config": config_to_dict(cfg)})
+        "train_state": state, "config": config_to_dict(cfg), "guard": parts.guard})
 
 
 def _step_checkpoints(cfg: Config, model, parts: _Parts, state: dict, epoch: int, out_dir: Path, world: World):
@@ -294,17 +296,18 @@ def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch:
 
 
 def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World(),
-         resumed: tuple[Path, dict] | None = None) -> dict:
+               resumed: tuple[Path, dict] | None = None, guard: dict | None = None) -> dict:
     """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
     after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
 
     The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad scaler,
     RNG states, epoch, optimizer step, the best weights so far and the config; ``resumed`` (what
-    :func:`_load_resume` read when ``resume=true``) restarts the interrupted epoch from it and
+    :func:`mlabel.resume.load_resume` read when ``resume=true``) restarts the interrupted epoch from it and
     finishes with the same result as an uninterrupted run.
     """
     train_loader, eval_loaders = loaders
     parts = _training_parts(cfg, model, train_loader, device)
+    parts.guard = guard
     state = _resume(model, parts, resumed, quiet)
     wrapped: dict = {}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None

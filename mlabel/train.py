@@ -27,7 +27,6 @@ import torch
 import yaml
 
 from . import __version__
-from .checkpoint import config_differences, load_checkpoint
 from .cli import guarded
 from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
                      list_recipes, load_config, loss_kwargs, threshold_kwargs)
@@ -46,6 +45,7 @@ from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
 from .defaults import resolve_defaults
+from .resume import FINISHED, finished_run, load_resume, resume_guard
 from .rundir import claim_run_dir
 
 __all__ = ["main", "run"]
@@ -229,6 +229,11 @@ def run(cfg: Config, quiet: bool = False) -> dict:
                            agree=lambda path: broadcast_object(path, world),
                            log=lambda text: _log(not world.main, text)) as out_dir:  # even with --quiet
             cfg.out_dir = str(out_dir)
+            done = finished_run(out_dir) if cfg.resume else None
+            if done is not None:  # resuming it would only redo its post-training steps (and undo a later tune)
+                _log(quiet, f"nothing to resume: {out_dir} holds a finished run, left as it is (train more epochs "
+                            "into a new out_dir, or retune with mlabel tune)")
+                return done
             return _run(cfg, quiet, world, device)
     finally:
         close_world(world)
@@ -242,41 +247,20 @@ def rerunnable(cfg: Config) -> dict:
     return tree
 
 
-def _load_resume(cfg: Config, checkpoint_path: Path) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from (read once, before anything is written), or None. A resume
-    continues the run its checkpoint came from: every key that shapes training must be the same
-    (an older checkpoint without its config is taken as it is)."""
-    if not cfg.resume:
-        return None
-    path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
-    if not path.is_file():
-        if cfg.resume is not True:
-            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
-        return None
-    try:
-        saved = load_checkpoint(path)
-    except Exception as err:  # truncated, foreign or tampered: torch's message names the cause
-        raise ConfigError(f"resume: {path} is not a readable mlabel checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); delete it or set resume=false") from None
-    changed = config_differences(saved["config"], config_to_dict(cfg)) if "config" in saved else []
-    if changed:
-        raise ConfigError(f"resume: {path} was written with a different config (" + "; ".join(changed)
-                          + "); set those keys back, or train into a new out_dir")
-    return path, saved
-
-
 def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     started = time.perf_counter()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.out_dir)
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    if cfg.data.generate:  # config.yaml (and the checkpoint) name the folder the generated set was drawn into
+        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
     resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text),
                      images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None),
                      boxes=splits.train.boxes is not None, device=device)
-    resumed = _load_resume(cfg, out_dir / CHECKPOINT)  # before anything is written, with the auto values decided
+    guard = resume_guard(splits, cfg.data.num_workers, world.size)
+    # before anything is written, the resolved config against the checkpoint's resolved one
+    resumed = load_resume(cfg, out_dir / CHECKPOINT, guard)
     _check_against_data(cfg, splits)
-    if cfg.data.generate:  # config.yaml names the folder the generated set was drawn into
-        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
                          resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
@@ -288,7 +272,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     loaders = _loaders(cfg, splits, model, device, world, caches)
     if world.main:  # once the config, the data, the model and the loss are known to be good
         write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
-    state = fit_epochs(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed)
+    state = fit_epochs(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed, guard)
     del resumed  # its tensors are in the model and the optimizer now
     _record_stream_skips(loaders[0], out_dir, quiet, world)
     model.load_state_dict(state["best_state"])
@@ -390,7 +374,8 @@ def _streamed_metrics(cfg: Config, model, eval_loaders: dict, state: dict, devic
 
 def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits,
                out_dir: Path) -> None:
-    """The model, metrics.json, run.json, predictions/ and the report."""
+    """The model, metrics.json, run.json, predictions/ and the report; run.json is marked
+    finished last (a resume of a finished run then leaves it as it is)."""
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric,
                                                      "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
@@ -398,11 +383,11 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
     write_json(out_dir / "run.json", run_info)
     for split, (named_outputs, targets) in outputs.items():
         save_predictions(out_dir, split, named_outputs, targets, getattr(splits, split).paths, model.labels)
-    if not outputs:  # streaming evaluation: no per-image scores to save or to plot
-        return
-    from .report import build_report
-    build_report(out_dir, model, metrics, history, scores=outputs,
-                 paths={split: getattr(splits, split).paths for split in outputs})
+    if outputs:  # streaming evaluation has no per-image scores to save or to plot
+        from .report import build_report
+        build_report(out_dir, model, metrics, history, scores=outputs,
+                     paths={split: getattr(splits, split).paths for split in outputs})
+    write_json(out_dir / "run.json", {**run_info, FINISHED: True})
 
 
 def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> None:
