@@ -3,23 +3,31 @@
 At ten thousand labels a validation set of a million images has 10^10 scores; the histogram
 holds ``2 x L x bins`` counts, whatever N, and merges across DDP ranks by a sum. From it:
 
-- **AP** per label, with the scores inside a bin taken as evenly interleaved positives and
-  negatives: a positive that sits a share u through bin b has precision
-  ``(TP_above + u tp_b) / (seen_above + u n_b)``, integrated over u in closed form. (Grouping a
-  bin as one tie, as scikit-learn does for tied scores, is the lower end of that range.)
+- **AP** per label: its expectation over the orders the histogram cannot see, every order of
+  the scores inside a bin taken as equally likely. Bin b holds ``p`` positives among ``d``
+  scores below ``A`` positives of ``C`` scores: its j-th score is a positive with probability
+  ``p / d`` and then has ``1 + (j - 1)(p - 1)/(d - 1)`` positives of its bin at or above it on
+  average, so the bin adds ``p/d sum_j (A + 1 + (j - 1)(p - 1)/(d - 1)) / (C + j)``: a digamma
+  difference in closed form. AP is linear in the precisions at the positives, so this is the
+  exact expectation (each positive's own count included; leaving it out biased AP low where a
+  bin holds few positives). Tied scores, which scikit-learn ranks as one group, are the one
+  order it does not average over.
 - **AUROC** per label: every positive of bin b outranks the negatives of the bins below and half
   of those in b (the Mann-Whitney count with the bin as a tie).
 - **ECE** per label (equal-width bins over [0, 1]), each histogram bin at its centre: the mean
   probability of a calibration bin is off by at most half a histogram bin.
 - **Precision, recall, F1** at per-label thresholds: a threshold counts the bins at and above
-  the first edge at or over it (exact for thresholds on the edges, as the histogram tuner gives).
+  the first edge at or over it, each edge rounded up in the dtype of the scores counted
+  (:meth:`ScoreHistogram.edges`); exact for the thresholds the histogram tuner gives.
 
-docs/RESULTS.md states the errors measured against the exact metrics where both run
-(``benchmarks/scale.py``).
+``benchmarks/streaming_error.py`` measures the errors against scikit-learn as a function of the
+number of images and of positives per label; ``tests/test_streaming_differential.py`` asserts
+them per case class.
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import digamma
 
 from .thresholds import ScoreHistogram
 
@@ -27,18 +35,18 @@ __all__ = ["histogram_metrics"]
 
 
 def _ap(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """(L,) AP from per-bin counts ordered from the highest bin down, bins evenly interleaved."""
-    tp_above = np.cumsum(pos, 1) - pos
-    seen_above = np.cumsum(pos + neg, 1) - pos - neg
-    n = pos + neg
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # integral over u in [0, 1] of (a + b u) / (c + d u), a = tp_above, b = pos, c = seen_above, d = n
-        a, b, c, d = tp_above, pos, seen_above, n
-        log_term = np.where(c > 0, np.log1p(d / np.where(c > 0, c, 1.0)), 0.0)
-        mean_precision = np.where(c > 0, b / d + (a * d - b * c) / (d * d) * log_term, b / np.where(d > 0, d, 1.0))
-        mean_precision = np.where(d > 0, mean_precision, 0.0)
+    """(L,) expected AP from per-bin counts ordered from the highest bin down, every order inside
+    a bin equally likely (see the module docstring)."""
+    d = pos + neg
+    above = np.cumsum(pos, 1) - pos  # A: positives in the bins above
+    seen = np.cumsum(d, 1) - d  # C: scores in the bins above
+    # sum_{j=1..d} (alpha + beta j) / (C + j) = beta d + (alpha - beta C) (psi(C + d + 1) - psi(C + 1))
+    beta = np.where(d > 1, (pos - 1) / np.maximum(d - 1, 1), 0.0)
+    alpha = above + 1 - beta
+    harmonic = digamma(seen + d + 1) - digamma(seen + 1)
+    per_bin = pos / np.maximum(d, 1) * (beta * d + (alpha - beta * seen) * harmonic)
     total = pos.sum(1)
-    contribution = (pos * mean_precision).sum(1)
+    contribution = np.where(pos > 0, per_bin, 0.0).sum(1)
     return np.divide(contribution, total, out=np.full(len(total), np.nan), where=total > 0)
 
 
@@ -74,7 +82,9 @@ def histogram_metrics(histogram: ScoreHistogram, thresholds=None, ece_bins: int 
            "mAP": float(np.nanmean(ap)) if np.isfinite(ap).any() else None,
            "macro_auroc": float(np.nanmean(roc)) if np.isfinite(roc).any() else None}
     if thresholds is not None:
-        edge = np.ceil(np.asarray(thresholds, np.float64) * histogram.bins - 1e-9).clip(0, histogram.bins).astype(np.int64)
+        # the first edge at or over each threshold (edges in the scores' dtype: a float32 0.1 is edge
+        # 10 of 100, though it lies above 10 / 100)
+        edge = np.searchsorted(histogram.edges()[:-1], np.asarray(thresholds, np.float64).reshape(-1), side="left")
         above = np.arange(histogram.bins)[None, :] >= edge[:, None]
         tp, fp = (pos * above).sum(1), (neg * above).sum(1)
         fn = pos.sum(1) - tp

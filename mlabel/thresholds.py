@@ -40,6 +40,24 @@ __all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "cross_fit_pre
 
 OBJECTIVES = ("f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global")
 FALLBACK_THRESHOLD = 0.5
+MAX_BINS = 1 << 24  # ScoreHistogram: the float32 product score x bins is then off by at most one bin
+
+
+def _upper_edges(bins: int, dtype) -> np.ndarray:
+    """(bins + 1,) float64 holding, for k = 0..bins, the smallest ``dtype`` number >= k / bins."""
+    k = np.arange(bins + 1, dtype=np.float64)
+    edge = k / bins  # the nearest float64, possibly just below k / bins
+    # The sign of edge * bins - k, exactly: split edge into 26-bit halves (Veltkamp), so that each
+    # half times bins (< 2**26) is exact, and so is the difference with k (Sterbenz).
+    t = edge * 134217729.0
+    hi = t - (t - edge)
+    below = (hi * bins - k) + (edge - hi) * bins < 0
+    edge = np.where(below, np.nextafter(edge, np.inf), edge)
+    if np.dtype(dtype) == np.float64:
+        return edge
+    narrow = edge.astype(np.float32)  # a float32 times bins (< 2**29) is exact in float64
+    narrow = np.where(narrow.astype(np.float64) * bins < k, np.nextafter(narrow, np.float32(np.inf)), narrow)
+    return narrow.astype(np.float64)
 
 
 def objective_values(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
@@ -174,12 +192,14 @@ def _finish(metric: str, threshold: np.ndarray, value: np.ndarray, n_pos: np.nda
 
 
 def _output(threshold: np.ndarray, value: np.ndarray, like, return_scores: bool):
-    """Tensors on ``like``'s device: float64 thresholds for float64 scores (a float32 copy of a
-    float64 cut-off may round past the scores it separates), float32 otherwise."""
+    """Tensors on ``like``'s device: float64 thresholds (and objective values) for float64
+    scores (a float32 copy of a float64 cut-off may round past the scores it separates), float32
+    otherwise."""
     wide = (like.dtype == torch.float64) if torch.is_tensor(like) else (np.asarray(like).dtype == np.float64)
     device = like.device if torch.is_tensor(like) else "cpu"
-    th = torch.from_numpy(threshold).to(device=device, dtype=torch.float64 if wide else torch.float32)
-    return (th, torch.from_numpy(value).float().to(device)) if return_scores else th
+    dtype = torch.float64 if wide else torch.float32
+    th = torch.from_numpy(threshold).to(device=device, dtype=dtype)
+    return (th, torch.from_numpy(value).to(device=device, dtype=dtype)) if return_scores else th
 
 
 def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
@@ -204,7 +224,7 @@ def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, mi
 
     Returns:
         thresholds (L,) on probs' device: float64 for float64 scores, else float32 (and the
-        scores when ``return_scores``).
+        objective values, in the same dtype, when ``return_scores``).
     """
     check_metric(metric, beta, min_recall, min_precision)
     if mode not in ("exact", "histogram"):
@@ -273,13 +293,30 @@ class ScoreHistogram:
     """
 
     def __init__(self, num_labels: int, bins: int = 2048, device: str | torch.device = "cpu"):
-        if not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
+        if not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
+            raise ValueError(f"bins must be an integer in [2, {MAX_BINS}], got {bins!r}")
         self.num_labels, self.bins = int(num_labels), int(bins)
         self.counts = torch.zeros(self.num_labels, self.bins, 2, dtype=torch.int64, device=device)
         # the lowest known score per label: the bottom edge must predict every score of bin 0
         self.lowest = torch.full((self.num_labels,), np.inf, dtype=torch.float64, device=device)
+        # whether float64 scores were counted: the thresholds are then float64 (else float32)
+        self.wide = torch.zeros((), dtype=torch.int64, device=device)
         self.gap_bound: np.ndarray | None = None
+        self._edge_tables: dict = {}
+
+    @property
+    def dtype(self) -> type:
+        """The dtype of the thresholds: float64 once float64 scores were counted, else float32."""
+        return np.float64 if int(self.wide) else np.float32
+
+    def edges(self, dtype=None) -> np.ndarray:
+        """(bins + 1,) float64: edge k is the smallest ``dtype`` number (default :attr:`dtype`)
+        at or above ``k / bins``, so for scores of that dtype (or narrower) ``score >= edges[k]``
+        holds exactly when the score is counted in bin k or above (bins + 1 ends the last bin)."""
+        dtype = np.dtype(dtype or self.dtype).type
+        if dtype not in self._edge_tables:
+            self._edge_tables[dtype] = _upper_edges(self.bins, dtype)
+        return self._edge_tables[dtype]
 
     @torch.no_grad()
     def update(self, probs, targets) -> "ScoreHistogram":
@@ -290,10 +327,23 @@ class ScoreHistogram:
         return self._add_codes(scores, codes)
 
     def _bin_keys(self, scores: np.ndarray) -> np.ndarray:
-        key = np.clip(scores * self.bins, -1, self.bins).astype(np.int32)
-        return np.clip(key, 0, self.bins - 1, out=key)
+        """The bin of each score: k such that ``k / bins <= score < (k + 1) / bins`` exactly (in
+        real numbers, whatever the dtype), scores below 0 in bin 0, 1 and above in the last."""
+        if scores.dtype != np.float64:
+            scores = scores.astype(np.float32, copy=False)  # float16 widens exactly
+        key = np.clip(scores * scores.dtype.type(self.bins), -1, self.bins).astype(np.int32)
+        np.clip(key, 0, self.bins - 1, out=key)
+        # The product rounds, so a score next to an edge may land one bin off: compare it with the
+        # edges of its own dtype (exact comparisons) and move it back.
+        edges = self.edges(scores.dtype).astype(scores.dtype)
+        lower, upper = edges[:-1].copy(), edges[1:].copy()
+        lower[0], upper[-1] = -np.inf, np.inf
+        key -= scores < lower[key]
+        key += scores >= upper[key]
+        return key
 
     def _add_codes(self, scores: np.ndarray, codes: np.ndarray) -> "ScoreHistogram":
+        self._note_dtype(scores)
         # Blocks of labels whose counts stay in cache, on a thread per core.
         step = max(1, (1 << 16) // self.bins)
 
@@ -322,9 +372,11 @@ class ScoreHistogram:
         default, every score is first counted as a negative (one pass over the scores), then the
         listed positives and unknowns are moved (work in the listed labels); with an unknown
         default only the listed labels are counted."""
-        scores = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
-        if scores.shape != (len(labels), self.num_labels):
+        scores = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+        if scores.ndim != 2 or scores.shape != (len(labels), self.num_labels):
             raise ValueError(f"scores {scores.shape} for {len(labels)} images x {self.num_labels} labels")
+        scores, _ = as_arrays(scores, np.zeros(scores.shape, np.float32))  # the dtype kept, as update does
+        self._note_dtype(scores)
         pos = labels._gather(labels.pos_ptr, labels.pos_idx, np.arange(len(labels)))
         other = labels._gather(labels.other_ptr, labels.other_idx, np.arange(len(labels)))
         size = self.num_labels * self.bins
@@ -334,7 +386,7 @@ class ScoreHistogram:
         counts = self.counts.view(self.num_labels, self.bins, 2)
         if labels.default == 0.0:  # unlisted: negative; listed others: unknown
             negatives = self._all_counts(scores) - positives - np.bincount(other_keys, minlength=size)
-            low = scores.min(0) if len(scores) else np.full(self.num_labels, np.inf)
+            low = scores.min(0).astype(np.float64) if len(scores) else np.full(self.num_labels, np.inf)
             if len(other[0]):  # labels with unknowns: their lowest known score, column by column
                 columns, where = np.unique(other[1], return_inverse=True)
                 part = scores[:, columns]
@@ -365,12 +417,17 @@ class ScoreHistogram:
         thread_map(block, range(0, self.num_labels, step))
         return out
 
+    def _note_dtype(self, scores: np.ndarray) -> None:
+        if scores.dtype == np.float64:
+            self.wide.fill_(1)
+
     def merge(self, other: "ScoreHistogram") -> "ScoreHistogram":
         if other.counts.shape != self.counts.shape:
             raise ValueError(f"cannot merge histograms of shape {tuple(other.counts.shape)} into "
                              f"{tuple(self.counts.shape)}")
         self.counts += other.counts.to(self.counts.device)
         torch.minimum(self.lowest, other.lowest.to(self.lowest.device), out=self.lowest)
+        self.wide.fill_(max(int(self.wide), int(other.wide)))
         return self
 
     def all_reduce(self, group=None) -> "ScoreHistogram":
@@ -379,6 +436,7 @@ class ScoreHistogram:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(self.lowest, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(self.wide, op=dist.ReduceOp.MAX, group=group)
         return self
 
     def _curves(self, metric: str, objective: dict):
@@ -405,7 +463,8 @@ class ScoreHistogram:
         objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
         threshold, value, n_pos, n_neg = self._edge_cutoffs(metric, objective)
         threshold, value = _finish(metric, threshold, value, n_pos, n_neg, labels, fallback)
-        return _output(threshold, value, torch.zeros(0, device=self.counts.device), return_scores)
+        like = torch.zeros(0, dtype=torch.float64 if int(self.wide) else torch.float32, device=self.counts.device)
+        return _output(threshold, value, like, return_scores)
 
     def _edge_cutoffs(self, metric: str, objective: dict):
         tp, fp, n_pos, n_neg, value, bound = self._curves(metric, objective)
@@ -421,7 +480,11 @@ class ScoreHistogram:
             seen = np.take_along_axis(seen_all, last[:, None], 1)
             first = (seen_all < seen).sum(1)
         edge_hi, edge_lo = self.bins - 1 - first, self.bins - 1 - last
-        threshold = (edge_hi + edge_lo).astype(np.float64) / (2 * self.bins)
+        # The middle of the run, in the scores' dtype, kept between the run's end edges (rounded
+        # up in that dtype, so that ``score >= edge`` is exactly "in that bin or above").
+        edges = self.edges()
+        middle = ((edge_hi + edge_lo) / (2 * self.bins)).astype(self.dtype).astype(np.float64)
+        threshold = np.clip(middle, edges[edge_lo], edges[edge_hi])
         # The bottom edge predicts all of bin 0, which also holds the scores below 0.
         lowest = self.lowest.cpu().numpy()
         lowest = lowest.min(keepdims=True) if metric == "global" else lowest
