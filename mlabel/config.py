@@ -65,12 +65,12 @@ class DataConfig:
     cache: bool | Literal["auto"] = _key(
         "auto", "decode every image once into a memory-mapped uint8 cache; auto: when it fits in 2 GiB (and RAM/8)")
     cache_dir: str | None = _key(None, "where caches and generated data go; null: $XDG_CACHE_HOME/mlabel or ~/.cache/mlabel")
-    batch_size: int = _key(64, "images per batch (per process under torchrun)", "[1, inf)")
+    batch_size: int = _key(64, "images per batch (per process under torchrun)", "[1, 65536]")
     num_workers: int | Literal["auto"] = _key(
         "auto", "loader processes; auto: usable cores - 1, at most 4 (none with the cache on <= 2 cores)", "[0, 256]")
     pin_memory: bool | None = _key(None, "null: on when training on CUDA")
     persistent_workers: bool = _key(True, "keep loader processes between epochs")
-    shuffle_buffer: int = _key(1000, "wds: samples each loader worker mixes while streaming its shards", "[1, inf)")
+    shuffle_buffer: int = _key(1000, "wds: samples each loader worker mixes while streaming its shards", "[1, 1000000]")
 
 
 @dataclass
@@ -81,7 +81,7 @@ class ModelConfig:
     head: str = _key("linear", "a name of mlabel.models.HEADS: linear, mlp, csra")
     head_args: dict = _key({}, "the head's constructor arguments (over the flat keys below)")
     drop_rate: float = _key(0.0, "dropout before the head", "[0, 1)")
-    head_hidden: int = _key(512, "mlp: hidden width", "[1, inf)")
+    head_hidden: int = _key(512, "mlp: hidden width", "[1, 65536]")
     head_dropout: float = _key(0.2, "mlp: dropout", "[0, 1)")
     csra_lambda: float = _key(0.1, "csra: weight of the attention-pooled score", "[0, inf)")
     csra_temperature: float = _key(1.0, "csra: softmax temperature over locations (>= 99: max)", "(0, inf)")
@@ -89,7 +89,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _key(10, "passes over the training split", "[1, inf)")
+    epochs: int = _key(10, "passes over the training split", "[1, 100000]")
     lr: float = _key(0.001, "peak learning rate (AdamW)", "[0, inf)")
     backbone_lr_scale: float = _key(1.0, "backbone learning rate as a share of lr", "[0, inf)")
     weight_decay: float = _key(0.05, "AdamW weight decay (not on norms and biases)", "[0, inf)")
@@ -101,7 +101,7 @@ class TrainConfig:
     device: str = _key("auto", "auto, cpu, cuda, cuda:1 ...")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _key(
         "auto", "training precision; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (evaluation: fp32 on CPUs)")
-    accumulate: int = _key(1, "optimizer step every N batches (effective batch N x batch_size)", "[1, inf)")
+    accumulate: int = _key(1, "optimizer step every N batches (effective batch N x batch_size)", "[1, 4096]")
     schedule: Literal["auto", "cosine", "onecycle", "constant", "plateau"] = _key(
         "auto", "learning-rate schedule after warmup; plateau: constant until val mAP stalls, then cosine; "
         "auto: cosine from pretrained weights, plateau from scratch")
@@ -147,10 +147,10 @@ class ThresholdsConfig:
     min_precision: float = _key(0.9, "recall_at_precision: the precision to keep", "[0, 1]")
     policy: Literal["auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select"] = _key(
         "auto", "where each cut-off goes for unseen data (docs/THRESHOLDS.md)")
-    bootstrap: int = _key(200, "resamples for each label's 90 % interval of its val objective; 0 = off", "[0, inf)")
+    bootstrap: int = _key(200, "resamples for each label's 90 % interval of its val objective; 0 = off", "[0, 10000]")
     mode: Literal["exact", "histogram"] = _key("exact", "exact: every score; histogram: binned (streaming)")
-    bins: int = _key(2048, "histogram mode: bins per label", "[2, inf)")
-    cross_fit: int = _key(5, "folds for the cross-fitted F1 in metrics.json; 0 = off", "[0, inf)")
+    bins: int = _key(2048, "histogram mode: bins per label", "[2, 65536]")
+    cross_fit: int = _key(5, "folds for the cross-fitted F1 in metrics.json; 0 = off", "[0, 100]")
     streaming: bool | Literal["auto"] = _key(
         "auto", "val/test metrics and thresholds from per-label score histograms (thresholds.bins) merged across "
         "ranks, without the (N, L) scores (calibration fitted on the bins; no predictions/ or report); "

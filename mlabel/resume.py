@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import config_differences, load_checkpoint
 from .config import Config, ConfigError, config_to_dict
 
-__all__ = ["finished_run", "load_resume", "resume_guard"]
+__all__ = ["finished_run", "interrupted_siblings", "load_resume", "resume_guard"]
 
 FINISHED = "finished"  # run.json's flag, set once every output of the run is written
 
@@ -114,3 +114,14 @@ def finished_run(out_dir: Path) -> dict | None:
         return json.loads(metrics.read_text()) if done else None
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def interrupted_siblings(out_dir: Path) -> list[Path]:
+    """``DIR-2``, ``DIR-3``, ... beside ``out_dir`` that hold an interrupted run: where a training
+    went when ``out_dir`` already held one, and what ``resume=true`` on ``out_dir`` may have meant."""
+    found = []
+    for sibling in sorted(out_dir.parent.glob(f"{out_dir.name}-*")):
+        suffix = sibling.name[len(out_dir.name) + 1:]
+        if suffix.isdigit() and (sibling / "checkpoint.pt").is_file() and finished_run(sibling) is None:
+            found.append(sibling)
+    return found

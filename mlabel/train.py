@@ -45,7 +45,7 @@ from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
 from .defaults import resolve_defaults
-from .resume import FINISHED, finished_run, load_resume, resume_guard
+from .resume import FINISHED, finished_run, interrupted_siblings, load_resume, resume_guard
 from .rundir import claim_run_dir
 
 __all__ = ["main", "run"]
@@ -231,8 +231,10 @@ def run(cfg: Config, quiet: bool = False) -> dict:
             cfg.out_dir = str(out_dir)
             done = finished_run(out_dir) if cfg.resume else None
             if done is not None:  # resuming it would only redo its post-training steps (and undo a later tune)
+                others = "".join(f"; {d} holds an interrupted run: resume it with out_dir={d} resume=true"
+                                 for d in interrupted_siblings(out_dir))
                 _log(quiet, f"nothing to resume: {out_dir} holds a finished run, left as it is (train more epochs "
-                            "into a new out_dir, or retune with mlabel tune)")
+                            f"into a new out_dir, or retune with mlabel tune){others}")
                 return done
             return _run(cfg, quiet, world, device)
     finally:

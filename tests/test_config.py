@@ -34,7 +34,14 @@ def test_int_is_accepted_where_float_declared():
     ("train=3", "'train' is a section"),
     ("seed.x=1", "'seed' is a value, not a section"),
     ("epochs", "not of the form key=value"),
-    ("train.epochs=0", r"train.epochs must lie in \[1, inf\), got 0"),
+    ("train.epochs=0", r"train.epochs must lie in \[1, 100000\], got 0"),
+    # every count a run allocates by has a ceiling a real run can afford (a 1e8-resample bootstrap
+    # grew to 19.5 GB before this)
+    ("thresholds.bootstrap=100000000", r"thresholds.bootstrap must lie in \[0, 10000\]"),
+    ("thresholds.bins=1000000000", r"thresholds.bins must lie in \[2, 65536\]"),
+    ("data.batch_size=10000000", r"data.batch_size must lie in \[1, 65536\]"),
+    ("data.shuffle_buffer=1000000000", r"data.shuffle_buffer must lie in \[1, 1000000\]"),
+    ("thresholds.cross_fit=100000", r"thresholds.cross_fit must lie in \[0, 100\]"),
     ("data.val_fraction=1.5", r"must lie in \[0, 1\)"),
 ])
 def test_bad_overrides_fail_with_valid_choices(override, fragment):

@@ -85,10 +85,19 @@ def test_readme_quickstart_killed_after_two_epochs_then_resumed(tmp_path):
     _quickstart_kill_and_resume(tmp_path, env, ["quickstart"], kill_after=2)
 
 
-def _finished_quickstart(tmp_path: Path, cache: Path) -> Path:
-    out = tmp_path / "run"
-    argv = ["quickstart", *QUICK, "train.epochs=1", f"out_dir={out}", f"data.cache_dir={cache / 'mlabel'}", "--quiet"]
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory, cache_dir) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    argv = ["quickstart", *QUICK, "train.epochs=1", f"out_dir={out}", f"data.cache_dir={cache_dir / 'mlabel'}", "--quiet"]
     assert train_main(argv) == 0
+    return out
+
+
+def _finished_quickstart(tmp_path: Path, finished: Path) -> Path:
+    """A copy of a finished one-epoch quickstart run (the shipped recipe on its generated data)."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
     return out
 
 
@@ -96,8 +105,8 @@ def _snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
-def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir, capsys):
-    out = _finished_quickstart(tmp_path, cache_dir)
+def test_resume_of_a_finished_run_leaves_it_as_it_is(tmp_path, cache_dir, finished_once, capsys):
+    out = _finished_quickstart(tmp_path, finished_once)
     meta_path = out / "model" / "mlabel.json"
     meta = json.loads(meta_path.read_text())
     meta["thresholds"] = [0.9] * len(meta["thresholds"])  # as a later mlabel tune --from-json leaves it
@@ -206,3 +215,17 @@ def test_resume_with_another_world_size_is_refused(shards, tmp_path, monkeypatch
     capsys.readouterr()
     assert train_main([*argv, "data.num_workers=2", "resume=true"]) == 2
     assert "trained by 2 process(es), this run has 1" in capsys.readouterr().err
+
+
+def test_resume_on_a_finished_dir_names_the_interrupted_run_beside_it(tmp_path, cache_dir, finished_once, capsys):
+    """A second training of the same recipe went to DIR-2 (DIR held a run) and was killed:
+    resume=true on DIR leaves DIR as it is and says where the interrupted run is."""
+    out = _finished_quickstart(tmp_path, finished_once)
+    sibling = out.with_name(out.name + "-2")
+    sibling.mkdir()
+    (sibling / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    argv = ["quickstart", *QUICK, "train.epochs=1", f"out_dir={out}", f"data.cache_dir={cache_dir / 'mlabel'}", "resume=true"]
+    assert train_main(argv) == 0
+    said = capsys.readouterr().out
+    assert "nothing to resume" in said and f"out_dir={sibling} resume=true" in said, said
