@@ -90,9 +90,14 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _key(10, "passes over the training split", "[1, 100000]")
-    lr: float = _key(0.001, "peak learning rate (AdamW)", "[0, inf)")
+    lr: float = _key(0.001, "peak learning rate", "[0, inf)")
+    optimizer: str = _key("adamw", "any optimizer timm.optim knows (timm.optim.list_optimizers()): adamw, sgd "
+                                   "(Nesterov momentum), momentum, lamb, lars, lion, adan, ...")
+    optimizer_args: dict = _key({}, "the optimizer's other arguments, e.g. train.optimizer_args.betas=[0.9,0.99]")
+    layer_decay: float | None = _key(None, "backbone learning rate shrunk by this factor per layer from the head "
+                                           "down (timm's layer groups); null: off", "(0, 1]")
     backbone_lr_scale: float = _key(1.0, "backbone learning rate as a share of lr", "[0, inf)")
-    weight_decay: float = _key(0.05, "AdamW weight decay (not on norms and biases)", "[0, inf)")
+    weight_decay: float = _key(0.05, "decoupled weight decay (not on norms and biases)", "[0, inf)")
     warmup_epochs: float = _key(1.0, "linear warmup length in epochs", "[0, inf)")
     freeze_backbone_epochs: int = _key(0, "train only the head for this many epochs", "[0, inf)")
     freeze_norm_stats: bool = _key(False, "keep the backbone's batch-norm statistics fixed")
@@ -467,6 +472,7 @@ def _check(config: Config) -> None:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
     _check_thresholds(config.thresholds)
     _check_parts(config)
+    _check_optimizer(config.train)
     _check_backbone(config.model)
 
 
@@ -546,6 +552,15 @@ def _check_parts(config: Config) -> None:
             checked(registry, name, kwargs, what)
         except ValueError as err:
             raise ConfigError(f"{key}: {err}") from None
+
+
+def _check_optimizer(train: TrainConfig) -> None:
+    """``train.optimizer`` a name timm's factory knows, ``train.optimizer_args`` arguments it takes."""
+    from .engine import check_optimizer
+    try:
+        check_optimizer(train.optimizer, train.optimizer_args)
+    except ValueError as err:
+        raise ConfigError(f"train.optimizer: {err}") from None
 
 
 def _check_thresholds(th: ThresholdsConfig) -> None:

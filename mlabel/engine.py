@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
+import inspect
 import math
 import sys
 import time
@@ -17,7 +19,7 @@ from .errors import NonFiniteLossError
 from .losses import task_loss
 from .outputs import Outputs, Targets, as_targets, concat
 
-__all__ = ["build_optimizer", "build_scheduler", "train_one_epoch", "collect_predictions", "autocast_for",
+__all__ = ["build_optimizer", "build_scheduler", "check_optimizer", "train_one_epoch", "collect_predictions", "autocast_for",
            "grad_scaler_for", "mix_batch", "batch_mixer", "set_train_mode", "Stepper", "ModelEma",
            "NonFiniteLossError"]
 
@@ -112,18 +114,60 @@ def model_outputs(model: nn.Module, images: torch.Tensor) -> Outputs:
     return model.outputs(images) if hasattr(model, "outputs") else Outputs(model(images))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights; the backbone at ``lr * scale``."""
-    groups: dict[tuple[bool, bool], list] = {}
+def _param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float,
+                  layer_decay: float | None) -> list[dict]:
+    """Parameter groups with their own ``lr_scale``: no weight decay on biases and norm weights,
+    the backbone at ``backbone_lr_scale`` and, with ``layer_decay``, each backbone layer group
+    (timm's ``group_matcher``) shrunk by ``layer_decay`` per layer below the head."""
+    backbone = getattr(model, "backbone", None)
+    if layer_decay is not None and backbone is not None:
+        from timm.optim import param_groups_layer_decay
+        skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"],
+                   "lr_scale": g["lr_scale"] * backbone_lr_scale}
+                  for g in param_groups_layer_decay(backbone, weight_decay, skip, layer_decay=layer_decay)]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p is not None]
+        by_decay: dict[bool, list] = {}
+        for param in rest:
+            by_decay.setdefault(param.ndim > 1, []).append(param)
+        return groups + [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": 1.0}
+                         for decay, ps in by_decay.items()]
+    grouped: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
-        is_backbone = name.startswith("backbone.")
-        decay = param.ndim > 1
-        groups.setdefault((is_backbone, decay), []).append(param)
-    param_groups = [{"params": params, "lr": lr * (backbone_lr_scale if bb else 1.0),
-                     "weight_decay": weight_decay if decay else 0.0}
-                    for (bb, decay), params in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=lr)
+        grouped.setdefault((name.startswith("backbone."), param.ndim > 1), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0,
+             "lr_scale": backbone_lr_scale if in_backbone else 1.0}
+            for (in_backbone, decay), params in grouped.items()]
+
+
+def check_optimizer(name: str, args: dict) -> None:
+    """Refuse (ValueError) an optimizer timm's factory does not know, or arguments it does not take."""
+    from timm.optim import list_optimizers
+    from timm.optim._optim_factory import get_optimizer_class
+    known = list_optimizers()
+    if name not in known:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        raise ValueError(f"timm.optim has no optimizer {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; e.g. {', '.join(n for n in ('adamw', 'sgd', 'momentum', 'lamb', 'lars', 'lion', 'adan') if n in known)}")
+    cls = get_optimizer_class(name, bind_defaults=False)
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(args) - set(accepted) - {"self"})
+        if unknown:
+            raise ValueError(f"{name} takes no argument {unknown}; its arguments: "
+                             f"{sorted(k for k in accepted if k not in ('self', 'params'))}")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0, *,
+                    name: str = "adamw", args: dict | None = None,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` from timm's factory (``timm.optim.create_optimizer_v2``: AdamW,
+    SGD with Nesterov momentum, LAMB, LARS, Lion, Adan, ...) over :func:`_param_groups`; each
+    group's ``lr`` is ``lr`` times its scale (the schedule multiplies it)."""
+    from timm.optim import create_optimizer_v2
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr": lr * g["lr_scale"]}
+              for g in _param_groups(model, weight_decay, backbone_lr_scale, layer_decay)]
+    return create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=weight_decay, **(args or {}))
 
 
 class ScheduleFactor:

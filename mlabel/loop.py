@@ -144,12 +144,13 @@ class _Parts(Stepper):
 
 
 def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.backbone_lr_scale, name=t.optimizer,
+                                args=t.optimizer_args, layer_decay=t.layer_decay)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
     scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
                                 int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
     ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
-    t = cfg.train
     return _Parts(optimizer, scheduler, grad_scaler_for(device, t.precision), ema, precision=t.precision,
                   channels_last=t.channels_last, accumulate=t.accumulate, grad_clip=t.grad_clip,
                   mix=batch_mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob),
