@@ -1,10 +1,13 @@
-"""Function lengths of a package (issue 13's check): median, distribution and the longest.
+"""Function lengths and parameter counts of a package (issues 13 and 28): median, distribution,
+the longest functions and those with the most parameters.
 
     python tools/function_lengths.py            # mlabel/
-    python tools/function_lengths.py mlabel --over 50
+    python tools/function_lengths.py mlabel --over 50 --params-over 7
 
 A function's length is its body's source lines (from its ``def`` to its last statement,
-docstring included); nested functions count in their parent and on their own.
+docstring included); nested functions count in their parent and on their own. Its parameters
+are every named one (positional, keyword-only, ``*args`` and ``**kwargs``), ``self`` and ``cls``
+of methods left out.
 """
 from __future__ import annotations
 
@@ -24,10 +27,25 @@ def lengths(root: Path) -> list[tuple[int, str]]:
     return found
 
 
+def parameters(root: Path) -> list[tuple[int, str]]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                count = len([n for n in names if n not in ("self", "cls")])
+                found.append((count, f"{path}:{node.lineno} {node.name}"))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", nargs="?", default="mlabel")
     parser.add_argument("--over", type=int, default=50, help="list functions longer than this")
+    parser.add_argument("--params-over", type=int, default=7, help="list functions with more parameters than this")
     args = parser.parse_args()
     found = lengths(Path(args.package))
     sizes = [n for n, _ in found]
@@ -38,6 +56,13 @@ def main() -> None:
         print(f"  {low:>3}-{'' if high > 10**5 else high:<4} {count:>4}")
     for n, where in sorted(found, reverse=True):
         if n > args.over:
+            print(f"  {n:>4}  {where}")
+    counts = parameters(Path(args.package))
+    numbers = [n for n, _ in counts]
+    print(f"parameters: median {statistics.median(numbers):.0f}, most {max(numbers)}; "
+          f"{sum(n > args.params_over for n in numbers)} functions over {args.params_over}")
+    for n, where in sorted(counts, reverse=True):
+        if n > args.params_over:
             print(f"  {n:>4}  {where}")
     modules = sorted((len(p.read_text().splitlines()), str(p)) for p in Path(args.package).rglob("*.py"))
     print(f"modules over 300 lines: {sum(n > 300 for n, _ in modules)} of {len(modules)}")
