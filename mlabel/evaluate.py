@@ -19,7 +19,7 @@ from .data import DataError, ImageDataset, build_splits, build_transform, make_l
 from .defaults import loader_workers
 from .distributed import resolve_device
 from .engine import collect_predictions
-from .io import check_writable, write_json
+from .io import check_output, write_json
 from .metrics import nanmean, calibration_error, cutoff_metrics, evaluate_predictions
 from .models import MultiLabelClassifier, load, locate_model
 from .outputs import Outputs, Targets
@@ -188,7 +188,7 @@ def main(argv: list[str]) -> int:
     recipe, overrides = split_arguments(args.rest)
     model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
-    check_writable(out)
+    check_output(out)  # never over the model's own files
     device = resolve_device(args.device or cfg.train.device)
     loader = split_loader(model, cfg, args.split, device)
     from .loop import stream_metrics, streams

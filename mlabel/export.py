@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cli import guarded
-from .io import atomic_path
+from .io import atomic_path, check_output
 from .models import MultiLabelClassifier, load, locate_model
 
 __all__ = ["export_model", "check_parity", "main", "METADATA_KEY"]
@@ -109,10 +109,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="output file (default: MODEL_DIR/model.onnx or model.torchscript.pt)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
     args = parser.parse_args(argv)
-    model = load(args.model_dir, trust_pickle=args.trust_pickle)
     model_dir, _ = locate_model(args.model_dir)
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     out = Path(args.out) if args.out else model_dir / f"model{suffix}"
+    check_output(out, export=True)  # never over the model's own files
+    model = load(args.model_dir, trust_pickle=args.trust_pickle)
     try:
         export_model(model, out, args.format)
         diff, agree = check_parity(model, out, args.format)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "check_writable", "remove_stale_temps", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_output", "check_writable", "remove_stale_temps", "write_json", "write_text"]
 
 
 def _umask() -> int:
@@ -55,6 +55,43 @@ def check_writable(path: str | Path) -> None:
         raise ValueError(f"cannot write {path}: {existing} is a file, not a folder; choose another output path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write {path}: no write permission in {existing}; choose another output path")
+
+
+EXPORT_SUFFIXES = (".onnx", ".torchscript.pt")  # what mlabel.export writes beside a model, by default there
+
+
+def check_output(out: str | Path, inputs=(), export: bool = False) -> None:
+    """Refuse, before any work, an output that would destroy what the command reads: a file the
+    command also reads (``inputs``), or a file in a model directory (a folder holding
+    ``mlabel.json`` or ``model.safetensors``), which holds the model alone; ``export`` allows the
+    exported model files there. Symbolic and hard links are followed to the file they name."""
+    check_writable(out)
+    target = Path(out).resolve()
+    for item in inputs:
+        if _same_file(target, Path(item)):
+            raise ValueError(f"--out {out} is also an input ({item}); writing it would overwrite the input: "
+                             "choose another output path")
+    from .modeldir import META_FILE, PENDING, WEIGHTS_FILE
+    folder = target.parent
+    if not ((folder / META_FILE).is_file() or (folder / WEIGHTS_FILE).is_file()):
+        return
+    name = target.name
+    own = name in (META_FILE, PENDING, WEIGHTS_FILE) or name.startswith(".") or \
+        (not name.endswith(EXPORT_SUFFIXES) and name.endswith((".pt", ".pth", ".bin", ".ckpt", ".pkl")))
+    if own:
+        raise ValueError(f"--out {out} is a file of the model in {folder}; writing it would destroy the model: "
+                         "choose a path outside the model directory")
+    if not (export and name.endswith(EXPORT_SUFFIXES)):
+        raise ValueError(f"--out {out} lies in the model directory {folder}, which holds the model alone: "
+                         "choose a path outside it")
+
+
+def _same_file(target: Path, item: Path) -> bool:
+    """Whether ``target`` (resolved) is ``item``: the same path after links, or the same file."""
+    try:
+        return target == item.resolve() or (target.exists() and os.path.samefile(target, item))
+    except OSError:  # an input that does not exist (reported where it is read) is no file to protect
+        return False
 
 
 def write_text(path: str | Path, text: str) -> None:

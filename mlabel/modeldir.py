@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .io import atomic_path, remove_stale_temps, write_json
+from .labelnames import check_label_names
+from .preprocess import INTERPOLATION
 
-__all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "ModelFiles", "read_model", "read_model_files", "validate_meta",
-           "weights_digest", "write_metadata", "write_model"]
+__all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "ModelFiles", "check_preprocessing", "read_model",
+           "read_model_files", "validate_meta", "weights_digest", "write_metadata", "write_model"]
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "mlabel.json"
@@ -143,49 +145,120 @@ def _parse_pending(path: Path) -> dict | None:
 
 # --------------------------------------------------------------------------- metadata checks
 
+# Bounds on the numbers a model is rebuilt from: wide enough for any trained model, narrow enough
+# that none overflows float32 (1e308 becomes inf there, and inf - inf is NaN) or allocates without end.
+RANGES = {
+    "calibration.scale": (1e-7, 1e5),  # fitted within [1e-6, 1e4] (mlabel.calibration), stored as float32
+    "calibration.bias": (-1e5, 1e5),
+    "regression.mean": (-1e30, 1e30),
+    "regression.std": (1e-30, 1e30),
+    "preprocessing.mean": (0.0, 1.0),  # of pixels scaled to [0, 1]: timm's configs use 0 to 0.5
+    "preprocessing.std": (1e-3, 10.0),  # timm's: 0.14 to 1; zero gives NaN probabilities
+    "preprocessing.crop_pct": (0.5, 2.0),  # timm's: 0.875 to 1.15; the resized side is size / crop_pct
+}
+IMAGE_SIZES = (8, 4096)  # data.image_size's range: 60,000 would allocate 40 GiB per image
+RESIZE = ("crop", "squish")
+TASKS = ("multilabel", "binary")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _finite(values, name: str, source, count: int | None = None) -> list[float]:
-    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                               for v in values):
+    """``values``: a list of finite numbers (``count`` of them), each within ``RANGES[name]`` if given."""
+    if not isinstance(values, list) or not all(_number(v) for v in values):
         raise ValueError(f"{source}: {name} must be a list of numbers, got {values!r:.80}")
     if count is not None and len(values) != count:
         raise ValueError(f"{source}: {name} has {len(values)} values for {count} labels")
-    if not all(math.isfinite(v) for v in values):
+    low, high = RANGES.get(name, (-math.inf, math.inf))
+    # a comparison, not float(): a 400-digit integer overflows float() but compares fine
+    if not all(v == v and -math.inf < v < math.inf for v in values):
         raise ValueError(f"{source}: {name} holds NaN or infinite values")
+    if not all(low <= v <= high for v in values):
+        kind = "positive numbers" if low > 0 else "numbers"  # a zero scale: every prediction the same
+        raise ValueError(f"{source}: {name} must be {kind} in [{low:g}, {high:g}], got {values!r:.80}")
     return values
 
 
 def validate_meta(meta: dict, source) -> None:
-    """Values a model would silently misbehave with: refused with the key and the damage."""
-    labels = meta.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
-        raise ValueError(f"{source}: labels must be a non-empty list of names")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{source}: labels repeat a name: {sorted({x for x in labels if labels.count(x) > 1})}")
+    """Every field a model is rebuilt from (``mlabel.json``, or the metadata inside an ONNX export),
+    checked before it is used: refused with the file, the key and the valid values."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{source}: the model metadata must be a JSON object; re-export or re-save the model")
+    labels = check_label_names(meta.get("labels"), source)  # the rules every data reader applies too
+    _check_task(meta, source, labels)
     n = len(labels)
     if meta.get("thresholds") is not None:
         thresholds = _finite(meta["thresholds"], "thresholds", source, n)
         if not all(0.0 <= t <= 1.0 for t in thresholds):
-            raise ValueError(f"{source}: thresholds are probabilities in [0, 1], got {thresholds}; "
+            raise ValueError(f"{source}: thresholds are probabilities in [0, 1], got {thresholds!r:.80}; "
                              "retune the model (mlabel tune)")
-    calibration = meta.get("calibration")
-    if calibration is not None:
-        if not isinstance(calibration, dict) or calibration.get("method") not in ("temperature", "platt"):
-            raise ValueError(f"{source}: calibration must be null or {{method: temperature | platt, scale, bias}}")
-        scale = _finite(calibration.get("scale"), "calibration.scale", source, n)
-        _finite(calibration.get("bias"), "calibration.bias", source, n)
-        if not all(s > 0 for s in scale):
-            raise ValueError(f"{source}: calibration.scale must be positive")
-    regression = meta.get("regression")
-    if regression:
-        names = regression.get("names") or []
-        if "mean" in regression:
-            _finite(regression["mean"], "regression.mean", source, len(names))
-        if "std" in regression:
-            std = _finite(regression["std"], "regression.std", source, len(names))
-            if not all(s > 0 for s in std):
-                raise ValueError(f"{source}: regression.std must be positive (a zero scale makes every "
-                                 "prediction the mean)")
+    _check_calibration(meta.get("calibration"), source, n)
+    _check_regression(meta.get("regression"), source, labels)
     backbone = meta.get("backbone")
-    if not isinstance(backbone, str) or backbone.split(":", 1)[0] in ("hf-hub", "hf_hub", "timm", "local-dir"):
-        raise ValueError(f"{source}: backbone {backbone!r} would be fetched from a hub or a folder; loading a "
+    if not isinstance(backbone, str) or not backbone:
+        raise ValueError(f"{source}: backbone must be a timm architecture name, got {backbone!r:.80}")
+    if backbone.split(":", 1)[0] in ("hf-hub", "hf_hub", "timm", "local-dir"):
+        raise ValueError(f"{source}: backbone {backbone!r:.80} would be fetched from a hub or a folder; loading a "
                          "model never downloads: save it with a plain timm architecture name")
+    check_preprocessing(meta.get("preprocessing"), source)
+
+
+def _check_task(meta: dict, source, labels: list[str]) -> None:
+    task = meta.get("task", "multilabel")
+    if task not in TASKS:
+        raise ValueError(f"{source}: task must be one of {list(TASKS)}, got {task!r:.80}")
+    if task == "binary" and len(labels) != 1:
+        raise ValueError(f"{source}: a binary task has exactly one label, got {len(labels)}")
+
+
+def _check_calibration(calibration, source, n: int) -> None:
+    if calibration is None:
+        return
+    if not isinstance(calibration, dict) or calibration.get("method") not in ("temperature", "platt"):
+        raise ValueError(f"{source}: calibration must be null or {{method: temperature | platt, scale, bias}}")
+    _finite(calibration.get("scale"), "calibration.scale", source, n)
+    _finite(calibration.get("bias"), "calibration.bias", source, n)
+
+
+def _check_regression(regression, source, labels: list[str]) -> None:
+    if regression is None or regression == {}:
+        return
+    names = regression.get("names") if isinstance(regression, dict) else None
+    if names is None or names == []:
+        raise ValueError(f"{source}: regression must be null or {{names, mean, std}} with the targets' names")
+    check_label_names(names, f"{source}: regression.names")
+    if set(names) & set(labels):
+        raise ValueError(f"{source}: regression targets {sorted(set(names) & set(labels))} share names with labels")
+    for key in ("mean", "std"):
+        if key in regression:
+            _finite(regression[key], f"regression.{key}", source, len(names))
+
+
+def check_preprocessing(preprocessing, source) -> None:
+    """The evaluation preprocessing (size, resize, crop, interpolation, mean and std) within the
+    ranges that give finite pixels at an affordable size; refused naming the field and its range."""
+    if not isinstance(preprocessing, dict):
+        raise ValueError(f"{source}: preprocessing must be an object (image_size, resize, crop_pct, "
+                         f"interpolation, mean, std), got {preprocessing!r:.80}; re-save or re-export the model")
+    size = preprocessing.get("image_size")
+    low, high = IMAGE_SIZES
+    if not (isinstance(size, int) and not isinstance(size, bool) and low <= size <= high):
+        raise ValueError(f"{source}: preprocessing.image_size must be an integer in [{low}, {high}], got {size!r:.80}")
+    choices = {"resize": RESIZE, "interpolation": tuple(INTERPOLATION)}
+    for key, allowed in choices.items():
+        if key in preprocessing and preprocessing[key] not in allowed:
+            raise ValueError(f"{source}: preprocessing.{key} must be one of {list(allowed)}, got "
+                             f"{preprocessing[key]!r:.80}")
+    crop = preprocessing.get("crop_pct", 1.0)
+    low, high = RANGES["preprocessing.crop_pct"]
+    if not (_number(crop) and low <= crop <= high):
+        raise ValueError(f"{source}: preprocessing.crop_pct must be a number in [{low:g}, {high:g}], got {crop!r:.80}")
+    for key in ("mean", "std"):
+        values = preprocessing.get(key)
+        low, high = RANGES[f"preprocessing.{key}"]
+        if not (isinstance(values, list) and len(values) == 3 and all(_number(v) and low <= v <= high
+                                                                      for v in values)):
+            raise ValueError(f"{source}: preprocessing.{key} must be 3 numbers in [{low:g}, {high:g}] (one per "
+                             f"RGB channel), got {values!r:.80}")

@@ -1,6 +1,7 @@
 """Any timm backbone with a head of independent per-label logits, saved as safetensors + JSON."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
@@ -130,6 +131,7 @@ class ModelSpec:
         if missing:
             raise ValueError(f"{source} lacks {missing}: the model directory is damaged; re-save the model")
         validate_meta(meta, source)
+        _check_architecture(meta, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in meta.items() if k in known and v is not None}
         return cls(**values)
@@ -140,6 +142,44 @@ class ModelSpec:
                                     task=self.task, thresholds=self.thresholds, preprocessing=self.preprocessing,
                                     calibration=self.calibration, head_args=self.head_args,
                                     regression=self.regression)
+
+
+MAX_HEAD_WIDTH = 65536  # an integer head argument (mlp: hidden) beyond this would allocate gigabytes
+
+
+def _check_architecture(meta: dict, source) -> None:
+    """The fields that build the network (backbone, head, head_args, drop_rate): a known timm
+    name and a registered head with arguments of the right kind, before anything is allocated."""
+    if not timm.is_model(meta["backbone"]):
+        raise ValueError(f"{source}: backbone {meta['backbone']!r:.80} is not a timm architecture of this timm "
+                         f"({timm.__version__}); install the timm version the model was saved with")
+    head, args = meta.get("head", "linear"), meta.get("head_args") or {}
+    if not isinstance(head, str) or not isinstance(args, dict):
+        raise ValueError(f"{source}: head must be a name of {sorted(HEADS)} and head_args an object, got "
+                         f"{head!r:.40} and {args!r:.40}")
+    try:
+        cls = checked(HEADS, head, args, "head")
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
+    for name, value in args.items():
+        _check_head_argument(f"{source}: head_args.{name}", value, defaults[name])
+    rate = meta.get("drop_rate", 0.0)
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0.0 <= rate < 1.0):
+        raise ValueError(f"{source}: drop_rate must be a number in [0, 1), got {rate!r:.40}")
+
+
+def _check_head_argument(where: str, value, default) -> None:
+    """A head argument of the kind its default is: an integer in [1, MAX_HEAD_WIDTH], or a finite
+    number (a dropout rate in [0, 1))."""
+    if isinstance(default, int) and not isinstance(default, bool):
+        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_HEAD_WIDTH):
+            raise ValueError(f"{where} must be an integer in [1, {MAX_HEAD_WIDTH}], got {value!r:.40}")
+        return
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and -1e6 <= value <= 1e6):
+        raise ValueError(f"{where} must be a finite number, got {value!r:.40}")
+    if where.endswith("dropout") and not 0.0 <= value < 1.0:
+        raise ValueError(f"{where} must be a rate in [0, 1), got {value!r:.40}")
 
 
 class MultiLabelClassifier(nn.Module):

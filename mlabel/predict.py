@@ -111,26 +111,50 @@ class _OnnxBackend:
             import onnxruntime as ort
         except ImportError:
             raise DataError("predicting with an .onnx file needs onnxruntime: pip install onnxruntime") from None
-        self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
-        meta = self.session.get_modelmeta().custom_metadata_map.get("mlabel")
-        if meta is None:
-            raise DataError(f"{path} carries no mlabel metadata; export it with python -m mlabel.export")
-        meta = json.loads(meta)
-        from .modeldir import validate_meta
-        validate_meta(meta, path)
-        width = self.session.get_outputs()[0].shape[-1]
-        if isinstance(width, int) and width != len(meta["labels"]):
-            raise DataError(f"{path}: its metadata names {len(meta['labels'])} labels but the graph outputs "
-                            f"{width} probabilities; re-export the model (mlabel export)")
+        if not Path(path).is_file():
+            raise DataError(f"{path} " + ("is not a file" if Path(path).exists() else "not found"))
+        try:
+            self.session = ort.InferenceSession(path, providers=ort.get_available_providers())
+        except Exception as err:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) derive from Exception
+            raise DataError(f"{path} is not a readable ONNX model ({str(err)[:200]}); export it again with "
+                            "python -m mlabel.export") from None
+        meta = _onnx_metadata(self.session, path)
         self.labels = meta["labels"]
         self.regression_names = (meta.get("regression") or {}).get("names", [])
         self.outputs = ["probs"] + (["regression"] if self.regression_names else [])
-        self.thresholds = np.asarray(meta["thresholds"], dtype=np.float32)
+        # no tuned thresholds: 0.5, as the PyTorch model (mlabel.load) decides then
+        thresholds = meta.get("thresholds")
+        self.thresholds = np.asarray([0.5] * len(self.labels) if thresholds is None else thresholds, dtype=np.float32)
         self.preprocessing = meta["preprocessing"]
         self.batch_size = 32
 
     def __call__(self, batch: np.ndarray) -> Predicted:
         return Predicted(*self.session.run(self.outputs, {"images": batch}))
+
+
+def _onnx_metadata(session, path: str) -> dict:
+    """The mlabel metadata inside an exported ONNX file, validated as ``mlabel.json`` is, and
+    checked against the graph's input size and output width."""
+    text = session.get_modelmeta().custom_metadata_map.get("mlabel")
+    if text is None:
+        raise DataError(f"{path} carries no mlabel metadata; export it with python -m mlabel.export")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError: also a 5,000-digit number
+        raise DataError(f"{path}: its mlabel metadata is not valid JSON ({str(err)[:120]}); export the model "
+                        "again (mlabel export)") from None
+    from .modeldir import validate_meta
+    validate_meta(meta, f"{path} (mlabel metadata)")
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(meta["labels"]):
+        raise DataError(f"{path}: its metadata names {len(meta['labels'])} labels but the graph outputs "
+                        f"{width} probabilities; re-export the model (mlabel export)")
+    side = session.get_inputs()[0].shape[-1]
+    if isinstance(side, int) and side != meta["preprocessing"]["image_size"]:
+        raise DataError(f"{path}: its metadata gives preprocessing.image_size "
+                        f"{meta['preprocessing']['image_size']} but the graph takes {side} x {side} images; "
+                        "re-export the model (mlabel export)")
+    return meta
 
 
 def load_backend(model: str, device: str | None = None, trust_pickle: bool = False):
@@ -156,12 +180,14 @@ def _decisions(probs: np.ndarray, thresholds: np.ndarray, threshold: float | Non
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
-def _check_output(out: Path, labels: list[str], regression: list[str]) -> None:
-    """Refuse, before any inference, an output that could not be written or read back unambiguously."""
-    from .io import check_writable
+def _check_output(out: Path, labels: list[str], regression: list[str], inputs=()) -> None:
+    """Refuse, before any inference, an output that could not be written or read back unambiguously,
+    or that would overwrite an input or a model's files (the list of unreadable images beside it too)."""
+    from .io import check_output
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: give a .csv, .jsonl or .json file name")
-    check_writable(out)
+    check_output(out, inputs)
+    check_output(_skipped_path(out), inputs)
     if out.suffix.lower() == ".csv":
         clash = sorted({"path", "labels"} & set(labels + regression))
         joined = [name for name in labels if ";" in name]
@@ -253,7 +279,7 @@ def main(argv: list[str]) -> int:
         raise DataError(f"no images found in {' '.join(args.inputs)}")
     backend = load_backend(args.model, args.device, args.trust_pickle)
     out = Path(args.out)
-    _check_output(out, backend.labels, backend.regression_names)
+    _check_output(out, backend.labels, backend.regression_names, args.inputs)
     start = time.perf_counter()
     rows, skipped = _predict_all(backend, paths, args)
     seconds = time.perf_counter() - start
@@ -261,7 +287,7 @@ def main(argv: list[str]) -> int:
         probs = np.stack([p.probs for _, p in rows])
         keep = _decisions(probs, backend.thresholds, args.threshold, args.topk, args.topk_only)
         _write(out, backend.labels, backend.regression_names, [(path, p, k) for (path, p), k in zip(rows, keep)])
-    _write_skipped(out.with_name(out.name + ".skipped.csv"), skipped)
+    _write_skipped(_skipped_path(out), skipped)
     print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
           + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
                                               f"{out.name}.skipped.csv)" if skipped else ""))
@@ -287,6 +313,10 @@ def _predict_all(backend, paths: list[str], args) -> tuple[list, list]:
         else:
             rows.append((path, probs))
     return rows, skipped
+
+
+def _skipped_path(out: Path) -> Path:
+    return out.with_name(out.name + ".skipped.csv")
 
 
 def _write_skipped(path: Path, skipped: list) -> None:

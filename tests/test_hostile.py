@@ -176,6 +176,86 @@ if not torch.cuda.is_available():
     CASES.append(("device=cuda without a GPU", _train_case("train.device=cuda"), "has no usable CUDA GPU"))
 
 
+# issue 27: label names a model could not be loaded with, outputs over the model or an input,
+# damaged preprocessing in mlabel.json
+def _label_header(edit_header):
+    def root(tmp, scene_csv):
+        def edit(rows, path):
+            edit_header(rows)
+            _write_rows(path, rows)
+        _copy_csv(scene_csv, tmp, "train.csv", edit)
+        shutil.copy(scene_csv / "val.csv", tmp / "val.csv")
+        (tmp / "images").symlink_to(scene_csv / "images")
+        return tmp
+    return root
+
+
+def _trailing_comma(rows):
+    for row in rows:  # as a spreadsheet writes it: every row ends with a comma
+        row.append("")
+
+
+def _empty_cell(rows):
+    rows[0][2] = ""
+
+
+def _coco_empty_name(tmp, scene_csv):
+    images = [{"id": i, "file_name": str(scene_csv / f"images/train{i}.png")} for i in range(4)]
+    categories = [{"id": 1, "name": "cat"}, {"id": 2, "name": ""}]
+    (tmp / "train.json").write_text(json.dumps({"images": images, "categories": categories, "annotations": [
+        {"image_id": 0, "category_id": 1}, {"image_id": 1, "category_id": 2}]}))
+    return tmp
+
+
+def _out_over(main_name, relative, suffix_args=()):
+    """A command whose --out is a file of the finished run's model directory."""
+    def build(tmp, scene_csv, run):
+        from mlabel.export import main as export_main
+        image = str(scene_csv / "images" / "val0.png")
+        argv = {"predict": [str(run), image], "evaluate": [str(run), "--split", "val"], "export": [str(run)]}
+        main = {"predict": predict_main, "evaluate": evaluate_main, "export": export_main}[main_name]
+        return main, [*argv[main_name], "--out", str(run / relative), *suffix_args]
+    return build
+
+
+def _out_symlink(tmp, scene_csv, run):
+    (tmp / "p.csv").symlink_to(run / "model" / "mlabel.json")
+    return predict_main, [str(run), str(scene_csv / "images" / "val0.png"), "--out", str(tmp / "p.csv"), "--quiet"]
+
+
+def _preprocessing(**changes):
+    def build(tmp, scene_csv, run):
+        prep = json.loads((run / "model" / "mlabel.json").read_text())["preprocessing"]
+        prep.update(changes)
+        return _damaged_model("preprocessing", {k: v for k, v in prep.items() if v is not None})(tmp, scene_csv, run)
+    return build
+
+
+CASES += [
+    ("csv header ending in a comma", _train_case(root=_label_header(_trailing_comma)),
+     "train.csv: header column 8 has an empty label name"),
+    ("csv header with an empty cell", _train_case(root=_label_header(_empty_cell)),
+     "train.csv: header column 3 has an empty label name"),
+    ("coco category without a name", _train_case("data.format=coco", "data.train=train.json", "data.val=null",
+                                                 root=_coco_empty_name), "train.json: label 2 has an empty label name"),
+    ("predict --out the model's mlabel.json", _out_over("predict", "model/mlabel.json"), "is a file of the model"),
+    ("evaluate --out the model's mlabel.json", _out_over("evaluate", "model/mlabel.json", ["--quiet"]),
+     "is a file of the model"),
+    ("export --out the model's weights", _out_over("export", "model/model.safetensors"), "is a file of the model"),
+    ("predict --out a link to mlabel.json", _out_symlink, "is a file of the model"),
+    ("image_size 0 in mlabel.json", _preprocessing(image_size=0), "preprocessing.image_size must be an integer in [8, 4096]"),
+    ("image_size -1 in mlabel.json", _preprocessing(image_size=-1), "preprocessing.image_size must be an integer in"),
+    ("image_size 60000 in mlabel.json", _preprocessing(image_size=60000), "preprocessing.image_size must be an integer"),
+    ("image_size 32.5 in mlabel.json", _preprocessing(image_size=32.5), "preprocessing.image_size must be an integer"),
+    ("crop_pct 0 in mlabel.json", _preprocessing(crop_pct=0), "preprocessing.crop_pct must be a number in [0.5, 2]"),
+    ("std 0 in mlabel.json", _preprocessing(std=[0, 0, 0]), "preprocessing.std must be 3 numbers in [0.001, 10]"),
+    ("mean of 2 values in mlabel.json", _preprocessing(mean=[0.5, 0.5]), "preprocessing.mean must be 3 numbers in [0, 1]"),
+    ("resize 'zoom' in mlabel.json", _preprocessing(resize="zoom"), "preprocessing.resize must be one of"),
+    ("interpolation as a list in mlabel.json", _preprocessing(interpolation=["x"]), "preprocessing.interpolation must be one of"),
+    ("no preprocessing in mlabel.json", _damaged_model("preprocessing", "none"), "preprocessing must be an object"),
+]
+
+
 @pytest.mark.parametrize("build,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_hostile_input_exits_2_with_one_line_and_keeps_the_earlier_run(build, fragment, finished, scene_csv,
                                                                         tmp_path, capsys):
@@ -188,6 +268,20 @@ def test_hostile_input_exits_2_with_one_line_and_keeps_the_earlier_run(build, fr
     assert rc == 2 and len(errors) == 1 and fragment in errors[0] and len(errors[0]) < 600, err
     assert "Traceback" not in err
     assert _snapshot(finished) == before
+
+
+def test_predict_refuses_to_write_over_its_input_list(finished, scene_csv, tmp_path, capsys):
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path\n{scene_csv / 'images' / 'val0.png'}\n")
+    before = listing.read_bytes()
+    assert predict_main([str(finished), str(listing), "--out", str(listing), "--quiet"]) == 2
+    assert f"--out {listing} is also an input" in capsys.readouterr().err
+    assert listing.read_bytes() == before
+    # the list of unreadable images beside --out must not land on an input either
+    (tmp_path / "p.csv.skipped.csv").write_text(f"path\n{scene_csv / 'images' / 'val0.png'}\n")
+    assert predict_main([str(finished), str(tmp_path / "p.csv.skipped.csv"), "--out", str(tmp_path / "p.csv"),
+                         "--quiet"]) == 2
+    assert "is also an input" in capsys.readouterr().err
 
 
 def test_evaluate_and_tune_refuse_bad_settings_without_writing(finished, capsys):

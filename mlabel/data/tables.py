@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..labelnames import check_label_names
 from ..outputs import Targets
 from ..preprocess import IMAGE_EXTENSIONS, read_rgb
 from .sparse import SparseLabels
@@ -48,6 +49,10 @@ class LabelTable:
     # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds: a
     # mlabel.data.shards.ShardMembers); None: ``paths`` are image files
     members: "ShardMembers | None" = None
+
+    def __post_init__(self):
+        # the rules mlabel.load applies to a saved model: no run may train a model load refuses
+        self.labels = check_label_names(self.labels, self.source)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -200,6 +205,9 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
         regression_set = set(regression_columns or ())
         columns = list(label_columns) if label_columns else [
             h for h in header if h != image_column and h not in regression_set]
+        if columns and not label_columns:  # every other header cell is a label: a name load accepts
+            check_label_names(columns, path, [f"header column {j + 1}" for j, h in enumerate(header)
+                                              if h != image_column and h not in regression_set])
         absent = [c for c in columns if c not in header]
         if absent:
             raise DataError(f"{path}: label columns {absent} not in header {header}")
