@@ -7,8 +7,9 @@ image files, folders (searched recursively) and CSV files listing image paths (c
 
 Writes one row per image: ``path``, ``labels`` (every label at or above its threshold, joined by
 ``;``, possibly empty), then one probability column per label (and one value column per
-regression target of a multi-task model); ``.jsonl`` output gives one JSON
-object per line instead. ``--threshold T`` replaces every per-label threshold by T; ``--topk K``
+regression target of a multi-task model); a text cell (path, label names) that would start a
+spreadsheet formula (``=``, ``+``, ``-``, ``@``, tab, CR) is written with a leading ``'``. ``.jsonl``
+output gives one JSON object per line instead, names unchanged. ``--threshold T`` replaces every per-label threshold by T; ``--topk K``
 keeps the K most probable labels (among those passing ``--threshold`` when both are given).
 Unreadable inputs are reported, skipped, listed in ``OUT.skipped.csv`` and counted at the end.
 """
@@ -232,6 +233,16 @@ def predict_paths(backend, paths: list[str], *, batch_size: int | None = None, w
         pool.shutdown(cancel_futures=True)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's CSV injection list
+
+
+def _cell(text: str) -> str:
+    """A text cell of a CSV a spreadsheet may open: one that would start a formula there (a label
+    or file named ``=HYPERLINK(...)``) gets a leading single quote, as OWASP advises. Numbers
+    (probabilities, regression values) are written as they are."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
     """rows: (path, :class:`Predicted` of the image, decisions)."""
     from .io import write_text
@@ -250,9 +261,9 @@ def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
             buffer.writelines(json.dumps(record) + "\n" for record in records)
     else:
         writer = csv.writer(buffer)
-        writer.writerow(["path", "labels", *labels, *regression])
+        writer.writerow(["path", "labels", *map(_cell, labels), *map(_cell, regression)])
         for path, values, keep in rows:
-            writer.writerow([path, ";".join(name for name, k in zip(labels, keep) if k),
+            writer.writerow([_cell(path), _cell(";".join(name for name, k in zip(labels, keep) if k)),
                              *(f"{p:.6f}" for p in values.probs),
                              *(f"{v:.6g}" for v in (() if values.regression is None else values.regression))])
     write_text(out, buffer.getvalue())
@@ -326,7 +337,7 @@ def _write_skipped(path: Path, skipped: list) -> None:
         return
     from .io import write_text
     buffer = io.StringIO()
-    csv.writer(buffer).writerows([("path", "error"), *skipped])
+    csv.writer(buffer).writerows([("path", "error"), *((_cell(p), _cell(e)) for p, e in skipped)])
     write_text(path, buffer.getvalue())
 
 

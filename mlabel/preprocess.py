@@ -25,17 +25,34 @@ INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
     """Any PIL mode to (H, W, 3) uint8: EXIF orientation applied; 16/32-bit integer and float
-    images scaled by their range (``convert("RGB")`` would clip them to white); alpha dropped;
-    palette, grayscale and CMYK converted."""
+    images scaled by their range (:func:`_scale_to_bytes`; ``convert("RGB")`` would clip them to
+    white); alpha dropped; palette, grayscale and CMYK converted."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        gray = _scale_to_bytes(np.asarray(image), image.mode)
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
     return np.asarray(image.convert("RGB"))
+
+
+def _scale_to_bytes(values: np.ndarray, mode: str) -> np.ndarray:
+    """A one-channel 16/32-bit integer or float image -> uint8, black to white over its range:
+    ``I;16`` over [0, 65535] (its type's range); otherwise over the smallest of [0, 1] (floats
+    only: the float image convention), [0, 255] and [0, 65535] that holds every value, and
+    beyond those (negative values, or above 65535) over the image's own [min, max]. NaN is black."""
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        bottom, top = 0.0, 65535.0
+    elif low >= 0 and high <= 65535:
+        levels = ((1.0,) if mode == "F" else ()) + (255.0, 65535.0)
+        bottom, top = 0.0, next(level for level in levels if high <= level)
+    else:
+        bottom, top = low, max(high, low + 1e-12)  # a constant image is black, not a division by zero
+    scaled = (np.nan_to_num(values, nan=bottom) - bottom) / (top - bottom) * 255.0 + 0.5
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def read_rgb(path, draft: int | None = None) -> np.ndarray:

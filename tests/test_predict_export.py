@@ -199,3 +199,135 @@ def test_onnx_export_of_a_multitask_model_carries_the_regression_output(tmp_path
     np.testing.assert_allclose(values, model.predict_regression(images).numpy(), atol=1e-4)
     np.testing.assert_allclose(probs, model.predict_proba(images).numpy(), atol=1e-5)
     assert json.loads(session.get_modelmeta().custom_metadata_map["mlabel"])["regression"]["names"] == ["age"]
+
+
+# --------------------------------------------------------------------------- issue 27
+
+@pytest.fixture(scope="module")
+def onnx_file(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    assert export_main([str(model_dir), "--out", str(path)]) == 0
+    return path
+
+
+def _with_metadata(onnx_file, tmp_path, edit):
+    """A copy of the export whose mlabel metadata is ``edit(meta)`` (a dict, or text as it is)."""
+    import onnx
+    proto = onnx.load(str(onnx_file))
+    entry = next(e for e in proto.metadata_props if e.key == "mlabel")
+    changed = edit(json.loads(entry.value))
+    entry.value = changed if isinstance(changed, str) else json.dumps(changed)
+    path = tmp_path / "edited.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def _drop(key):
+    return lambda meta: {k: v for k, v in meta.items() if k != key}
+
+
+def _prep(**changes):
+    return lambda meta: {**meta, "preprocessing": {**meta["preprocessing"], **changes}}
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (_drop("preprocessing"), "preprocessing must be an object"),
+    (_prep(image_size=0), "preprocessing.image_size must be an integer in [8, 4096]"),
+    (_prep(image_size=60000), "preprocessing.image_size must be an integer in [8, 4096]"),
+    (_prep(image_size=64), "gives preprocessing.image_size 64 but the graph takes 32 x 32"),
+    (_prep(std=[0, 0, 0]), "preprocessing.std must be 3 numbers"),
+    (_prep(crop_pct=0), "preprocessing.crop_pct must be a number in [0.5, 2]"),
+    (_drop("labels"), "labels must be a non-empty list of names"),
+    (lambda meta: {**meta, "labels": ["red", "", "blue"]}, "label 2 has an empty label name"),
+    (lambda meta: "{not json", "its mlabel metadata is not valid JSON"),
+    (lambda meta: "[1, 2]", "the model metadata must be a JSON object"),
+    (lambda meta: "[" * 100_000 + "]" * 100_000, "its mlabel metadata is not valid JSON"),
+])
+def test_onnx_metadata_is_validated_as_mlabel_json_is(onnx_file, images, tmp_path, capsys, edit, fragment):
+    path = _with_metadata(onnx_file, tmp_path, edit)
+    out = tmp_path / "p.csv"
+    assert predict_main([str(path), str(images[1][0]), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0] and str(path) in errors[0], errors
+    assert not out.exists()
+
+
+def test_onnx_predict_refuses_a_file_that_is_not_onnx(images, tmp_path, capsys):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path, fragment in ((garbage, "is not a readable ONNX model"), (tmp_path / "none.onnx", "not found")):
+        assert predict_main([str(path), str(images[1][0]), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and fragment in errors[0] and str(path) in errors[0], errors
+
+
+def test_onnx_without_thresholds_decides_at_one_half_as_pytorch_does(model_dir, onnx_file, images, tmp_path):
+    path = _with_metadata(onnx_file, tmp_path, lambda meta: {**meta, "thresholds": None})
+    image = str(images[1][0])
+    assert predict_main([str(path), image, "--out", str(tmp_path / "o.csv"), "--threshold", "0.5", "--quiet"]) == 0
+    assert predict_main([str(path), image, "--out", str(tmp_path / "n.csv"), "--quiet"]) == 0
+    at_half, untuned = _read(tmp_path / "o.csv")[0], _read(tmp_path / "n.csv")[0]
+    assert untuned == at_half
+    probs = [float(untuned[n]) for n in LABELS]
+    assert untuned["labels"] == ";".join(n for n, p in zip(LABELS, probs) if p >= 0.5)
+    # the same metadata in mlabel.json: the PyTorch model decides at 0.5 too
+    copy = tmp_path / "model"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    meta = json.loads((model_dir / "mlabel.json").read_text())
+    (copy / "mlabel.json").write_text(json.dumps({**meta, "thresholds": None}))
+    assert mlabel.load(copy).thresholds.tolist() == [0.5] * 3
+
+
+def _owasp(cell: str) -> str:
+    """OWASP's advice, written out: a cell starting =, +, -, @, tab or CR gets a leading quote."""
+    return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
+
+
+def test_prediction_csv_cells_cannot_start_a_formula(tmp_path, monkeypatch):
+    labels = ["=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tt", "plain"]
+    model = mlabel.create_model("test_resnet", labels, image_size=32, resize="squish", regression=["delta"])
+    model.set_regression_scale([-100.0], [1.0])  # negative values: numbers, not formulas
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    names = ["=1+1.png", "-x.png", "@y.png", "plain.png"]
+    for name in names:
+        Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / name)
+    assert predict_main(["--out", "p.csv", "--threshold", "0", "--quiet", "--", "model", *names, "+missing.png"]) == 0
+    rows = list(csv.reader(open(tmp_path / "p.csv", newline="")))
+    assert rows[0] == ["path", "labels", *map(_owasp, labels), "delta"]
+    assert [r[0] for r in rows[1:]] == [_owasp(n) for n in names]
+    assert all(r[1] == _owasp(";".join(labels)) for r in rows[1:])  # every label passes threshold 0
+    for row in rows[1:]:
+        probs, delta = [float(v) for v in row[2:-1]], float(row[-1])
+        assert all(0 <= p <= 1 for p in probs) and delta < 0  # plain numbers, a negative one unquoted
+    skipped = list(csv.reader(open(tmp_path / "p.csv.skipped.csv", newline="")))
+    assert skipped[1][0] == "'+missing.png"
+    # JSON output keeps the names as they are: no spreadsheet reads it as formulas
+    assert predict_main(["model", names[0], "--out", "p.jsonl", "--threshold", "0", "--quiet"]) == 0
+    record = json.loads((tmp_path / "p.jsonl").read_text())
+    assert record["path"] == names[0] and record["labels"] == labels
+
+
+@pytest.mark.parametrize("values,reference", [
+    # floats in [0, 1]: the float image convention, 1.0 is white
+    (np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8), lambda v: v * 255),
+    # floats in (1, 255]: 8-bit values
+    (np.linspace(0, 200, 64, dtype=np.float32).reshape(8, 8), lambda v: v),
+    # int32 within 16 bits
+    (np.linspace(0, 40000, 64).astype(np.int32).reshape(8, 8), lambda v: v / 65535 * 255),
+    # int32 beyond 16 bits: the image's own range
+    (np.linspace(1000, 100000, 64).astype(np.int32).reshape(8, 8), lambda v: (v - 1000) / 99000 * 255),
+    # negative floats: the image's own range
+    (np.linspace(-5, 5, 64, dtype=np.float32).reshape(8, 8), lambda v: (v + 5) / 10 * 255),
+])
+def test_tiff_images_are_scaled_by_their_range(tmp_path, values, reference):
+    from mlabel.preprocess import read_rgb
+    path = tmp_path / "image.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode in ("F", "I", "I;32S", "I;16")
+    expected = np.clip(np.floor(reference(values.astype(np.float64)) + 0.5), 0, 255).astype(np.uint8)
+    decoded = read_rgb(str(path))
+    assert decoded.shape == (8, 8, 3)
+    np.testing.assert_array_equal(decoded[..., 0], expected)
+    np.testing.assert_array_equal(decoded[..., 2], expected)
