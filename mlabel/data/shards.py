@@ -26,6 +26,8 @@ import json
 import math
 import re
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataError
 from ..io import atomic_path, write_json
 from ..preprocess import read_rgb
+from ..rundir import hold_run_dir
+from .http import FetchError, fetch, fetch_range, is_url, open_url, probe, same_host
+from .shard_index import read_index
 from .sparse import SparseLabels
 from .tables import LabelTable
 
@@ -48,6 +53,10 @@ IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 PROGRESS = ".shard-progress.json"
 MAX_JSON_BYTES = 1 << 20  # a sample's JSON: label lists, not megabytes (read whole while scanning)
 MAX_IMAGE_BYTES = 256 << 20  # an image member is read whole before decoding
+MAX_VOCABULARY_BYTES = 64 << 20  # labels.json: label names and shard lists
+MAX_INDEX_BYTES = 16 << 30  # an index without its size in labels.json (about 60 bytes a sample)
+MAX_SHARD_BYTES = 1 << 40  # a shard streamed without its size in labels.json
+PROBES = 8  # shards whose size and time are asked for at once (an index checked over HTTP)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -74,41 +83,21 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def is_url(name) -> bool:
-    return isinstance(name, str) and name.startswith(("http://", "https://"))
-
-
-def _join(root, name: str):
-    """``name`` under the shards' folder or URL (absolute names and URLs as they are)."""
-    if is_url(name) or Path(name).is_absolute():
-        return name
-    return f"{str(root).rstrip('/')}/{name}" if is_url(root) else Path(root) / name
-
-
-URL_TIMEOUT = 60  # seconds a shard server may take to answer
-
-
-def _open_url(url: str, headers: dict | None = None):
-    """The response to a GET of ``url``; a failure is a :class:`DataError` naming it."""
-    import urllib.error
-    import urllib.request
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=URL_TIMEOUT)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise DataError(f"cannot fetch {url}: {err}") from None
-
-
-def _url_bytes(url: str, start: int | None = None, size: int | None = None) -> bytes:
-    """The body of ``url``, or ``size`` bytes from ``start`` (an HTTP range request)."""
-    ranged = start is not None
-    with _open_url(url, {"Range": f"bytes={start}-{start + size - 1}"} if ranged else None) as response:
-        try:
-            data = response.read()
-        except OSError as err:
-            raise DataError(f"cannot fetch {url}: {err}") from None
-        if ranged and response.status != 206:  # a server without ranges sent it all
-            data = data[start:start + size]
-        return data
+def _join(root, name: str, where: str):
+    """``name`` under the shards' folder or URL. Local data stays local: a URL is read only under
+    a URL root (and on its host), and a URL root's names never reach the local disk."""
+    if is_url(root):
+        if is_url(name) and not same_host(name, str(root)):
+            raise DataError(f"{where} names {name}, on another server than data.root {root}; refused: "
+                            "shards are read from data.root's server only")
+        if not is_url(name) and (name.startswith("/") or Path(name).is_absolute()):
+            raise DataError(f"{where} names the local file {name} under the URL data.root {root}; refused: "
+                            "a server's data cannot name files of this machine")
+        return name if is_url(name) else f"{str(root).rstrip('/')}/{name}"
+    if is_url(name):
+        raise DataError(f"{where} names the URL {name}, but data.root {root} is a local folder; mlabel fetches "
+                        "nothing that local data names: set data.root to the shards' URL to read them over HTTP")
+    return name if Path(name).is_absolute() else Path(root) / name
 
 
 @dataclass
@@ -119,43 +108,91 @@ class Vocabulary:
     splits: dict
 
 
+def _vocabulary_text(path) -> str:
+    """labels.json's text (a file or a URL), at most :data:`MAX_VOCABULARY_BYTES`."""
+    if is_url(path):
+        return fetch(path, MAX_VOCABULARY_BYTES).decode("utf-8")
+    if path.stat().st_size > MAX_VOCABULARY_BYTES:
+        raise DataError(f"{path} holds {path.stat().st_size:,} bytes, more than a vocabulary needs "
+                        f"({MAX_VOCABULARY_BYTES:,}); rewrite it with python -m mlabel.data shard")
+    return path.read_text(encoding="utf-8")
+
+
 def read_vocabulary(folder) -> Vocabulary:
-    path = _join(folder, VOCABULARY)
+    path = _join(folder, VOCABULARY, "data.root")
     try:
-        text = _url_bytes(path).decode("utf-8") if is_url(path) else path.read_text(encoding="utf-8")
-        tree = json.loads(text)
+        tree = json.loads(_vocabulary_text(path))
     except FileNotFoundError:
         raise DataError(f"{path} not found: wds shards need their vocabulary beside them (labels.json, as "
                         "python -m mlabel.data shard writes it); set data.root to the shards' folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read {path}: {err}; rewrite it with python -m mlabel.data shard") from None
-    labels = tree.get("labels") if isinstance(tree, dict) else None
-    if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels) \
+    except FetchError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: bad JSON, huge ints
+        raise DataError(f"cannot read {path}: {str(err)[:200]}; rewrite it with python -m mlabel.data shard") from None
+    if not isinstance(tree, dict):
+        raise DataError(f"{path}: the vocabulary must be a JSON object with 'labels' and 'splits'")
+    labels = tree.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(n, str) and n for n in labels) \
             or len(set(labels)) != len(labels):
-        raise DataError(f"{path}: 'labels' must be a non-empty list of distinct label names")
+        raise DataError(f"{path}: 'labels' must be a non-empty list of distinct, non-empty label names")
     default = tree.get("default", "negative")
-    if default not in ("negative", "unknown"):
-        raise DataError(f"{path}: 'default' must be negative or unknown, not {default!r}")
+    if not isinstance(default, str) or default not in ("negative", "unknown"):
+        raise DataError(f"{path}: 'default' must be negative or unknown, not {str(default)[:50]!r}")
     splits = tree.get("splits", {})
-    return Vocabulary(Path(path) if not is_url(path) else path, labels, default, splits if isinstance(splits, dict) else {})
+    if not isinstance(splits, dict):
+        raise DataError(f"{path}: 'splits' must be an object of split name -> its shards")
+    for name, entry in splits.items():
+        _check_split(entry, f"{path}: splits.{name}", folder)
+    return Vocabulary(path, labels, default, splits)
+
+
+def _count_list(value, count: int, where: str) -> None:
+    if not isinstance(value, list) or len(value) != count or \
+            not all(type(v) is int and 0 <= v < 2**62 for v in value):
+        raise DataError(f"{where} must be a list of {count} whole numbers >= 0 (one per shard)")
+
+
+def _check_split(entry, where: str, root) -> None:
+    """One split's entry of labels.json, every field of it, or a :class:`DataError` naming it."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{where} must be an object with 'shards' (a list of shard files)")
+    shards = entry.get("shards", [])
+    if not isinstance(shards, list) or not all(isinstance(n, str) and n and "\0" not in n for n in shards):
+        raise DataError(f"{where}.shards must be a list of shard file names")
+    for n in shards:
+        _join(root, n, f"{where}.shards")
+    for field in ("samples", "bytes"):
+        if field in entry:
+            _count_list(entry[field], len(shards), f"{where}.{field}")
+    index = entry.get("index")
+    if index is not None:
+        if not isinstance(index, str) or not index or "\0" in index:
+            raise DataError(f"{where}.index must be the index file's name")
+        _join(root, index, f"{where}.index")
+    digest = entry.get("index_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise DataError(f"{where}.index_sha256 must be the index file's SHA-256 (64 hex digits)")
+    size = entry.get("index_bytes")
+    if size is not None and not (type(size) is int and 0 < size <= MAX_INDEX_BYTES):
+        raise DataError(f"{where}.index_bytes must be the index file's size in bytes")
 
 
 def shard_files(root: Path, spec: str, vocabulary: Vocabulary) -> list[Path]:
     """The shards of a split: a split name of the vocabulary, a brace pattern or a glob (files);
     under a URL root, or given as URLs, they are fetched over HTTP(S)."""
     if spec in vocabulary.splits:
-        names = vocabulary.splits[spec].get("shards", [])
+        names, where = vocabulary.splits[spec].get("shards", []), f"{vocabulary.path}: splits.{spec}.shards"
     elif any(c in spec for c in "*?["):
         if is_url(root) or is_url(spec):
             raise DataError(f"data split {spec!r}: a glob cannot list a URL; give a brace pattern or a split name")
-        names = sorted(glob.glob(str(Path(root) / spec)))
+        names, where = sorted(glob.glob(str(Path(root) / spec))), f"data split {spec!r}"
     else:
-        names = expand_braces(spec)
-    paths = [_join(root, n) for n in names]
+        names, where = expand_braces(spec), f"data split {spec!r}"
+    paths = [_join(root, n, where) for n in names]
     missing = [str(p) for p in paths if not is_url(p) and not p.is_file()]
     if not paths or missing:
         raise DataError(f"data split {spec!r}: " + (f"shard {missing[0]} not found" if missing else "no shards")
-                        + f" (under {root}; splits in {VOCABULARY}: {sorted(vocabulary.splits) or 'none'})")
+                        + f" (under {root}; splits in {vocabulary.path}: {sorted(vocabulary.splits) or 'none'})")
     return paths
 
 
@@ -167,14 +204,15 @@ class _Sample:
     problem: str | None = None
 
 
-def _scan(path: Path) -> tuple[list[_Sample], str | None]:
-    """The samples of one shard, in order, and the problem that cut it short (None when whole)."""
+def _scan(path: Path, expected: int | None = None) -> tuple[list[_Sample], str | None]:
+    """The samples of one shard (of ``expected`` bytes, when known), in order, and the problem
+    that cut it short (None when whole). A shard that cannot be fetched is a :class:`FetchError`."""
     samples: list[_Sample] = []
     stream = None
     try:
         if is_url(path):  # read once, front to back (offsets still count from the start)
-            stream = _open_url(path)
-            size = int(stream.headers.get("Content-Length") or 2**62)
+            stream = open_url(path, limit=expected if expected is not None else MAX_SHARD_BYTES)
+            size = stream.length if stream.length is not None else stream.left
             opened = tarfile.open(fileobj=stream, mode="r|")
         else:
             size = path.stat().st_size
@@ -186,6 +224,8 @@ def _scan(path: Path) -> tuple[list[_Sample], str | None]:
                 key, ext = _split_key(info.name)
                 if not samples or samples[-1].key != key:
                     samples.append(_Sample(key))
+                    if not _is_utf8(key):
+                        samples[-1].problem = "has a name that is not UTF-8 text: rename it"
                 if info.offset_data + info.size > size:
                     return samples[:-1], f"truncated inside sample {key}"
                 if ext == "json":
@@ -200,12 +240,23 @@ def _scan(path: Path) -> tuple[list[_Sample], str | None]:
                         samples[-1].problem = (f"has an image member of {info.size:,} bytes (more than "
                                                f"{MAX_IMAGE_BYTES:,}): resize it before sharding")
                     samples[-1].image = (info.offset_data, info.size)
+    except FetchError:
+        raise  # the network failed, not the shard: nothing to skip
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         return samples[:-1], f"unreadable after {len(samples) - 1 if samples else 0} samples ({err})"
     finally:
         if stream is not None:
             stream.close()
     return samples, None
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether a name read from a tar header is text (tarfile keeps undecodable bytes as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tuple | None, str | None]:
@@ -223,8 +274,8 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tupl
     found = []
     for field in ("labels", "unknown" if vocabulary.default == "negative" else "negative"):
         names = meta.get(field, [])
-        if not isinstance(names, list):
-            return None, f"'{field}' must be a list of label names"
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return None, f"'{field}' must be a list of label names (strings)"
         for name in names:
             if name not in index:
                 return None, f"label {name!r} is not in the vocabulary {vocabulary.path}"
@@ -232,14 +283,15 @@ def _targets(sample: _Sample, index: dict, vocabulary: Vocabulary) -> tuple[tupl
     return tuple(found), None
 
 
-def _scan_split(paths: list, vocabulary: Vocabulary) -> tuple[dict, list]:
-    """Every shard of a split scanned: the index arrays (per sample its shard, key, image offset
-    and size; the listed labels as (sample, vocabulary label) pairs) and the problems found."""
+def _scan_split(paths: list, vocabulary: Vocabulary, shard_bytes: list | None = None) -> tuple[dict, list]:
+    """Every shard of a split scanned (``shard_bytes``: their sizes when labels.json says): the index
+    arrays (per sample its shard, key, image offset and size; the listed labels as (sample,
+    vocabulary label) pairs) and the problems found."""
     index = {n: j for j, n in enumerate(vocabulary.labels)}
     shard_of, keys, offsets, sizes, problems = [], [], [], [], []
     pairs = {"pos": ([], []), "other": ([], [])}
     for number, shard in enumerate(paths):
-        samples, cut = _scan(shard)
+        samples, cut = _scan(shard, shard_bytes[number] if shard_bytes else None)
         if cut is not None:
             problems.append((str(shard), cut + "; the shard's remaining samples are lost: rewrite it"))
         for sample in samples:
@@ -263,26 +315,52 @@ def _scan_split(paths: list, vocabulary: Vocabulary) -> tuple[dict, list]:
 
 def _load_index(root, spec: str, vocabulary: Vocabulary, paths: list) -> dict | None:
     """The split's index written with the shards (no scan at start-up), or None when there is
-    none, or when a local shard changed after it (another size, or newer than the index: the
-    shards were rewritten or copied without their times) and the shards are to be scanned."""
+    none, or when it is stale and the shards are to be scanned: a shard of another size than
+    labels.json says, or newer than the index (rewritten, or copied without its time: over HTTP
+    as the server's Last-Modified tells), or an index that is not the one labels.json was written
+    with (its SHA-256). An index that is current but malformed is refused, naming the array."""
     entry = vocabulary.splits.get(spec, {})
     if "index" not in entry or len(entry.get("bytes", [])) != len(paths):
         return None
-    source = _join(root, entry["index"])
-    if not is_url(source):
-        if not Path(source).is_file():
-            return None
-        written = Path(source).stat().st_mtime_ns
-        for path, size in zip(paths, entry["bytes"]):
-            if not is_url(path) and (Path(path).stat().st_size != size or Path(path).stat().st_mtime_ns > written):
-                return None
+    source = _join(root, entry["index"], f"{vocabulary.path}: splits.{spec}.index")
+    if not (_remote_current if is_url(source) else _local_current)(source, paths, entry["bytes"]):
+        return None
+    limit = entry.get("index_bytes", MAX_INDEX_BYTES)
     try:
-        data = _url_bytes(source) if is_url(source) else Path(source).read_bytes()
-        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
-            return {k: saved[k] for k in saved.files}
-    except (OSError, ValueError, KeyError) as err:
+        data = fetch(source, limit) if is_url(source) else Path(source).read_bytes()
+    except OSError as err:
         raise DataError(f"cannot read the shard index {source}: {err}; delete it (the shards are then "
                         "scanned) or rewrite the shards") from None
+    if "index_sha256" in entry and hashlib.sha256(data).hexdigest() != entry["index_sha256"]:
+        return None  # not the index written with this labels.json: an old one kept beside new shards
+    return read_index(data, source, labels=len(vocabulary.labels), shard_bytes=entry["bytes"],
+                      samples=entry.get("samples"), max_image_bytes=MAX_IMAGE_BYTES, limit=MAX_INDEX_BYTES)
+
+
+def _local_current(source: Path, paths: list, sizes: list) -> bool:
+    """Whether no local shard changed after the index (size, modification time)."""
+    if not Path(source).is_file():
+        return False
+    written = Path(source).stat().st_mtime_ns
+    stats = [Path(path).stat() for path in paths]
+    return all(st.st_size == size and st.st_mtime_ns <= written for st, size in zip(stats, sizes))
+
+
+def _remote_current(source: str, paths: list, sizes: list) -> bool:
+    """Whether no shard on the server changed after the index: its size (Content-Range or
+    Content-Length) as labels.json says, and, where the server gives Last-Modified, not newer
+    than the index. Asked with one-byte ranges, :data:`PROBES` at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(url):
+        try:
+            return probe(url)
+        except FetchError:
+            return None, None  # unknown: scanned, and the scan says what is wrong
+    with ThreadPoolExecutor(PROBES) as pool:
+        (_, written), *shards = list(pool.map(ask, [source, *paths]))
+    return all(size == expected and (written is None or modified is None or modified <= written)
+               for (size, modified), expected in zip(shards, sizes))
 
 
 class ShardMembers(Sequence):
@@ -312,7 +390,9 @@ class ShardPaths(Sequence):
     """``SHARD#KEY`` names of a split's images, made when asked for (keys kept as bytes)."""
 
     def __init__(self, shards: list[str], shard_of: np.ndarray, keys: np.ndarray):
-        self.shards, self.shard_of, self.keys = shards, shard_of, keys.astype(np.bytes_)
+        # keys as UTF-8 bytes (a third of the memory of NumPy's 4-byte characters for ASCII keys)
+        self.shards, self.shard_of = shards, shard_of
+        self.keys = np.char.encode(keys, "utf-8") if keys.dtype.kind == "U" else keys
 
     def __len__(self) -> int:
         return len(self.shard_of)
@@ -320,7 +400,7 @@ class ShardPaths(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.subset(np.arange(len(self))[i])
-        return f"{self.shards[self.shard_of[i]]}#{self.keys[i].decode()}"
+        return f"{self.shards[self.shard_of[i]]}#{self.keys[i].decode('utf-8')}"
 
     def subset(self, index) -> "ShardPaths":
         index = np.asarray(index, np.int64)
@@ -353,7 +433,8 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
     paths = shard_files(root, spec, vocabulary)
     arrays, problems = _load_index(root, spec, vocabulary, paths), []
     if arrays is None:
-        arrays, problems = _scan_split(paths, vocabulary)
+        sizes = vocabulary.splits.get(spec, {}).get("bytes")
+        arrays, problems = _scan_split(paths, vocabulary, sizes if sizes and len(sizes) == len(paths) else None)
     if problems and not skip_bad:
         shown = "\n  ".join(f"{where}: {reason}" for where, reason in problems[:20])
         raise DataError(f"{len(problems)} problems in the shards of split {spec!r}:\n  {shown}\n"
@@ -363,7 +444,7 @@ def read_wds_table(root, spec: str, *, labels: Sequence[str] | None = None,
         skipped += [(spec, where, reason) for where, reason in problems]
     n = len(arrays["key"])
     if not n:
-        raise DataError(f"the shards of split {spec!r} hold no usable sample")
+        raise DataError(f"the shards of split {spec!r} under {root} hold no usable sample")
 
     def pairs(kind):
         rows, labels = arrays[f"{kind}_rows"], kept[arrays[f"{kind}_labels"]]
@@ -391,7 +472,7 @@ def member_bytes(member: tuple[str, int, int], name: str) -> bytes:
     """The bytes at (shard, offset, size): a seek in a file, a range request to a URL."""
     shard, offset, size = member
     if is_url(shard):
-        data = _url_bytes(shard, offset, size)
+        data = fetch_range(shard, offset, size)
     else:
         try:
             with open(shard, "rb") as handle:
@@ -415,14 +496,19 @@ def shard_image_bytes(name: str) -> bytes | None:
     shard, sep, key = name.rpartition("#")
     if not sep or not shard.endswith(".tar") or not (is_url(shard) or Path(shard).is_file()):
         return None
+    stream = None
     try:
-        opened = tarfile.open(fileobj=_open_url(shard), mode="r|") if is_url(shard) else tarfile.open(shard, "r:")
-        with opened as tar:
+        stream = open_url(shard, limit=MAX_SHARD_BYTES) if is_url(shard) else None
+        with tarfile.open(fileobj=stream, mode="r|") if stream else tarfile.open(shard, "r:") as tar:
             for info in tar:
-                if info.isfile() and _split_key(info.name) in ((key, ext) for ext in IMAGE_TYPES):
+                if info.isfile() and info.size <= MAX_IMAGE_BYTES and \
+                        _split_key(info.name) in ((key, ext) for ext in IMAGE_TYPES):
                     return tar.extractfile(info).read()
     except (DataError, tarfile.TarError, EOFError, OSError, ValueError):
         return None
+    finally:
+        if stream is not None:
+            stream.close()
     return None
 
 
@@ -480,15 +566,18 @@ def _write_shard(path: Path, table: LabelTable, rows: range, root: Path, check: 
 def _write_index(out: Path, name: str, shards: list[str], tree: dict) -> dict:
     """The split's index beside its shards (``SPLIT.index.npz``): what a reader would learn by
     scanning them, so that no reader has to; returned: its entry in ``labels.json`` (the index
-    file and the shards' sizes, which tell a stale index)."""
+    file, its size and SHA-256, and the shards' sizes: what tells a stale index, also over HTTP)."""
     vocabulary = Vocabulary(out / VOCABULARY, tree["labels"], tree["default"], {})
     arrays, problems = _scan_split([out / f for f in shards], vocabulary)
     if problems:
         raise DataError(f"the shards just written do not read back: {problems[0][0]}: {problems[0][1]}")
-    file = f"{name}.index.npz"
-    with atomic_path(out / file) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    return {"index": file, "bytes": [(out / f).stat().st_size for f in shards]}
+    file, buffer = f"{name}.index.npz", io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    with atomic_path(out / file) as tmp:
+        tmp.write_bytes(data)
+    return {"index": file, "index_bytes": len(data), "index_sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": [(out / f).stat().st_size for f in shards]}
 
 
 def write_shards(splits, out: Path, shard_size: int, root: Path, *, skip_bad: bool = False,
@@ -499,20 +588,36 @@ def write_shards(splits, out: Path, shard_size: int, root: Path, *, skip_bad: bo
     ones, so an interrupted run (kill -9, disk full) started again writes only what is missing,
     and ``labels.json``, written last, marks the set complete. A folder holding shards of another
     source is refused. Unreadable images fail (naming them) or, with ``skip_bad``, are left out
-    and listed in the result."""
+    and listed in the result. The folder is locked while it is written (as a training locks its
+    run directory): a second writer into it stops at once, naming the first."""
     from .check import _problem
-    check = check or _problem
     out.mkdir(parents=True, exist_ok=True)
+    with hold_run_dir(out, "mlabel data shard"):
+        return _write_locked(splits, out, shard_size, root, skip_bad, log, check or _problem)
+
+
+def _read_record(path: Path) -> dict:
+    """labels.json or the progress file of an earlier writer, as a JSON object."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise DataError(f"cannot read {path} ({str(err)[:200]}); give an empty --out folder") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is not what mlabel data shard writes; give an empty --out folder")
+    return record
+
+
+def _write_locked(splits, out: Path, shard_size: int, root: Path, skip_bad: bool, log, check) -> dict:
     fingerprint = _fingerprint(splits, shard_size)
     progress_path, vocab_path = out / PROGRESS, out / VOCABULARY
     if vocab_path.is_file():
-        done = json.loads(vocab_path.read_text())
+        done = _read_record(vocab_path)
         if done.get("fingerprint") == fingerprint:
             log(f"{out} already holds these shards (labels.json is complete); nothing to do")
             return done
         raise DataError(f"{out} already holds shards of another source or shard size; give an empty --out folder")
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"fingerprint": fingerprint, "done": {}}
-    if progress.get("fingerprint") != fingerprint:
+    progress = _read_record(progress_path) if progress_path.is_file() else {"fingerprint": fingerprint, "done": {}}
+    if progress.get("fingerprint") != fingerprint or not isinstance(progress.get("done"), dict):
         raise DataError(f"{progress_path} records shards of another source or shard size; give an empty --out "
                         "folder (or delete that folder to start over)")
     tree = {"labels": splits.labels, "task": splits.task, "default": "negative", "splits": {},
