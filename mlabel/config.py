@@ -76,8 +76,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = _key("resnet50", "a timm model name (mlabel models lists them)")
-    pretrained: bool | str = _key("auto", "auto: offline weights when installed for the backbone, else from scratch "
-                                  "(never downloads); true: timm's hub; false; or a weights file or package name")
+    pretrained: bool | str = _key("auto", "auto: an installed weights package, else timm's weights in the local "
+                                  "Hugging Face cache, else a download when the hub answers (not with HF_HUB_OFFLINE=1), "
+                                  "else from scratch, saying why; true: timm's hub; false; or a weights file or package name")
     head: str = _key("linear", "a name of mlabel.models.HEADS: linear, mlp, csra")
     head_args: dict = _key({}, "the head's constructor arguments (over the flat keys below)")
     drop_rate: float = _key(0.0, "dropout before the head", "[0, 1)")

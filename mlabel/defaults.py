@@ -107,13 +107,9 @@ def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0
             data.num_workers == 0 else "one left for training"
         log(f"defaults: data.num_workers={data.num_workers} ({usable_cores()} usable cores, {reason})")
     if model.pretrained == "auto":
-        from .weights import offline_weights
-        package = offline_weights().get(model.backbone)
-        model.pretrained = package or False
-        log(f"defaults: model.pretrained={package or 'false'} (" + (
-            f"ImageNet weights installed offline for {model.backbone}" if package else
-            f"no offline weights for {model.backbone} on this machine: from scratch, nothing downloaded; "
-            "model.pretrained=true fetches timm's") + ")")
+        from .weights import resolve_auto_pretrained
+        model.pretrained, why = resolve_auto_pretrained(model.backbone)
+        log(f"defaults: model.pretrained={str(model.pretrained).lower()} ({why})")
     _resolve_training(cfg.train, bool(model.pretrained), device, log)
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["LITE_PACKAGES", "check_pretrained", "load_backbone_weights", "map_lite_keys", "offline_weights", "read_state_dict"]
+__all__ = ["LITE_PACKAGES", "cached_hub_weights", "check_pretrained", "hub_unreachable", "load_backbone_weights",
+           "map_lite_keys", "offline_weights", "read_state_dict", "resolve_auto_pretrained"]
+
+HUB_PROBE_TIMEOUT = 5.0  # seconds: model.pretrained=auto asks the hub this long before training from scratch
 
 # package name -> (module, class with get_model_file_path, timm architecture)
 LITE_PACKAGES = {
@@ -121,3 +124,78 @@ def load_backbone_weights(backbone: nn.Module, pretrained: str, architecture: st
     if missing or unexpected:
         raise ValueError(f"weights {pretrained!r} do not fit {architecture!r}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def cached_hub_weights(backbone: str) -> Path | None:
+    """timm's hub weights for ``backbone`` when they are already in the local Hugging Face cache
+    (``HF_HUB_CACHE``, as ``huggingface_hub`` lays it out: refs, snapshots, blobs), else None.
+    Looks only at the disk."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except (RuntimeError, ValueError):  # a name without weights
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for name in names:
+        found = try_to_load_from_cache(repo, name, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _offline() -> bool:
+    import os
+
+    from huggingface_hub import constants
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why timm's hub cannot be used now (``HF_HUB_OFFLINE=1``, or no answer from the endpoint
+    within ``timeout`` seconds), or None when it answers."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+    if _offline():
+        return "HF_HUB_OFFLINE=1"
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # it answered: reachable, whatever it thinks of a HEAD on its root
+        return None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"{endpoint} did not answer within {timeout:g} s ({reason})"
+
+
+def resolve_auto_pretrained(backbone: str, probe: bool = True) -> tuple[bool | str, str]:
+    """``model.pretrained=auto``: (value, why). In order: an installed offline weights package,
+    timm's weights already in the local Hugging Face cache, a download from timm's hub when the
+    network is allowed and answers; only when none works, from scratch (False) with the reason."""
+    import timm
+    package = offline_weights().get(backbone)
+    if package:
+        return package, f"ImageNet weights installed offline for {backbone}"
+    try:
+        has_weights = bool(timm.models.get_pretrained_cfg(backbone)) and bool(timm.list_pretrained(backbone + "*"))
+    except (RuntimeError, ValueError):
+        has_weights = False
+    if not has_weights:
+        return False, f"timm has no pretrained weights for {backbone}: from scratch"
+    cached = cached_hub_weights(backbone)
+    if cached is not None:
+        return True, f"timm's weights for {backbone} in the local Hugging Face cache ({cached.parent}); nothing downloaded"
+    why = hub_unreachable() if probe else "not asked"
+    if why is None:
+        return True, f"timm's weights for {backbone}, downloaded once from the hub into the Hugging Face cache"
+    return False, (f"no weights for {backbone} on this machine and the hub cannot be used ({why}): from scratch; "
+                   "install a weights package (mlabel models lists them), put timm's weights in the Hugging Face "
+                   "cache, or set model.pretrained=false to say so")

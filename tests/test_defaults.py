@@ -28,7 +28,9 @@ def _run(tmp_path, scene_csv, *extra):
     return yaml.safe_load((out / "config.yaml").read_text())
 
 
-def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scene_csv, monkeypatch, capsys):
+def test_defaults_offline_never_touch_the_network_and_say_what_they_chose(tmp_path, scene_csv, monkeypatch, capsys):
+    """With HF_HUB_OFFLINE=1 (the suite's setting) no default reaches for the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import timm.models._builder as builder
 
     def refused(*args, **kwargs):
@@ -47,7 +49,8 @@ def test_defaults_never_touch_the_network_and_say_what_they_chose(tmp_path, scen
     config = _run(tmp_path, scene_csv, "model.pretrained=auto", "data.resize=auto", "data.num_workers=auto")
     out = capsys.readouterr().out
     assert config["model"]["pretrained"] is False  # test_resnet has no offline weights: from scratch
-    assert "defaults: model.pretrained=false (no offline weights for test_resnet" in out
+    assert ("defaults: model.pretrained=false (no weights for test_resnet on this machine and the hub cannot be "
+            "used (HF_HUB_OFFLINE=1)") in out
     assert config["data"]["resize"] == "squish" and "defaults: data.resize=squish (multi-label" in out
     assert config["data"]["num_workers"] == defaults.loader_workers("auto")
 
