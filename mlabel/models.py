@@ -409,6 +409,15 @@ def locate_model(path: str | Path) -> tuple[Path, Path | None]:
                             "directory (with model/)")
 
 
+def _hub_backbone(backbone: str) -> nn.Module:
+    """timm's backbone with its hub weights: from the local Hugging Face cache when they are
+    there (no network at all), else downloaded by timm."""
+    from .weights import cached_hub_weights
+    cached = cached_hub_weights(backbone)
+    overlay = {"pretrained_cfg_overlay": {"file": str(cached)}} if cached is not None else {}
+    return timm.create_model(backbone, pretrained=True, num_classes=0, **overlay)
+
+
 def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
                  head: str = "linear", drop_rate: float = 0.0, task: str | None = None,
                  image_size: int | None = None, resize: str = "crop",
@@ -423,7 +432,7 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
         head: ``linear``, ``mlp`` (``head_args``: hidden, dropout) or ``csra`` (lam, temperature).
     """
     task = task or ("binary" if len(labels) == 1 else "multilabel")
-    hub = timm.create_model(backbone, pretrained=True, num_classes=0) if pretrained is True else None
+    hub = _hub_backbone(backbone) if pretrained is True else None
     model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
                                  image_size=image_size, resize=resize, head_args=head_args,
                                  regression={"names": list(regression)} if regression else None,
