@@ -11,6 +11,7 @@ as from the files.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,22 @@ def _key(paths: list[str], preprocessing: dict) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _reserve(handle, size: int) -> None:
+    """Give the open file ``size`` bytes. Where the OS can (Linux: ``posix_fallocate``) every block
+    is reserved now, so a full disk fails here and not later as SIGBUS on the memory map; elsewhere
+    (macOS, Windows) the file is sized after the free-space check, which is what they offer."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:
+        handle.truncate(size)
+        return
+    try:
+        fallocate(handle.fileno(), 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: size the file
+            raise
+        handle.truncate(size)
 
 
 class DecodedCache:
@@ -101,8 +118,8 @@ class DecodedCache:
                             f"{self.path.parent} has {free / 2**30:.2f} GiB free; free space, set "
                             "data.cache_dir to a larger disk, or data.cache=false")
         try:
-            with open(tmp, "wb") as handle:  # reserve every block now: a full disk fails here, not as SIGBUS
-                os.posix_fallocate(handle.fileno(), 0, max(size, 1))
+            with open(tmp, "wb") as handle:
+                _reserve(handle, max(size, 1))
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise DataError(f"data.cache: cannot reserve {size / 2**30:.2f} GiB in {self.path.parent} "
