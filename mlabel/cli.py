@@ -17,7 +17,7 @@ from typing import Callable
 
 __all__ = ["COMMANDS", "describe_error", "guarded", "main"]
 
-# command -> (module with main(argv), one line)
+# command -> (module with main(argv), or module:function, one line)
 COMMANDS = {
     "train": ("mlabel.train", "train a recipe: mlabel train RECIPE [key=value ...]"),
     "data": ("mlabel.data.__main__", "summarise a recipe's data set"),
@@ -27,6 +27,8 @@ COMMANDS = {
     "export": ("mlabel.export", "ONNX or TorchScript with labels, thresholds and preprocessing"),
     "report": ("mlabel.report", "(re)build a run's report/report.html from its saved model"),
     "models": ("mlabel.cli", "list timm backbones, marking those with offline weights"),
+    "push": ("mlabel.hub:push_main", "upload a model and its card to the Hugging Face Hub (or --dry-run DIR)"),
+    "pull": ("mlabel.hub:pull_main", "download a model from the Hugging Face Hub, validated"),
 }
 
 EXIT_ERROR = 2
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "models":
         return models_main(rest)
     # importing the command is guarded too: a missing dependency is a message, not a traceback
-    return guarded(lambda args: importlib.import_module(COMMANDS[command][0]).main(args))(rest)
+    module, _, function = COMMANDS[command][0].partition(":")
+    return guarded(lambda args: getattr(importlib.import_module(module), function or "main")(args))(rest)
 
 
 if __name__ == "__main__":

@@ -399,7 +399,11 @@ class MultiLabelClassifier(nn.Module):
 
 def locate_model(path: str | Path) -> tuple[Path, Path | None]:
     """(model directory, run directory or None) for a model directory or a run directory: the
-    one place every command and :func:`load` resolve what they were given."""
+    one place every command and :func:`load` resolve what they were given. ``hf://owner/name[@rev]``
+    is a model on the Hugging Face Hub, read through its local cache (:mod:`mlabel.hub`)."""
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import parse_hub_path, snapshot
+        return snapshot(*parse_hub_path(path)), None
     path = Path(path)
     if (path / "model" / META_FILE).is_file():
         return path / "model", path
