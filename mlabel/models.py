@@ -247,6 +247,13 @@ class MultiLabelClassifier(nn.Module):
         prefix = getattr(self.backbone, "num_prefix_tokens", 0)
         return features[:, prefix:].transpose(1, 2)
 
+    def explain(self, images: torch.Tensor, labels=None, method: str = "auto"):
+        """Per-label heat maps for ``images`` (see :func:`mlabel.explain.explain`): for each image,
+        the named ``labels`` or those predicted positive, a map in [0, 1] at the input resolution
+        and the probability."""
+        from .explain import explain
+        return explain(self, images, labels, method)
+
     def outputs(self, images: torch.Tensor) -> Outputs:
         """images -> :class:`~mlabel.outputs.Outputs`: the label logits (N, L) and, with regression
         targets, the standardised regression outputs (N, R)."""

@@ -1,0 +1,228 @@
+"""Per-label heat maps: where the model looked when it scored a label.
+
+Three ways, picked per model by ``method="auto"``:
+
+- ``cam``: the class activation map, exact for a linear head over a backbone that average-pools
+  its last feature map: the label's logit is the mean over locations of ``w_l . x(loc)`` plus its
+  bias, so ``w_l . x(loc)`` is that logit's share at each location. One forward pass, no
+  gradients, every label at once. Refused (with the reason) where the pooling is not that mean
+  (a ViT's class token, a norm after pooling): the map would not decompose the logit.
+- ``csra``: the CSRA head's own per-location class scores (its attention is a softmax of them).
+- ``gradcam`` / ``gradcam++``: from the maintained ``grad-cam`` package (``pip install
+  'mlabel[explain]'``), on the backbone's final feature map, found for every timm backbone the same
+  way: the output of ``forward_features`` (a transformer's tokens reshaped to their grid, prefix
+  tokens dropped).
+
+Maps are upsampled to the input resolution and scaled to [0, 1] per map. The model is put in
+eval mode and its weights are not touched; no hook outlives the call.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Explanation", "explain", "overlay", "METHODS"]
+
+METHODS = ("auto", "cam", "csra", "gradcam", "gradcam++")
+
+
+@dataclass
+class Explanation:
+    """Per image ``i``: ``labels[i]`` (the labels explained), ``maps[i]`` (K, H, W) float32 in
+    [0, 1] at the input resolution, ``probabilities[i]`` (K,), and the method used."""
+    labels: list[list[str]]
+    maps: list[np.ndarray]
+    probabilities: list[np.ndarray]
+    method: str
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def map(self, image: int, label: str) -> np.ndarray:
+        """The (H, W) map of ``label`` for image ``image``."""
+        names = self.labels[image]
+        if label not in names:
+            raise KeyError(f"image {image} has no map for {label!r}; it has {names}")
+        return self.maps[image][names.index(label)]
+
+
+def overlay(image, heat: np.ndarray, alpha: float = 0.5):
+    """A PIL image: ``image`` (PIL, or an (H, W, 3) uint8 array) under ``heat`` ((h, w) in [0, 1],
+    resized to the image) in a blue-to-red colour map at opacity ``alpha``."""
+    from PIL import Image
+    base = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    base = base.convert("RGB")
+    heat = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0, 1)
+    resized = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)) / 255.0
+    colour = np.stack([resized, 1 - np.abs(2 * resized - 1), 1 - resized], axis=-1)  # jet-like: blue, green, red
+    mixed = (1 - alpha) * np.asarray(base, dtype=np.float32) / 255.0 + alpha * colour
+    return Image.fromarray((np.clip(mixed, 0, 1) * 255).round().astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- maps on the feature grid
+
+def _grid(model, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(N, C, h, w) from ``forward_features``' output: a CNN's map, or a transformer's patch
+    tokens (prefix tokens dropped) laid out on their grid."""
+    if features.ndim == 4:
+        if str(getattr(model.backbone, "output_fmt", "NCHW")) == "NHWC":
+            features = features.permute(0, 3, 1, 2)
+        return features, tuple(features.shape[2:])
+    tokens = features[:, getattr(model.backbone, "num_prefix_tokens", 0):]
+    grid = getattr(getattr(model.backbone, "patch_embed", None), "grid_size", None)
+    count = tokens.shape[1]
+    if grid is None or grid[0] * grid[1] != count:
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"backbone {model.backbone_name}: {count} tokens do not form a square grid; "
+                             "explanations need its feature map: pass method='gradcam' with a layer= that has one")
+        grid = (side, side)
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid), tuple(grid)
+
+
+def _cam_is_exact(model, features: torch.Tensor, grid: torch.Tensor) -> bool:
+    """Whether the head's input is the mean of the feature map (so ``w . x(loc)`` decomposes the logit)."""
+    if type(model.head).__name__ != "LinearHead":
+        return False
+    pooled = model.backbone.forward_head(features, pre_logits=True)
+    return pooled.shape == grid.mean((2, 3)).shape and torch.allclose(pooled, grid.mean((2, 3)), atol=1e-5, rtol=1e-4)
+
+
+def _cam(model, images: torch.Tensor) -> torch.Tensor:
+    """(N, L, h, w): each label's share of its logit at each location (linear head, mean pooling)."""
+    features = model.backbone.forward_features(images)
+    grid, _ = _grid(model, features)
+    if not _cam_is_exact(model, features, grid):
+        raise ValueError(f"method 'cam' is exact only for the linear head over a backbone that averages its "
+                         f"feature map; {model.backbone_name} with head {model.head_name} does not: use "
+                         "method='gradcam' (or 'auto')")
+    return torch.einsum("nchw,lc->nlhw", grid, model.head.weight)
+
+
+def _csra(model, images: torch.Tensor) -> torch.Tensor:
+    grid, _ = _grid(model, model.backbone.forward_features(images))
+    head = model.head
+    return torch.einsum("nchw,lc->nlhw", grid, head.weight) / head.weight.norm(dim=1)[None, :, None, None]
+
+
+class _Forward(nn.Module):
+    """The model's logits with ``forward_features``' output passing through ``features`` (an
+    identity): the layer the gradient methods attach to, the same for every timm backbone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.features = model, nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        features = self.features(model.backbone.forward_features(images))
+        if getattr(model.head, "feature_map", False):
+            grid, _ = _grid(model, features)
+            return model.head(grid.flatten(2))
+        return model.head(model.backbone.forward_head(features, pre_logits=True))
+
+
+def _gradient_maps(model, images: torch.Tensor, wanted: list[list[int]], method: str) -> list[torch.Tensor]:
+    """Per image, (K, h, w) maps of its wanted labels from the ``grad-cam`` package."""
+    try:
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        raise ImportError("explanations by gradient need the grad-cam package: pip install 'mlabel[explain]'",
+                          name="grad-cam") from None
+    forward = _Forward(model)
+    tokens = model.backbone.forward_features(images[:1]).ndim == 3
+
+    def reshape(tensor):  # (N, T, C) tokens -> (N, C, h, w)
+        return _grid(model, tensor)[0] if tokens else tensor
+
+    cls = GradCAMPlusPlus if method == "gradcam++" else GradCAM
+    out = []
+    with cls(model=forward, target_layers=[forward.features], reshape_transform=reshape) as cam:
+        for i, labels in enumerate(wanted):
+            maps = [cam(input_tensor=images[i:i + 1], targets=[ClassifierOutputTarget(label)])[0] for label in labels]
+            out.append(torch.from_numpy(np.stack(maps)) if maps else torch.zeros(0, *images.shape[2:]))
+    return out
+
+
+def _scaled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(K, h, w) -> (K, H, W) float32, each map scaled to [0, 1] (a flat map is all zeros)."""
+    if maps.shape[0] == 0:
+        return np.zeros((0, *size), np.float32)
+    maps = maps.float()
+    if tuple(maps.shape[1:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    low = maps.flatten(1).min(1).values[:, None, None]
+    span = maps.flatten(1).max(1).values[:, None, None] - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-12), torch.zeros_like(maps)).numpy().astype(np.float32)
+
+
+def _choose(model, images: torch.Tensor, method: str) -> str:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise ValueError(f"unknown explanation method {method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; one of {list(METHODS)}")
+    if method == "csra" and model.head_name != "csra":
+        raise ValueError(f"method 'csra' needs the csra head; this model's head is {model.head_name}")
+    if method != "auto":
+        return method
+    if model.head_name == "csra":
+        return "csra"
+    features = model.backbone.forward_features(images[:1])
+    return "cam" if _cam_is_exact(model, features, _grid(model, features)[0]) else "gradcam"
+
+
+def _wanted(model, probs: torch.Tensor, labels) -> list[list[int]]:
+    """Per image, the label indices to explain: the named ones, or those predicted positive."""
+    if labels is None:
+        keep = probs >= model.thresholds.to(probs.device)
+        return [torch.nonzero(row).flatten().tolist() for row in keep]
+    names = [labels] if isinstance(labels, str) else list(labels)
+    unknown = [n for n in names if n not in model.labels]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), model.labels, n=1)
+        raise ValueError(f"label {unknown[0]!r} is not one of the model's labels" +
+                         (f" (did you mean {close[0]!r}?)" if close else "") + f"; it has {model.labels}")
+    index = [model.labels.index(n) for n in names]
+    return [list(index) for _ in range(len(probs))]
+
+
+def explain(model, images: torch.Tensor, labels=None, method: str = "auto") -> Explanation:
+    """Heat maps of ``model`` for ``images`` (N, 3, H, W), preprocessed as for :meth:`predict_proba`.
+
+    Args:
+        labels: label names to explain for every image (a name or a list); None: for each image,
+            the labels it is predicted positive for at the saved thresholds.
+        method: ``auto`` (``cam`` where exact, ``csra`` for that head, else ``gradcam``), ``cam``,
+            ``csra``, ``gradcam`` or ``gradcam++``.
+    """
+    was_training = model.training
+    grads = [(p, p.grad) for p in model.parameters()]  # the gradient methods' backward passes leave none behind
+    model.eval()
+    try:
+        with torch.no_grad():
+            probs = model.predict_proba(images)
+            chosen = _choose(model, images, method)
+        wanted = _wanted(model, probs, labels)
+        if chosen in ("cam", "csra"):
+            with torch.no_grad():
+                full = (_cam if chosen == "cam" else _csra)(model, images)
+            per_image = [full[i, idx] for i, idx in enumerate(wanted)]
+        else:
+            per_image = _gradient_maps(model, images, wanted, chosen)
+        size = tuple(images.shape[2:])
+        return Explanation(labels=[[model.labels[j] for j in idx] for idx in wanted],
+                           maps=[_scaled(m.detach().cpu(), size) for m in per_image],
+                           probabilities=[probs[i, idx].cpu().numpy() for i, idx in enumerate(wanted)],
+                           method=chosen)
+    finally:
+        model.train(was_training)
+        for param, grad in grads:
+            param.grad = grad

@@ -1,0 +1,142 @@
+"""Per-label heat maps (issue 32): the exact CAM of a linear head against a brute-force
+computation, maps that move with the object, ViT tokens on their grid, the model unchanged by
+explaining, and clear errors."""
+import numpy as np
+import pytest
+import torch
+
+from mlabel.explain import overlay
+from mlabel.models import create_model
+
+LABELS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return create_model("test_resnet", LABELS, False).eval()
+
+
+def test_cam_equals_the_head_row_times_the_feature_map(resnet):
+    images = torch.rand(2, 3, 64, 64)
+    got = resnet.explain(images, labels=LABELS, method="cam")
+    assert got.method == "cam"
+    with torch.no_grad():  # brute force: each location's features times the label's weights
+        fmap = resnet.backbone.forward_features(images)  # (N, C, h, w)
+        logits = resnet(images)
+        for i in range(2):
+            for k in range(3):
+                raw = np.zeros(fmap.shape[2:])
+                for y in range(fmap.shape[2]):
+                    for x in range(fmap.shape[3]):
+                        raw[y, x] = float(resnet.head.weight[k] @ fmap[i, :, y, x])
+                # the map decomposes the logit: its mean plus the bias is the logit
+                assert raw.mean() + float(resnet.head.bias[k]) == pytest.approx(float(logits[i, k]), abs=1e-4)
+                up = torch.nn.functional.interpolate(torch.tensor(raw)[None, None].float(), size=(64, 64),
+                                                     mode="bilinear", align_corners=False)[0, 0].numpy()
+                want = (up - up.min()) / (up.max() - up.min())
+                np.testing.assert_allclose(got.maps[i][k], want, atol=1e-5)
+    assert got.maps[0].shape == (3, 64, 64) and got.maps[0].dtype == np.float32
+    assert all(0 <= m.min() and m.max() <= 1 for m in got.maps)
+    np.testing.assert_allclose(got.probabilities[1], resnet.predict_proba(images)[1].numpy(), rtol=1e-6)
+
+
+def _square(left: bool) -> torch.Tensor:
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, :, 24:40, (4 if left else 44):(20 if left else 60)] = 1.0
+    return image
+
+
+def test_maps_move_with_the_object():
+    """A linear head trained in a few steps to find a bright square: the map's peak follows it."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", ["square"], False)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    for step in range(30):  # squares at random places are positive, empty images negative
+        batch, target = [], []
+        for _ in range(8):
+            image = torch.rand(1, 3, 64, 64) * 0.1
+            if np.random.default_rng(step * 8 + len(batch)).random() < 0.5:
+                x, y = np.random.default_rng(step * 97 + len(batch)).integers(0, 48, 2)
+                image[:, :, y:y + 16, x:x + 16] = 1.0
+                target.append(1.0)
+            else:
+                target.append(0.0)
+            batch.append(image)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(torch.cat(batch))[:, 0], torch.tensor(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for method in ("cam", "gradcam"):
+        left = model.explain(_square(True), labels="square", method=method).maps[0][0]
+        right = model.explain(_square(False), labels="square", method=method).maps[0][0]
+        left_x = np.unravel_index(left.argmax(), left.shape)[1]
+        right_x = np.unravel_index(right.argmax(), right.shape)[1]
+        assert left_x < 32 <= right_x, (method, left_x, right_x)
+
+
+def test_vit_tokens_on_their_grid_and_auto_picks_gradcam():
+    torch.manual_seed(0)
+    vit = create_model("test_vit", LABELS, False, image_size=64).eval()
+    got = vit.explain(torch.rand(1, 3, 64, 64), labels=["b"], method="auto")
+    assert got.method == "gradcam"  # the class token pools a ViT: cam would not decompose its logit
+    assert got.maps[0].shape == (1, 64, 64)
+    with pytest.raises(ValueError, match="method 'cam' is exact only"):
+        vit.explain(torch.rand(1, 3, 64, 64), labels=["b"], method="cam")
+
+
+def test_csra_uses_its_own_class_scores():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", LABELS, False, head="csra").eval()
+    images = torch.rand(1, 3, 64, 64)
+    got = model.explain(images, labels=["c"])
+    assert got.method == "csra"
+    with torch.no_grad():
+        grid = model.backbone.forward_features(images)
+        score = torch.einsum("nchw,c->nhw", grid, model.head.weight[2]) / model.head.weight[2].norm()
+    assert np.unravel_index(got.maps[0][0].argmax(), (64, 64)) is not None
+    low = torch.nn.functional.interpolate(score[None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(got.maps[0][0], ((low - low.min()) / (low.max() - low.min())).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])
+def test_explaining_changes_nothing(resnet, method):
+    images = torch.rand(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    probs = resnet.predict_proba(images)
+    resnet.train()  # its mode is given back
+    resnet.explain(images, labels=["a", "c"], method=method)
+    assert resnet.training
+    resnet.eval()
+    assert all(torch.equal(before[k], v) for k, v in resnet.state_dict().items())
+    assert torch.equal(resnet.predict_proba(images), probs)
+    assert all(p.grad is None for p in resnet.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in resnet.modules())
+
+
+def test_default_labels_are_those_predicted_positive(resnet):
+    images = torch.rand(3, 3, 64, 64)
+    resnet.set_thresholds(torch.tensor([0.0, 1.1, 0.0]))  # a and c always, b never
+    try:
+        got = resnet.explain(images)
+    finally:
+        resnet.set_thresholds(torch.full((3,), 0.5))
+    assert got.labels == [["a", "c"]] * 3
+
+
+def test_bad_requests(resnet):
+    with pytest.raises(ValueError, match=r"label 'bb' is not one of the model's labels \(did you mean 'b'\?\)"):
+        resnet.explain(torch.rand(1, 3, 64, 64), labels=["bb"])
+    with pytest.raises(ValueError, match=r"unknown explanation method 'gradcamm' \(did you mean 'gradcam'\?\)"):
+        resnet.explain(torch.rand(1, 3, 64, 64), method="gradcamm")
+
+
+def test_overlay_is_an_image_of_the_input_size():
+    image = np.full((40, 50, 3), 128, np.uint8)
+    heat = np.zeros((8, 8), np.float32)
+    heat[0, 0] = 1
+    out = overlay(image, heat, alpha=0.5)
+    assert out.size == (50, 40)
+    pixels = np.asarray(out).astype(int)
+    assert pixels[0, 0, 0] > pixels[-1, -1, 0] and pixels[-1, -1, 2] > pixels[0, 0, 2]  # hot: red, cold: blue
