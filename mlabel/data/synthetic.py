@@ -20,13 +20,14 @@ from PIL import Image, ImageDraw
 from ..errors import DataError
 from ..io import atomic_path, write_json
 
-__all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene", "scenes_root"]
+__all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene", "draw_scene_with_boxes",
+           "scenes_root"]
 
 SCENE_LABELS = ["circle", "square", "triangle", "cross", "ring", "star"]
 SCENE_PRIORS = [0.40, 0.30, 0.22, 0.14, 0.10, 0.07]
 SCENE_SPLITS = {"train": 3000, "val": 600, "test": 1000}
 SCENE_SIZE = 64
-_VERSION = 1
+_VERSION = 2  # 2: each split's shapes' boxes in SPLIT_boxes.json (the same pixels as 1)
 _SCALE = 2  # drawn at twice the size, then downsampled, for anti-aliased edges
 
 
@@ -38,6 +39,22 @@ def _polygon(cx, cy, radius, n, angle, inner=None):
         a = angle + 2 * math.pi * k / steps
         points.append((cx + r * math.cos(a), cy + r * math.sin(a)))
     return points
+
+
+def _shape_box(name: str, cx, cy, r, angle) -> tuple[float, float, float, float]:
+    """The drawn shape's bounding box (x0, y0, x1, y1) on the canvas it is drawn on."""
+    if name in ("circle", "ring"):
+        return cx - r, cy - r, cx + r, cy + r
+    if name == "cross":  # two thick lines: each a rectangle around its axis
+        half = max(3, int(r * 0.45)) / 2
+        corners = [(cx + s * r * 1.2 * math.cos(a) + t * half * -math.sin(a),
+                    cy + s * r * 1.2 * math.sin(a) + t * half * math.cos(a))
+                   for a in (angle, angle + math.pi / 2) for s in (-1, 1) for t in (-1, 1)]
+        xs, ys = [x for x, _ in corners], [y for _, y in corners]
+        return min(xs), min(ys), max(xs), max(ys)
+    sides, scale, inner = {"square": (4, 1.2, None), "triangle": (3, 1.25, None), "star": (5, 1.3, r * 0.5)}[name]
+    points = _polygon(cx, cy, r * scale, sides, angle, inner=inner)
+    return (min(x for x, _ in points), min(y for _, y in points), max(x for x, _ in points), max(y for _, y in points))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx, cy, r, angle, color):
@@ -60,6 +77,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx, cy, r, angle, color):
 
 def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, np.ndarray]:
     """One scene and its (6,) 0/1 target."""
+    image, target, _ = draw_scene_with_boxes(rng, size)
+    return image, target
+
+
+def draw_scene_with_boxes(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, np.ndarray, list]:
+    """One scene, its (6,) 0/1 target and each drawn shape's box ``[label, x0, y0, x1, y1]`` in the
+    image's pixels (clipped to it). The same draws as :func:`draw_scene`: the same pixels."""
     big = size * _SCALE
     base = rng.integers(0, 256, 3)
     tilt = rng.integers(-60, 61, 3)
@@ -76,19 +100,24 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
         w, h = rng.integers(2, 7, 2)
         draw.ellipse([x, y, x + w, y + h], fill=tuple(rng.integers(0, 256, 3).tolist()))
     target = (rng.random(len(SCENE_LABELS)) < np.asarray(SCENE_PRIORS)).astype(np.float32)
+    boxes = []
     for index in rng.permutation(np.flatnonzero(target)):
         r = rng.uniform(0.13, 0.24) * big
         cx, cy = rng.uniform(r, big - r, 2)
         color = rng.integers(0, 256, 3)
         if np.abs(color.astype(int) - base).sum() < 120:  # keep the shape visible
             color = 255 - color
-        _draw_shape(draw, SCENE_LABELS[index], cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(color.tolist()))
+        angle = rng.uniform(0, 2 * math.pi)
+        _draw_shape(draw, SCENE_LABELS[index], cx, cy, r, angle, tuple(color.tolist()))
+        box = np.clip(np.asarray(_shape_box(SCENE_LABELS[index], cx, cy, r, angle)) / _SCALE, 0, size)
+        boxes.append([SCENE_LABELS[index], *[round(float(v), 2) for v in box]])
     image = image.resize((size, size), Image.LANCZOS)
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target, boxes
 
 
-_OWN = ("images", "train.csv", "val.csv", "test.csv", "scenes.json")
+_OWN = ("images", "train.csv", "val.csv", "test.csv", "scenes.json", "train_boxes.json", "val_boxes.json",
+        "test_boxes.json")
 
 
 def _spec(seed: int, splits: dict[str, int]) -> dict:
@@ -128,12 +157,14 @@ def ensure_scenes(root: str | Path, seed: int = 1234, splits: dict[str, int] | N
     (root / "images").mkdir(parents=True, exist_ok=True)
     for offset, (split, count) in enumerate(splits.items()):
         rng = np.random.default_rng([seed, offset])
-        rows = []
+        rows, boxes = [], {}
         for i in range(count):
-            image, target = draw_scene(rng)
+            image, target, drawn = draw_scene_with_boxes(rng)
             name = f"{split}_{i:05d}.png"
             image.save(root / "images" / name)
             rows.append([f"images/{name}", *[int(v) for v in target]])
+            boxes[f"images/{name}"] = drawn
+        write_json(root / f"{split}_boxes.json", boxes)  # each shape's box, for scoring explanations
         with atomic_path(root / f"{split}.csv") as tmp, tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["image", *SCENE_LABELS])
