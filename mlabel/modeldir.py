@@ -112,7 +112,10 @@ def read_model_files(directory: Path) -> ModelFiles:
         pending = _parse_pending(directory / PENDING)
         if pending is not None and pending.get(DIGEST_KEY) == digest:
             return ModelFiles(pending, weights)  # a save's weights landed, its metadata not yet
-        time.sleep(0.01 * 2 ** attempt)  # a save may be replacing the pair right now
+        if attempt + 1 < READ_ATTEMPTS:
+            # a save may be replacing the pair right now (files of two saves of one model are alike,
+            # so "nothing changed since the last read" cannot tell a race from damage: wait and see)
+            time.sleep(0.01 * 2 ** attempt)
     raise ValueError(f"{directory / WEIGHTS_FILE} does not match {directory / META_FILE} (its SHA-256 differs "
                      "from the one recorded): the files come from different saves or were edited (or a save "
                      "into this folder kept replacing them); re-save the model (save_pretrained) or restore "
