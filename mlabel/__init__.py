@@ -7,7 +7,7 @@ without torch installed.
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for IDEs and type checkers
     from .calibration import fit_calibration

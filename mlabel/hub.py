@@ -12,41 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .hubpath import MODEL_FILES, check_repo_id, hub_module, snapshot
 
-__all__ = ["model_card", "parse_hub_path", "pull", "push", "stage", "snapshot"]
-
-HUB_PREFIX = "hf://"
-# the Hub's rule for an owner and a name: letters, digits, '-', '_', '.', no '--' or '..' inside
-_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-REPO_ID = re.compile(rf"^{_PART}/{_PART}$")
-MODEL_FILES = ("model.safetensors", "mlabel.json")
-
-
-def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
-        raise UserError(f"{repo_id!r} is not a Hub repository id: give OWNER/NAME (letters, digits, '-', '_', '.'), "
-                        "e.g. alice/scenes-resnet50")
-    return repo_id
-
-
-def parse_hub_path(path: str) -> tuple[str, str | None]:
-    """``hf://owner/name[@revision]`` -> (repo id, revision or None)."""
-    repo, _, revision = path[len(HUB_PREFIX):].partition("@")
-    return check_repo_id(repo), revision or None
-
-
-def _hub():
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise UserError("the Hub needs the huggingface_hub package: pip install 'mlabel[hub]'") from None
-    return huggingface_hub
+__all__ = ["model_card", "pull", "push", "stage"]
 
 
 # --------------------------------------------------------------------------- the model card
@@ -143,7 +116,8 @@ def _read_json(path: Path) -> dict:
 def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool = False) -> list[str]:
     """Write into ``out`` exactly what a push uploads; returns the file names. The model is
     loaded (validated) first: a directory that fails validation is refused before anything."""
-    from .config import read_yaml
+    import yaml
+
     from .models import load, locate_model
     from .modeldir import META_FILE
     check_repo_id(repo_id)
@@ -152,7 +126,7 @@ def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool =
     meta = json.loads((model_dir / META_FILE).read_text())
     metrics = _read_json(run_dir / "metrics.json") if run_dir else {}
     run = _read_json(run_dir / "run.json") if run_dir else {}
-    config = read_yaml(run_dir / "config.yaml") if run_dir and (run_dir / "config.yaml").is_file() else {}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir and (run_dir / "config.yaml").is_file() else {}
     report = run_dir / "report" / "report.html" if run_dir else None
     if with_report and (report is None or not report.is_file()):
         raise UserError(f"--with-report: {model_or_run} has no report/report.html; build it with mlabel report RUN_DIR")
@@ -183,7 +157,7 @@ def push(model_or_run: str | Path, repo_id: str, *, private: bool = False, revis
                 target.rmdir()
             shutil.move(str(Path(tmp) / "stage"), str(target))
         return str(target)
-    hub = _hub()
+    hub = hub_module()
     with tempfile.TemporaryDirectory() as tmp:
         stage(model_or_run, repo_id, Path(tmp), with_report)  # validated before any upload
         api = hub.HfApi()
@@ -196,20 +170,6 @@ def push(model_or_run: str | Path, repo_id: str, *, private: bool = False, revis
 
 
 # --------------------------------------------------------------------------- pull and hf:// loads
-
-def snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The model files of ``repo_id`` in the local Hugging Face cache, fetched when missing (the
-    cache only under ``HF_HUB_OFFLINE=1``); the folder ``huggingface_hub`` returns."""
-    hub = _hub()
-    check_repo_id(repo_id)
-    try:
-        folder = hub.snapshot_download(repo_id, revision=revision, allow_patterns=[*MODEL_FILES, "README.md"])
-    except Exception as err:  # noqa: BLE001 - huggingface_hub's many error types: said in one line
-        raise UserError(f"hf://{repo_id}{'@' + revision if revision else ''}: could not be read "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); check the name, "
-                        "the network, or HF_HUB_OFFLINE=1 with the files in the cache") from None
-    return Path(folder)
-
 
 def pull(repo_id: str, out: str | Path, revision: str | None = None) -> Path:
     """Copy the model of ``repo_id`` into ``out`` after it passed a local load's validation;

@@ -388,9 +388,10 @@ class MultiLabelClassifier(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``model.safetensors`` and ``mlabel.json`` (atomically) into ``directory``."""
         directory = Path(directory)
+        meta = {**self.describe(), **(extra or {})}
+        ModelSpec.from_meta(meta, directory / META_FILE)  # a save never writes what load would refuse
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_model(directory, lambda path: save_file(state, str(path), metadata={"format": "pt"}),
-                    {**self.describe(), **(extra or {})})
+        write_model(directory, lambda path: save_file(state, str(path), metadata={"format": "pt"}), meta)
         return directory
 
     def save_metadata(self, directory: str | Path, extra: dict | None = None, keep: bool = True) -> Path:
@@ -400,16 +401,18 @@ class MultiLabelClassifier(nn.Module):
         model metadata (``mlabel.tune`` uses it)."""
         directory = Path(directory)
         meta = read_model(directory) if keep and (directory / META_FILE).is_file() else {}
+        new = {**meta, **self.describe(), **(extra or {})}
+        ModelSpec.from_meta(new, directory / META_FILE)  # a save never writes what load would refuse
         # read_model has just checked the recorded digest against the weights: no second hashing
-        return write_metadata(directory, {**meta, **self.describe(), **(extra or {})}, meta.get(DIGEST_KEY))
+        return write_metadata(directory, new, meta.get(DIGEST_KEY))
 
 
 def locate_model(path: str | Path) -> tuple[Path, Path | None]:
     """(model directory, run directory or None) for a model directory or a run directory: the
     one place every command and :func:`load` resolve what they were given. ``hf://owner/name[@rev]``
-    is a model on the Hugging Face Hub, read through its local cache (:mod:`mlabel.hub`)."""
+    is a model on the Hugging Face Hub, read through its local cache (:mod:`mlabel.hubpath`)."""
     if isinstance(path, str) and path.startswith("hf://"):
-        from .hub import parse_hub_path, snapshot
+        from .hubpath import parse_hub_path, snapshot
         return snapshot(*parse_hub_path(path)), None
     path = Path(path)
     if (path / "model" / META_FILE).is_file():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from .version import __version__
 from .cli import guarded
 from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
                      list_recipes, load_config, loss_kwargs, threshold_kwargs)
