@@ -440,7 +440,8 @@ def test_sample_labels_that_are_not_names_are_named(copy, labels):
 def test_shards_written_by_webdataset_with_non_ascii_keys_read_back(tmp_path):
     wds = pytest.importorskip("webdataset")
     rng = np.random.default_rng(0)
-    keys = ["échantillon-0", "サンプル-1", "dir/ünï-2", "plain-3"]
+    from mlabel.data.shards import shard_image_bytes
+    keys = ["échantillon-0", "サンプル-1", "dir/ünï-2", "hash#3"]
     written = {}
     with wds.TarWriter(str(tmp_path / "w-000000.tar")) as sink:
         for i, key in enumerate(keys):
@@ -454,11 +455,12 @@ def test_shards_written_by_webdataset_with_non_ascii_keys_read_back(tmp_path):
         "train": {"shards": ["w-000000.tar"]}}}))
     table = read_wds_table(tmp_path, "train")
     reference = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "w-000000.tar"), shardshuffle=False)]
-    assert [p.split("#", 1)[1] for p in table.paths] == reference == keys
+    assert [p.split(".tar#", 1)[1] for p in table.paths] == reference == keys
     for row, key in enumerate(keys):
         pixels, labels = written[key]
         assert [table.labels[j] for j in np.flatnonzero(table.dense_targets()[row] == 1)] == labels
         np.testing.assert_array_equal(table.read_image(row), pixels)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(shard_image_bytes(table.paths[row])))), pixels)
 
 
 def _index_case(copy: Path, change) -> None:
@@ -590,3 +592,22 @@ def test_every_field_of_labels_json_is_checked(copy, case):
     path.write_text(text)
     with pytest.raises(DataError, match=rf"cannot read {path}: " if message == "cannot read" else rf"{path}.*{message}"):
         read_wds_table(copy, "train")
+
+
+def test_malformed_headers_are_data_errors(server):
+    def answer(status, headers, body=b""):
+        def send(request):
+            request.send_response(status)
+            for key, value in headers:
+                request.send_header(key, value)
+            request.send_header("Connection", "close")
+            request.end_headers()
+            request.wfile.write(body)
+            request.close_connection = True
+        return send
+    server.routes["/badloc/labels.json"] = answer(302, [("Location", "http://[::1/x")])
+    server.routes["/hugelen/labels.json"] = answer(200, [("Content-Length", "9" * 5000)], b"{}")
+    with pytest.raises(DataError, match=r"cannot fetch .*/badloc/labels.json: .*malformed URL"):
+        read_vocabulary(f"{server.url}/badloc")
+    with pytest.raises(DataError, match=r"hugelen/labels.json: 'labels' must be"):
+        read_vocabulary(f"{server.url}/hugelen")

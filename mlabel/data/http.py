@@ -145,22 +145,26 @@ class Response:
 
 
 def _int_header(raw: http.client.HTTPResponse, name: str) -> int | None:
-    value = raw.getheader(name)
-    return int(value) if value is not None and value.strip().isdigit() else None
+    """A size header's value, None when absent or not a plain number below 10^18."""
+    value = (raw.getheader(name) or "").strip()
+    return int(value) if re.fullmatch(r"[0-9]{1,18}", value) else None
 
 
 def _next_location(first: str, current: str, location: str | None) -> str:
     """Where a redirect leads, refused unless it is http(s) on the first URL's host."""
     if not location:
         raise FetchError(f"cannot fetch {first}: a redirect without a Location")
-    target = urljoin(current, location.strip())
-    scheme = urlsplit(target).scheme.lower()
+    try:
+        target = urljoin(current, location.strip())
+        scheme, host = urlsplit(target).scheme.lower(), urlsplit(target).hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise FetchError(f"cannot fetch {first}: the server redirects to a malformed URL {location[:200]!r}") from None
     if scheme not in ("http", "https"):
         raise FetchError(f"cannot fetch {first}: the server redirects to {target}; only http(s) redirects "
                          "are followed")
     if urlsplit(current).scheme == "https" and scheme == "http":
         raise FetchError(f"cannot fetch {first}: the server redirects from https to plain http ({target}); refused")
-    if urlsplit(target).hostname != urlsplit(first).hostname:
+    if host != urlsplit(first).hostname:
         raise FetchError(f"cannot fetch {first}: the server redirects to another host ({target}); refused: "
                          "give the final location as data.root")
     return target
@@ -203,7 +207,7 @@ def _ask(url: str, current: str, headers: dict, began: float):
 def _range_ok(raw: http.client.HTTPResponse, start: int, size: int) -> bool:
     """Whether a 206 answer holds the range asked for (announced size and first byte)."""
     length, announced = _int_header(raw, "Content-Length"), raw.getheader("Content-Range") or ""
-    first = re.match(r"\s*bytes\s+(\d+)-", announced)
+    first = re.match(r"\s*bytes\s+([0-9]{1,18})-", announced)
     return (length is None or length == size) and (first is None or int(first.group(1)) == start)
 
 
@@ -265,7 +269,7 @@ def probe(url: str) -> tuple[int | None, float | None]:
     """``url``'s size and Last-Modified time (seconds since the epoch), None where the server does
     not say; read with a one-byte range (servers without HEAD answer it too)."""
     with open_url(url, limit=1, start=0, size=1) as response:
-        total = re.search(r"/\s*(\d+)\s*$", response.headers.get("Content-Range") or "")
+        total = re.search(r"/\s*([0-9]{1,18})\s*$", response.headers.get("Content-Range") or "")
         size = int(total.group(1)) if response.status == 206 and total else \
             response.length if response.status == 200 else None
         modified = response.headers.get("Last-Modified")

@@ -326,6 +326,8 @@ def _load_index(root, spec: str, vocabulary: Vocabulary, paths: list) -> dict | 
     if not (_remote_current if is_url(source) else _local_current)(source, paths, entry["bytes"]):
         return None
     limit = entry.get("index_bytes", MAX_INDEX_BYTES)
+    if not is_url(source) and Path(source).stat().st_size > limit:
+        return None  # not the index labels.json was written with (its size): scanned
     try:
         data = fetch(source, limit) if is_url(source) else Path(source).read_bytes()
     except OSError as err:
@@ -493,8 +495,9 @@ def read_member(member: tuple[str, int, int], name: str, draft: int | None = Non
 def shard_image_bytes(name: str) -> bytes | None:
     """The image bytes of ``SHARD#KEY`` (as wds tables name their images, in predictions and the
     report) by a scan of the shard, or None when ``name`` is not such a path."""
-    shard, sep, key = name.rpartition("#")
-    if not sep or not shard.endswith(".tar") or not (is_url(shard) or Path(shard).is_file()):
+    shard, sep, key = name.partition(".tar#")  # a key may hold "#" (and the folder too, rarely ".tar#")
+    shard += ".tar"
+    if not sep or not (is_url(shard) or Path(shard).is_file()):
         return None
     stream = None
     try:
