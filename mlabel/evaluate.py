@@ -24,6 +24,7 @@ from .metrics import nanmean, calibration_error, cutoff_metrics, evaluate_predic
 from .models import MultiLabelClassifier, load, locate_model
 from .outputs import Outputs, Targets
 from .policy import choose_thresholds
+from .rundir import hold_run_dir
 from .thresholds import cross_fit_predictions
 
 __all__ = ["calibrate_and_tune", "evaluate_outputs", "locate_model", "split_outputs", "main"]
@@ -157,11 +158,21 @@ def split_arguments(rest: list[str]) -> tuple[str | None, list[str]]:
     return (plain[0] if plain else None), [a for a in rest if "=" in a]
 
 
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def summary_line(name: str, m: dict) -> str:
-    acc = f"  accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
-    cross = f"  (cross-fitted {m['cross_fit']['macro_f1']:.4f})" if "cross_fit" in m else ""
-    return (f"{name}: mAP {m['mAP']:.4f}  macro_f1 {m['macro_f1']:.4f}{cross}  "
-            f"(at 0.5: {m['macro_f1@0.5']:.4f})  micro_f1 {m['micro_f1']:.4f}{acc}")
+    """One line of a split's figures; a figure no known target defines (``None``, e.g. mAP of a
+    split without positives) shows as ``n/a``, and labels without a positive are counted."""
+    acc = f"  accuracy {_figure(m['accuracy'])}" if "accuracy" in m else ""
+    cross = f"  (cross-fitted {_figure(m['cross_fit']['macro_f1'])})" if "cross_fit" in m else ""
+    per = m.get("per_label", {})
+    no_ap = sum(row.get("ap") is None for row in per.values())
+    note = (f"  ({no_ap} of {len(per)} labels have no known positive here: no AP, left out of the means)"
+            if no_ap else "")
+    return (f"{name}: mAP {_figure(m['mAP'])}  macro_f1 {_figure(m['macro_f1'])}{cross}  "
+            f"(at 0.5: {_figure(m['macro_f1@0.5'])})  micro_f1 {_figure(m['micro_f1'])}{acc}{note}")
 
 
 # What a user's mistake raises in the model commands: reported in one line, exit status 2.
@@ -185,6 +196,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--out", help="JSON file to write (default: RUN_DIR/eval-SPLIT.json)")
     args = parser.parse_intermixed_args(argv)
+    model_path, run_dir = locate_model(args.model_dir)
+    if run_dir is None or not (run_dir / "run.json").is_file():
+        return _evaluate(args)
+    with hold_run_dir(run_dir, "mlabel evaluate"):  # its report is rebuilt from the model read now
+        return _evaluate(args)
+
+
+def _evaluate(args) -> int:
+    """Score the split, then write the metrics and rebuild the run's report (after everything is read)."""
     recipe, overrides = split_arguments(args.rest)
     model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
@@ -200,14 +220,15 @@ def main(argv: list[str]) -> int:
         outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
                                                   quiet=args.quiet, desc=args.split)
         metrics = evaluate_outputs(model, outputs, targets)
+    line = summary_line(args.split, metrics) + (f"  (streamed: histograms of {cfg.thresholds.bins} bins)"
+                                                if streamed else "")
+    from .report import report_inputs
+    # the model is unchanged, so a streamed evaluation leaves the report as it is (it needs per-image scores)
+    report = (lambda device=None, quiet=False: None) if streamed else report_inputs(out_dir, model)
     write_json(out, {args.split: metrics})
-    print(summary_line(args.split, metrics) + (f"  (streamed: histograms of {cfg.thresholds.bins} bins)"
-                                               if streamed else ""))
+    print(line)
     print(f"metrics written to {out}")
-    if streamed:  # the report needs per-image scores
-        return 0
-    from .report import rebuild_run_report
-    rebuild_run_report(out_dir, model, device, args.quiet)  # a run's report follows the saved model
+    report(device, args.quiet)  # a run's report follows the saved model
     return 0
 
 

@@ -13,6 +13,8 @@ Each file is a NumPy ``.npz`` (no pickles; read with ``allow_pickle=False``) of:
 """
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,24 +47,52 @@ def save_predictions(run_dir: Path, split: str, outputs: Outputs, targets: Targe
     return path
 
 
+# What a damaged .npz raises while it is read: a truncated zip, a bad CRC or deflate stream, a
+# member that is not an array, a header NumPy cannot parse.
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def load_predictions(run_dir: Path, split: str, labels: list[str] | None = None) -> dict | None:
-    """The arrays of ``predictions/SPLIT.npz`` (None when the run has none), checked for shape
-    and, when ``labels`` is given, for the model's label order."""
+    """The arrays of ``predictions/SPLIT.npz`` (None when the run has none), checked for shape,
+    dtype and values and, when ``labels`` is given, for the model's label order. A damaged file
+    is a ``ValueError`` naming it."""
     path = Path(run_dir) / "predictions" / f"{split}.npz"
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable predictions file ({err}); delete it to score again") from None
-    missing = {"logits", "targets", "paths", "labels"} - set(arrays)
-    n = len(arrays.get("paths", ()))
-    if missing or arrays["logits"].shape != arrays["targets"].shape or len(arrays["logits"]) != n:
-        raise ValueError(f"{path} is damaged (missing {sorted(missing)} or shapes that disagree); delete it")
+    except _UNREADABLE as err:
+        raise ValueError(f"{path} is not a readable predictions file ({type(err).__name__}: {err}); "
+                         "delete it to score again") from None
+    problem = _problem(arrays)
+    if problem:
+        raise ValueError(f"{path} is damaged ({problem}); delete it to score again")
     if labels is not None and list(arrays["labels"]) != list(labels):
         return None  # written for another label set: score afresh
     return arrays
+
+
+def _problem(arrays: dict) -> str | None:
+    """What is wrong with the arrays of a predictions file, or None."""
+    missing = {"logits", "targets", "paths", "labels"} - set(arrays)
+    if missing:
+        return f"missing {sorted(missing)}"
+    logits, targets, paths, labels = (arrays[k] for k in ("logits", "targets", "paths", "labels"))
+    if paths.ndim != 1 or labels.ndim != 1 or paths.dtype.kind != "U" or labels.dtype.kind != "U":
+        return "paths and labels must be lists of text"
+    for key in ("logits", "targets", "regression", "regression_targets"):
+        if key in arrays and (arrays[key].dtype.kind not in "fiu" or arrays[key].ndim != 2):
+            return f"{key} must be a 2-D array of numbers, not {arrays[key].dtype} of shape {arrays[key].shape}"
+    if logits.shape != targets.shape or logits.shape != (len(paths), len(labels)):
+        return (f"logits {logits.shape} and targets {targets.shape} disagree with {len(paths)} paths and "
+                f"{len(labels)} labels")
+    if np.isnan(logits).any():
+        return "logits hold NaN"
+    if ("regression" in arrays) != ("regression_targets" in arrays) or (
+            "regression" in arrays and arrays["regression"].shape != arrays["regression_targets"].shape):
+        return "regression and regression_targets must come together, of one shape"
+    return None
 
 
 def load_scores(run_dir: Path, split: str, labels: list[str]) -> tuple[Outputs, Targets] | None:
@@ -85,6 +115,6 @@ def load_paths(run_dir: Path, split: str, count: int) -> list[str] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             paths = data["paths"]
-    except (OSError, ValueError, KeyError):
+    except _UNREADABLE:
         return None
     return [str(p) for p in paths] if len(paths) == count else None

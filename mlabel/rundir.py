@@ -5,7 +5,9 @@ A run directory that already holds a run's outputs is kept: a new training goes 
 ``DIR-2``, ``DIR-3``, ... unless ``overwrite=true`` (replace it) or ``resume`` (continue it). The
 directory is locked (``fcntl.flock`` on ``DIR/.lock``, released by the kernel even on kill -9)
 for as long as the training runs; a second training into it stops with a message naming the
-holder.
+holder. ``mlabel tune``, ``evaluate`` and ``report`` hold the same lock while they read the saved
+model and rewrite its files (:func:`hold_run_dir`), so two of them, or one and a training, never
+interleave their writes (a report of one tune's thresholds beside another's ``mlabel.json``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Callable, Iterator
 
 from .config import ConfigError
 
-__all__ = ["claim_run_dir", "holds_run", "RUN_OUTPUTS"]
+__all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "RUN_OUTPUTS"]
 
 LOCK = ".lock"
 # What a training writes; a directory with any of these holds an earlier run.
@@ -43,8 +45,10 @@ def _free_directory(requested: Path, keep_earlier: bool) -> Path:
     raise ConfigError(f"out_dir {requested}: no free {requested.name}-N directory; choose another out_dir")
 
 
-def _lock(folder: Path, sign: bool = True):
-    """Hold ``folder/.lock`` exclusively (``sign``: writing who holds it), or say who holds it."""
+def _lock(folder: Path, sign: bool = True, doing: str = "training", what: str = "out_dir",
+          instead: str = "or choose another out_dir"):
+    """Hold ``folder/.lock`` exclusively (``sign``: writing who holds it and ``doing`` what), or
+    say who holds it (``what``: how the message names the folder; ``instead``: the way out)."""
     path = folder / LOCK
     while True:
         handle = open(path, "a+")
@@ -54,8 +58,7 @@ def _lock(folder: Path, sign: bool = True):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise ConfigError(f"out_dir {folder} is in use by {holder}; wait for that training to end, "
-                              "or choose another out_dir") from None
+            raise ConfigError(f"{what} {folder} is in use by {holder}; wait for it to end, {instead}") from None
         # The file may have been unlinked by its previous holder between our open and our lock.
         if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
             break
@@ -64,7 +67,8 @@ def _lock(folder: Path, sign: bool = True):
         return handle
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 f" ({doing})\n")
     handle.flush()
     return handle
 
@@ -99,3 +103,17 @@ def claim_run_dir(requested: str | Path, *, overwrite: bool, resume: bool, main:
         handle.close()
         if created and not any(folder.iterdir()):
             folder.rmdir()
+
+
+@contextmanager
+def hold_run_dir(folder: str | Path, doing: str) -> Iterator[Path]:
+    """Lock an existing run (or model) directory while ``doing`` (e.g. ``mlabel tune``) reads its
+    model and rewrites its files; a second holder stops at once with a message naming this one.
+    The lock file is removed on the way out (the kernel releases the lock even on kill -9)."""
+    folder = Path(folder)
+    handle = _lock(folder, doing=doing, what="run directory", instead="then run this command again")
+    try:
+        yield folder
+    finally:
+        (folder / LOCK).unlink(missing_ok=True)
+        handle.close()

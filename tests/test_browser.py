@@ -7,6 +7,7 @@ skipped with the reason when they are absent. Screenshots go to ``$MLABEL_SCREEN
 else into the test's temporary folder."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -22,6 +23,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,1000"]
 
 pytestmark = pytest.mark.browser
+# a label name that ends an inline script block, or opens a comment in it, unless the JSON is escaped
+HOSTILE = "<!--<script> a</script> & b"
 
 
 def start_chromium(user_dir: Path):
@@ -110,13 +113,18 @@ def test_the_explorer_agrees_with_evaluate_predictions_in_a_real_browser(browser
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
     from mlabel.tune import main as tune_main
-    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run<!--<script>"))
+    label = 2
+    meta = json.loads((run / "model" / "mlabel.json").read_text())
+    meta["labels"][label] = HOSTILE  # the explorer's inline JSON must survive it (issue 27)
+    (run / "model" / "mlabel.json").write_text(json.dumps(meta))
     scores = quickstart_sized(run, scene_csv)
     model = mlabel.load(run)
     wait_ready(browser, run / "report" / "report.html")
     assert browser.get_log("browser") == []  # no script error, nothing fetched
+    assert browser.execute_script("return document.getElementById('explorer-data').textContent.length") > 1000
 
-    label = 2
+    assert model.labels[label] == HOSTILE
     Select(browser.find_element("id", "explorer-label")).select_by_visible_text(model.labels[label])
     check_against_reference(browser, scores, label, float(model.thresholds[label]))
     slider = browser.find_element("id", "explorer-slider")

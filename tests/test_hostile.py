@@ -447,3 +447,197 @@ def test_repeated_images_across_splits_are_counted_in_a_warning(tmp_path, scene_
     err = capsys.readouterr().err
     assert "warning: 2 images are listed twice in train" in err
     assert "warning: 3 images are in both train and val" in err
+
+
+# issue 27, section 3 (tune, evaluate, report, predictions/, --from-json, the data chart): every
+# case ends in one error line naming the file or key, and the run it was given stays byte-identical.
+def _val_csv(tmp: Path, scene_csv: Path, edit, name: str = "val.csv") -> Path:
+    """A copy of val.csv (absolute image paths) whose target rows ``edit(rows)`` changes."""
+    def write(rows, path):
+        edit(rows)
+        _write_rows(path, rows)
+    return _copy_csv(scene_csv, tmp, "val.csv", write).rename(tmp / name)
+
+
+def _targets_to(value: str, columns=None):
+    def edit(rows):
+        for row in rows[1:]:
+            for j in columns or range(1, len(row)):
+                row[j] = value
+    return edit
+
+
+def _tune_on(value):
+    def build(tmp, scene_csv, run):
+        return tune_main, [str(run), f"data.val={_val_csv(tmp, scene_csv, _targets_to(value))}", "--quiet"], run, "data.val="
+    return build
+
+
+def _from_json(text):
+    def build(tmp, scene_csv, run):
+        path = tmp / "thresholds.json"
+        path.write_text(text)
+        return tune_main, [str(run), "--from-json", str(path), "--quiet"], run, str(path)
+    return build
+
+
+def _run_copy(tmp: Path, run: Path) -> Path:
+    return Path(shutil.copytree(run, tmp / "copy"))
+
+
+def _truncated_predictions(main_name):
+    def build(tmp, scene_csv, run):
+        from mlabel.report import main as report_main
+        copy = _run_copy(tmp, run)
+        path = copy / "predictions" / "val.npz"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        chosen = tmp / "t.json"
+        chosen.write_text('{"thresholds": {"circle": 0.25}}')
+        argv = {"report": (report_main, [str(copy), "--quiet"]),
+                "tune": (tune_main, [str(copy), "--from-json", str(chosen), "--quiet"])}[main_name]
+        return (*argv, copy, str(path))
+    return build
+
+
+def _renamed_labels(tmp, scene_csv, run):
+    from mlabel.report import main as report_main
+    copy = _run_copy(tmp, run)
+    meta = json.loads((copy / "model" / "mlabel.json").read_text())
+    meta["labels"] = [f"x{j}" for j in range(len(meta["labels"]))]
+    (copy / "model" / "mlabel.json").write_text(json.dumps(meta))
+    return report_main, [str(copy), "--quiet"], copy, "'x0'"
+
+
+HUGE = "1" + "0" * 5000
+RUN_CASES = [
+    ("tune on a val without positives", _tune_on("0"), "has no label with both a positive and a negative known target"),
+    ("tune on a val of unknown targets", _tune_on("-1"), "has no label with both a positive and a negative known target"),
+    ("--from-json huge integer", _from_json('{"thresholds": {"circle": %s}}' % HUGE), "the threshold of 'circle' is inf"),
+    ("--from-json huge exponent", _from_json('{"thresholds": {"circle": 1e999}}'), "the threshold of 'circle' is inf"),
+    ("--from-json deep nesting", _from_json('{"thresholds": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nests too deeply"),
+    ("--from-json duplicate label", _from_json('{"thresholds": {"circle": 0.1, "square": 0.2, "circle": 0.9}}'),
+     "the key 'circle' appears twice"),
+    ("--from-json duplicate thresholds", _from_json('{"thresholds": {"circle": 0.1}, "thresholds": {"star": 0.2}}'),
+     "the key 'thresholds' appears twice"),
+    ("--from-json threshold as text", _from_json('{"thresholds": {"circle": "0.5"}}'), "the threshold of 'circle' is '0.5'"),
+    ("--from-json threshold null", _from_json('{"thresholds": {"circle": null}}'), "the threshold of 'circle' is null"),
+    ("--from-json threshold as a list", _from_json('{"thresholds": {"circle": [0.5]}}'), "the threshold of 'circle' is a list"),
+    ("--from-json threshold as an object", _from_json('{"thresholds": {"circle": {"value": 0.5}}}'),
+     "the threshold of 'circle' is an object"),
+    ("--from-json thresholds as a list", _from_json('{"thresholds": [0.5, 0.5]}'), 'needs a non-empty "thresholds" object'),
+    ("--from-json huge label name", _from_json('{"thresholds": {"%s": 0.5}}' % ("c" * 100_000)), "is not one of the model's"),
+    ("report with a truncated predictions file", _truncated_predictions("report"), "is not a readable predictions file"),
+    ("tune --from-json with a truncated predictions file", _truncated_predictions("tune"),
+     "is not a readable predictions file"),
+    ("labels renamed in mlabel.json before report", _renamed_labels, "the data's labels do not match the model's"),
+]
+
+
+@pytest.mark.parametrize("build,fragment", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_a_hostile_run_command_exits_2_naming_the_file_and_keeps_the_run(build, fragment, finished, scene_csv,
+                                                                         tmp_path, capsys):
+    before = _snapshot(finished)
+    main, argv, kept, named = build(tmp_path, scene_csv, finished)
+    kept_before = _snapshot(kept)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(errors) == 1 and fragment in errors[0] and named in errors[0], err
+    assert "internal error" not in err and "Traceback" not in err and len(errors[0]) < 700
+    assert _snapshot(kept) == kept_before and _snapshot(finished) == before
+
+
+def _tuned(run: Path) -> tuple[list, list, list]:
+    meta = json.loads((run / "model" / "mlabel.json").read_text())
+    calibration = meta["calibration"] or {"scale": [1.0] * len(meta["labels"]), "bias": [0.0] * len(meta["labels"])}
+    return meta["thresholds"], calibration["scale"], calibration["bias"]
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_tune_keeps_the_previous_decision_of_a_label_val_has_no_positive_for(finished, scene_csv, tmp_path, streaming):
+    """circle has no positive in the edited val: it keeps its threshold and calibration, while every
+    other label is tuned exactly as on the full val (labels are tuned independently)."""
+    partial = _val_csv(tmp_path, scene_csv, _targets_to("0", [1]), "partial.csv")
+    full = _val_csv(tmp_path, scene_csv, lambda rows: None, "full.csv")
+    runs = {}
+    for name, val in (("partial", partial), ("full", full)):
+        runs[name] = Path(shutil.copytree(finished, tmp_path / name))
+        assert tune_main([str(runs[name]), f"data.val={val}", f"thresholds.streaming={streaming}",
+                          "--metric", "fbeta", "--beta", "0.5", "--quiet"]) == 0
+    old, got, ref = _tuned(finished), _tuned(runs["partial"]), _tuned(runs["full"])
+    for k in range(3):  # thresholds, scales, biases
+        assert got[k][0] == old[k][0]  # circle: as before
+        assert got[k][1:] == ref[k][1:]  # the others: as tuned on the full val
+    assert got[0][1:] != old[0][1:]  # the tuning did change something (fbeta 0.5, not the run's f1)
+    record = json.loads((runs["partial"] / "tune.json").read_text())
+    assert "no positive in val" in record["threshold_policy"]["per_label"]["circle"]["kept"]
+    assert record["val_after"]["per_label"]["circle"]["ap"] is None  # no positive: no AP, as mlabel.metrics says
+    assert record["val_after"]["mAP"] == pytest.approx(np.mean(
+        [row["ap"] for name, row in record["val_after"]["per_label"].items() if name != "circle"]))
+    page = (runs["partial"] / "report" / "report.html").read_text()
+    import re
+    data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', page).group(1))
+    assert data["thresholds"] == got[0]
+
+
+def test_train_and_evaluate_finish_on_splits_without_positives(finished, scene_csv, tmp_path, capsys):
+    import mlabel
+    negative = _val_csv(tmp_path, scene_csv, _targets_to("0"), "negative.csv")
+    run = tmp_path / "run"
+    assert train_main(["quickstart", f"out_dir={run}", f"data.root={scene_csv}", *TINY[:-1],
+                       f"data.val={negative}", f"data.test={negative}", "data.allow_overlap=true"]) == 0
+    out = capsys.readouterr().out
+    assert "val: mAP n/a" in out and "test: mAP n/a" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert metrics[split]["mAP"] is None and all(r["ap"] is None for r in metrics[split]["per_label"].values())
+    assert mlabel.load(run).thresholds.tolist() == [0.5] * 6  # nothing to tune on: the documented fallback
+    assert (run / "report" / "report.html").is_file()
+
+    copy = Path(shutil.copytree(finished, tmp_path / "copy"))
+    assert evaluate_main([str(copy), f"data.test={negative}", "data.allow_overlap=true", "--quiet"]) == 0
+    assert "test: mAP n/a" in capsys.readouterr().out
+    got = json.loads((copy / "eval-test.json").read_text())["test"]
+    model = mlabel.load(copy)
+    images = [row[0] + ".png" for row in csv.reader(negative.open())][1:]  # the CSV leaves out the extension
+    probs = model.predict_proba(images)
+    reference = mlabel.evaluate_predictions(probs, np.zeros(probs.shape), model.thresholds, model.labels)
+    assert got["mAP"] is None
+    for name, row in reference["per_label"].items():
+        assert {k: got["per_label"][name][k] for k in ("tp", "fp", "fn", "tn")} == \
+            {k: row[k] for k in ("tp", "fp", "fn", "tn")}
+
+
+def test_labels_renamed_in_the_model_and_its_predictions_reach_the_report(finished, tmp_path):
+    """A run whose labels were renamed after training (mlabel.json and predictions/): the report is
+    built, under the new names, with each column's counts from run.json."""
+    import re
+    from mlabel.report import main as report_main
+    copy = _run_copy(tmp_path, finished)
+    meta = json.loads((copy / "model" / "mlabel.json").read_text())
+    old = meta["labels"]
+    meta["labels"] = [f"renamed {name}" for name in old]
+    (copy / "model" / "mlabel.json").write_text(json.dumps(meta))
+    saved = dict(np.load(copy / "predictions" / "val.npz"))
+    saved["labels"] = np.asarray(meta["labels"])
+    np.savez_compressed(copy / "predictions" / "val.npz", **saved)
+    assert report_main([str(copy), "--quiet"]) == 0
+    page = (copy / "report" / "report.html").read_text()
+    data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', page).group(1))
+    assert data["labels"] == meta["labels"]
+
+
+def test_a_tex_like_label_name_is_drawn_as_text_in_the_data_chart(tmp_path, scene_csv, monkeypatch):
+    import matplotlib
+    from mlabel.data.__main__ import main as data_main
+    monkeypatch.setitem(matplotlib.rcParams, "text.parse_math", True)  # matplotlib's default, as in a fresh process
+    for name in ("train.csv", "val.csv"):
+        rows = list(csv.reader((scene_csv / name).open()))
+        rows[0][1] = r"$\foo{$"
+        _write_rows(tmp_path / name, [[str(scene_csv / r[0]) if i else r[0], *r[1:]] for i, r in enumerate(rows)])
+    out = tmp_path / "summary"
+    assert data_main(["quickstart", f"data.root={tmp_path}", "data.generate=null", "data.val=val.csv",
+                      "data.test=null", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["labels"][0] == r"$\foo{$"
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

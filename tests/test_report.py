@@ -224,3 +224,92 @@ def test_the_readme_predict_example_runs_on_the_sample_assets(tiny_run, tmp_path
         rows = list(csv.DictReader(handle))
     assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in samples.glob("*.png"))
     assert len(rows) == 4
+
+
+HOSTILE_NAMES = ["<!--<script>", "</script><img src=x onerror=alert(1)>", "a & b &amp; <c>", "]]>-->"]
+
+
+def _script_blocks(page: str) -> dict[str, str]:
+    """The text of each ``<script type="application/json" id=...>`` element as an HTML parser reads it."""
+    from html.parser import HTMLParser
+
+    class Scripts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.current = {}, None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "script" and attrs.get("type") == "application/json":
+                self.current = attrs["id"]
+                self.blocks[self.current] = ""
+
+        def handle_data(self, data):
+            if self.current is not None:
+                self.blocks[self.current] += data
+
+        def handle_endtag(self, tag):
+            if tag == "script":
+                self.current = None
+
+    parser = Scripts()
+    parser.feed(page)
+    return parser.blocks
+
+
+def test_inline_json_escapes_every_character_that_could_end_its_script_element():
+    from mlabel.report.page import inline_json
+    value = {"labels": HOSTILE_NAMES, "<key>": "&", "n": [1.5, None]}
+    text = inline_json(value)
+    assert not set("<>&") & set(text)
+    assert json.loads(text) == value
+
+
+def test_a_report_of_hostile_label_and_folder_names_parses_back_to_the_names(tiny_run, tmp_path):
+    """Label names and a run folder holding ``<!--<script>`` and ``</script>``: every inline JSON
+    block of the page reads back (json.loads) to the original names, and no name opens a comment
+    or closes a script element."""
+    from mlabel.report import main as report_main
+    run = Path(shutil.copytree(tiny_run, tmp_path / "r<!--<script>x<" / "script>&run"))
+    meta = json.loads((run / "model" / "mlabel.json").read_text())
+    names = HOSTILE_NAMES + [f"plain {j}" for j in range(len(meta["labels"]) - len(HOSTILE_NAMES))]
+    meta["labels"] = names
+    (run / "model" / "mlabel.json").write_text(json.dumps(meta))
+    for split in ("val", "test"):  # the run's predictions under the new names (renamed, not re-scored)
+        saved = dict(np.load(run / "predictions" / f"{split}.npz"))
+        saved["labels"] = np.asarray(names)
+        np.savez_compressed(run / "predictions" / f"{split}.npz", **saved)
+    assert report_main([str(run), "--quiet"]) == 0
+    page = (run / "report" / "report.html").read_text()
+    blocks = _script_blocks(page)
+    data = json.loads(blocks["explorer-data"])
+    assert data["labels"] == names and str(run) in data["tune"]
+    assert isinstance(json.loads(blocks["thumbs"]), list)
+    assert "<!--" not in page
+    assert page.count("<script") == page.count("</script>") == 3  # report.js, the explorer data, the thumbnails
+
+
+def test_a_streamed_tune_rebuilds_the_report_or_says_it_is_out_of_date(tiny_run, tmp_path, capsys):
+    """thresholds.streaming: with the run's predictions/ the report is rebuilt at the new
+    thresholds; without them it is marked out of date (on the page and on stderr)."""
+    import re
+    from mlabel.tune import main as tune_main
+
+    def page_thresholds(page):
+        return json.loads(re.search(r'id="explorer-data">(.*?)</script>', page).group(1))["thresholds"]
+
+    run = _copy(tiny_run, tmp_path)
+    assert tune_main([str(run), "thresholds.streaming=true", "--metric", "fbeta", "--beta", "0.5", "--quiet"]) == 0
+    meta = json.loads((run / "model" / "mlabel.json").read_text())
+    assert meta["threshold_params"]["mode"] == "histogram"
+    page = (run / "report" / "report.html").read_text()
+    assert page_thresholds(page) == meta["thresholds"] and 'id="stale"' not in page
+
+    shutil.rmtree(run / "predictions")
+    old = page_thresholds(page)
+    capsys.readouterr()
+    assert tune_main([str(run), "thresholds.streaming=true", "--metric", "f1", "--quiet"]) == 0
+    assert f"warning: {run / 'report' / 'report.html'} is out of date" in capsys.readouterr().err
+    page = (run / "report" / "report.html").read_text()
+    assert page_thresholds(page) == old != json.loads((run / "model" / "mlabel.json").read_text())["thresholds"]
+    assert page.count('id="stale"') == 1 and f"mlabel report {run}" in page

@@ -75,6 +75,12 @@ def summarise(splits, workers: int = 4) -> dict:
 def _chart(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
+    # label names are text: "$x$" must be drawn as written, never parsed as TeX (mathtext)
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        _draw_chart(summary, path)
+
+
+def _draw_chart(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     labels = summary["labels"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained",

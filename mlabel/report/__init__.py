@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..io import write_text
 from .explorer import explorer_data, explorer_html
 from .gallery import error_galleries
-from .page import page, run_header, summary_tables
+from .page import inline_json, page, run_header, summary_tables
 from .plots import (MAX_LABELS_PLOTTED, plot_calibration, plot_frequency, plot_pr_and_f1, plot_structure,
                     plot_training)
 
-__all__ = ["build_report", "rebuild_run_report", "write_report"]
+__all__ = ["build_report", "mark_stale", "rebuild_run_report", "report_inputs", "write_report"]
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict, labels: list[str],
                  thresholds: np.ndarray, counts: dict, raw_val_probs: np.ndarray | None = None, header: str = "",
@@ -45,7 +46,7 @@ def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict
             f"{summary_tables(metrics, labels)}{explorer}{galleries}<h2>Label structure ({shown})</h2>"
             f'<figure><img src="{_data_uri(folder / structure)}" alt="{structure}"></figure>'
             f"<h2>Curves</h2>{more}{figures}"
-            f'<script type="application/json" id="thumbs">{json.dumps(thumbs)}</script>')
+            f'<script type="application/json" id="thumbs">{inline_json(thumbs)}</script>')
     write_text(folder / "report.html", page(body))
     return folder
 
@@ -93,7 +94,7 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     if metrics is None:
         metrics = {name: evaluate_outputs(model, *pair) for name, pair in scores.items()}
     history = _read_history(run_dir / "history.csv") if history is None else history
-    counts = json.loads((run_dir / "run.json").read_text())["label_counts"]
+    counts = _label_counts(run_dir / "run.json", model.labels)
     probs = {name: (model.probabilities(outputs.logits).numpy(), targets.labels.numpy())
              for name, (outputs, targets) in scores.items()}
     if split is not None:  # the split shown in the galleries goes last
@@ -105,11 +106,71 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
                         raw_val_probs=raw, header=run_header(run_dir, history), paths=paths)
 
 
+def _label_counts(path: Path, labels: list[str]) -> dict:
+    """The label counts of ``run.json`` under the model's label names: by name when it counts
+    every one of them, else by column (labels renamed in ``mlabel.json`` after the run: column j
+    was trained on the run's j-th label)."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        counts = run["label_counts"]
+        trained = run.get("labels") or [k for k in next(iter(counts.values())) if k != "images"]
+        if all(name in c for c in counts.values() for name in labels):
+            return counts
+        if len(trained) == len(labels):
+            return {split: {"images": c["images"], **{new: c[old] for old, new in zip(trained, labels)}}
+                    for split, c in counts.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, StopIteration) as err:
+        raise ValueError(f"{path} is not a readable run record ({type(err).__name__}: {err}); "
+                         "the report needs the run's label_counts") from None
+    raise ValueError(f"{path} counts {len(trained)} labels but the model's mlabel.json names {len(labels)} "
+                     f"({', '.join(labels[:5])}...): give the run directory that trained this model")
+
+
 def rebuild_run_report(run_dir: Path, model, device=None, quiet: bool = False) -> None:
     """After a command changed or scored a saved model: rebuild the report of its run directory
     (when it is one, with ``run.json``) and print where it is."""
-    if run_dir is not None and (Path(run_dir) / "run.json").is_file():
-        print(f"report: {build_report(run_dir, model, device=device, quiet=quiet) / 'report.html'}")
+    report_inputs(run_dir, model)(device, quiet)
+
+
+def report_inputs(run_dir: Path | None, model, streamed: bool = False) -> Callable[..., None]:
+    """What rebuilding the report of ``run_dir`` for ``model`` takes, read now, before a command
+    writes anything (a damaged ``predictions/`` file stops the command here, not after it has
+    changed ``mlabel.json``). Returns ``step(device=None, quiet=False)`` that rebuilds the report
+    and prints where it is. ``streamed``: the command kept no per-image scores, so a run without
+    ``predictions/`` for these labels is not scored afresh; its report is marked out of date."""
+    if run_dir is None or not (Path(run_dir) / "run.json").is_file():
+        return lambda device=None, quiet=False: None
+    from ..predictions import load_scores
+    run_dir = Path(run_dir)
+    scores = {split: pair for split in ("val", "test") if (pair := load_scores(run_dir, split, model.labels))}
+    if streamed and "val" not in scores:
+        return lambda device=None, quiet=False: mark_stale(run_dir, "the thresholds were tuned from streamed "
+                                                                    "histograms, which keep no per-image scores")
+
+    def step(device=None, quiet: bool = False) -> None:
+        folder = build_report(run_dir, model, scores=scores if "val" in scores else None, device=device, quiet=quiet)
+        print(f"report: {folder / 'report.html'}")
+    return step
+
+
+STALE = '<p class="bad" id="stale">'
+
+
+def mark_stale(run_dir: Path, why: str) -> None:
+    """Say at the top of an existing ``report.html`` (and on stderr) that it no longer shows the
+    saved model's thresholds, and how to rebuild it."""
+    import html
+    import re
+    import sys
+    path = Path(run_dir) / "report" / "report.html"
+    if not path.is_file():
+        return
+    command = f"mlabel report {run_dir}"
+    note = (f"{STALE}This report is out of date: it shows the thresholds from before the last "
+            f"<code>mlabel tune</code> ({html.escape(why)}); <code>{html.escape(command)}</code> rebuilds it.</p>")
+    page = re.sub(re.escape(STALE) + r".*?</p>", "", path.read_text(encoding="utf-8"), count=1)
+    write_text(path, page.replace("<h1>mlabel run report</h1>", "<h1>mlabel run report</h1>" + note, 1))
+    print(f"warning: {path} is out of date ({why}); {command} rebuilds it", file=sys.stderr)
 
 
 def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
@@ -145,6 +206,8 @@ def _main(argv: list[str]) -> int:
     if run_dir is None:
         raise ValueError(f"{args.run_dir} is a model directory without its run (config.yaml, history.csv, "
                          "run.json); give the run directory")
-    folder = build_report(run_dir, device=args.device, quiet=args.quiet, split=args.split)
+    from ..rundir import hold_run_dir
+    with hold_run_dir(run_dir, "mlabel report"):  # reads the model and writes the page as one step
+        folder = build_report(run_dir, device=args.device, quiet=args.quiet, split=args.split)
     print(f"report: {folder / 'report.html'}")
     return 0

@@ -82,7 +82,8 @@ def explorer_data(splits: dict[str, tuple[np.ndarray, np.ndarray]], labels: list
 def explorer_html(data: dict) -> str:
     """The explorer's controls and one panel per split (filled in by ``report.js``)."""
     import html
-    import json
+
+    from .page import inline_json
     options = "".join(f'<option value="{j}">{html.escape(name)}</option>' for j, name in enumerate(data["labels"]))
     rows = "".join(f'<tr><th>{name}</th><td id="{{s}}-{key}"></td></tr>' for name, key in (
         ("precision", "precision"), ("recall", "recall"), ("F1", "f1"), ("TP", "tp"), ("FP", "fp"),
@@ -90,7 +91,7 @@ def explorer_html(data: dict) -> str:
     panels = "".join(
         f'<div class="panel"><h3>{split} ({info["images"]} images)</h3><canvas id="{split}-curve" width="280" '
         f'height="260"></canvas><table>{rows.format(s=split)}</table></div>' for split, info in data["splits"].items())
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    payload = inline_json(data)
     return f"""<h2>Threshold explorer</h2><div id="explorer">
 <p>Pick a label and move the slider (or type a threshold): the counts, precision, recall and F1 on each
 split follow, and the red dot moves along the precision-recall curve (green: the saved threshold; grey: 0.5).

@@ -7,12 +7,21 @@ import math
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["run_header", "summary_tables", "page"]
+__all__ = ["inline_json", "run_header", "summary_tables", "page"]
 
 SUMMARY_KEYS = ["mAP", "macro_f1", "cross_fit", "macro_f1@0.5", "micro_f1", "micro_f1@0.5", "samples_f1",
                 "weighted_f1", "CF1", "OF1", "hamming_loss", "subset_accuracy", "macro_auroc",
                 "micro_auroc", "coverage_error", "label_ranking_ap", "macro_ece", "macro_ece_uncalibrated",
                 "accuracy", "accuracy@0.5"]
+
+
+def inline_json(value) -> str:
+    """``value`` as JSON to place inside an HTML ``<script>`` element: every ``<``, ``>`` and ``&``
+    written as ``\\u003c``, ``\\u003e``, ``\\u0026`` (the same string to ``JSON.parse``), so no
+    name can close the element or open a comment (``</script>``, ``<!--``) in it."""
+    import json
+    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _summary_value(m: dict, key: str):
