@@ -9,9 +9,10 @@ Writes one row per image: ``path``, ``labels`` (every label at or above its thre
 ``;``, possibly empty), then one probability column per label (and one value column per
 regression target of a multi-task model); a text cell (path, label names) that would start a
 spreadsheet formula (``=``, ``+``, ``-``, ``@``, tab, CR) is written with a leading ``'``. ``.jsonl``
-output gives one JSON object per line instead, names unchanged. ``--threshold T`` replaces every per-label threshold by T; ``--topk K``
-keeps the K most probable labels (among those passing ``--threshold`` when both are given).
-Unreadable inputs are reported, skipped, listed in ``OUT.skipped.csv`` and counted at the end.
+output gives one JSON object per line instead, names unchanged. ``--threshold T`` replaces every
+per-label threshold by T; ``--topk K`` keeps the K most probable labels (among those passing
+``--threshold`` when both are given). Unreadable inputs are reported, skipped, listed in
+``OUT.skipped.csv`` and counted at the end.
 """
 from __future__ import annotations
 

@@ -107,3 +107,15 @@ def test_the_file_is_put_back(saved):
     folder, meta = saved
     (folder / "mlabel.json").write_text(json.dumps(meta))
     assert mlabel.load(folder).labels == LABELS
+
+
+@pytest.mark.parametrize("labels,preprocessing,fragment", [
+    (["a", ""], {}, "label 2 has an empty label name"),
+    (["a", "b"], {"std": [0.0, 0.0, 0.0]}, r"preprocessing.std must be 3 numbers in \[0.001, 10\]"),
+])
+def test_a_model_load_would_refuse_is_never_saved(tmp_path, labels, preprocessing, fragment):
+    model = mlabel.create_model("test_resnet", labels, image_size=32)
+    model.preprocessing.update(preprocessing)
+    with pytest.raises(ValueError, match=fragment):
+        model.save_pretrained(tmp_path / "model")
+    assert not (tmp_path / "model").exists() or not any((tmp_path / "model").iterdir())
