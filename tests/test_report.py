@@ -279,6 +279,11 @@ def test_a_report_of_hostile_label_and_folder_names_parses_back_to_the_names(tin
         saved = dict(np.load(run / "predictions" / f"{split}.npz"))
         saved["labels"] = np.asarray(names)
         np.savez_compressed(run / "predictions" / f"{split}.npz", **saved)
+    record = json.loads((run / "run.json").read_text())  # and its label counts, as if trained so
+    record["label_counts"] = {split: {"images": c["images"], **{new: c[old] for old, new in zip(record["labels"], names)}}
+                              for split, c in record["label_counts"].items()}
+    record["labels"] = names
+    (run / "run.json").write_text(json.dumps(record))
     assert report_main([str(run), "--quiet"]) == 0
     page = (run / "report" / "report.html").read_text()
     blocks = _script_blocks(page)
