@@ -169,7 +169,7 @@ def summary_line(name: str, m: dict) -> str:
     cross = f"  (cross-fitted {_figure(m['cross_fit']['macro_f1'])})" if "cross_fit" in m else ""
     per = m.get("per_label", {})
     no_ap = sum(row.get("ap") is None for row in per.values())
-    note = (f"  ({no_ap} of {len(per)} labels have no known positive here: no AP, left out of the means)"
+    note = (f"  ({no_ap} of {len(per)} labels have no known positive here: no AP, left out of mAP)"
             if no_ap else "")
     return (f"{name}: mAP {_figure(m['mAP'])}  macro_f1 {_figure(m['macro_f1'])}{cross}  "
             f"(at 0.5: {_figure(m['macro_f1@0.5'])})  micro_f1 {_figure(m['micro_f1'])}{acc}{note}")
