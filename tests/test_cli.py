@@ -23,7 +23,7 @@ from mlabel.train import main as train_main
     ("train.lr=-1", r"train.lr must lie in \[0, inf\), got -1"),
     ("train.lr=.nan", r"train.lr must lie in \[0, inf\), got nan"),
     ("loss.label_smoothing=2", r"loss.label_smoothing must lie in \[0, 1\), got 2"),
-    ("thresholds.bins=0", r"thresholds.bins must lie in \[2, inf\), got 0"),
+    ("thresholds.bins=0", r"thresholds.bins must lie in \[2, 65536\], got 0"),
     ("thresholds.min_recall=5", r"thresholds.min_recall must lie in \[0, 1\], got 5"),
     ("data.num_workers=-1", r"data.num_workers must lie in \[0, 256\]"),
     ("data.labels=[a, b, a]", r"data.labels names \['a'\] more than once"),

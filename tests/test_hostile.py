@@ -162,7 +162,7 @@ CASES = [
      "set data.generate=null"),
     ("one-image val with cross-fitting", _train_case("thresholds.cross_fit=5", "data.val_fraction=0.02",
                                                      "data.val=null"), "thresholds.cross_fit=5 folds need"),
-    ("thresholds.bins=0", _train_case("thresholds.bins=0"), "thresholds.bins must lie in [2, inf)"),
+    ("thresholds.bins=0", _train_case("thresholds.bins=0"), "thresholds.bins must lie in [2, 65536]"),
     ("min_recall=5", _train_case("thresholds.min_recall=5"), "thresholds.min_recall must lie in [0, 1]"),
     ("negative pos_weight", _train_case("loss.pos_weight=[-1,1,1,1,1,1]"), "loss.pos_weight values"),
     ("thresholds NaN in mlabel.json", _damaged_model("thresholds", [float("nan")] * 6), "thresholds holds NaN"),
