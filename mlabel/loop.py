@@ -69,7 +69,7 @@ def streams(cfg: Config, loader) -> bool:
 
 
 def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds=None, loss_fn=None,
-                 quiet: bool = False):
+                 quiet: bool = False, fit_calibration: bool = False):
     """One pass over a split into a :class:`~mlabel.streaming.SplitStream` (histograms and, at
     ``thresholds``, decision counts) summed over the ranks, and the mean loss: no (N, L) scores
     are kept. Each rank feeds its own images; the evaluation sampler's padding (the first images
@@ -77,7 +77,8 @@ def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds
     from .streaming import SplitStream
     from .engine import collect_predictions
     calibrated = getattr(model, "calibration", None) is not None
-    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds, uncalibrated=calibrated)
+    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds, uncalibrated=calibrated,
+                         logits=fit_calibration)  # the logits' moments, for the calibration fit
     total = len(loader.dataset)
     left = [len(range(world.rank, total, world.size))]  # this rank's own images; the rest is padding
 
@@ -87,7 +88,7 @@ def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds
         if take:
             logits = outputs.logits[:take].float().cpu()
             stream.update(model.probabilities(logits), targets.labels[:take],
-                          torch.sigmoid(logits) if calibrated else None)
+                          torch.sigmoid(logits) if calibrated else None, logits if fit_calibration else None)
 
     _, _, loss = collect_predictions(model, loader, device, loss_fn, channels_last=cfg.train.channels_last,
                                      quiet=quiet, consume=consume)
@@ -102,7 +103,8 @@ def stream_tune(model, loader, device, world: World, cfg: Config, quiet: bool = 
     from .calibration import apply_calibration, fit_calibration_from_histogram
     t, method = cfg.thresholds, cfg.calibration.method
     model.set_calibration(None)
-    histogram = stream_split(model, loader, device, world, cfg, quiet=quiet)[0].histogram
+    stream = stream_split(model, loader, device, world, cfg, quiet=quiet, fit_calibration=method != "none")[0]
+    histogram = stream.histogram
     raw, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
                                  labels=model.labels, fallback=t.fallback, return_scores=True)
     thresholds = raw.double()

@@ -101,20 +101,25 @@ class SplitStream:
     :class:`ScoreHistogram` of the probabilities and, at given thresholds and at 0.5, the decision
     counts per label and the per-image figures summed (:class:`mlabel.metrics.RowStats`). Each
     DDP rank feeds its own images; :meth:`all_reduce` sums them. Memory: ``2 x L x bins`` counts
-    and ``8 x L`` decision counts, whatever N."""
+    and ``8 x L`` decision counts, whatever N; with ``logits=True`` (a pass that fits the
+    calibration) the histogram also keeps the logits' moments (``3 x 2 x 515`` floats per label,
+    :class:`mlabel.calibration.LogitMoments`)."""
 
-    def __init__(self, num_labels: int, bins: int = 2048, thresholds=None, uncalibrated: bool = False):
-        self.histogram = ScoreHistogram(num_labels, bins)
+    def __init__(self, num_labels: int, bins: int = 2048, thresholds=None, uncalibrated: bool = False,
+                 logits: bool = False):
+        self.histogram = ScoreHistogram(num_labels, bins, logits=logits)
         # the plain sigmoid's histogram beside the calibrated one (its ECE in metrics.json)
         self.uncalibrated = ScoreHistogram(num_labels, bins) if uncalibrated else None
         self.thresholds = None if thresholds is None else np.asarray(thresholds, np.float64).reshape(-1)
         self.cuts = {}  # "tuned" / "half" -> [label counts (4, L), RowStats]
         self.loss_sum, self.seen = 0.0, 0
 
-    def update(self, probs, targets, uncalibrated=None) -> None:
+    def update(self, probs, targets, uncalibrated=None, logits=None) -> None:
+        """Add a batch: probabilities, targets, the plain sigmoid's probabilities (with
+        ``uncalibrated``) and the logits (with ``logits``; else taken as ``logit(probs)``)."""
         from .metrics import RowStats, _Cuts, as_arrays
         scores, codes = as_arrays(probs, targets)
-        self.histogram.update(scores, targets)
+        self.histogram.update(scores, targets, logits=logits)
         if self.uncalibrated is not None:
             self.uncalibrated.update(uncalibrated, targets)
         if self.thresholds is None:

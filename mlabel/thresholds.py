@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
-from ._counting import UNKNOWN, decode, key_kind, label_blocks, positives, runs, sort_rows, sorted_keys, thread_map
+from ._counting import (UNKNOWN, codes_of, decode, key_kind, label_blocks, positives, runs, sort_rows, sorted_keys,
+                        thread_map)
 from .metrics import as_arrays
 
 __all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "cross_fit_predictions",
@@ -292,7 +293,8 @@ class ScoreHistogram:
     the optimum). :func:`tune_thresholds` with ``mode="histogram"`` closes the gap exactly.
     """
 
-    def __init__(self, num_labels: int, bins: int = 2048, device: str | torch.device = "cpu"):
+    def __init__(self, num_labels: int, bins: int = 2048, device: str | torch.device = "cpu",
+                 logits: bool = False):
         if not isinstance(bins, int) or not 2 <= bins <= MAX_BINS:
             raise ValueError(f"bins must be an integer in [2, {MAX_BINS}], got {bins!r}")
         self.num_labels, self.bins = int(num_labels), int(bins)
@@ -303,6 +305,12 @@ class ScoreHistogram:
         self.wide = torch.zeros((), dtype=torch.int64, device=device)
         self.gap_bound: np.ndarray | None = None
         self._edge_tables: dict = {}
+        # logits=True: the moments of the logits that the calibration fit needs (the end bins of
+        # a probability histogram hold logits from -inf to logit(1 / bins): too coarse to fit on)
+        self.logit_moments = None
+        if logits:
+            from .calibration import LogitMoments
+            self.logit_moments = LogitMoments(self.num_labels, device)
 
     @property
     def dtype(self) -> type:
@@ -319,12 +327,29 @@ class ScoreHistogram:
         return self._edge_tables[dtype]
 
     @torch.no_grad()
-    def update(self, probs, targets) -> "ScoreHistogram":
-        """Add a batch: probs and targets (N, L), targets 1 / 0 / -1 (unknown, skipped)."""
+    def update(self, probs, targets, logits=None) -> "ScoreHistogram":
+        """Add a batch: probs and targets (N, L), targets 1 / 0 / -1 (unknown, skipped). With
+        ``logits=True`` at construction, ``logits`` (N, L) are the logits behind ``probs`` (by
+        default ``logit(probs)``, which a float32 probability of 1 caps near 16.6)."""
         scores, codes = as_arrays(probs, targets)
         if scores.shape[1] != self.num_labels:
             raise ValueError(f"expected {self.num_labels} labels, got {scores.shape[1]}")
+        self._add_moments(scores, codes, logits)
         return self._add_codes(scores, codes)
+
+    def _add_moments(self, scores: np.ndarray, codes: np.ndarray, logits) -> None:
+        if self.logit_moments is None:
+            return
+        if logits is None:
+            tiny, eps = np.finfo(scores.dtype).tiny, np.finfo(scores.dtype).epsneg
+            p = np.clip(scores.astype(np.float64), tiny, 1 - eps)  # 0 and 1 at the dtype's last step
+            logits = np.log(p) - np.log1p(-p)
+        else:
+            logits = logits.detach().cpu().double().numpy() if torch.is_tensor(logits) else \
+                np.asarray(logits, np.float64)
+            if logits.shape != scores.shape:
+                raise ValueError(f"logits {logits.shape} for scores {scores.shape}")
+        self.logit_moments.update(logits, codes)
 
     def _bin_keys(self, scores: np.ndarray) -> np.ndarray:
         """The bin of each score: k such that ``k / bins <= score < (k + 1) / bins`` exactly (in
@@ -377,6 +402,8 @@ class ScoreHistogram:
             raise ValueError(f"scores {scores.shape} for {len(labels)} images x {self.num_labels} labels")
         scores, _ = as_arrays(scores, np.zeros(scores.shape, np.float32))  # the dtype kept, as update does
         self._note_dtype(scores)
+        if self.logit_moments is not None:  # the moments take dense codes (one batch)
+            self._add_moments(scores, codes_of(labels.dense(np.arange(len(labels)))), None)
         pos = labels._gather(labels.pos_ptr, labels.pos_idx, np.arange(len(labels)))
         other = labels._gather(labels.other_ptr, labels.other_idx, np.arange(len(labels)))
         size = self.num_labels * self.bins
@@ -428,6 +455,10 @@ class ScoreHistogram:
         self.counts += other.counts.to(self.counts.device)
         torch.minimum(self.lowest, other.lowest.to(self.lowest.device), out=self.lowest)
         self.wide.fill_(max(int(self.wide), int(other.wide)))
+        if (self.logit_moments is None) != (other.logit_moments is None):
+            raise ValueError("cannot merge a histogram with logit moments and one without")
+        if self.logit_moments is not None:
+            self.logit_moments.merge(other.logit_moments)
         return self
 
     def all_reduce(self, group=None) -> "ScoreHistogram":
@@ -437,6 +468,8 @@ class ScoreHistogram:
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(self.lowest, op=dist.ReduceOp.MIN, group=group)
             dist.all_reduce(self.wide, op=dist.ReduceOp.MAX, group=group)
+            if self.logit_moments is not None:
+                self.logit_moments.all_reduce(group)
         return self
 
     def _curves(self, metric: str, objective: dict):

@@ -269,17 +269,39 @@ def test_training_on_a_sparse_table_repeats_the_dense_run(monkeypatch, tmp_path,
         assert sparse[key] == dense[key], key
 
 
-@pytest.mark.parametrize("method", ["platt", "temperature"])
-def test_calibration_fitted_on_histograms_matches_the_fit_on_the_scores(method):
+# platt at every seed; x4, x10 and temperature at three seeds (all ten with -m slow)
+CALIBRATION_CASES = [pytest.param(method, seed, scale, marks=[pytest.mark.slow] if seed > 2 and (
+    scale > 1 or method == "temperature") else []) for method in ("platt", "temperature")
+    for scale in (1, 4, 10) for seed in range(10)]
+
+
+@pytest.mark.parametrize("method, seed, scale", CALIBRATION_CASES)
+def test_calibration_fitted_on_histograms_matches_the_fit_on_the_scores(method, seed, scale):
+    """The bins' logit moments against the fit on every score, for every seed and for logits
+    scaled x4 and x10 (a third of the scores then in the probability histogram's end bins)."""
     from mlabel.calibration import apply_calibration, fit_calibration, fit_calibration_from_histogram
-    probs, targets = _scores(np.random.default_rng(3), n=40_000, labels=20)
-    logits = np.log(probs) - np.log1p(-probs)
-    scale, bias = fit_calibration(logits, targets, method)
-    histogram = ScoreHistogram(20)
+    probs, targets = _scores(np.random.default_rng(seed), n=40_000, labels=20)
+    logits = (np.log(probs) - np.log1p(-probs)).astype(np.float64) * scale
+    probs = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    scale_, bias = fit_calibration(logits, targets, method)
+    histogram = ScoreHistogram(20, logits=True)
     for rows in np.array_split(np.arange(len(probs)), 4):
-        histogram.update(probs[rows], targets[rows])
+        histogram.update(probs[rows], targets[rows], logits=logits[rows])
     got_scale, got_bias = fit_calibration_from_histogram(histogram, method, block=7)  # blocks of labels
-    assert (got_scale - scale).abs().max() < 1e-3 and (got_bias - bias).abs().max() < 1e-3
-    exact = calibration_error(apply_calibration(torch.from_numpy(logits).double(), scale, bias), targets).numpy()
-    binned = calibration_error(apply_calibration(torch.from_numpy(logits).double(), got_scale, got_bias), targets).numpy()
+    assert (got_scale - scale_).abs().max() < 1e-3 and (got_bias - bias).abs().max() < 1e-3
+    exact = calibration_error(apply_calibration(torch.from_numpy(logits), scale_, bias), targets).numpy()
+    binned = calibration_error(apply_calibration(torch.from_numpy(logits), got_scale, got_bias), targets).numpy()
     assert np.abs(exact - binned).max() < 1e-3
+
+
+def test_calibration_from_a_histogram_without_logits_fits_at_the_bin_centres():
+    """Without logit moments the fit counts each bin at its centre (close for logits inside
+    the end bins' reach) and the moments' logits default to logit(probs)."""
+    from mlabel.calibration import fit_calibration, fit_calibration_from_histogram
+    probs, targets = _scores(np.random.default_rng(3), n=20_000, labels=5)
+    logits = np.log(probs.astype(np.float64)) - np.log1p(-probs.astype(np.float64))
+    scale, bias = fit_calibration(logits, targets)
+    plain = fit_calibration_from_histogram(ScoreHistogram(5).update(probs, targets))
+    own = fit_calibration_from_histogram(ScoreHistogram(5, logits=True).update(probs, targets))
+    assert (plain[0] - scale).abs().max() < 2e-3 and (plain[1] - bias).abs().max() < 5e-3
+    assert (own[0] - scale).abs().max() < 1e-3 and (own[1] - bias).abs().max() < 1e-3

@@ -99,3 +99,23 @@ def test_rare_label_ap_is_not_biased_low():
     exact = np.array([average_precision_score(targets[:, j], probs[:, j]) for j in range(labels)])
     error = got - exact
     assert np.abs(error).max() < 2e-3 and abs(error.mean()) < 3e-4 and (error > 0).any()
+
+
+def test_a_streamed_split_fits_the_calibration_on_the_logits_behind_saturated_probabilities():
+    """stream_tune's pass (SplitStream with logits): a tenth of the float32 probabilities are
+    exactly 1, yet the fit follows the fit on the logits themselves (and not without them)."""
+    from mlabel.calibration import fit_calibration, fit_calibration_from_histogram
+    from mlabel.streaming import SplitStream
+    rng = np.random.default_rng(4)
+    targets = (rng.random((20_000, 4)) < 0.2).astype(np.float32)
+    logits = torch.from_numpy(rng.normal(0, 12, targets.shape) + 8 * targets).float()
+    given, derived = SplitStream(4, logits=True), SplitStream(4, logits=True)
+    for rows in np.array_split(np.arange(len(logits)), 3):
+        given.update(torch.sigmoid(logits[rows]), targets[rows], logits=logits[rows])
+        derived.update(torch.sigmoid(logits[rows]), targets[rows])
+    assert (torch.sigmoid(logits) == 1).float().mean() > 0.1
+    scale, bias = fit_calibration(logits, targets)
+    got_scale, got_bias = fit_calibration_from_histogram(given.histogram)
+    assert (got_scale - scale).abs().max() < 1e-3 and (got_bias - bias).abs().max() < 1e-3
+    capped_scale, capped_bias = fit_calibration_from_histogram(derived.histogram)  # logit(1.0) taken as 16.6
+    assert max((capped_scale - scale).abs().max(), (capped_bias - bias).abs().max()) > 1e-2
