@@ -567,7 +567,7 @@ LABELS_JSON_CASES = {
     "samples booleans": (lambda t: _split(t, samples=[True] * 5), "splits.train.samples must be a list"),
     "index a number": (lambda t: _split(t, index=3), "splits.train.index must be"),
     "digest not hex": (lambda t: _split(t, index_sha256="zz"), "splits.train.index_sha256 must be"),
-    "an empty label": (lambda t: {**t, "labels": [*t["labels"], ""]}, "'labels' must be a non-empty list"),
+    "an empty label": (lambda t: {**t, "labels": [*t["labels"], ""]}, "'labels': label 7 has an empty label name"),
     "default a list": (lambda t: {**t, "default": ["negative"]}, "'default' must be negative or unknown"),
     "not an object": (lambda t: [t], "must be a JSON object"),
 }
@@ -609,5 +609,5 @@ def test_malformed_headers_are_data_errors(server):
     server.routes["/hugelen/labels.json"] = answer(200, [("Content-Length", "9" * 5000)], b"{}")
     with pytest.raises(DataError, match=r"cannot fetch .*/badloc/labels.json: .*malformed URL"):
         read_vocabulary(f"{server.url}/badloc")
-    with pytest.raises(DataError, match=r"hugelen/labels.json: 'labels' must be"):
+    with pytest.raises(DataError, match=r"hugelen/labels.json: 'labels': labels must be a non-empty list"):
         read_vocabulary(f"{server.url}/hugelen")

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
 from ..io import atomic_path, write_json
+from ..labelnames import check_label_names
 from ..preprocess import read_rgb
 from ..rundir import hold_run_dir
 from .http import FetchError, fetch, fetch_range, is_url, open_url, probe, same_host
@@ -131,10 +132,7 @@ def read_vocabulary(folder) -> Vocabulary:
         raise DataError(f"cannot read {path}: {str(err)[:200]}; rewrite it with python -m mlabel.data shard") from None
     if not isinstance(tree, dict):
         raise DataError(f"{path}: the vocabulary must be a JSON object with 'labels' and 'splits'")
-    labels = tree.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(n, str) and n for n in labels) \
-            or len(set(labels)) != len(labels):
-        raise DataError(f"{path}: 'labels' must be a non-empty list of distinct, non-empty label names")
+    labels = check_label_names(tree.get("labels"), f"{path}: 'labels'")  # the rules a model load enforces
     default = tree.get("default", "negative")
     if not isinstance(default, str) or default not in ("negative", "unknown"):
         raise DataError(f"{path}: 'default' must be negative or unknown, not {str(default)[:50]!r}")
