@@ -305,3 +305,27 @@ def test_calibration_from_a_histogram_without_logits_fits_at_the_bin_centres():
     own = fit_calibration_from_histogram(ScoreHistogram(5, logits=True).update(probs, targets))
     assert (plain[0] - scale).abs().max() < 2e-3 and (plain[1] - bias).abs().max() < 5e-3
     assert (own[0] - scale).abs().max() < 1e-3 and (own[1] - bias).abs().max() < 1e-3
+
+
+INDICES = [7, -1, -40, np.int64(3), slice(0, 2), slice(None, None, -3), slice(5, 2), slice(-5, None), [3, 1, 3],
+           [-1, 0], np.array([[1, 2], [3, -4]]), np.array([True, False, True] + [False] * 37), np.zeros(40, bool),
+           [], np.array([], np.int64)]
+
+
+@pytest.mark.parametrize("index", INDICES, ids=[f"{type(i).__name__}{k}" for k, i in enumerate(INDICES)])
+def test_rows_index_as_the_dense_table_does(index):
+    rng = np.random.default_rng(6)
+    dense = np.where(rng.random((40, 5)) < 0.3, 1.0, np.where(rng.random((40, 5)) < 0.1, -1.0, 0.0)).astype(np.float32)
+    got = SparseLabels.from_dense(dense).rows(index)
+    assert got.shape == dense[index].shape
+    np.testing.assert_array_equal(got, dense[index])
+
+
+@pytest.mark.parametrize("index", [40, -41, [0, 40], np.array([True, False]), 1.5, np.array([0.0]), (1, 2), None,
+                                   Ellipsis, True])
+def test_rows_refuse_what_the_dense_table_refuses_or_does_not_mean(index):
+    """Out of range, a mask of the wrong length, floats, label indices and numpy's extras (None,
+    ..., a lone bool) are refused with IndexError, not read as other rows."""
+    table = SparseLabels.from_dense(np.zeros((40, 5), np.float32))
+    with pytest.raises(IndexError, match="rows"):
+        table.rows(index)

@@ -142,10 +142,30 @@ class SparseLabels:
         return {"positive": positive, "negative": other, "unknown": rest}
 
     def rows(self, index) -> np.ndarray:
-        """Dense rows as ``dense_table[index]`` gives them: (L,) for an int, (n, L) otherwise."""
-        if np.ndim(index) == 0:
-            return self.dense([int(index)])[0]
-        return self.dense(index)
+        """Dense rows as ``dense_table[index]`` gives them, for an index over images: an int
+        (negative from the end) gives (L,); a slice, a boolean mask of every image or an integer
+        array of any shape gives that shape + (L,). Anything else (floats, a label index in a
+        tuple, None, ...) and indices out of range raise IndexError."""
+        n = len(self)
+        if isinstance(index, slice):
+            return self.dense(np.arange(n)[index])
+        if isinstance(index, (tuple, bool, np.bool_)) or index is None or index is Ellipsis:
+            raise IndexError(f"rows takes one index over the {n} images (an int, a slice, a boolean mask or "
+                             f"integer array), not {index!r}; take labels from the rows it returns")
+        index = np.asarray(index)
+        if index.dtype == np.bool_:
+            if index.shape != (n,):
+                raise IndexError(f"a boolean mask over rows needs one entry per image ({n}), not shape {index.shape}")
+            return self.dense(np.flatnonzero(index))
+        if index.size == 0 and index.ndim == 1:  # [] reads as float64: no rows
+            index = index.astype(np.int64)
+        if not np.issubdtype(index.dtype, np.integer):
+            raise IndexError(f"rows are indexed by integers, slices or boolean masks, not {index.dtype} values")
+        outside = (index < -n) | (index >= n)
+        if outside.any():
+            raise IndexError(f"row index {index[outside].flat[0]} is out of range: the table has {n} rows (images)")
+        rows = np.where(index < 0, index + n, index).astype(np.int64)
+        return self.dense(rows.reshape(-1)).reshape(index.shape + (self.num_labels,))
 
     def reorder(self, order: Sequence[int]) -> "SparseLabels":
         """The table with its labels in ``order`` (new label j = old label ``order[j]``)."""
