@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Explanation", "explain", "overlay", "METHODS"]
+__all__ = ["Explanation", "explain", "overlay", "write_explanations", "METHODS"]
 
 METHODS = ("auto", "cam", "csra", "gradcam", "gradcam++")
 
@@ -226,3 +227,66 @@ def explain(model, images: torch.Tensor, labels=None, method: str = "auto") -> E
         model.train(was_training)
         for param, grad in grads:
             param.grad = grad
+
+
+def _unique_names(texts: list[str], limit: int) -> list[str]:
+    """A file-name-safe name per text, unique among them (``-2``, ``-3`` ... on a clash)."""
+    seen: dict[str, int] = {}
+    names = []
+    for text in texts:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].strip(".") or "x"
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
+
+
+def _input_view(image: torch.Tensor, preprocessing: dict) -> np.ndarray:
+    """The pixels the model saw, (H, W, 3) uint8: its input tensor without the normalisation."""
+    mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
+    return ((image.cpu().float() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def write_explanations(model, paths: list[str], labels: list[list[str]], out, method: str = "auto",
+                       device=None, batch_size: int = 8) -> int:
+    """``out/IMAGE__LABEL.png`` (the map over the pixels the model saw) for each image and each of
+    its ``labels``, and ``out/maps.npz`` (``paths``, ``labels``, ``image``: the image of each map,
+    ``maps`` (K, H, W) float32, ``probabilities``; no pickles). Every file is written whole or not
+    at all (a temporary file renamed). Returns the number of overlays."""
+    import io as _io
+    from pathlib import Path
+
+    from .io import atomic_path
+    from .preprocess import preprocess_image
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or next(model.parameters()).device
+    stems = _unique_names([Path(p).stem for p in paths], 100)
+    files = dict(zip(model.labels, _unique_names(model.labels, 60)))
+    count = 0
+    kept = {"labels": [], "image": [], "maps": [], "probabilities": []}
+    for start in range(0, len(paths), batch_size):
+        chunk = range(start, min(start + batch_size, len(paths)))
+        images = torch.from_numpy(np.stack([preprocess_image(paths[i], model.preprocessing) for i in chunk])).to(device)
+        for k, i in enumerate(chunk):
+            if not labels[i]:
+                continue
+            got = explain(model, images[k:k + 1], labels=labels[i], method=method)
+            view = _input_view(images[k], model.preprocessing)
+            for j, name in enumerate(got.labels[0]):
+                with atomic_path(out / f"{stems[i]}__{files[name]}.png") as tmp:
+                    overlay(view, got.maps[0][j]).save(tmp, format="PNG")
+                kept["labels"].append(name)
+                kept["image"].append(i)
+                kept["maps"].append(got.maps[0][j])
+                kept["probabilities"].append(float(got.probabilities[0][j]))
+                count += 1
+    size = tuple(model.preprocessing["image_size"] for _ in range(2))
+    buffer = _io.BytesIO()
+    np.savez_compressed(buffer, paths=np.array(paths, dtype=str), labels=np.array(kept["labels"], dtype=str),
+                        image=np.array(kept["image"], dtype=np.int64),
+                        maps=np.stack(kept["maps"]) if kept["maps"] else np.zeros((0, *size), np.float32),
+                        probabilities=np.array(kept["probabilities"], dtype=np.float32))
+    with atomic_path(out / "maps.npz") as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return count

@@ -283,6 +283,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--trust-pickle", action="store_true", help="allow a pickle-based weights file")
+    parser.add_argument("--explain", metavar="OUT_DIR", help="also write a heat map per image and label: "
+                        "OUT_DIR/IMAGE__LABEL.png overlays and OUT_DIR/maps.npz (the PyTorch model only)")
+    parser.add_argument("--explain-labels", metavar="A,B", help="with --explain: these labels for every image "
+                        "(default: the labels each image is predicted to have)")
+    parser.add_argument("--explain-method", default="auto", help="auto, cam, csra, gradcam or gradcam++")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
@@ -292,6 +297,7 @@ def main(argv: list[str]) -> int:
     backend = load_backend(args.model, args.device, args.trust_pickle)
     out = Path(args.out)
     _check_output(out, backend.labels, backend.regression_names, args.inputs)
+    explain_labels = _check_explain(args, backend)
     start = time.perf_counter()
     rows, skipped = _predict_all(backend, paths, args)
     seconds = time.perf_counter() - start
@@ -299,11 +305,45 @@ def main(argv: list[str]) -> int:
         probs = np.stack([p.probs for _, p in rows])
         keep = _decisions(probs, backend.thresholds, args.threshold, args.topk, args.topk_only)
         _write(out, backend.labels, backend.regression_names, [(path, p, k) for (path, p), k in zip(rows, keep)])
+        if args.explain:
+            from .explain import write_explanations
+            wanted = [explain_labels or [n for n, k in zip(backend.labels, row) if k] for row in keep]
+            written = write_explanations(backend.model, [path for path, _ in rows], wanted, Path(args.explain),
+                                         method=args.explain_method, device=backend.device)
+            print(f"heat maps: {written} overlays and maps.npz in {args.explain}")
     _write_skipped(_skipped_path(out), skipped)
     print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
           + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
                                               f"{out.name}.skipped.csv)" if skipped else ""))
     return 0 if rows else 1
+
+
+def _check_explain(args, backend) -> list[str] | None:
+    """``--explain``: refused for an exported model (explanations need the PyTorch model), or
+    with labels the model lacks, or a folder that would overwrite a model or an input."""
+    if not args.explain:
+        if args.explain_labels:
+            raise ValueError("--explain-labels needs --explain OUT_DIR")
+        return None
+    if not isinstance(backend, _TorchBackend):
+        raise ValueError(f"--explain needs the PyTorch model: {args.model} is an ONNX export, which holds no "
+                         "feature maps to explain; give the model or run directory")
+    from .explain import METHODS
+    if args.explain_method not in METHODS:
+        raise ValueError(f"--explain-method {args.explain_method!r}: one of {', '.join(METHODS)}")
+    from .io import check_output
+    check_output(Path(args.explain) / "maps.npz", args.inputs)
+    if not args.explain_labels:
+        return None
+    names = [n.strip() for n in args.explain_labels.split(",") if n.strip()]
+    unknown = [n for n in names if n not in backend.labels]
+    if unknown or not names:
+        import difflib
+        close = difflib.get_close_matches(unknown[0], backend.labels, n=1) if unknown else []
+        raise ValueError(f"--explain-labels: {unknown[0] if unknown else args.explain_labels!r} is not one of the "
+                         f"model's labels" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; it has {', '.join(backend.labels[:20])}")
+    return names
 
 
 def _check_arguments(parser, args) -> None:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import mlabel
 from mlabel.explain import overlay
 from mlabel.models import create_model
 
@@ -140,3 +141,58 @@ def test_overlay_is_an_image_of_the_input_size():
     assert out.size == (50, 40)
     pixels = np.asarray(out).astype(int)
     assert pixels[0, 0, 0] > pixels[-1, -1, 0] and pixels[-1, -1, 2] > pixels[0, 0, 2]  # hot: red, cold: blue
+
+
+# --------------------------------------------------------------------------- mlabel predict --explain
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("explain")
+    model = create_model("test_resnet", ["circle", "a b", "a_b"], False, image_size=32)
+    model.set_thresholds(torch.tensor([0.0, 0.0, 1.0]))  # circle and "a b" always, a_b never
+    model.save_pretrained(folder / "model")
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("one", "two"):
+        from PIL import Image
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_predict_explain_writes_overlays_and_maps(saved, tmp_path):
+    from mlabel.predict import main as predict_main
+    out, maps = tmp_path / "preds.csv", tmp_path / "maps"
+    plain = tmp_path / "plain.csv"
+    assert predict_main([str(saved / "model"), str(saved / "images"), "--out", str(plain), "--quiet"]) == 0
+    assert predict_main([str(saved / "model"), str(saved / "images"), "--out", str(out), "--explain", str(maps),
+                         "--quiet"]) == 0
+    assert out.read_bytes() == plain.read_bytes()  # the CSV is unchanged by --explain
+    written = sorted(p.name for p in maps.iterdir())
+    assert written == ["maps.npz", "one__a_b.png", "one__circle.png", "two__a_b.png", "two__circle.png"]
+    with np.load(maps / "maps.npz", allow_pickle=False) as stored:  # no pickles inside
+        assert list(stored["labels"]) == ["circle", "a b", "circle", "a b"]
+        assert stored["maps"].shape == (4, 32, 32) and stored["maps"].dtype == np.float32
+        paths = list(stored["paths"])
+        image = stored["image"]
+        model = mlabel.load(saved / "model")
+        from mlabel.preprocess import preprocess_image
+        first = torch.from_numpy(preprocess_image(paths[image[0]], model.preprocessing))[None]
+        np.testing.assert_allclose(stored["maps"][0], model.explain(first, labels=["circle"]).maps[0][0], atol=1e-6)
+
+
+def test_predict_explain_labels_and_bad_requests(saved, tmp_path, capsys):
+    from mlabel.predict import main as predict_main
+    base = [str(saved / "model"), str(saved / "images"), "--out", str(tmp_path / "p.csv"), "--quiet"]
+    assert predict_main([*base, "--explain", str(tmp_path / "m"), "--explain-labels", "a_b"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["maps.npz", "one__a_b-2.png", "two__a_b-2.png"]
+    capsys.readouterr()
+    for extra, fragment in ((["--explain", str(tmp_path / "x"), "--explain-labels", "circel"], "did you mean 'circle'"),
+                            (["--explain", str(saved / "model")], "lies in the model directory"),
+                            (["--explain-labels", "circle"], "--explain-labels needs --explain")):
+        assert predict_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and fragment in err, err
+    assert not (tmp_path / "x").exists()
