@@ -177,7 +177,7 @@ def test_predict_explain_writes_overlays_and_maps(saved, tmp_path):
         assert stored["maps"].shape == (4, 32, 32) and stored["maps"].dtype == np.float32
         paths = list(stored["paths"])
         image = stored["image"]
-        model = mlabel.load(saved / "model")
+        model = mlabel.load(saved / "model").to(memory_format=torch.channels_last)  # as predict runs it
         from mlabel.preprocess import preprocess_image
         first = torch.from_numpy(preprocess_image(paths[image[0]], model.preprocessing))[None]
         np.testing.assert_allclose(stored["maps"][0], model.explain(first, labels=["circle"]).maps[0][0], atol=1e-6)
