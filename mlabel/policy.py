@@ -17,8 +17,9 @@ positives of val. A policy decides, per label, from the same validation scores:
 - ``select``: per label, the candidate (argmax, half, lipton, bagged) whose cut-offs, tuned on
   4/5 of val, scored best on the held-out fifth (pooled over 5 folds).
 
-``half``, ``lipton`` and ``shrunk`` assume calibrated probabilities and an F-score objective;
-the other policies apply to every objective. ``auto`` is the measured default (docs/THRESHOLDS.md):
+``half``, ``lipton`` and ``shrunk`` assume calibrated probabilities and an F-score objective
+(they, ``select`` and ``auto`` where it means ``lipton`` refuse scores outside [0, 1]); the
+other policies apply to every objective and every score. ``auto`` is the measured default (docs/THRESHOLDS.md):
 ``lipton`` for F-scores, else ``argmax`` (see docs/THRESHOLDS.md for the constraint study).
 
 Every choice comes with a bootstrap interval of its val objective at the chosen cut-off
@@ -37,12 +38,13 @@ from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
 from .thresholds import FALLBACK_THRESHOLD, check_metric, objective_values, tune_cutoffs, fold_ids, out_of_fold
 
-__all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy"]
+__all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy", "check_scores"]
 
 POLICIES = ("auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select")
 F_SCORES = ("f1", "fbeta", "global")
 NEEDS_F_SCORE = ("half", "lipton", "shrunk")
 SELECT_FROM = ("argmax", "half", "lipton", "bagged")
+NEEDS_PROBABILITIES = ("half", "lipton", "shrunk", "select")  # select: its candidates half and lipton
 PER_LABEL_ONLY = ("smoothed", "shrunk", "select")
 CONSTRAINTS = {"precision_at_recall": "recall", "recall_at_precision": "precision"}
 SHRINK_PRIOR = 30.0  # positives at which the exact cut-off and the prior weigh the same
@@ -109,6 +111,21 @@ def resolve_policy(policy: str, metric: str) -> str:
     return policy
 
 
+def check_scores(policy: str, name: str, scores: np.ndarray) -> None:
+    """Refuse scores outside [0, 1] for a policy that reads them as probabilities (``policy`` as
+    asked, ``name`` as resolved: ``auto`` is ``lipton`` for F-scores)."""
+    if name not in NEEDS_PROBABILITIES or scores.size == 0:
+        return
+    low, high = float(scores.min()), float(scores.max())
+    if low >= 0.0 and high <= 1.0:
+        return
+    asked = policy if policy == name else f"{policy} ({name})"
+    usable = [p for p in POLICIES if p not in NEEDS_PROBABILITIES and p != "auto"]
+    raise ValueError(f"threshold policy {asked!r} reads the scores as calibrated probabilities, but they range "
+                     f"over [{low:.4g}, {high:.4g}] (logits?): pass probabilities (the sigmoid of the logits), or set "
+                     f"thresholds.policy (policy= in Python) to one that takes any score: {usable}")
+
+
 def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *, beta: float = 1.0,
                       min_recall: float = 0.9, min_precision: float = 0.9, labels: Sequence[str] | None = None,
                       fallback: float = FALLBACK_THRESHOLD, seed: int = 0, draws: int = 25,
@@ -117,7 +134,8 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     """Per-label cut-offs for unseen data (see the module docstring for the policies).
 
     Args:
-        probs: (N, L) calibrated probabilities (``half``, ``lipton`` and ``shrunk`` assume them).
+        probs: (N, L) calibrated probabilities (``half``, ``lipton``, ``shrunk``, ``select`` and
+            ``auto`` for F-scores refuse scores outside [0, 1]; the others take any score).
         targets: (N, L) 1 / 0 / -1 (unknown, ignored).
         policy, metric: a policy of :data:`POLICIES` and an objective of
             :data:`mlabel.thresholds.OBJECTIVES` (with ``beta``, ``min_recall``, ``min_precision``).
@@ -133,6 +151,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     scores, codes = as_arrays(probs, targets)
+    check_scores(policy, name, scores)
     objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
     rng = np.random.default_rng(seed)
     options = dict(metric=metric, objective=objective, fallback=fallback, draws=draws, mode=mode, bins=bins)

@@ -620,8 +620,9 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy:
         def choose(s, c):
             return tune_cutoffs(s, c, metric, objective, labels=None, **options)[0]
     else:
-        from .policy import choose_on_arrays, resolve_policy
+        from .policy import check_scores, choose_on_arrays, resolve_policy
         name = resolve_policy(policy, metric)
+        check_scores(policy, name, scores)
 
         def choose(s, c):  # each fold's policy draws from its own generator of ``seed``
             return choose_on_arrays(name, s, c, np.random.default_rng(seed), metric=metric, objective=objective,

@@ -145,3 +145,30 @@ def test_threshold_settings_are_refused_before_training(override, message):
     from mlabel.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config("quickstart", override.split())
+
+
+@pytest.mark.parametrize("policy", ["half", "lipton", "auto", "shrunk", "select"])
+def test_policies_that_read_probabilities_refuse_logits(policy):
+    """half, lipton (and auto, which is lipton for F-scores), shrunk and select (whose candidates
+    include half and lipton) take the scores as calibrated probabilities: logits are refused
+    with the reason and the key, in choose_thresholds and in cross-fitting."""
+    from mlabel.thresholds import cross_fit_predictions
+    p, y = calibrated(400, 6)
+    logits = np.log(p) - np.log1p(-p)
+    with pytest.raises(ValueError, match=r"probabilities.*thresholds\.policy"):
+        choose_thresholds(logits, y, policy, bootstrap=0)
+    with pytest.raises(ValueError, match=r"probabilities.*thresholds\.policy"):
+        cross_fit_predictions(logits, y, folds=3, policy=policy)
+    choose_thresholds(p, y, policy, bootstrap=0)  # probabilities, 0 and 1 included, pass
+    choose_thresholds(np.clip(np.round(p), 0, 1), y, policy, bootstrap=0)
+
+
+@pytest.mark.parametrize("policy, metric", [("argmax", "f1"), ("bagged", "f1"), ("smoothed", "f1"),
+                                            ("auto", "precision_at_recall")])
+def test_policies_for_any_score_still_take_logits(policy, metric):
+    p, y = calibrated(400, 7)
+    logits = np.log(p) - np.log1p(-p)
+    on_logits = choose_thresholds(logits, y, policy, metric, bootstrap=0, check_constraint=False).thresholds
+    on_probs = choose_thresholds(p, y, policy, metric, bootstrap=0, check_constraint=False).thresholds
+    if policy == "argmax":  # the same decisions: the cut-offs map through the sigmoid
+        np.testing.assert_array_equal(logits >= on_logits, p >= on_probs)
