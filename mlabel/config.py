@@ -35,14 +35,23 @@ def _key(default: Any, help: str, range: str | None = None):
 
 @dataclass
 class DataConfig:
-    format: Literal["csv", "folder", "jsonl", "voc", "coco", "wds"] = _key(
-        "csv", "layout of the annotations; wds: WebDataset tar shards (python -m mlabel.data shard writes them)")
-    root: str = _key(".", "folder the image paths are relative to")
-    train: str = _key("train.csv", "training split: a csv/jsonl file, folder, annotation file or split name")
+    format: Literal["csv", "folder", "jsonl", "voc", "coco", "wds", "yolo", "labelstudio", "openimages"] = _key(
+        "csv", "layout of the annotations; wds: WebDataset tar shards (python -m mlabel.data shard writes them); "
+        "yolo: an Ultralytics data.yaml; labelstudio: Label Studio JSON exports (Choices); openimages: "
+        "image-label CSVs (Confidence 1/0, the rest unknown)")
+    root: str = _key(".", "folder the image paths are relative to; yolo: the data set's data.yaml")
+    train: str = _key("train.csv", "training split: a csv/jsonl/json file, folder, annotation file or split name "
+                      "(yolo: the yaml's train, val, test keys; the default train.csv means train there)")
     val: str | None = _key(None, "validation split; null: a seeded stratified share of train")
     test: str | None = _key(None, "test split; null: a share of train when test_fraction > 0, else none")
     labels: list[str] | None = _key(None, "label names and their order; null: from the data")
-    image_column: str | None = _key(None, "csv: the column of image paths; null: the first column")
+    image_column: str | None = _key(None, "csv: the column of image paths; null: the first column; "
+                                    "labelstudio: the task data key of the image; null: image, or the only key")
+    class_descriptions: str | None = _key(
+        None, "openimages: the class-descriptions CSV (LabelName,DisplayName), relative to data.root; null: "
+        "found beside the labels CSV or in data.root")
+    box_files: list[str] | None = _key(None, "openimages: box CSVs (ImageID,...,XMin,XMax,YMin,YMax) whose boxes "
+                                       "feed data.box_crops, relative to data.root")
     label_columns: list[str] | None = _key(None, "csv: 0/1 columns (empty or -1 = unknown); null: all others")
     labels_column: str | None = _key(None, "csv: one column of label names joined by label_delimiter")
     label_delimiter: str = _key(" ", "csv: separator inside labels_column")
@@ -58,7 +67,8 @@ class DataConfig:
         "auto", "a preset or a list of albumentations transforms [{name: HorizontalFlip, p: 0.5}]; "
         "auto: light for a binary task, none for multi-label (a mirror image can change what a label means)")
     box_crops: bool | Literal["auto"] = _key(
-        "auto", "random crops keep every labelled box (voc, coco); auto: on when the annotations give boxes")
+        "auto", "random crops keep every labelled box (voc, coco, yolo, openimages with box_files); auto: on "
+        "when the annotations give boxes")
     augment_on: Literal["auto", "workers", "device"] = _key(
         "auto", "device: batched tensor ops on uint8 batches; workers: albumentations per image; auto: device when cached")
     on_bad_image: Literal["error", "skip"] = _key("error", "skip: drop unreadable images, listed in skipped.csv")

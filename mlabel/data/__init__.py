@@ -11,6 +11,9 @@ import numpy as np
 
 from .shards import is_url, read_wds_table
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
+from .labelstudio import read_labelstudio_table
+from .openimages import find_class_descriptions, read_openimages_table
+from .yolo import read_yolo_table, read_yolo_yaml
 from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .sparse import sparse_split
 from .split import iterative_split
@@ -36,7 +39,13 @@ def _read(data, name: str, labels, task: str, skipped: list | None = None) -> La
         root = data.root if is_url(data.root) else Path(data.root)
         return read_wds_table(root, name, labels=labels, skip_bad=data.on_bad_image == "skip", skipped=skipped)
     root = Path(data.root)
+    if data.format == "yolo":  # data.root: the data.yaml; name: one of its splits
+        return read_yolo_table(root, name, labels=labels)
     path = Path(name) if Path(name).is_absolute() else root / name
+    if data.format == "labelstudio":
+        return read_labelstudio_table(path, root, labels=labels, image_key=data.image_column)
+    if data.format == "openimages":
+        return _read_openimages(data, path, name, labels)
     if data.format == "folder":
         return read_folder_table(path, labels=labels, task=task)
     if data.format == "jsonl":
@@ -48,6 +57,28 @@ def _read(data, name: str, labels, task: str, skipped: list | None = None) -> La
     return read_csv_table(path, root, labels=labels, image_column=data.image_column,
                           label_columns=data.label_columns, labels_column=data.labels_column,
                           label_delimiter=data.label_delimiter, regression_columns=data.regression_columns)
+
+
+def _read_openimages(data, path: Path, name: str, labels) -> LabelTable:
+    root = Path(data.root)
+    given = data.class_descriptions
+    class_file = (root / given if given else find_class_descriptions([path.parent, root]))
+    split = next((s for s in ("train", "val", "test") if getattr(data, s) == name), "")
+    return read_openimages_table(path, root, class_file=class_file, labels=labels, split=split,
+                                 subset=data.labels is not None,
+                                 box_files=[root / f for f in data.box_files or ()] if split == "train" else ())
+
+
+def resolve_yolo_splits(data):
+    """``data`` with the yolo split names filled in: train (the default ``train.csv`` means the
+    yaml's ``train``), and val / test from the yaml when it has them (else carved from train)."""
+    if data.format != "yolo":
+        return data
+    tree = read_yolo_yaml(Path(data.root))
+    has = lambda key: bool(tree.get(key)) or (key == "val" and bool(tree.get("valid")))  # noqa: E731
+    return dataclasses.replace(data, train="train" if data.train == "train.csv" else data.train,
+                               val=data.val or ("val" if has("val") else None),
+                               test=data.test or ("test" if has("test") else None))
 
 
 def label_counts(table: LabelTable) -> dict:
@@ -100,6 +131,7 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     iterative-stratified split."""
     if data.generate == "scenes":
         data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
+    data = resolve_yolo_splits(data)
     skipped: list = []
     train = _read(data, data.train, data.labels, task, skipped)
     labels = train.labels

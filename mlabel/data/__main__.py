@@ -129,6 +129,26 @@ def _print(summary: dict) -> None:
     print(f"unreadable images: {len(bad)}" + "".join(f"\n  {b['reason']}" for b in bad[:10]))
 
 
+def data_folders(data) -> list[Path]:
+    """The folders a data set lives in (never written into): data.root, or for yolo the yaml's
+    folder and its ``path``."""
+    root = Path(data.root).resolve()
+    if data.format != "yolo":
+        return [root]
+    from .yolo import read_yolo_yaml
+    return [root.parent, Path(read_yolo_yaml(root)["base"]).resolve()]
+
+
+def check_outside_data(out: Path, data, flag: str) -> Path:
+    """Refuse an output inside the data set; returns the data set's first folder."""
+    folders = data_folders(data)
+    for folder in folders:
+        if out == folder or folder in out.parents:
+            raise DataError(f"{flag} {out} is inside the data folder {folder}; mlabel never writes into a data "
+                            "folder: give a folder elsewhere")
+    return folders[0]
+
+
 def shard(argv: list[str]) -> int:
     """``python -m mlabel.data shard RECIPE [key=value ...] --out DIR [--shard-size N]``."""
     from .shards import write_shards
@@ -146,10 +166,8 @@ def shard(argv: list[str]) -> int:
     if cfg.data.format == "wds":
         raise DataError("the recipe's data are shards already (data.format=wds)")
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    out, root = Path(args.out).resolve(), Path(cfg.data.root).resolve()
-    if out == root or root in out.parents:
-        raise DataError(f"--out {args.out} is inside the data folder {cfg.data.root}; mlabel never writes "
-                        "into a data folder: give a folder elsewhere")
+    out = Path(args.out).resolve()
+    root = check_outside_data(out, cfg.data, "--out")
     tree = write_shards(splits, out, args.shard_size, root, skip_bad=cfg.data.on_bad_image == "skip")
     for name, split in tree["splits"].items():
         print(f"{name}: {sum(split['samples'])} samples in {len(split['shards'])} shards")

@@ -1,7 +1,7 @@
 """Readers for JSON lines, Pascal VOC and COCO: each becomes a :class:`LabelTable`.
 
 Every reader builds, per image, the set of positive and the set of unknown label names and hands
-them to :func:`_multi_hot`, which fixes the label order (the training split's, or sorted names
+them to :func:`multi_hot`, which fixes the label order (the training split's, or sorted names
 for the training split itself) and rejects names the training split does not have.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ import numpy as np
 from ..errors import DataError
 from .tables import LabelTable, check_files, resolve_image, read_text, targets_from_lists
 
-__all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table"]
+__all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table", "multi_hot"]
 
 
-def _multi_hot(rows: list[tuple[set, set]], labels: Sequence[str] | None, source: str,
+def multi_hot(rows: list[tuple[set, set]], labels: Sequence[str] | None, source: str,
                where: list[str], all_names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
     """rows of (positive names, unknown names) -> (label order, (N, L) targets 1 / 0 / -1)."""
     if labels is None:
@@ -69,7 +69,7 @@ def read_jsonl_table(path: Path, root: Path, *, labels: Sequence[str] | None = N
         where.append(at)
     if not images:
         raise DataError(f"{path} holds no records; give one JSON object per line")
-    names, targets = _multi_hot(rows, labels, str(path), where)
+    names, targets = multi_hot(rows, labels, str(path), where)
     check_files(images, str(path))
     return LabelTable([str(p) for p in images], targets, names, str(path))
 
@@ -108,7 +108,7 @@ def read_voc_table(root: Path, split: str, *, labels: Sequence[str] | None = Non
         images.append(root / "JPEGImages" / filename)
         rows.append((positive, difficult - positive))
         where.append(str(xml_path))
-    names, targets = _multi_hot(rows, labels, str(listing), where)
+    names, targets = multi_hot(rows, labels, str(listing), where)
     check_files(images, str(listing))
     return LabelTable([str(p) for p in images], targets, names, str(listing), boxes=boxes)
 
@@ -183,7 +183,7 @@ def read_coco_table(path: Path, root: Path, *, labels: Sequence[str] | None = No
     rows = [(positives[i], set()) for i in order]
     where = [f"{path} (image id {i})" for i in order]
     names = [categories[c] for c in sorted(categories)]
-    names, targets = _multi_hot(rows, labels, str(path), where, all_names=names)
+    names, targets = multi_hot(rows, labels, str(path), where, all_names=names)
     split_dir = root / path.stem.removeprefix("instances_")
     images = []
     for i in order:

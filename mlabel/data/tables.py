@@ -85,7 +85,8 @@ class LabelTable:
     def subset(self, index: Sequence[int], source: str) -> "LabelTable":
         index = np.asarray(index, dtype=np.int64)
         regression = None if self.regression is None else self.regression[index]
-        boxes = None if self.boxes is None else [self.boxes[i] for i in index]
+        boxes = None if self.boxes is None else (  # lazy boxes (yolo: fractions) subset themselves
+            self.boxes.subset(index) if hasattr(self.boxes, "subset") else [self.boxes[i] for i in index])
         members = None if self.members is None else self.members.subset(index)
         targets = self.targets.subset(index) if self.sparse else self.targets[index]
         paths = self.paths.subset(index) if hasattr(self.paths, "subset") else [self.paths[i] for i in index]

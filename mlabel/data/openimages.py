@@ -1,0 +1,227 @@
+"""Open Images: human-verified image-level labels, read as partial labels.
+
+An image-labels CSV (``ImageID,Source,LabelName,Confidence``) lists, per image, classes verified
+present (Confidence 1) and verified absent (0); every class not listed for an image is unknown
+there: Open Images verified only some classes per image, and an unverified class is neither
+present nor absent. That is mlabel's partial-label model as it is, so nothing is guessed. The
+class-descriptions CSV (``LabelName,DisplayName``) names the ``/m/...`` ids. Past
+:data:`~mlabel.data.tables.SPARSE_FROM` cells the table stays as index lists whose default is
+unknown, so 10^6 images x 2 x 10^4 classes take the memory of the listed cells only.
+"""
+from __future__ import annotations
+
+import array
+import csv
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .sparse import SparseLabels, UNKNOWN
+from .tables import SPARSE_FROM, LabelTable, check_files, read_text
+from .yolo import NormalizedBoxes
+
+__all__ = ["read_openimages_table", "read_class_descriptions", "find_class_descriptions"]
+
+_CHUNK = 1 << 26  # bytes of CSV decoded at a time: memory stays with the parsed pairs, not the text
+_CLASS_FILES = ("oidv7-class-descriptions.csv", "oidv6-class-descriptions.csv", "class-descriptions.csv",
+                "class-descriptions-boxable.csv")
+
+
+def find_class_descriptions(folders: Sequence[Path]) -> Path:
+    """The class-descriptions CSV in ``folders`` (Open Images' names, then any ``*class-descriptions*.csv``)."""
+    for folder in folders:
+        for name in _CLASS_FILES:
+            if (folder / name).is_file():
+                return folder / name
+        found = sorted(folder.glob("*class-descriptions*.csv")) if folder.is_dir() else []
+        if found:
+            return found[0]
+    raise DataError(f"no Open Images class-descriptions CSV in {', '.join(map(str, folders))}; set "
+                    "data.class_descriptions to the file that maps /m/... ids to names")
+
+
+def read_class_descriptions(path: Path) -> dict[str, str]:
+    """``{id: name}`` in file order; display names that repeat become ``name (id)``, so every
+    label name is unique and the same in every split."""
+    if not path.is_file():
+        raise DataError(f"class-descriptions CSV {path} not found")
+    pairs = []
+    for line, row in enumerate(csv.reader(read_text(path).splitlines()), start=1):
+        if not row or (line == 1 and [c.strip() for c in row] == ["LabelName", "DisplayName"]):
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{line}: expected 'LabelName,DisplayName' (an id and a name), got {row!r:.80}")
+        pairs.append((row[0].strip(), row[1].strip()))
+    ids = [i for i, _ in pairs]
+    if len(set(ids)) != len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"{path}: id {twice!r} appears twice; give each class one line")
+    counts: dict[str, int] = {}
+    for _, name in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    return {i: (name if counts[name] == 1 else f"{name} ({i})") for i, name in pairs}
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of a UTF-8 CSV, decoded a chunk at a time (a BOM is dropped)."""
+    line, rest = 1, b""
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(_CHUNK)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            data, rest = data[:cut], data[cut:]
+            if not data:
+                return
+            try:
+                text = data.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                bad = line + data[:err.start].count(b"\n")
+                raise DataError(f"{path}:{bad}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8") from None
+            lines = text.splitlines()
+            for offset, row in enumerate(csv.reader(lines)):
+                yield line + offset, row
+            line += len(lines)
+
+
+def _header(path: Path, row: list[str], needed: Sequence[str]) -> list[int]:
+    header = [h.strip() for h in row]
+    absent = [c for c in needed if c not in header]
+    if absent:
+        raise DataError(f"{path}:1: header {header} lacks {absent}; an Open Images CSV starts with "
+                        + ",".join(needed))
+    return [header.index(c) for c in needed]
+
+
+def _pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bool):
+    """Image ids in order of appearance and the (image, label) pairs of positives and negatives."""
+    rows = _rows(path)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(f"{path} is empty; it needs the header ImageID,Source,LabelName,Confidence")
+    i_img, i_lab, i_conf = _header(path, first[1], ("ImageID", "LabelName", "Confidence"))
+    width = max(i_img, i_lab, i_conf)
+    ids: dict[str, int] = {}
+    found = {"1": (array.array("q"), array.array("q")), "0": (array.array("q"), array.array("q"))}
+    found["1.0"], found["0.0"] = found["1"], found["0"]
+    for line, row in rows:
+        if not row:
+            continue
+        if len(row) <= width:
+            raise DataError(f"{path}:{line}: {len(row)} fields; each row needs ImageID, LabelName and Confidence")
+        label, conf = row[i_lab], row[i_conf]
+        j = column.get(label)
+        if j is None:
+            if label in known and not strict:
+                continue  # a class outside data.labels
+            raise DataError(f"{path}:{line}: label {label!r} is " + (
+                "not in the training labels; every split must use the training split's labels (or list "
+                "them in data.labels)" if label in known else "not in the class-descriptions CSV"))
+        target = found.get(conf.strip())
+        if target is None:
+            raise DataError(f"{path}:{line}: Confidence {conf!r}; human-verified labels are 1 (present) or "
+                            "0 (absent); machine-generated scores belong in another file")
+        target[0].append(ids.setdefault(row[i_img].strip(), len(ids)))
+        target[1].append(j)
+    if not ids:
+        raise DataError(f"{path} has a header but no rows for the labels in use")
+    as_np = lambda a: np.frombuffer(a, np.int64) if len(a) else np.zeros(0, np.int64)  # noqa: E731
+    return ids, [as_np(a) for a in found["1"]], [as_np(a) for a in found["0"]]
+
+
+def _check_conflicts(path: Path, ids: dict, pos, neg, num_labels: int, names: list[str]) -> None:
+    both = np.intersect1d(pos[0] * num_labels + pos[1], neg[0] * num_labels + neg[1])
+    if len(both):
+        image = next(k for k, v in ids.items() if v == both[0] // num_labels)
+        raise DataError(f"{path}: image {image} has label {names[int(both[0] % num_labels)]!r} both verified "
+                        f"present (1) and absent (0) ({len(both)} such pairs); keep one row per image and label")
+
+
+def _image_folder(root: Path, first: str, words: Sequence[str]) -> Path:
+    """``root`` or ``root/<split>`` (Open Images' train / validation / test folders): where the
+    split's first image is."""
+    for folder in (root, *(root / w for w in words)):
+        if (folder / f"{first}.jpg").is_file():
+            return folder
+    return root
+
+
+def _targets(n: int, num_labels: int, pos, neg):
+    """Dense 1 / 0 / -1 up to SPARSE_FROM cells, else index lists whose default is unknown."""
+    if n * num_labels > SPARSE_FROM:
+        return SparseLabels.from_pairs(pos[0], pos[1], n, num_labels, neg[0], neg[1], default=UNKNOWN)
+    targets = np.full((n, num_labels), -1.0, np.float32)
+    targets[neg[0], neg[1]] = 0.0
+    targets[pos[0], pos[1]] = 1.0
+    return targets
+
+
+def _boxes(files: Sequence[Path], ids: dict, id_column: dict[str, int]) -> list[np.ndarray]:
+    """Per image, the (K, 4) normalised boxes of the labels in use from Open Images box CSVs."""
+    per_image: list[list] = [[] for _ in ids]
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"box CSV {path} not found (data.box_files are relative to data.root)")
+        rows = _rows(path)
+        first = next(rows, None)
+        if first is None:
+            continue
+        cols = _header(path, first[1], ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"))
+        for line, row in rows:
+            if not row or row[cols[1]] not in id_column or row[cols[0]] not in ids:
+                continue
+            try:
+                x0, x1, y0, y1 = (float(row[c]) for c in cols[2:])
+            except (ValueError, IndexError):
+                raise DataError(f"{path}:{line}: XMin, XMax, YMin, YMax must be numbers in [0, 1]") from None
+            if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+                raise DataError(f"{path}:{line}: box {x0:g},{x1:g},{y0:g},{y1:g} is not XMin <= XMax and "
+                                "YMin <= YMax within [0, 1]")
+            per_image[ids[row[cols[0]]]].append((x0, y0, x1, y1))
+    return [np.asarray(b, np.float32).reshape(-1, 4) for b in per_image]
+
+
+def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: Sequence[str] | None = None,
+                          subset: bool = False, box_files: Sequence[Path] = (), split: str = "") -> LabelTable:
+    """One split's image-labels CSV as a partial-label table.
+
+    Args:
+        class_file: the class-descriptions CSV.
+        labels: label names (or ``/m/`` ids) in order; ``None``: the classes this CSV lists, in the
+            class file's order.
+        subset: rows of known classes outside ``labels`` are dropped (``data.labels`` picks a
+            subset); otherwise they are an error (a val label the training split lacks).
+        box_files: Open Images box CSVs whose boxes of these images feed ``data.box_crops``.
+        split: the split's name, for images kept in ``root/<split>/``.
+    """
+    if not path.is_file():
+        raise DataError(f"Open Images labels CSV {path} not found (relative paths are taken from data.root)")
+    known = read_class_descriptions(class_file)
+    by_name = {name: i for i, name in known.items()}
+    if labels is None:
+        ids, pos, neg = _pairs(path, {i: j for j, i in enumerate(known)}, known, True)
+        used = np.union1d(pos[1], neg[1])
+        order = [list(known)[j] for j in used]
+        remap = np.full(len(known), -1, np.int64)
+        remap[used] = np.arange(len(used))
+        pos, neg = (pos[0], remap[pos[1]]), (neg[0], remap[neg[1]])
+    else:
+        order = []
+        for item in labels:
+            if item not in known and item not in by_name:
+                raise DataError(f"{class_file}: label {item!r} is neither a class id nor a display name there")
+            order.append(item if item in known else by_name[item])
+        ids, pos, neg = _pairs(path, {i: j for j, i in enumerate(order)}, known, not subset)
+    names = [known[i] for i in order]
+    _check_conflicts(path, ids, pos, neg, len(order), names)
+    first = next(iter(ids))
+    words = [w for w in (split, {"val": "validation"}.get(split), path.stem.split("-")[0],
+                         path.stem.split("-")[1] if "-" in path.stem else None) if w]
+    folder = _image_folder(root, first, words)
+    images = [folder / f"{image}.jpg" for image in ids]
+    check_files(images, str(path))
+    paths = [str(p) for p in images]
+    boxes = NormalizedBoxes(paths, _boxes(box_files, ids, {i: j for j, i in enumerate(order)})) if box_files else None
+    return LabelTable(paths, _targets(len(ids), len(order), pos, neg), names, str(path), boxes=boxes)

@@ -1,0 +1,253 @@
+"""Ultralytics YOLO detection folders: ``data.yaml`` plus one label text file per image.
+
+An image's labels are the classes of its boxes (positive), every other class negative; an empty
+label file is an image without objects (all negative), and so is a missing one, as Ultralytics
+treats it (counted in a warning). The boxes feed ``data.box_crops``; polygon (segment) lines give
+their bounding box. Layout rules follow Ultralytics: ``path`` (relative to the yaml, else the
+yaml's folder) is the base of ``train`` / ``val`` / ``test``, each an image folder, a list file
+or a list of either; an entry ``../x`` that does not exist is tried as ``x`` (Roboflow exports);
+an image ``.../images/a.jpg`` has its labels in ``.../labels/a.txt`` (the last ``images``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from ..errors import DataError
+from ..preprocess import IMAGE_EXTENSIONS
+from .tables import LabelTable, check_files, read_text, targets_from_lists
+
+__all__ = ["read_yolo_table", "read_yolo_yaml", "yolo_split", "NormalizedBoxes", "image_size"]
+
+TOLERANCE = 0.01  # coordinates this far outside [0, 1] are clipped (rounding in exporters), beyond refused
+MAX_SHOWN = 10  # malformed lines listed in one error
+
+
+def read_yolo_yaml(path: Path) -> dict:
+    """The yaml as a mapping with ``names`` (list, id order) and ``base`` (the resolved ``path``)."""
+    if not path.is_file():
+        raise DataError(f"YOLO data.yaml {path} not found: data.root must be the data set's yaml file "
+                        "(with names and train/val image folders)")
+    try:
+        tree = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise DataError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(tree, dict):
+        raise DataError(f"{path}: expected a mapping with names and train/val, got {type(tree).__name__}")
+    return {**tree, "names": _names(tree, path), "base": _base(tree, path)}
+
+
+def _names(tree: dict, path: Path) -> list[str]:
+    """``names`` as a list or an id -> name map (ids 0..nc-1), checked against ``nc``."""
+    names = tree.get("names")
+    if names is None:
+        raise DataError(f"{path}: no 'names'; list the class names (names: [cat, dog]) or map ids to them")
+    if isinstance(names, dict):
+        try:
+            found = {int(k): v for k, v in names.items()}
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: names must map class ids (0, 1, ...) to names; got keys "
+                            f"{list(names)[:5]}") from None
+        if sorted(found) != list(range(len(found))):
+            raise DataError(f"{path}: names' ids are {sorted(found)[:10]}; give every id from 0 to {len(found) - 1}")
+        names = [found[i] for i in range(len(found))]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{path}: names must be a non-empty list or id -> name map, got {names!r:.80}")
+    names = [str(n) if isinstance(n, (int, float)) else n for n in names]
+    nc = tree.get("nc")
+    if nc is not None and nc != len(names):
+        raise DataError(f"{path}: nc is {nc} but names lists {len(names)} classes; make them agree")
+    return names
+
+
+def _base(tree: dict, path: Path) -> Path:
+    """The data set's root: ``path`` relative to the yaml's folder (or absolute); without one, or
+    when it names no folder there (a path meant for Ultralytics' datasets_dir), the yaml's folder."""
+    given = tree.get("path")
+    if given:
+        base = Path(str(given)).expanduser()
+        base = base if base.is_absolute() else path.parent / base
+        if base.is_dir():
+            return base
+    return path.parent
+
+
+def yolo_split(tree: dict, name: str, path: Path) -> list[Path]:
+    """The image files of split ``name`` (``train``, ``val``, ``test`` or any yaml key)."""
+    entry = tree.get(name)
+    if entry is None and name == "val":
+        entry = tree.get("valid")
+    if not entry:
+        raise DataError(f"{path}: no {name!r} split (keys: {sorted(k for k in tree if k != 'base')}); "
+                        f"name a split the yaml has, or set data.{'val' if name == 'val' else name}=null")
+    entries = entry if isinstance(entry, list) else [entry]
+    images: list[Path] = []
+    for item in entries:
+        images += _entry_images(tree["base"], str(item), path, name)
+    seen: dict[str, int] = {}
+    for i, image in enumerate(images):
+        key = os.path.normpath(os.path.abspath(image))
+        if key in seen:
+            raise DataError(f"{path}: split {name!r} lists image {image} twice; list each image once")
+        seen[key] = i
+    if not images:
+        raise DataError(f"{path}: split {name!r} ({entry}) holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def _entry_images(base: Path, item: str, path: Path, split: str) -> list[Path]:
+    """One split entry: an image folder (searched recursively) or a list file of image paths."""
+    target = Path(item).expanduser()
+    if not target.is_absolute():
+        target = base / item
+        if not target.exists() and item.startswith("../"):
+            target = base / item[3:]  # Roboflow's "../train/images" beside the yaml
+    if target.is_dir():
+        return sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if target.is_file():
+        return _list_file(target, base)
+    raise DataError(f"{path}: split {split!r}: {item} not found (looked for {target}); give an image "
+                    "folder or a list file, relative to the yaml's path")
+
+
+def _list_file(listing: Path, base: Path) -> list[Path]:
+    """A text file of image paths, one a line: ``./x`` from the list's folder, others from the
+    list's folder when there, else from the data set's root."""
+    images = []
+    for line in read_text(listing).splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if os.path.isabs(line):
+            images.append(Path(line))
+        elif line.startswith("./"):
+            images.append(listing.parent / line[2:])
+        else:
+            near = listing.parent / line
+            images.append(near if near.exists() else base / line)
+    return images
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last ``/images/`` of the path becomes ``/labels/``, the suffix ``.txt``."""
+    text = str(image)
+    a, b = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if a in text:
+        head, tail = text.rsplit(a, 1)
+        text = head + b + tail
+    return Path(os.path.splitext(text)[0] + ".txt")
+
+
+def _parse_label_file(path: Path, num_classes: int, problems: list[str]) -> tuple[list[int], np.ndarray]:
+    """(class ids, (K, 4) normalised x0, y0, x1, y1 boxes) of one label file; malformed lines are
+    appended to ``problems`` as ``file:line: why``."""
+    classes, boxes = [], []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        at = f"{path}:{line_no}"
+        if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+            problems.append(f"{at}: {len(fields)} columns; a box line is 'class x_centre y_centre width height', "
+                            "a polygon line 'class x1 y1 x2 y2 x3 y3 ...'")
+            continue
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            problems.append(f"{at}: {line.strip()[:60]!r} is not numbers")
+            continue
+        cls = values[0]
+        if not np.isfinite(values).all() or cls != int(cls) or not 0 <= cls < num_classes:
+            problems.append(f"{at}: class id {fields[0]!r} is not one of 0..{num_classes - 1} (data.yaml names)")
+            continue
+        coords = np.asarray(values[1:], np.float64)
+        if (coords < -TOLERANCE).any() or (coords > 1 + TOLERANCE).any():
+            problems.append(f"{at}: coordinates outside [0, 1]; YOLO labels are fractions of the image size")
+            continue
+        if len(fields) == 5:
+            xc, yc, w, h = coords
+            box = [xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2]
+        else:
+            xs, ys = coords[0::2], coords[1::2]
+            box = [xs.min(), ys.min(), xs.max(), ys.max()]
+        classes.append(int(cls))
+        boxes.append(np.clip(box, 0.0, 1.0))
+    return classes, np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image as decoded (EXIF orientation applied), from its header."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: the decoded image is transposed
+            width, height = height, width
+    return width, height
+
+
+class NormalizedBoxes:
+    """Per image, (K, 4) boxes as fractions of the image; read as pixels (x0, y0, x1, y1 of the
+    decoded image, what ``data.box_crops`` takes) from the image's header when an image is asked
+    for, so reading a data set never opens its images."""
+
+    def __init__(self, paths: Sequence[str], boxes: list[np.ndarray]):
+        self.paths, self.boxes = paths, boxes
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        width, height = image_size(self.paths[index])
+        return self.boxes[index] * np.array([width, height, width, height], np.float32)
+
+    def subset(self, index) -> "NormalizedBoxes":
+        return NormalizedBoxes([self.paths[i] for i in index], [self.boxes[i] for i in index])
+
+
+def read_yolo_table(yaml_path: Path, split: str, *, labels: Sequence[str] | None = None,
+                    tree: dict | None = None) -> LabelTable:
+    """Split ``split`` of the YOLO data set described by ``yaml_path``.
+
+    Args:
+        labels: the label order (the training split's, or ``data.labels`` to train on a subset);
+            ``None``: every class of ``names`` in id order. Boxes of other classes are left out.
+    """
+    tree = tree or read_yolo_yaml(yaml_path)
+    names = tree["names"]
+    order = list(labels) if labels is not None else list(names)
+    absent = [n for n in order if n not in names]
+    if absent:
+        raise DataError(f"{yaml_path}: labels {absent} are not among its names {names}; data.labels must "
+                        "name classes of the yaml")
+    column = {names.index(n): j for j, n in enumerate(order)}
+    images = yolo_split(tree, split, yaml_path)
+    positives, boxes, problems, missing = [], [], [], []
+    for image in images:
+        label_file = label_path(image)
+        if not label_file.is_file():
+            missing.append(label_file)
+            classes, found = [], np.zeros((0, 4), np.float32)
+        else:
+            classes, found = _parse_label_file(label_file, len(names), problems)
+        keep = [k for k, c in enumerate(classes) if c in column]
+        positives.append(sorted({column[classes[k]] for k in keep}))
+        boxes.append(found[keep])
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        raise DataError(f"{len(problems)} malformed label lines in split {split!r} of {yaml_path}:\n  "
+                        + "\n  ".join(problems[:MAX_SHOWN]) + more)
+    check_files(images, f"{yaml_path} (split {split!r})")
+    if missing:
+        print(f"warning: {yaml_path} split {split!r}: {len(missing)} of {len(images)} images have no label file "
+              f"(e.g. {missing[0]}); they count as background, no object (all labels negative), as in "
+              "Ultralytics", file=sys.stderr)
+    paths = [str(p) for p in images]
+    return LabelTable(paths, targets_from_lists(positives, None, len(order)), order,
+                      f"{yaml_path} ({split})", boxes=NormalizedBoxes(paths, boxes))
