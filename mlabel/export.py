@@ -40,7 +40,7 @@ from .models import MultiLabelClassifier, load, locate_model
 from .preprocess import cache_side, normalisation
 
 __all__ = ["export_model", "export_timm", "export_tagger", "check_parity", "check_timm_parity",
-           "check_tagger_parity", "timm_data_config", "main", "METADATA_KEY"]
+           "check_tagger_parity", "timm_data_config", "timm_refusal", "main", "METADATA_KEY"]
 
 METADATA_KEY = "mlabel"
 PARITY_GOAL = 1e-4
@@ -153,7 +153,7 @@ def _new_folder(out: Path):
 TIMM_WEIGHTS = "model.safetensors"  # what timm's local-dir loader looks for first
 
 
-def _timm_refusal(model: MultiLabelClassifier) -> str | None:
+def timm_refusal(model: MultiLabelClassifier) -> str | None:
     """Why timm's network cannot be this model, or None."""
     if model.head_name != "linear":
         return (f"the {model.head_name} head has no equivalent in timm, whose classifier is one linear layer on "
@@ -183,7 +183,7 @@ def timm_network(model: MultiLabelClassifier) -> nn.Module:
     """``model`` as one plain timm network: its backbone's weights, and the linear head in timm's
     own classifier (``num_classes`` = the labels). Refused (ValueError) for a head timm lacks."""
     import timm
-    problem = _timm_refusal(model)
+    problem = timm_refusal(model)
     if problem:
         raise ValueError(f"--format timm: {problem}")
     net = timm.create_model(model.backbone_name, pretrained=False, num_classes=model.num_labels)

@@ -115,14 +115,17 @@ def _read_json(path: Path) -> dict:
 
 def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool = False) -> list[str]:
     """Write into ``out`` exactly what a push uploads; returns the file names. The model is
-    loaded (validated) first: a directory that fails validation is refused before anything."""
+    loaded (validated) first: a directory that fails validation is refused before anything.
+    A model with a linear head also gets timm's ``config.json`` and weights
+    (:data:`TIMM_HUB_WEIGHTS`), so ``timm.create_model("hf-hub:OWNER/NAME", pretrained=True)`` loads it."""
     import yaml
 
+    from .export import timm_refusal
     from .models import load, locate_model
     from .modeldir import META_FILE
     check_repo_id(repo_id)
     model_dir, run_dir = locate_model(model_or_run)
-    load(model_dir)  # the same validation as any load: checksum, metadata, weights that fit
+    model = load(model_dir)  # the same validation as any load: checksum, metadata, weights that fit
     meta = json.loads((model_dir / META_FILE).read_text())
     metrics = _read_json(run_dir / "metrics.json") if run_dir else {}
     run = _read_json(run_dir / "run.json") if run_dir else {}
@@ -133,12 +136,45 @@ def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool =
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(model_dir / name, out / name)
-    (out / "README.md").write_text(model_card(meta, repo_id, metrics, run, config), encoding="utf-8")
+    card = model_card(meta, repo_id, metrics, run, config)
     names = [*MODEL_FILES, "README.md"]
+    if timm_refusal(model) is None:  # a linear head: plain timm users get the network too
+        names += _stage_timm(model, out)
+        card += _TIMM_USE.format(repo_id=repo_id)
+    (out / "README.md").write_text(card, encoding="utf-8")
     if with_report:
         shutil.copyfile(report, out / "report.html")
         names.append("report.html")
     return names
+
+
+# timm's weights beside mlabel's own model.safetensors: config.json names them (hf_hub_filename),
+# which timm's hf-hub: loader follows
+TIMM_HUB_WEIGHTS = "timm_model.safetensors"
+_TIMM_USE = """
+## Use with timm alone
+
+```python
+import timm
+net = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()   # logits, one per label
+cfg = timm.data.resolve_data_config({{}}, model=net)                  # the preprocessing mlabel evaluates with
+transform = timm.data.create_transform(**cfg)
+```
+
+`net.pretrained_cfg["label_names"]` names the outputs. The per-label thresholds and the calibration are in
+`config.json` under `"mlabel"`: a label is present when its probability (`sigmoid(logit)`, or with a calibration
+`sigmoid(scale * logit + bias)`) is at or above its threshold.
+"""
+
+
+def _stage_timm(model, out: Path) -> list[str]:
+    """timm's ``config.json`` and weights (as ``mlabel export --format timm`` writes them) into ``out``."""
+    from .export import export_timm
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_timm(model, Path(tmp) / "timm", weights_name=TIMM_HUB_WEIGHTS)
+        for name in ("config.json", TIMM_HUB_WEIGHTS):
+            shutil.copyfile(folder / name, out / name)
+    return ["config.json", TIMM_HUB_WEIGHTS]
 
 
 def push(model_or_run: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,

@@ -38,7 +38,8 @@ def _dry_run(run: Path, out: Path, *extra) -> int:
 def test_dry_run_writes_the_model_and_its_card(tiny_run, tmp_path, capsys):
     out = tmp_path / "upload"
     assert _dry_run(tiny_run, out, "--with-report") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mlabel.json", "model.safetensors", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "mlabel.json", "model.safetensors",
+                                                     "report.html", "timm_model.safetensors"]
     for name in ("mlabel.json", "model.safetensors"):  # the model files as they are, byte for byte
         assert (out / name).read_bytes() == (tiny_run / "model" / name).read_bytes()
     assert (out / "report.html").read_bytes() == (tiny_run / "report" / "report.html").read_bytes()
@@ -56,6 +57,38 @@ def test_dry_run_writes_the_model_and_its_card(tiny_run, tmp_path, capsys):
         assert row.split("|")[2].strip() == f"{threshold:.4f}"
         assert row.split("|")[4].strip() == f"{metrics['test']['per_label'][name]['ap']:.4f}"
     assert f'mlabel.load("hf://{REPO}")' in card
+    assert f'timm.create_model("hf-hub:{REPO}", pretrained=True)' in card  # a linear head: timm users too
+    config = json.loads((out / "config.json").read_text())  # as mlabel export --format timm writes it
+    assert config["label_names"] == meta["labels"] and config["num_classes"] == len(meta["labels"])
+    assert config["pretrained_cfg"]["hf_hub_filename"] == "timm_model.safetensors"
+    assert config["mlabel"]["thresholds"] == meta["thresholds"]
+
+
+def test_timm_loads_a_pushed_model_from_the_hub_cache(tiny_run, tmp_path):
+    """``timm.create_model("hf-hub:OWNER/NAME")`` on the pushed folder (from a cache laid out as
+    huggingface_hub lays it out, offline) gives mlabel's logits: timm follows config.json to its
+    weights beside mlabel's own model.safetensors."""
+    import timm
+    from huggingface_hub import constants
+    staged = tmp_path / "upload"
+    assert _dry_run(tiny_run, staged) == 0
+    _as_hub_cache(staged, Path(constants.HF_HUB_CACHE), REPO)
+    net = timm.create_model(f"hf-hub:{REPO}", pretrained=True).eval()
+    model = mlabel.load(tiny_run)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = float((net(images) - model(images)).abs().max())
+    print(f"timm hf-hub vs mlabel: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-5 and list(net.pretrained_cfg["label_names"]) == model.labels
+
+
+def test_a_head_timm_cannot_express_is_pushed_without_timm_files(tmp_path):
+    model_dir = tmp_path / "csra"
+    mlabel.create_model("test_resnet", ["a", "b"], image_size=32, head="csra").save_pretrained(model_dir)
+    out = tmp_path / "upload"
+    assert _dry_run(model_dir, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "mlabel.json", "model.safetensors"]
+    assert "hf-hub:" not in (out / "README.md").read_text()
 
 
 def _as_hub_cache(folder: Path, cache: Path, repo: str, commit: str = "a" * 40) -> None:
