@@ -23,7 +23,10 @@ other policies apply to every objective and every score. ``auto`` is the measure
 ``lipton`` for F-scores, else ``argmax`` (see docs/THRESHOLDS.md for the constraint study).
 
 Every choice comes with a bootstrap interval of its val objective at the chosen cut-off
-(``level``, 90 % by default) so a person sees how sure the number is.
+(``level``, 90 % by default) so a person sees how sure the number is. Where the bootstrap is
+flat (every resample the same value: no true positive at the cut-off, as for a rare label under
+``half``) the interval is the Jeffreys posterior of the label's confusion counts instead, and
+the record says so (``interval_note``).
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ PER_LABEL_ONLY = ("smoothed", "shrunk", "select")
 CONSTRAINTS = {"precision_at_recall": "recall", "recall_at_precision": "precision"}
 SHRINK_PRIOR = 30.0  # positives at which the exact cut-off and the prior weigh the same
 GRID = 1024
+POSTERIOR_NOTE = ("every bootstrap resample gave the same value (too few true positives or errors at this "
+                  "cut-off): the interval is the Jeffreys posterior of the label's confusion counts")
 
 
 @dataclass
@@ -59,7 +64,8 @@ class ThresholdChoice:
     cut-offs (NaN where a label has one class); ``interval`` (L, 2) its bootstrap interval at
     ``level`` (for constraint objectives, of the optimised figure whether or not the constraint
     holds in the resample; ``constraint_interval`` gives the constrained figure's);
-    ``chosen``: for ``select``, each label's candidate policy.
+    ``chosen``: for ``select``, each label's candidate policy; ``posterior``: the labels whose
+    bootstrap was flat, whose interval is the Jeffreys posterior one (``interval_note`` says so).
     """
     policy: str
     metric: str
@@ -71,6 +77,7 @@ class ThresholdChoice:
     held_out: np.ndarray | None = None  # constraint objectives: the constrained figure out of fold
     target: float | None = None
     constraint_interval: np.ndarray | None = None  # and its bootstrap interval on the tuning data
+    posterior: np.ndarray | None = None  # (L,) bool: intervals from the Jeffreys posterior (a flat bootstrap)
 
     def to_dict(self, labels: Sequence[str]) -> dict:
         """JSON-ready: the policy and, per label, threshold, val objective and interval."""
@@ -83,6 +90,8 @@ class ThresholdChoice:
                    f"interval_{round(self.level * 100)}": [num(self.interval[j, 0]), num(self.interval[j, 1])]}
             if self.chosen is not None:
                 row["chosen"] = self.chosen[j]
+            if self.posterior is not None and self.posterior[j]:
+                row["interval_note"] = POSTERIOR_NOTE
             if self.constraint_interval is not None:
                 figure = CONSTRAINTS[self.metric]
                 row[f"{figure}_interval_{round(self.level * 100)}"] = [num(v) for v in self.constraint_interval[j]]
@@ -165,8 +174,10 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
                       f"the threshold {fallback}", stacklevel=2)
     value = objective_at(scores, codes, thresholds, metric, **objective)
     value[one_class] = np.nan
-    interval, constraint_interval = _intervals(scores, codes, thresholds, metric, objective, bootstrap, level, rng)
+    interval, constraint_interval, posterior = _intervals(scores, codes, thresholds, metric, objective, bootstrap,
+                                                          level, rng)
     interval[one_class] = np.nan
+    posterior &= ~one_class
     held_out = target = None
     if metric in CONSTRAINTS:
         constraint_interval[one_class] = np.nan
@@ -175,7 +186,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
         held_out = _held_out_constraint(scores, codes, name, rng, options)
         held_out[one_class] = np.nan
     return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
-                           interval, level, chosen, held_out, target, constraint_interval)
+                           interval, level, chosen, held_out, target, constraint_interval, posterior)
 
 
 def choose_on_arrays(name: str, scores: np.ndarray, codes: np.ndarray, rng: np.random.Generator, *,
@@ -331,27 +342,52 @@ def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
     """Bootstrap intervals (L, 2) at fixed ``thresholds`` over resampled images: of the objective
     (for a constraint objective, of the optimised precision / recall whether or not the
     constraint holds in the resample) and, for a constraint objective, of the constrained
-    figure (else None). Both from the same resamples."""
+    figure (else None). Both from the same resamples.
+
+    Where every resample gives the same value (no true positive at the cut-off, say: a rare
+    label under ``half``), the percentile bootstrap cannot say anything (it collapsed to [0, 0]
+    and covered the figure on new data 0.06 of the time); such an interval is the Jeffreys
+    posterior one instead (confusion counts + 1/2 each, Dirichlet), flagged in the third
+    return value (L,) bool."""
     n, n_labels = scores.shape
     constrained = metric in CONSTRAINTS
     out = np.full((n_labels, 2), np.nan)
     other = np.full((n_labels, 2), np.nan) if constrained else None
+    flat = np.zeros(n_labels, dtype=bool)
     if draws <= 0 or n == 0:
-        return out, other
+        return out, other, flat
     # resampled images as multinomial counts: every count is a (draws, N) @ (N, l) product,
     # exact in float32 below 2**24 images
     weights = torch.from_numpy(rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float32))
-    tail = (1 - level) / 2 * 100
+    tail = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     for b in label_blocks(n, n_labels, 1 << 20):
         pred = scores[:, b] >= thresholds[b]
         true, false = codes[:, b] == 1, codes[:, b] == 0
-        tp, fp, n_pos, n_neg = ((weights @ torch.from_numpy(m.astype(np.float32))).double().numpy()
-                                for m in (pred & true, pred & false, true, false))
+        cells = [pred & true, pred & false, true, false]
+        tp, fp, n_pos, n_neg = ((weights @ torch.from_numpy(m.astype(np.float32))).double().numpy() for m in cells)
+        value, figure = _figures(metric, objective, tp, fp, n_pos, n_neg)
+        out[b] = np.percentile(value, tail, axis=0).T
         if constrained:
-            precision, recall = tp / np.maximum(tp + fp, 1), tp / np.maximum(n_pos, 1)
-            value, figure = (precision, recall) if metric == "precision_at_recall" else (recall, precision)
-            other[b] = np.percentile(figure, [tail, 100 - tail], axis=0).T
-        else:
-            value = objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective)
-        out[b] = np.percentile(value, [tail, 100 - tail], axis=0).T
-    return out, other
+            other[b] = np.percentile(figure, tail, axis=0).T
+        # the Jeffreys posterior where the bootstrap is flat: cell weights ~ Gamma(count + 1/2)
+        tp, fp, fn, tn = (m.sum(0) for m in (cells[0], cells[1], ~pred & true, ~pred & false))
+        g_tp, g_fp, g_fn, g_tn = (rng.gamma(c + 0.5, size=(draws, len(c))) for c in (tp, fp, fn, tn))
+        value, figure = _figures(metric, objective, g_tp, g_fp, g_tp + g_fn, g_fp + g_tn)
+        for interval, draws_of in ((out, value), (other, figure)):
+            if interval is None:
+                continue
+            part = interval[b]
+            collapsed = part[:, 0] == part[:, 1]
+            part[collapsed] = np.percentile(draws_of[:, collapsed], tail, axis=0).T
+            interval[b] = part
+            flat[b] |= collapsed
+    return out, other, flat
+
+
+def _figures(metric, objective, tp, fp, n_pos, n_neg):
+    """The interval's figures from (draws, l) counts (or any positive multiples of them): the
+    objective, or for a constraint objective (optimised figure, constrained figure)."""
+    if metric in CONSTRAINTS:
+        precision, recall = tp / np.maximum(tp + fp, 1e-300), tp / np.maximum(n_pos, 1e-300)
+        return (precision, recall) if metric == "precision_at_recall" else (recall, precision)
+    return objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective), None

@@ -172,3 +172,34 @@ def test_policies_for_any_score_still_take_logits(policy, metric):
     on_probs = choose_thresholds(p, y, policy, metric, bootstrap=0, check_constraint=False).thresholds
     if policy == "argmax":  # the same decisions: the cut-offs map through the sigmoid
         np.testing.assert_array_equal(logits >= on_logits, p >= on_probs)
+
+
+def _population_f1(t, a, b):
+    """F1 on new data at cut-off t of calibrated p ~ Beta(a, b): 2 E[p; p >= t] / (E[p] + P(p >= t))."""
+    from scipy.special import betainc
+    mean = a / (a + b)
+    return 2 * mean * (1 - betainc(a + 1, b, t)) / (mean + 1 - betainc(a, b, t))
+
+
+def test_a_flat_bootstrap_gives_the_posterior_interval_and_says_so():
+    """half on a rare label (prevalence 5 %, 300 images): almost no true positive at 0.5, so every
+    resample scored 0 and the interval was [0, 0], covering the F1 on new data 0.1 of the time.
+    The interval is then the Jeffreys posterior one; over seeded draws it covers it about 0.9."""
+    a, b = 0.4, 8.0
+    covered, flagged = [], []
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        p = rng.beta(a, b, (300, 1))
+        y = (rng.random(p.shape) < p).astype(np.float32)
+        choice = choose_thresholds(p, y, "half", bootstrap=200, seed=seed)
+        low, high = choice.interval[0]
+        covered.append(low <= _population_f1(0.5, a, b) <= high)
+        record = choice.to_dict(["rare"])["per_label"]["rare"]
+        flagged.append("interval_note" in record)
+        assert ("interval_note" in record) == bool(choice.posterior[0])
+        if flagged[-1]:
+            assert high > low and "Jeffreys" in record["interval_note"]
+    assert np.mean(flagged) > 0.5 and np.mean(covered) >= 0.8
+    p, y = calibrated(800, 1)  # a common label: the bootstrap is kept, without a note
+    choice = choose_thresholds(p, y, "argmax", bootstrap=200, seed=2)
+    assert not choice.posterior.any() and "interval_note" not in json.dumps(choice.to_dict(["a", "b", "c"]))
