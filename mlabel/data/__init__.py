@@ -81,6 +81,19 @@ def resolve_yolo_splits(data):
                                test=data.test or ("test" if has("test") else None))
 
 
+def read_split(data, which: str, task: str = "auto") -> LabelTable:
+    """Split ``which`` (train, val or test) as the data hold it: nothing carved, the training
+    split's label order (for ``mlabel.data convert``)."""
+    data = resolve_yolo_splits(data)
+    if data.generate == "scenes":
+        data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
+    name = getattr(data, which)
+    if not name:
+        raise DataError(f"data.{which} is not set: the data have no {which} split to convert")
+    train = _read(data, data.train, data.labels, task)
+    return train if which == "train" else _read(data, name, train.labels, task)
+
+
 def label_counts(table: LabelTable) -> dict:
     """Per-label positives / negatives / unknowns, for printing and saving with the run."""
     stats = table.label_stats()

@@ -1,10 +1,14 @@
 """``python -m mlabel.data RECIPE [key=value ...] [--out DIR]``: what a dataset holds before you
 train on it. Prints counts, label frequency, imbalance, label cardinality, co-occurring pairs,
 unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.png`` to DIR.
-``python -m mlabel.data shard RECIPE --out DIR`` writes the same splits as WebDataset shards."""
+``python -m mlabel.data shard RECIPE --out DIR`` writes the same splits as WebDataset shards;
+``python -m mlabel.data convert RECIPE --to csv|jsonl --out FILE`` one split as a csv or JSON lines file."""
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -179,10 +183,63 @@ def shard(argv: list[str]) -> int:
     return 0
 
 
+def _relative(path: str, folder: Path) -> str:
+    """``path`` as the converted file names it: relative to the file's folder (a csv / jsonl
+    ``data.root``), in forward slashes."""
+    return Path(os.path.relpath(os.path.abspath(path), folder)).as_posix()
+
+
+def _write_table(table, out: Path, kind: str) -> None:
+    """The table as a csv (1 / 0 / empty = unknown columns) or JSON lines (labels, unknown),
+    written a block of rows at a time (a sparse table is never made dense whole)."""
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        if kind == "csv":
+            writer.writerow(["image", *table.labels])
+        for start in range(0, len(table), 4096):
+            rows = table.target_rows(np.arange(start, min(start + 4096, len(table))))
+            for offset, row in enumerate(rows):
+                image = _relative(table.paths[start + offset], out.parent)
+                if kind == "csv":
+                    writer.writerow([image, *("1" if v == 1 else "0" if v == 0 else "" for v in row)])
+                else:
+                    handle.write(json.dumps({"image": image,
+                                             "labels": [table.labels[j] for j in np.flatnonzero(row == 1)],
+                                             "unknown": [table.labels[j] for j in np.flatnonzero(row < 0)]},
+                                            ensure_ascii=False) + "\n")
+
+
+def convert(argv: list[str]) -> int:
+    """``python -m mlabel.data convert RECIPE [key=value ...] --to csv|jsonl --out FILE [--split S]``."""
+    from . import read_split
+    parser = argparse.ArgumentParser(prog="mlabel data convert", description="write one split of the recipe's "
+                                     "data, as read (nothing carved), as a csv (1 / 0 / empty = unknown) or JSON "
+                                     "lines file (unknowns kept), to look at or edit")
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
+    parser.add_argument("--to", required=True, choices=("csv", "jsonl"))
+    parser.add_argument("--out", required=True, help="the file to write (outside the data folder)")
+    parser.add_argument("--split", default="train", choices=("train", "val", "test"))
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    if cfg.data.format == "wds":
+        raise DataError("convert reads image files; wds shards hold the images inside their tars")
+    out = Path(args.out).resolve()
+    check_outside_data(out, cfg.data, "--out")
+    table = read_split(cfg.data, args.split, cfg.task)
+    _write_table(table, out, args.to)
+    image_key = f"data.train={out.name}" if args.to == "jsonl" else f"data.train={out.name} data.image_column=image"
+    print(f"written: {out} ({len(table)} images, {len(table.labels)} labels; read it with data.format={args.to} "
+          f"data.root={out.parent} {image_key})")
+    return 0
+
+
 @guarded
 def main(argv: list[str]) -> int:
     if argv[:1] == ["shard"]:
         return shard(argv[1:])
+    if argv[:1] == ["convert"]:
+        return convert(argv[1:])
     parser = argparse.ArgumentParser(prog="mlabel data", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
