@@ -51,10 +51,11 @@ def _train(work: Path, name: str, recipe: str, overrides: list[str]) -> Path:
 
 
 def _split_logits(run: Path, split: str):
-    from mlabel.evaluate import load_run, split_logits
+    from mlabel.evaluate import load_run
+    from mlabel.evaluation import split_outputs
     model, cfg, _, _ = load_run(str(run), None, [])
-    logits, targets = split_logits(model, cfg, split, torch.device("cpu"), quiet=True)
-    return model.labels, logits.numpy(), targets.numpy()
+    outputs, targets = split_outputs(model, cfg, split, torch.device("cpu"), quiet=True)
+    return model.labels, outputs.logits.numpy(), targets.labels.numpy()
 
 
 def _save(work: Path, name: str, labels, logits, targets, **info) -> None:

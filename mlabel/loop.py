@@ -18,15 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
-from .distributed import OutputsModule, World, gather_rows, mean_across
-from .engine import (ModelEma, Stepper, batch_mixer, build_optimizer, build_scheduler, collect_predictions,
-                     grad_scaler_for, set_train_mode, train_one_epoch)
+from .distributed import OutputsModule, World, mean_across
+from .engine import (ModelEma, Stepper, batch_mixer, build_optimizer, build_scheduler, grad_scaler_for,
+                     set_train_mode, train_one_epoch)
+from .evaluation import EvalSettings, scorer
 from .io import write_text
-from .metrics import nanmean, average_precision
-from .outputs import map_fields
 from .models import MultiLabelClassifier
 
-__all__ = ["CHECKPOINT", "collect_split", "duration", "fit_epochs", "log"]
+__all__ = ["CHECKPOINT", "duration", "fit_epochs", "log"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -34,15 +33,6 @@ CHECKPOINT = "checkpoint.pt"
 def log(quiet: bool, *parts) -> None:
     if not quiet:
         print(*parts, flush=True)
-
-
-def collect_split(model, loader, device, world: World, loss_fn=None, **kwargs):
-    """Outputs and targets of a whole split: each rank runs its shard, then they are gathered."""
-    outputs, targets, loss = collect_predictions(model, loader, device, loss_fn, **kwargs)
-    total = len(loader.dataset)
-    loss = None if loss is None else mean_across(loss, world)
-    gather = lambda rows: gather_rows(rows, total, world)  # noqa: E731
-    return map_fields(outputs, gather), map_fields(targets, gather), loss
 
 
 def _set_backbone_frozen(model: MultiLabelClassifier, frozen: bool) -> None:
@@ -56,84 +46,6 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
-
-
-STREAM_LIMIT = 2 * 10**8  # scores of a split past which thresholds.streaming=auto streams
-
-
-def streams(cfg: Config, loader) -> bool:
-    """Whether the split of ``loader`` is evaluated from histograms (``thresholds.streaming``)."""
-    if cfg.thresholds.streaming == "auto":
-        return len(loader.dataset) * len(loader.dataset.table.labels) > STREAM_LIMIT
-    return bool(cfg.thresholds.streaming)
-
-
-def stream_split(model, loader, device, world: World, cfg: Config, *, thresholds=None, loss_fn=None,
-                 quiet: bool = False, fit_calibration: bool = False):
-    """One pass over a split into a :class:`~mlabel.streaming.SplitStream` (histograms and, at
-    ``thresholds``, decision counts) summed over the ranks, and the mean loss: no (N, L) scores
-    are kept. Each rank feeds its own images; the evaluation sampler's padding (the first images
-    again, so that every rank has as many) is left out."""
-    from .streaming import SplitStream
-    from .engine import collect_predictions
-    calibrated = getattr(model, "calibration", None) is not None
-    stream = SplitStream(len(model.labels), cfg.thresholds.bins, thresholds, uncalibrated=calibrated,
-                         logits=fit_calibration)  # the logits' moments, for the calibration fit
-    total = len(loader.dataset)
-    left = [len(range(world.rank, total, world.size))]  # this rank's own images; the rest is padding
-
-    def consume(outputs, targets):
-        take = min(left[0], len(outputs.logits))
-        left[0] -= take
-        if take:
-            logits = outputs.logits[:take].float().cpu()
-            stream.update(model.probabilities(logits), targets.labels[:take],
-                          torch.sigmoid(logits) if calibrated else None, logits if fit_calibration else None)
-
-    _, _, loss = collect_predictions(model, loader, device, loss_fn, channels_last=cfg.train.channels_last,
-                                     quiet=quiet, consume=consume)
-    return stream.all_reduce(world), None if loss is None else mean_across(loss, world)
-
-
-def stream_tune(model, loader, device, world: World, cfg: Config, quiet: bool = False) -> dict:
-    """Calibration and thresholds of ``model`` from one streamed pass over val: the histograms of
-    the plain sigmoid give the calibration (``calibration.method``, fitted on the bins) and each
-    label's best bin edge for ``thresholds.metric``, mapped through the calibration (the same
-    decisions). Both are stored in ``model``; returns the record for metrics.json."""
-    from .calibration import apply_calibration, fit_calibration_from_histogram
-    t, method = cfg.thresholds, cfg.calibration.method
-    model.set_calibration(None)
-    stream = stream_split(model, loader, device, world, cfg, quiet=quiet, fit_calibration=method != "none")[0]
-    histogram = stream.histogram
-    raw, values = histogram.tune(t.metric, beta=t.beta, min_recall=t.min_recall, min_precision=t.min_precision,
-                                 labels=model.labels, fallback=t.fallback, return_scores=True)
-    thresholds = raw.double()
-    if method != "none":
-        scale, bias = fit_calibration_from_histogram(histogram, method)
-        model.set_calibration(method, scale, bias)
-        thresholds = apply_calibration(torch.logit(thresholds), scale.double(), bias.double())
-    model.set_thresholds(thresholds.float())
-    return {"policy": "histogram", "metric": t.metric, "bins": t.bins,
-            "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
-                          for name, th, v in zip(model.labels, model.thresholds.tolist(), values.tolist())}}
-
-
-def stream_metrics(model, loader, device, world: World, cfg: Config, quiet: bool = False) -> dict:
-    """The metrics.json section of a split at ``model``'s thresholds, from one streamed pass."""
-    stream = stream_split(model, loader, device, world, cfg, thresholds=model.thresholds.cpu().numpy(), quiet=quiet)[0]
-    metrics = stream.metrics(model.labels, model.task == "binary")
-    metrics["calibration"] = model.calibration or "none"
-    return metrics
-
-
-def _evaluate_val(model, loader, loss_fn, device, cfg: Config, quiet: bool, world: World) -> tuple[float, float]:
-    if streams(cfg, loader):
-        from .streaming import histogram_metrics
-        stream, val_loss = stream_split(model, loader, device, world, cfg, loss_fn=loss_fn, quiet=quiet)
-        return histogram_metrics(stream.histogram)["mAP"] or 0.0, val_loss
-    outputs, targets, val_loss = collect_split(model, loader, device, world, loss_fn,
-                                               channels_last=cfg.train.channels_last, quiet=quiet)
-    return nanmean(average_precision(outputs.logits, targets.labels)) or 0.0, val_loss
 
 
 @dataclass
@@ -192,15 +104,15 @@ def _wrap(cfg: Config, model, wrapped: dict, frozen: bool, device, world: World)
 PLATEAU_DROP = 0.005  # train.schedule=plateau: a val mAP this share under the best (or two epochs without a new best)
 
 
-def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, val_loader,
-                 device, quiet: bool, world: World) -> None:
+def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, validate,
+                 quiet: bool) -> None:
     """Score the EMA too; keep the better weights when val mAP improves, else count patience
     and start a ``plateau`` schedule's decay once val mAP has stalled: fallen more than
     :data:`PLATEAU_DROP` of the best (a dip of a thousandth is noise, not a plateau), or no new
     best for two epochs."""
     candidates = [("model", row["val_mAP"], model)]
     if parts.ema is not None:
-        row["val_mAP_ema"], _ = _evaluate_val(parts.ema.module, val_loader, None, device, cfg, quiet, world)
+        row["val_mAP_ema"], _ = validate(parts.ema.module)
         candidates.append(("ema", row["val_mAP_ema"], parts.ema.module))
     source, best_here, module = max(candidates, key=lambda c: c[1])
     if best_here > state["best_map"]:
@@ -314,6 +226,12 @@ def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quie
     state = _resume(model, parts, resumed, quiet)
     wrapped: dict = {}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
+    settings = EvalSettings.from_config(cfg)
+
+    def validate(module, loss=None) -> tuple[float, float | None]:
+        """(val mAP, val loss) of ``module``: exact, or from histograms under thresholds.streaming."""
+        return scorer(module, eval_loaders["val"], device, settings, world=world, quiet=quiet).ranking(loss)
+
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:
             break
@@ -332,12 +250,12 @@ def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quie
             log(quiet, f"epoch {epoch} continues after step {partial['step']} of {len(train_loader)}")
         trained = train_one_epoch(model, train_loader, loss_fn, parts, device, epoch, quiet=quiet, start=partial,
                                   on_step=_step_checkpoints(cfg, model, parts, state, epoch, out_dir, world))
-        val_map, val_loss = _evaluate_val(model, eval_loaders["val"], loss_fn, device, cfg, quiet, world)
+        val_map, val_loss = validate(model, loss_fn)
         row = {"epoch": epoch, "train_loss": mean_across(trained["train_loss"], world), "val_loss": val_loss,
                "train_images": round(mean_across(trained["train_images"], world) * world.size),
                "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,
                "epoch_time_s": trained["train_time_s"]}
-        _select_best(cfg, model, parts, state, row, epoch, eval_loaders["val"], device, quiet, world)
+        _select_best(cfg, model, parts, state, row, epoch, validate, quiet)
         row["epoch_wall_s"] = time.perf_counter() - started  # training, validation and EMA validation
         _end_epoch(cfg, model, parts, state, row, epoch, frozen, out_dir, quiet, world, board)
     if board is not None:

@@ -28,8 +28,8 @@ import yaml
 
 from .version import __version__
 from .cli import guarded
-from .config import (Config, ConfigError, config_to_dict, cross_fit_kwargs, describe_keys, head_kwargs,
-                     list_recipes, load_config, loss_kwargs, threshold_kwargs)
+from .config import (Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config,
+                     loss_kwargs)
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .data.dataset import box_crop
 from .data.check import drop_bad_images, kept_rows
@@ -38,7 +38,8 @@ from .outputs import collate
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
-from .loop import CHECKPOINT, collect_split, duration, fit_epochs, stream_metrics, stream_tune, streams
+from .evaluation import EvalSettings, scorer
+from .loop import CHECKPOINT, duration, fit_epochs
 from .loop import log as _log
 from .losses import TaskLoss, build_loss, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
@@ -336,42 +337,23 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
 
 
 def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool):
-    """Calibrate and choose thresholds on val, then score val (with cross-fitting) and test."""
-    from .evaluate import calibrate_and_tune, evaluate_outputs
-    if streams(cfg, eval_loaders["val"]):
-        return _streamed_metrics(cfg, model, eval_loaders, state, device, world, quiet), {}
-    eval_kwargs = dict(channels_last=cfg.train.channels_last, quiet=quiet)
-    val_outputs, val_targets, _ = collect_split(model, eval_loaders["val"], device, world, **eval_kwargs)
-    policy = calibrate_and_tune(model, val_outputs.logits, val_targets.labels, calibration=cfg.calibration.method,
-                                seed=cfg.seed, **threshold_kwargs(cfg.thresholds))
-    metrics = {"val": evaluate_outputs(model, val_outputs, val_targets, seed=cfg.seed,
-                                       **cross_fit_kwargs(cfg.thresholds))}
-    metrics["val"]["threshold_policy"] = policy
-    outputs = {"val": (val_outputs, val_targets)}
-    if "test" in eval_loaders:
-        outputs["test"] = collect_split(model, eval_loaders["test"], device, world, **eval_kwargs)[:2]
-        metrics["test"] = evaluate_outputs(model, *outputs["test"])
-        _constraint_met(metrics["test"], cfg.thresholds)
-    for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
-        section["weights"] = state["best_weights"]
-    return metrics, outputs
-
-
-def _streamed_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool) -> dict:
-    """``thresholds.streaming``: calibration and thresholds from the val histograms
-    (:func:`mlabel.loop.stream_tune`), then val scored again at them and test once, each pass
-    summed over the ranks without keeping (N, L) scores."""
-    _log(quiet, f"evaluation: streaming (thresholds.streaming={str(cfg.thresholds.streaming).lower()}): per-label "
-                f"histograms of {cfg.thresholds.bins} bins; no predictions/ or report")
-    policy = stream_tune(model, eval_loaders["val"], device, world, cfg, quiet)
-    metrics = {split: stream_metrics(model, eval_loaders[split], device, world, cfg, quiet)
-               for split in ("val", "test") if split in eval_loaders}
-    for section in metrics.values():
-        section["weights"] = state["best_weights"]
+    """Calibration and thresholds tuned on val, then val (with cross-fitting) and test scored at
+    them: exactly, or from histograms under ``thresholds.streaming`` (:mod:`mlabel.evaluation`
+    decides). Returns the metrics and, when exact, each split's outputs and targets."""
+    settings = EvalSettings.from_config(cfg)
+    splits = {name: scorer(model, eval_loaders[name], device, settings, world=world, quiet=quiet)
+              for name in ("val", "test") if name in eval_loaders}
+    if splits["val"].streamed:
+        _log(quiet, f"evaluation: streaming (thresholds.streaming={str(cfg.thresholds.streaming).lower()}): per-label "
+                    f"histograms of {cfg.thresholds.bins} bins; no predictions/ or report")
+    policy = splits["val"].tune()
+    metrics = {name: split.metrics(cross_fit=name == "val") for name, split in splits.items()}
     metrics["val"]["threshold_policy"] = policy
     if "test" in metrics:
         _constraint_met(metrics["test"], cfg.thresholds)
-    return metrics
+    for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
+        section["weights"] = state["best_weights"]
+    return metrics, {name: split.scores() for name, split in splits.items() if not split.streamed}
 
 
 def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits,

@@ -15,16 +15,13 @@ import torch
 from .calibration import CALIBRATION_METHODS
 from .cli import guarded
 from .distributed import resolve_device
-from .config import cross_fit_kwargs, threshold_kwargs
-from .engine import collect_predictions
 from .errors import DataError
-from .evaluate import (calibrate_and_tune, evaluate_outputs, load_run, model_command_parser,
-                       split_arguments, split_loader, split_outputs, summary_line)
-from .models import locate_model
-from .rundir import hold_run_dir
-from .loop import stream_metrics, stream_tune, streams
+from .evaluate import load_run, model_command_parser, split_arguments, summary_line
+from .evaluation import EvalSettings, evaluate_outputs, scorer, split_loader, split_outputs
 from .io import write_json
+from .models import locate_model
 from .policy import CONSTRAINTS, POLICIES
+from .rundir import hold_run_dir
 from .thresholds import OBJECTIVES
 
 __all__ = ["main"]
@@ -89,27 +86,21 @@ def _tune(args) -> int:
     model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
     th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
     device = resolve_device(args.device or cfg.train.device)
-    loader = split_loader(model, cfg, "val", device)
+    val = scorer(model, split_loader(model, cfg, "val", device), device, EvalSettings.from_config(cfg),
+                 quiet=args.quiet, desc="val")
+    streamed = val.streamed  # thresholds.streaming: histograms, no (N, L) scores held
     previous = _Previous.of(model)
     params = {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall, "min_precision": th_cfg.min_precision,
-              "mode": th_cfg.mode}
-    streamed = streams(cfg, loader)
-    if streamed:
-        before, policy, after = _tune_streamed(model, cfg, loader, device, previous, args.quiet)
-        params.update(mode="histogram", bins=th_cfg.bins)
-        table = _streamed_table(policy, model.labels, before, th_cfg)
-    else:
-        outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
-                                                  quiet=args.quiet, desc="val")
-        before = evaluate_outputs(model, outputs, targets)
-        kept = _untunable(before, model.labels, cfg)
-        with warnings.catch_warnings():  # the tuner's "keep 0.5" warning: these labels keep their previous one
-            warnings.filterwarnings("ignore", message="labels .* have no positive or no negative")
-            policy = calibrate_and_tune(model, outputs.logits, targets.labels, calibration=cal_cfg.method,
-                                        seed=cfg.seed, **threshold_kwargs(th_cfg))
-        previous.restore(model, kept, policy)
-        after = evaluate_outputs(model, outputs, targets, seed=cfg.seed, **cross_fit_kwargs(th_cfg))
-        table = policy_table(policy, model.labels, before)
+              "mode": "histogram" if streamed else th_cfg.mode, **({"bins": th_cfg.bins} if streamed else {})}
+    before = val.metrics()
+    kept = _untunable(before, model.labels, cfg)
+    with warnings.catch_warnings():  # the tuner's "keep 0.5" warning: these labels keep their previous one
+        warnings.filterwarnings("ignore", message="labels .* have no positive or no negative")
+        policy = val.tune()
+    previous.restore(model, kept, policy)
+    after = val.metrics(cross_fit=True)
+    table = _streamed_table(policy, model.labels, before, th_cfg) if streamed else \
+        policy_table(policy, model.labels, before)
     after["threshold_policy"] = policy
     lines = [table, summary_line("val before", before), summary_line("val after", after)]
     from .report import report_inputs
@@ -180,21 +171,6 @@ def _untunable(before: dict, labels: list[str], cfg) -> dict[str, str]:
                         "negative known target: there is nothing to tune on, and the model is left as it is; "
                         "give a val split with positives")
     return kept
-
-
-def _tune_streamed(model, cfg, loader, device, previous: _Previous, quiet: bool):
-    """``thresholds.streaming``: calibration and thresholds from the val histograms, val scored
-    before and after in streamed passes; no (N, L) scores held."""
-    from .distributed import World
-    world = World()
-    before = stream_metrics(model, loader, device, world, cfg, quiet)
-    kept = _untunable(before, model.labels, cfg)
-    with warnings.catch_warnings():  # as in _tune: these labels keep their previous threshold, not 0.5
-        warnings.filterwarnings("ignore", message="labels .* have no positive or no negative")
-        policy = stream_tune(model, loader, device, world, cfg, quiet)
-    previous.restore(model, kept, policy)
-    after = stream_metrics(model, loader, device, world, cfg, quiet)
-    return before, policy, after
 
 
 def _streamed_table(policy: dict, labels: list[str], before: dict, t) -> str:

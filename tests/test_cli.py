@@ -201,7 +201,7 @@ def test_predictions_hold_the_models_val_and_test_scores(tmp_path, scene_csv):
 
     import mlabel
     from mlabel.config import load_config as load
-    from mlabel.evaluate import split_outputs
+    from mlabel.evaluation import split_outputs
     run = _tiny_run(tmp_path, scene_csv)
     model = mlabel.load(run)
     cfg = load(str(run / "config.yaml"))
@@ -218,7 +218,7 @@ def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_m
                                                                                     monkeypatch):
     import json as json_module
 
-    from mlabel import evaluate, report
+    from mlabel import evaluation, report
     from mlabel.tune import main as tune_main
     run = _tiny_run(tmp_path, scene_csv)
     assert tune_main([str(run), "--metric", "fbeta", "--beta", "3", "--quiet"]) == 0
@@ -230,7 +230,7 @@ def test_tune_and_report_rebuild_the_page_from_predictions_without_running_the_m
     def no_model_runs(*args, **kwargs):
         raise AssertionError("the report must read predictions/, not run the model")
 
-    monkeypatch.setattr(evaluate, "split_outputs", no_model_runs)
+    monkeypatch.setattr(evaluation, "split_outputs", no_model_runs)
     (run / "report" / "report.html").unlink()
     assert report.main([str(run), "--quiet"]) == 0 and (run / "report" / "report.html").is_file()
 

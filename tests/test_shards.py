@@ -373,7 +373,7 @@ def test_streaming_evaluation_end_to_end_matches_an_exact_evaluation(shards, tmp
     # bins, so they differ from the exact ones here): the same as the histograms of the exact scores
     from mlabel import load
     from mlabel.config import load_config
-    from mlabel.evaluate import split_outputs
+    from mlabel.evaluation import split_outputs
     from mlabel.streaming import histogram_metrics
     from mlabel.thresholds import ScoreHistogram
     model = load(run / "model")

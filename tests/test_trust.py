@@ -112,12 +112,12 @@ def test_outputs_honour_the_umask(tmp_path, scene_csv):
 
 
 def test_a_failing_post_training_step_leaves_the_trained_model_saved(tmp_path, scene_csv, monkeypatch):
-    from mlabel import evaluate
+    from mlabel import evaluation
 
     def broken(*args, **kwargs):
         raise ValueError("thresholds: simulated failure after training")
 
-    monkeypatch.setattr(evaluate, "calibrate_and_tune", broken)
+    monkeypatch.setattr(evaluation, "calibrate_and_tune", broken)
     out = tmp_path / "run"
     assert _train(out, scene_csv) == 2
     model = mlabel.load(out / "model")

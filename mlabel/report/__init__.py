@@ -78,7 +78,7 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     galleries' and label structure's split (default: test when the run has one)."""
     import torch
 
-    from ..evaluate import evaluate_outputs
+    from ..evaluation import evaluate_outputs
     from ..predictions import load_paths, load_scores
     run_dir = Path(run_dir)
     if model is None:
@@ -177,7 +177,7 @@ def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
     """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
     from ..config import load_config
     from ..distributed import resolve_device
-    from ..evaluate import split_outputs
+    from ..evaluation import split_outputs
     cfg = load_config(run_dir / "config.yaml")
     device = resolve_device(device or cfg.train.device)
     scores = {"val": split_outputs(model, cfg, "val", device, quiet)}

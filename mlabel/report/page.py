@@ -106,7 +106,7 @@ def run_header(run_dir: Path, history: list[dict]) -> str:
 def _versions(meta: dict) -> str:
     import timm
     import torch
-    from .. import __version__
+    from ..version import __version__
     return (f"trained with mlabel {meta.get('mlabel_version', '?')}; report by mlabel {__version__}, "
             f"torch {torch.__version__}, timm {timm.__version__}")
 
