@@ -236,20 +236,23 @@ GENERAL = 0  # the tag category the WD14 readers treat as general tags (9: ratin
 
 
 class _Tagger(nn.Module):
-    """What the WD14-style readers feed -> what they read: (N, H, W, 3) float32 pixels in BGR
-    order, 0..255 (padded to a square and resized by the reader) -> calibrated probabilities
-    (N, L). Normalisation is mlabel's own float32 ``(x - mean) * scale``, so a pixel array gives
-    the probabilities ``model.predict_proba`` gives for it."""
+    """What the WD14-style readers feed -> what they read: (N, side, side, 3) float32 pixels in
+    BGR order, 0..255 (padded to a square and resized by the reader) -> calibrated probabilities
+    (N, L). ``side`` is the square mlabel resizes to before its centre crop (the input size for
+    ``squish``), and the crop happens in the graph; normalisation is mlabel's own float32
+    ``(x - mean) * scale``. So a square image at ``side`` gives ``model.predict_proba``'s values."""
 
     def __init__(self, model: MultiLabelClassifier):
         super().__init__()
         self.model = model
+        self.side, size = cache_side(model.preprocessing), int(model.preprocessing["image_size"])
+        self.crop = slice((self.side - size) // 2, (self.side - size) // 2 + size)  # as resize_for_eval
         mean, scale = normalisation(model.preprocessing)
         self.register_buffer("mean", torch.from_numpy(mean).reshape(1, 3, 1, 1))
         self.register_buffer("scale", torch.from_numpy(scale).reshape(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        rgb = pixels[..., [2, 1, 0]].permute(0, 3, 1, 2)
+        rgb = pixels[:, self.crop, self.crop][..., [2, 1, 0]].permute(0, 3, 1, 2)
         return self.model.probabilities(self.model((rgb - self.mean) * self.scale))
 
 
@@ -265,20 +268,21 @@ def _train_positives(run_dir: Path | None, labels: list[str]) -> list[int]:
 
 def export_tagger(model: MultiLabelClassifier, out: str | Path, run_dir: Path | None = None) -> Path:
     """Write a WD14-style tagger folder, as the public readers (the SmilingWolf wd-tagger Space and
-    the tools that copy it) read one: ``model.onnx`` whose first input is (batch, size, size, 3)
-    BGR pixels 0..255 (batch dynamic) and first output the probabilities; ``selected_tags.csv``
+    the tools that copy it) read one: ``model.onnx`` whose first input is (batch, side, side, 3)
+    BGR pixels 0..255 (batch dynamic; ``side`` the square before mlabel's centre crop, which the
+    graph does) and first output the probabilities; ``selected_tags.csv``
     (``tag_id,name,category,count``; every label a general tag, category 0, ``count`` its training
     positives when the run says); and ``thresholds.csv`` (``tag_id,name,threshold``: a tag is
     present when its probability is at or above its threshold). The readers take one threshold
     for all general tags; the per-tag ones are a file of their own so that the tags file keeps
     exactly the columns they check, and a reader that knows nothing of them is unaffected."""
     model = model.cpu().eval()
-    size = int(model.preprocessing["image_size"])
-    example = torch.randint(0, 256, (2, size, size, 3), generator=torch.Generator().manual_seed(0)).float()
+    tagger = _Tagger(model).eval()
+    example = torch.randint(0, 256, (2, tagger.side, tagger.side, 3), generator=torch.Generator().manual_seed(0)).float()
     counts = _train_positives(run_dir, model.labels)
     with _new_folder(Path(out)) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter; failures still raise
-        _save_onnx(_Tagger(model).eval(), example, tmp / TAGGER_MODEL, "input", ["probs"], json.dumps(model.describe()))
+        _save_onnx(tagger, example, tmp / TAGGER_MODEL, "input", ["probs"], json.dumps(model.describe()))
         with (tmp / TAGS_FILE).open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["tag_id", "name", "category", "count"])
@@ -295,8 +299,8 @@ def check_tagger_parity(model: MultiLabelClassifier, folder: Path, batch: int = 
     """Largest |prob difference| between the folder's ``model.onnx`` fed as the readers feed it and
     ``model.predict_proba`` on the same RGB pixels, and whether the decisions agree."""
     import onnxruntime as ort
-    size = int(model.preprocessing["image_size"])
-    rgb = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    side = cache_side(model.preprocessing)
+    rgb = np.random.default_rng(1).integers(0, 256, (batch, side, side, 3), dtype=np.uint8)
     session = ort.InferenceSession(str(Path(folder) / TAGGER_MODEL), providers=["CPUExecutionProvider"])
     probs = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(rgb[..., ::-1], dtype=np.float32)})[0]
     expected = model.cpu().eval().predict_proba(list(rgb)).numpy()
