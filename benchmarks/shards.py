@@ -37,6 +37,7 @@ def main() -> None:
 
     from mlabel.data import Splits
     from mlabel.data import shards as shard_module
+    from mlabel.data.shards import read as shard_reader
     from mlabel.data.sparse import SparseLabels
     from mlabel.data.tables import LabelTable
 
@@ -74,12 +75,12 @@ def main() -> None:
     indexed, t_index, rss_index = _timed(lambda: shard_module.read_wds_table(out, "train"))
     vocabulary = shard_module.read_vocabulary(out)
     vocabulary.splits["train"].pop("index")  # as shards without an index are read
-    original = shard_module.read_vocabulary
-    shard_module.read_vocabulary = lambda root: vocabulary
+    original = shard_reader.read_vocabulary
+    shard_reader.read_vocabulary = lambda root: vocabulary
     try:
         scanned, t_scan, rss_scan = _timed(lambda: shard_module.read_wds_table(out, "train"))
     finally:
-        shard_module.read_vocabulary = original
+        shard_reader.read_vocabulary = original
     assert indexed.paths == scanned.paths and indexed.members == scanned.members
     print(f"read the split from its index: {t_index:.2f} s (peak RSS {rss_index:,.0f} MB); by scanning the shards: "
           f"{t_scan:.2f} s (peak RSS {rss_scan:,.0f} MB); scan / index {t_scan / t_index:.1f}x; "

@@ -71,7 +71,7 @@ def check_output(out: str | Path, inputs=(), export: bool = False) -> None:
         if _same_file(target, Path(item)):
             raise ValueError(f"--out {out} is also an input ({item}); writing it would overwrite the input: "
                              "choose another output path")
-    from .modeldir import META_FILE, PENDING, WEIGHTS_FILE
+    from .modelfiles import META_FILE, PENDING, WEIGHTS_FILE
     folder = target.parent
     if not ((folder / META_FILE).is_file() or (folder / WEIGHTS_FILE).is_file()):
         return

@@ -210,6 +210,16 @@ def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch:
         board.flush()
 
 
+def _validator(cfg: Config, loader, device, world: World, quiet: bool):
+    """``validate(module, loss_fn=None) -> (val mAP, val loss)``: exact, or from histograms under
+    ``thresholds.streaming`` (:func:`mlabel.evaluation.scorer` decides)."""
+    settings = EvalSettings.from_config(cfg)
+
+    def validate(module, loss=None) -> tuple[float, float | None]:
+        return scorer(module, loader, device, settings, world=world, quiet=quiet).ranking(loss)
+    return validate
+
+
 def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World(),
                resumed: tuple[Path, dict] | None = None, guard: dict | None = None) -> dict:
     """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
@@ -226,11 +236,7 @@ def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quie
     state = _resume(model, parts, resumed, quiet)
     wrapped: dict = {}
     board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
-    settings = EvalSettings.from_config(cfg)
-
-    def validate(module, loss=None) -> tuple[float, float | None]:
-        """(val mAP, val loss) of ``module``: exact, or from histograms under thresholds.streaming."""
-        return scorer(module, eval_loaders["val"], device, settings, world=world, quiet=quiet).ranking(loss)
+    validate = _validator(cfg, eval_loaders["val"], device, world, quiet)
 
     for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
         if state["stopped_early"]:

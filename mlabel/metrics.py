@@ -30,8 +30,8 @@ import torch
 from ._counting import (UNKNOWN, codes_of, key_kind, label_blocks, micro_sums, positives, ranking_sums,
                         row_blocks, runs, sort_rows, sorted_keys, thread_map)
 
-__all__ = ["average_precision", "auroc", "evaluate_predictions", "label_curves",
-           "calibration_error", "label_ranking", "cutoff_metrics"]
+__all__ = ["Cuts", "average_precision", "auroc", "evaluate_predictions", "label_curves", "label_row",
+           "calibration_error", "defined_mean", "label_ranking", "cutoff_metrics"]
 
 
 def as_arrays(scores, targets) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +178,7 @@ def _cutoffs_like(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.where(low, np.nextafter(single, np.float32(np.inf)), single) if low.any() else single
 
 
-class _Cuts:
+class Cuts:
     """Per-label and per-image counts of decisions at a cut-off, summed over label blocks."""
 
     def __init__(self, n_images: int):
@@ -209,13 +209,14 @@ class _Cuts:
         return self.rows[("tp", "pred", "true", "wrong", "known").index(name)]
 
 
-def _mean(x: np.ndarray) -> float | None:
+def defined_mean(x: np.ndarray) -> float | None:
+    """The mean of the defined (non-NaN) values, None when there are none."""
     x = x[~np.isnan(x)]
     return float(x.mean()) if x.size else None
 
 
 def nanmean(x) -> float | None:
-    return _mean(np.asarray(x, dtype=np.float64))
+    return defined_mean(np.asarray(x, dtype=np.float64))
 
 
 def _harmonic(p: float | None, r: float | None) -> float | None:
@@ -256,7 +257,7 @@ class RowStats:
         return cls(*(int(round(v)) for v in values[:5]), float(values[5]))
 
 
-def _summarise(cuts: _Cuts, binary: bool) -> tuple[dict, dict]:
+def _summarise(cuts: Cuts, binary: bool) -> tuple[dict, dict]:
     return summarise_counts(cuts.label, RowStats.of(cuts.rows), binary)
 
 
@@ -279,9 +280,9 @@ def summarise_counts(label: np.ndarray, rows: RowStats, binary: bool) -> tuple[d
 
     support = tp + fn
     micro_p, micro_r = micro(stp, stp + sfp), micro(stp, stp + sfn)
-    cp, cr = _mean(precision), _mean(recall)
+    cp, cr = defined_mean(precision), defined_mean(recall)
     summary = {
-        "macro_f1": _mean(f1), "micro_f1": micro(2 * stp, 2 * stp + sfp + sfn),
+        "macro_f1": defined_mean(f1), "micro_f1": micro(2 * stp, 2 * stp + sfp + sfn),
         "samples_f1": rows.row_f1_sum / rows.known_rows if rows.known_rows else None,
         "weighted_f1": micro(np.nansum(f1 * support), support.sum()),
         "macro_precision": cp, "macro_recall": cr, "micro_precision": micro_p, "micro_recall": micro_r,
@@ -303,9 +304,9 @@ def cutoff_metrics(probs, targets, thresholds, binary: bool = False) -> tuple[di
     arrays (f1, precision, recall, tp, fp, fn, tn). ``thresholds`` is (L,) or (N, L)."""
     probs, codes = as_arrays(probs, targets)
     th = _thresholds(thresholds, probs.shape)
-    cuts = _Cuts(probs.shape[0])
+    cuts = Cuts(probs.shape[0])
     for b in row_blocks(*probs.shape):
-        cuts.add_counts(*_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th), b)
+        cuts.add_counts(*Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th), b)
     return _summarise(cuts, binary)
 
 
@@ -363,27 +364,27 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     ece = _ece(probs, codes)
     tuned, half = _cut_counts(probs, codes, th)
     (summary, per), (summary_half, per_half) = _summarise(tuned, binary), _summarise(half, binary)
-    result = {"n_images": n, "mAP": _mean(ap), "micro_ap": micro_ap, "macro_auroc": _mean(roc),
-              "micro_auroc": micro_roc, "coverage_error": _mean(coverage),
-              "label_ranking_ap": _mean(lrap), "macro_ece": _mean(ece)}
+    result = {"n_images": n, "mAP": defined_mean(ap), "micro_ap": micro_ap, "macro_auroc": defined_mean(roc),
+              "micro_auroc": micro_roc, "coverage_error": defined_mean(coverage),
+              "label_ranking_ap": defined_mean(lrap), "macro_ece": defined_mean(ece)}
     result.update(summary)
     result.update({f"{k}@0.5": v for k, v in summary_half.items()})
     support = (codes == 1).sum(0)
     per_th = th if th.ndim == 1 else np.full(n_labels, np.nan)
-    result["per_label"] = {name: _label_row(i, ap, roc, per, per_half, per_th, ece, support)
+    result["per_label"] = {name: label_row(i, ap, roc, per, per_half, per_th, ece, support)
                            for i, name in enumerate(labels)}
     return result
 
 
-def _cut_counts(probs: np.ndarray, codes: np.ndarray, th: np.ndarray) -> tuple[_Cuts, _Cuts]:
+def _cut_counts(probs: np.ndarray, codes: np.ndarray, th: np.ndarray) -> tuple[Cuts, Cuts]:
     """Decision counts at ``th`` ((L,) or (N, L)) and at 0.5, in blocks of whole rows (every
     count a contiguous reduction) on a thread per core."""
     n, n_labels = probs.shape
-    tuned, half = _Cuts(n), _Cuts(n)
+    tuned, half = Cuts(n), Cuts(n)
 
     def cut_block(b):
-        return (_Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th),
-                _Cuts.count(probs[b], codes[b], np.full(n_labels, 0.5)))
+        return (Cuts.count(probs[b], codes[b], th[b] if th.ndim == 2 else th),
+                Cuts.count(probs[b], codes[b], np.full(n_labels, 0.5)))
 
     blocks = row_blocks(n, n_labels)
     for b, (at_th, at_half) in zip(blocks, thread_map(cut_block, blocks)):
@@ -396,7 +397,7 @@ def _num(x) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def _label_row(i, ap, roc, per, per_half, per_th, ece, support) -> dict:
+def label_row(i, ap, roc, per, per_half, per_th, ece, support) -> dict:
     return {
         "ap": _num(ap[i]), "auroc": _num(roc[i]),
         "f1": _num(per["f1"][i]), "precision": _num(per["precision"][i]),

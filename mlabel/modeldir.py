@@ -22,14 +22,12 @@ from typing import NamedTuple
 
 from .io import atomic_path, remove_stale_temps, write_json
 from .labelnames import check_label_names
+from .modelfiles import META_FILE, PENDING, WEIGHTS_FILE
 from .preprocess import INTERPOLATION
 
 __all__ = ["DIGEST_KEY", "META_FILE", "WEIGHTS_FILE", "ModelFiles", "check_preprocessing", "read_model",
            "read_model_files", "validate_meta", "weights_digest", "write_metadata", "write_model"]
 
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "mlabel.json"
-PENDING = META_FILE + ".pending"
 DIGEST_KEY = "weights_sha256"
 
 

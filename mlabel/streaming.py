@@ -117,7 +117,7 @@ class SplitStream:
     def update(self, probs, targets, uncalibrated=None, logits=None) -> None:
         """Add a batch: probabilities, targets, the plain sigmoid's probabilities (with
         ``uncalibrated``) and the logits (with ``logits``; else taken as ``logit(probs)``)."""
-        from .metrics import RowStats, _Cuts, as_arrays
+        from .metrics import RowStats, Cuts, as_arrays
         scores, codes = as_arrays(probs, targets)
         self.histogram.update(scores, targets, logits=logits)
         if self.uncalibrated is not None:
@@ -125,7 +125,7 @@ class SplitStream:
         if self.thresholds is None:
             return
         for name, th in (("tuned", self.thresholds), ("half", np.full(scores.shape[1], 0.5))):
-            label, rows = _Cuts.count(scores, codes, th)
+            label, rows = Cuts.count(scores, codes, th)
             old = self.cuts.get(name)
             stats = RowStats.of(rows)
             self.cuts[name] = [label, stats] if old is None else [old[0] + label, old[1] + stats]
@@ -153,21 +153,21 @@ class SplitStream:
         it): the ranking figures from the histogram (``micro_ap``, ``micro_auroc``,
         ``coverage_error`` and ``label_ranking_ap`` need per-image rankings: None), the cut-off
         figures exact."""
-        from .metrics import _label_row, _mean, summarise_counts
+        from .metrics import label_row, defined_mean, summarise_counts
         ranked = histogram_metrics(self.histogram)
         counts = self.histogram.counts.cpu().numpy()
         (summary, per), (half, per_half) = (summarise_counts(*self.cuts[n], binary) for n in ("tuned", "half"))
         result = {"n_images": int(self.cuts["tuned"][1].images), "mAP": ranked["mAP"], "micro_ap": None,
                   "macro_auroc": ranked["macro_auroc"], "micro_auroc": None, "coverage_error": None,
-                  "label_ranking_ap": None, "macro_ece": _mean(ranked["ece"])}
+                  "label_ranking_ap": None, "macro_ece": defined_mean(ranked["ece"])}
         result.update(summary)
         result.update({f"{k}@0.5": v for k, v in half.items()})
         support = counts[..., 1].sum(1)
-        result["per_label"] = {name: _label_row(i, ranked["ap"], ranked["auroc"], per, per_half, self.thresholds,
+        result["per_label"] = {name: label_row(i, ranked["ap"], ranked["auroc"], per, per_half, self.thresholds,
                                                 ranked["ece"], support) for i, name in enumerate(labels)}
         if self.uncalibrated is not None:
             raw = histogram_metrics(self.uncalibrated)["ece"]
-            result["macro_ece_uncalibrated"] = _mean(raw)
+            result["macro_ece_uncalibrated"] = defined_mean(raw)
             for name, value in zip(labels, raw.tolist()):
                 result["per_label"][name]["ece_uncalibrated"] = None if np.isnan(value) else value
         result["streaming"] = {"bins": self.histogram.bins, "note": "AP, AUROC and ECE from per-label score "

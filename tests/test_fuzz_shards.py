@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from mlabel.data.shards import Vocabulary, _scan_split, read_wds_table
+from mlabel.data.shards import Vocabulary, read_wds_table
+from mlabel.data.shards.read import scan_split
 from mlabel.data.tables import LabelTable
 from mlabel.errors import UserError
 
@@ -48,7 +49,7 @@ def folder(tmp_path_factory) -> Path:
     """One valid shard ``s.tar`` of three samples, and its index ``s.index.npz``."""
     root = tmp_path_factory.mktemp("fuzz")
     _tar(root / "s.tar", [(k, json.dumps(m).encode()) for k, m in SAMPLES])
-    arrays, problems = _scan_split([root / "s.tar"], Vocabulary(root / "labels.json", LABELS, "negative", {}))
+    arrays, problems = scan_split([root / "s.tar"], Vocabulary(root / "labels.json", LABELS, "negative", {}))
     assert not problems
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

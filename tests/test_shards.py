@@ -406,7 +406,7 @@ def test_whole_batches_for_device_augmentation_find_and_skip_a_bad_image(broken)
 
 
 def test_oversized_or_malformed_members_are_named(broken, monkeypatch):
-    from mlabel.data import shards as shard_module
+    from mlabel.data.shards import read as shard_module
     monkeypatch.setattr(shard_module, "MAX_IMAGE_BYTES", 20_000)  # the scenes' PNGs are about 9 KB
     _rewrite(broken / "train-000000.tar", broken / "t.tar",
              lambda n, d: (n, d * 3) if n == "000000002.png" else (n, b"[1, 2" if n == "000000005.json" else d))
@@ -472,7 +472,7 @@ def test_shards_over_http_read_and_train_as_local_ones(served, shards, tmp_path)
 
 
 def test_the_index_written_with_the_shards_spares_the_scan(shards, monkeypatch, tmp_path):
-    from mlabel.data import shards as shard_module
+    from mlabel.data.shards import read as shard_module
     scanned = read_wds_table(shards, "train")  # before: the scan's table
     assert (shards / "train.index.npz").is_file()
 

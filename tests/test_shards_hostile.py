@@ -215,7 +215,8 @@ def test_an_old_index_kept_beside_new_shards_is_found_by_its_digest(copy, server
     """labels.json written with the relabelled shards, the old index copied back over the new
     one and made newest: found by the index's SHA-256 in labels.json, over HTTP without
     Last-Modified and locally."""
-    from mlabel.data.shards import Vocabulary, _write_index
+
+    from mlabel.data.shards.write import _write_index
     old = (copy / "train.index.npz").read_bytes()
     _relabel(copy / "train-000001.tar", "000000013", ["circle", "star"])
     tree = json.loads((copy / "labels.json").read_text())
@@ -320,7 +321,7 @@ def _whole_then_more(server, request, data, block):
 
 
 def test_a_huge_vocabulary_is_refused_unread(server, monkeypatch):
-    from mlabel.data import shards as shard_module
+    from mlabel.data.shards import read as shard_module
     monkeypatch.setattr(shard_module, "MAX_VOCABULARY_BYTES", 1 << 20)
     block = b" " * (1 << 20)
     server.routes["/big/labels.json"] = lambda r: server.stream(r, 200, HUGE, block, HUGE >> 20)

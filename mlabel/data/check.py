@@ -12,12 +12,12 @@ from ..errors import DataError
 from ..io import write_text
 from ..preprocess import read_rgb
 
-__all__ = ["find_bad_images", "drop_bad_images", "kept_rows"]
+__all__ = ["find_bad_images", "drop_bad_images", "image_problem", "kept_rows"]
 
 SHOWN = 20
 
 
-def _problem(item, read=read_rgb) -> str | None:
+def image_problem(item, read=read_rgb) -> str | None:
     """Why ``read(item)`` (a path, or a table row) gives no RGB image; None when it does."""
     try:
         read(item, draft=64)  # JPEGs decode at 1/8 size: the check reads every byte but fast
@@ -30,7 +30,7 @@ def find_bad_images(table, workers: int = 4) -> list[tuple[str, str]]:
     """(path, reason) for every image of ``table`` that does not decode to an RGB image, read as
     training reads it (from its file or its shard)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(lambda row: _problem(row, table.read_image), range(len(table)), chunksize=32))
+        reasons = list(pool.map(lambda row: image_problem(row, table.read_image), range(len(table)), chunksize=32))
     return [(table.paths[i], r) for i, r in enumerate(reasons) if r is not None]
 
 

@@ -22,7 +22,7 @@ from ..preprocess import IMAGE_EXTENSIONS, read_rgb
 from .sparse import SparseLabels
 
 if TYPE_CHECKING:
-    from .shards import ShardMembers
+    from .members import ShardMembers
 
 __all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
@@ -47,7 +47,7 @@ class LabelTable:
     # labelled objects, for crops that keep them all (data.box_crops); None: the format has none
     boxes: list[np.ndarray] | None = None
     # per image, (shard, offset, size) of its bytes inside a WebDataset tar (data.format wds: a
-    # mlabel.data.shards.ShardMembers); None: ``paths`` are image files
+    # mlabel.data.members.ShardMembers); None: ``paths`` are image files
     members: "ShardMembers | None" = None
 
     def __post_init__(self):
@@ -96,7 +96,7 @@ class LabelTable:
     def read_bytes(self, index: int) -> bytes:
         """The encoded bytes of image ``index``, from its file or its shard."""
         if self.members is not None:
-            from .shards import member_bytes
+            from .members import member_bytes
             return member_bytes(self.members[index], self.paths[index])
         with open(self.paths[index], "rb") as handle:
             return handle.read()
@@ -104,7 +104,7 @@ class LabelTable:
     def read_image(self, index: int, draft: int | None = None) -> np.ndarray:
         """Image ``index`` decoded to (H, W, 3) uint8 RGB, from its file or its shard."""
         if self.members is not None:
-            from .shards import read_member
+            from .members import read_member
             return read_member(self.members[index], self.paths[index], draft)
         return read_rgb(self.paths[index], draft=draft)
 

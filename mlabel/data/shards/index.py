@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import DataError
+from ...errors import DataError
 
 __all__ = ["INDEX_ARRAYS", "read_index"]
 
