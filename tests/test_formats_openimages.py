@@ -191,3 +191,17 @@ def test_openimages_bad_input_one_error_line_exit_2(tmp_path, capsys, case, edit
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
     assert fragment in err and where in err and "internal error" not in err, err
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+@pytest.mark.parametrize("labels", [[], ["data.labels=[star,circle]"]])
+def test_openimages_vectorised_reader_matches_the_row_reader(tmp_path, monkeypatch, labels):
+    write_openimages(tmp_path)
+    path = tmp_path / TRAIN
+    known = openimages.read_class_descriptions(tmp_path / "oidv7-class-descriptions.csv")
+    assert openimages._fast_pairs(path, {i: j for j, i in enumerate(IDS)}, known, True) is not None
+    fast = build_splits(_data(tmp_path, *labels), "multilabel")
+    monkeypatch.setattr(openimages, "_fast_pairs", lambda *a: None)
+    slow = build_splits(_data(tmp_path, *labels), "multilabel")
+    assert fast.train.paths == slow.train.paths and fast.labels == slow.labels
+    np.testing.assert_array_equal(fast.train.targets, slow.train.targets)
+    np.testing.assert_array_equal(fast.val.targets, slow.val.targets)

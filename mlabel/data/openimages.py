@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import csv
+import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -95,8 +96,89 @@ def _header(path: Path, row: list[str], needed: Sequence[str]) -> list[int]:
     return [header.index(c) for c in needed]
 
 
+def _field(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The bytes ``buf[start:end]`` of every row as one fixed-width ``S`` array."""
+    width = max(int((end - start).max(initial=0)), 1)
+    index = start[:, None] + np.arange(width)
+    cells = np.where(index < end[:, None], buf[np.minimum(index, len(buf) - 1)], 0).astype(np.uint8)
+    return np.ascontiguousarray(cells).view(f"S{width}").ravel()
+
+
+def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, lookup, ids: dict):
+    """One block of whole lines, vectorised: (image, label, confidence) arrays, or None when
+    the block holds anything unusual (quotes, a short row, another confidence, an unknown label,
+    non-ASCII bytes): the row-by-row reader then reads the file and names the line."""
+    if (buf == ord('"')).any() or (buf >= 128).any():
+        return None
+    ends = np.flatnonzero(buf == 10)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    ends = ends - (buf[np.maximum(ends - 1, 0)] == 13)
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    commas = np.flatnonzero(buf == 44)
+    if len(commas) != len(starts) * (width - 1):
+        return None
+    bounds = commas.reshape(-1, width - 1)
+    if len(starts) and ((bounds[:, 0] < starts).any() or (bounds[:, -1] >= ends).any()):
+        return None
+    lefts = np.concatenate([starts[:, None], bounds + 1], axis=1)
+    rights = np.concatenate([bounds, ends[:, None]], axis=1)
+    image, label, conf = (_field(buf, lefts[:, c], rights[:, c]) for c in columns)
+    value = np.select([np.isin(conf, [b"1", b"1.0"]), np.isin(conf, [b"0", b"0.0"])], [1, 0], -1)
+    names, label_of = np.unique(label, return_inverse=True)
+    mapped = np.array([lookup(n.decode()) for n in names], np.int64)
+    if (value < 0).any() or (mapped == -2).any():
+        return None
+    label_col = mapped[label_of.reshape(-1)]
+    used = label_col >= 0  # rows of classes outside data.labels name no image
+    found, first, image_of = np.unique(image[used], return_index=True, return_inverse=True)
+    number = np.empty(len(found), np.int64)
+    for k in np.argsort(first, kind="stable"):  # ids in order of first appearance
+        number[k] = ids.setdefault(found[k].decode(), len(ids))
+    return number[image_of.reshape(-1)], label_col[used], value[used]
+
+
+def _fast_pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bool):
+    """:func:`_pairs` a block at a time with numpy (10^7 rows in seconds); None: use it."""
+    def lookup(label: str) -> int:
+        j = column.get(label)
+        return j if j is not None else (-1 if label in known and not strict else -2)
+    with path.open("rb") as handle:
+        header = handle.readline()
+        try:
+            names = next(csv.reader([header.decode("utf-8-sig")]), [])
+        except UnicodeDecodeError:
+            return None
+        names = [h.strip() for h in names]
+        if not all(c in names for c in ("ImageID", "LabelName", "Confidence")):
+            return None
+        columns = tuple(names.index(c) for c in ("ImageID", "LabelName", "Confidence"))
+        ids: dict[str, int] = {}
+        parts, rest = [], b""
+        while True:
+            block = handle.read(_CHUNK)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            data, rest = data[:cut], data[cut:]
+            if not data:
+                break
+            if not data.endswith(b"\n"):
+                data += b"\n"
+            part = _chunk_pairs(np.frombuffer(data, np.uint8), columns, len(names), lookup, ids)
+            if part is None:
+                return None
+            parts.append(part)
+    if not ids:
+        return None
+    image, label, value = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    return ids, (image[value == 1], label[value == 1]), (image[value == 0], label[value == 0])
+
+
 def _pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bool):
     """Image ids in order of appearance and the (image, label) pairs of positives and negatives."""
+    fast = _fast_pairs(path, column, known, strict)
+    if fast is not None:
+        return fast
     rows = _rows(path)
     first = next(rows, None)
     if first is None:
@@ -203,7 +285,8 @@ def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: S
     if labels is None:
         ids, pos, neg = _pairs(path, {i: j for j, i in enumerate(known)}, known, True)
         used = np.union1d(pos[1], neg[1])
-        order = [list(known)[j] for j in used]
+        every = list(known)
+        order = [every[j] for j in used]
         remap = np.full(len(known), -1, np.int64)
         remap[used] = np.arange(len(used))
         pos, neg = (pos[0], remap[pos[1]]), (neg[0], remap[neg[1]])
@@ -220,8 +303,8 @@ def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: S
     words = [w for w in (split, {"val": "validation"}.get(split), path.stem.split("-")[0],
                          path.stem.split("-")[1] if "-" in path.stem else None) if w]
     folder = _image_folder(root, first, words)
-    images = [folder / f"{image}.jpg" for image in ids]
-    check_files(images, str(path))
-    paths = [str(p) for p in images]
+    paths = [os.path.join(folder, f"{image}.jpg") for image in ids]  # strings: 10^6 Paths cost seconds
+    if not all(map(os.path.isfile, paths)):
+        check_files([Path(p) for p in paths], str(path))
     boxes = NormalizedBoxes(paths, _boxes(box_files, ids, {i: j for j, i in enumerate(order)})) if box_files else None
     return LabelTable(paths, _targets(len(ids), len(order), pos, neg), names, str(path), boxes=boxes)

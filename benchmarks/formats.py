@@ -1,0 +1,102 @@
+"""Reading speed of the detection / partial-label readers at their real-world sizes.
+
+    python benchmarks/formats.py [--yolo-images 100000] [--oi-rows 10000000] [--work DIR]
+
+YOLO: a generated Ultralytics data set of N images (empty image files: reading a data set never
+opens its images) with 0 to 6 boxes each (some as polygons) over 80 classes, read with
+:func:`mlabel.data.yolo.read_yolo_table`. Open Images: a generated image-labels CSV of M rows
+(ImageID, Source, LabelName, Confidence; about 10 rows an image over 20,000 classes, 40 % verified
+negatives) read with :func:`mlabel.data.openimages.read_openimages_table` (images as empty files
+too, so the per-image existence check is counted). Prints seconds, rows or files per second and
+the peak RSS of each read (``VmHWM``, reset through ``/proc/self/clear_refs``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb, reset_peak  # noqa: E402
+sys.path.insert(0, str(ROOT))
+
+
+def _timed(fn):
+    reset_peak()
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start, peak_mb()
+
+
+def write_yolo(folder: Path, images: int, rng) -> Path:
+    """An Ultralytics layout with ``images`` training images; returns its data.yaml."""
+    (folder / "images" / "train").mkdir(parents=True)
+    (folder / "labels" / "train").mkdir(parents=True)
+    for i in range(images):
+        (folder / "images" / "train" / f"{i:07d}.jpg").touch()
+        lines = []
+        for k in range(int(rng.integers(0, 7))):
+            c, x, y = int(rng.integers(0, 80)), rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
+            if k == 3:
+                lines.append(f"{c} {x:.4f} {y:.4f} {x + 0.1:.4f} {y:.4f} {x:.4f} {y + 0.1:.4f}")
+            else:
+                lines.append(f"{c} {x:.4f} {y:.4f} 0.1000 0.1000")
+        (folder / "labels" / "train" / f"{i:07d}.txt").write_text("\n".join(lines))
+    (folder / "data.yaml").write_text("path: .\ntrain: images/train\nnames:\n"
+                                      + "".join(f"  {i}: class{i}\n" for i in range(80)))
+    return folder / "data.yaml"
+
+
+def write_openimages(folder: Path, rows: int, rng, classes: int = 20000) -> Path:
+    """A class-descriptions CSV and an image-labels CSV of ``rows`` rows; returns the latter."""
+    folder.mkdir(parents=True)
+    ids = [f"/m/{k:06x}" for k in range(classes)]
+    (folder / "class-descriptions.csv").write_text("LabelName,DisplayName\n"
+                                                   + "".join(f"{i},class {k}\n" for k, i in enumerate(ids)))
+    images = max(1, rows // 10)
+    (folder / "train").mkdir()
+    for i in range(images):
+        (folder / "train" / f"{i:016x}.jpg").touch()
+    zipf = np.minimum(rng.zipf(1.3, rows) - 1, classes - 1)
+    image = np.sort(rng.integers(0, images, rows))
+    confidence = ((image * 7 + zipf) % 5 < 3).astype(int)  # a repeated (image, label) pair agrees
+    path = folder / "train-annotations-human-imagelabels.csv"
+    with path.open("w") as handle:
+        handle.write("ImageID,Source,LabelName,Confidence\n")
+        for start in range(0, rows, 1 << 20):
+            stop = min(rows, start + (1 << 20))
+            handle.write("".join(f"{image[r]:016x},verification,{ids[zipf[r]]},{confidence[r]}\n"
+                                 for r in range(start, stop)))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--yolo-images", type=int, default=100_000)
+    parser.add_argument("--oi-rows", type=int, default=10_000_000)
+    parser.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one)")
+    args = parser.parse_args()
+    from mlabel.data import openimages
+    from mlabel.data.yolo import read_yolo_table
+    work = Path(args.work or tempfile.mkdtemp(prefix="mlabel-formats-"))
+    rng = np.random.default_rng(0)
+
+    yaml_path = write_yolo(work / "yolo", args.yolo_images, rng)
+    table, seconds, peak = _timed(lambda: read_yolo_table(yaml_path, "train"))
+    print(f"yolo: {len(table):,} label files, {len(table.labels)} classes: {seconds:.2f} s "
+          f"({len(table) / seconds:,.0f} files/s), peak RSS {peak:,.0f} MB")
+
+    csv_path = write_openimages(work / "oi", args.oi_rows, rng)
+    table, seconds, peak = _timed(lambda: openimages.read_openimages_table(
+        csv_path, work / "oi", class_file=work / "oi" / "class-descriptions.csv", split="train"))
+    kind = "sparse" if table.sparse else "dense"
+    print(f"openimages: {args.oi_rows:,} rows, {len(table):,} images x {len(table.labels):,} labels ({kind}): "
+          f"{seconds:.2f} s ({args.oi_rows / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB")
+
+
+if __name__ == "__main__":
+    import numpy as np
+    main()
