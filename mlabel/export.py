@@ -175,7 +175,8 @@ def timm_data_config(preprocessing: dict) -> dict:
     while math.floor(size / crop_pct) < side:
         crop_pct = math.nextafter(crop_pct, 0.0)
     return {"input_size": (3, size, size), "interpolation": str(preprocessing.get("interpolation", "bilinear")),
-            "mean": tuple(float(v) for v in preprocessing["mean"]), "std": tuple(float(v) for v in preprocessing["std"]),
+            "mean": tuple(float(v) for v in preprocessing["mean"]),
+            "std": tuple(float(v) for v in preprocessing["std"]),
             "crop_pct": crop_pct, "crop_mode": "squash" if squash else "center"}
 
 
@@ -207,7 +208,7 @@ def export_timm(model: MultiLabelClassifier, out: str | Path, weights_name: str 
     named in ``pretrained_cfg["hf_hub_filename"]``, which timm's ``hf-hub:`` loader follows."""
     from timm.models import save_for_hf
     net = timm_network(model.cpu().eval())
-    overrides = {"tag": "mlabel"} if weights_name == TIMM_WEIGHTS else {"tag": "mlabel", "hf_hub_filename": weights_name}
+    overrides = {"tag": "mlabel", **({} if weights_name == TIMM_WEIGHTS else {"hf_hub_filename": weights_name})}
     with _new_folder(Path(out)) as tmp:
         save_for_hf(net, str(tmp), model_config={"label_names": list(model.labels), "mlabel": model.describe(),
                                                  "pretrained_cfg": overrides},
@@ -278,7 +279,8 @@ def export_tagger(model: MultiLabelClassifier, out: str | Path, run_dir: Path | 
     exactly the columns they check, and a reader that knows nothing of them is unaffected."""
     model = model.cpu().eval()
     tagger = _Tagger(model).eval()
-    example = torch.randint(0, 256, (2, tagger.side, tagger.side, 3), generator=torch.Generator().manual_seed(0)).float()
+    shape = (2, tagger.side, tagger.side, 3)
+    example = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(0)).float()
     counts = _train_positives(run_dir, model.labels)
     with _new_folder(Path(out)) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter; failures still raise
@@ -291,7 +293,8 @@ def export_tagger(model: MultiLabelClassifier, out: str | Path, run_dir: Path | 
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(["tag_id", "name", "threshold"])
             # repr of the float32 threshold as a double: read back, it compares exactly as mlabel's does
-            writer.writerows([i, name, repr(float(t))] for i, (name, t) in enumerate(zip(model.labels, model.thresholds.tolist())))
+            thresholds = model.thresholds.tolist()
+            writer.writerows([i, name, repr(float(t))] for i, (name, t) in enumerate(zip(model.labels, thresholds)))
     return Path(out)
 
 

@@ -59,3 +59,12 @@ def tiny_run(tmp_path_factory, scene_csv) -> Path:
                        "model.pretrained=false", "data.generate=null", "data.image_size=32", "data.num_workers=0",
                        "thresholds.cross_fit=0", "thresholds.bootstrap=0", "train.epochs=1", "--quiet"]) == 0
     return run
+
+
+@pytest.fixture(autouse=True)
+def _quick_http_backoff(monkeypatch):
+    """HTTP retries back off in milliseconds here, so that hostile servers cost no real seconds
+    (tests/test_http_retry.py sets and measures its own values)."""
+    from mlabel.data import http
+    monkeypatch.setattr(http, "BACKOFF_BASE", 0.005)
+    monkeypatch.setattr(http, "BACKOFF_CAP", 0.02)

@@ -11,12 +11,24 @@ A server is data, not code, so each request is bounded whatever the server does:
   body is not read beyond the range);
 - a failure is a :class:`FetchError` naming the URL, never a bare ``IncompleteRead``.
 
-Retries and backoff belong here too, around :func:`open_url`.
+And each request survives what object stores do now and then:
+
+- a connect timeout (:data:`CONNECT_TIMEOUT`) and a read timeout (:data:`READ_TIMEOUT`: no byte for
+  that long is a stall) on every connection;
+- connection errors, timeouts, 408, 429 and 5xx answers are retried, at most :data:`RETRIES` times
+  per request, after an exponential backoff with jitter (:data:`BACKOFF_BASE` doubling up to
+  :data:`BACKOFF_CAP`) or the server's ``Retry-After`` (capped at :data:`RETRY_AFTER_CAP`);
+- a body cut or stalled midway resumes with a range from the first byte missing (the answer
+  must start there; a server without ranges answers whole and the bytes already read are skipped);
+- then one :class:`FetchError` names the URL, the last status or error and the attempts made.
+
+The overall deadline is not retried: a server that drips bytes would only drip them again.
 """
 from __future__ import annotations
 
 import email.utils
 import http.client
+import random
 import re
 import socket
 import ssl
@@ -28,8 +40,14 @@ from ..errors import DataError
 
 __all__ = ["FetchError", "Response", "open_url", "fetch", "fetch_range", "probe", "is_url", "same_host"]
 
-TIMEOUT = 60.0  # seconds to connect, to answer, and the slack of every deadline
+TIMEOUT = 60.0  # seconds of slack in every request's overall deadline
 MIN_RATE = 64 << 10  # bytes per second a response must average beyond its first TIMEOUT seconds
+CONNECT_TIMEOUT = 10.0  # seconds to open a connection (TLS included)
+READ_TIMEOUT = 30.0  # seconds a read may wait for the next byte: longer is a stall, retried
+RETRIES = 4  # attempts after the first, per request (its resumes included)
+BACKOFF_BASE = 0.5  # seconds before the first retry, doubled for each next one (with jitter)
+BACKOFF_CAP = 8.0  # the longest our own backoff waits
+RETRY_AFTER_CAP = 60.0  # the longest a server's Retry-After is honoured
 MAX_REDIRECTS = 5
 CHUNK = 1 << 16  # bytes per read: the deadline moves on with every chunk
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -37,6 +55,59 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 class FetchError(DataError):
     """A URL could not be read (network, server, deadline or size): not a problem of the data."""
+
+
+class _Transient(Exception):
+    """A failure worth another attempt: ``problem`` for the message, ``retry_after`` in seconds
+    when the server said."""
+
+    def __init__(self, problem: str, retry_after: float | None = None):
+        super().__init__(problem)
+        self.problem, self.retry_after = problem, retry_after
+
+
+def _retryable_status(status: int) -> bool:
+    return status in (408, 429) or 500 <= status <= 599
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (a number or an HTTP date), None when absent or unreadable."""
+    value = (value or "").strip()
+    if re.fullmatch(r"[0-9]{1,9}", value):
+        return float(value)
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time()) if value else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class _Backoff:
+    """The retries of one request: :meth:`wait` sleeps before the next attempt, or raises the one
+    :class:`FetchError` once :data:`RETRIES` are spent."""
+
+    def __init__(self, url: str):
+        self.url, self.retries, self.began = url, 0, time.monotonic()
+
+    def wait(self, failure: _Transient) -> None:
+        if self.retries >= RETRIES:
+            raise FetchError(f"cannot fetch {self.url}: {failure.problem} (gave up after {self.retries + 1} attempts "
+                             f"in {time.monotonic() - self.began:.1f} s)")
+        step = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** self.retries)
+        delay = step / 2 + random.uniform(0, step / 2)  # jitter: clients that failed together spread out
+        if failure.retry_after is not None:
+            delay = max(delay, min(failure.retry_after, RETRY_AFTER_CAP))
+        self.retries += 1
+        time.sleep(delay)
+
+
+def _transient_error(err: BaseException) -> bool:
+    """Whether a network error may pass on its own (a timeout, a refused or cut connection), unlike a
+    certificate that does not verify or a host name that does not exist."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(err, socket.gaierror):
+        return err.errno == socket.EAI_AGAIN
+    return isinstance(err, (OSError, http.client.HTTPException))
 
 
 def is_url(name) -> bool:
@@ -77,13 +148,21 @@ class _Watchdog:
 
 class Response:
     """A response body as a file to ``read`` (what ``tarfile`` streams from), never more than
-    ``limit`` bytes (after skipping ``skip``: a range a server answered with the whole file)."""
+    ``limit`` bytes (after skipping ``skip``: a range a server answered with the whole file).
+
+    ``position`` is the resource's offset of the next byte the connection yields and ``end`` the
+    offset after the last one this answer should hold (None: unknown): a body cut or stalled
+    midway is asked for again from ``position`` (:meth:`_resume`), within ``backoff``'s retries."""
 
     def __init__(self, url: str, raw: http.client.HTTPResponse, conn, watchdog: _Watchdog, limit: int,
-                 skip: int = 0):
+                 skip: int = 0, *, backoff: _Backoff | None = None, where: str | None = None, position: int = 0,
+                 end: int | None = None):
         self.url, self.raw, self.conn, self.watchdog = url, raw, conn, watchdog
         self.status, self.headers = raw.status, raw.headers
         self.length = _int_header(raw, "Content-Length")  # as the server announced it
+        self.validators = (raw.getheader("ETag"), raw.getheader("Last-Modified"))
+        self.backoff, self.where = backoff or _Backoff(url), where or url
+        self.position, self.end = position, end
         self.left, self.got = limit, 0
         while skip > 0:
             skipped = self._chunk(min(CHUNK, skip))
@@ -93,11 +172,27 @@ class Response:
         self.got = 0  # what the caller has read
 
     def _chunk(self, n: int) -> bytes:
+        """Up to ``n`` bytes from the connection; a transient failure resumes on a new one."""
+        while True:
+            try:
+                if self.raw is None:
+                    self._resume()
+                data = self._read(n)
+            except _Transient as failure:
+                self._drop()
+                if self.end is not None and self.position >= self.end:
+                    return b""  # nothing was missing: the connection failed after the last byte
+                self.backoff.wait(failure)  # the one FetchError once the retries are spent
+                continue
+            self.position += len(data)
+            return data
+
+    def _read(self, n: int) -> bytes:
         try:
             data = self.raw.read1(n)
         except (OSError, http.client.HTTPException, ValueError) as err:
             self._fail(err)
-        if not data and n and self.length is not None and self.raw.length:
+        if not data and n and self.raw.length:
             self._fail(http.client.IncompleteRead(b"", self.raw.length))  # read1 returns b"" early
         if not data and n and self.watchdog.expired:
             self._fail(TimeoutError())
@@ -105,14 +200,50 @@ class Response:
         return data
 
     def _fail(self, err: BaseException):
-        self.close()
+        """A read failed: :class:`_Transient` when another attempt may succeed, else the FetchError."""
         if self.watchdog.expired:
+            self.close()
             raise FetchError(f"cannot fetch {self.url}: the server did not send it within its deadline "
                              f"({TIMEOUT:g} s plus {MIN_RATE:,} bytes a second): it is stalled or too slow") from None
         if isinstance(err, http.client.IncompleteRead):
-            raise FetchError(f"cannot fetch {self.url}: the response ended early ({err.expected:,} bytes "
-                             "missing); the connection was cut or the server failed") from None
+            raise _Transient(f"the response ended early ({err.expected:,} bytes missing); the connection was cut "
+                             "or the server failed")
+        if isinstance(err, TimeoutError):
+            raise _Transient(f"no byte for {READ_TIMEOUT:g} s after {self.position:,} (timed out): the server stalled")
+        if _transient_error(err):
+            raise _Transient(f"the connection failed after {self.position:,} bytes ({err or type(err).__name__})")
+        self.close()
         raise FetchError(f"cannot fetch {self.url}: {err or type(err).__name__}") from None
+
+    def _drop(self) -> None:
+        """Let go of a failed connection (a later read resumes on a new one)."""
+        if self.raw is not None:
+            self.close()
+            self.raw = None
+
+    def _resume(self) -> None:
+        """Ask again for the bytes from ``position`` on, with a range; the answer must start there
+        (a 200 is the whole resource: the bytes before ``position`` are skipped, if it did not change)."""
+        last = "" if self.end is None else self.end - 1
+        raw, conn, watchdog = _ask(self.url, self.where, {"Range": f"bytes={self.position}-{last}"}, time.monotonic())
+        self.raw, self.conn, self.watchdog = raw, conn, watchdog
+        if _retryable_status(raw.status):
+            raise _Transient(f"HTTP {raw.status} {raw.reason}", _retry_after(raw.getheader("Retry-After")))
+        announced = re.match(r"\s*bytes\s+([0-9]{1,18})-", raw.getheader("Content-Range") or "")
+        if raw.status == 206 and (announced is None or int(announced.group(1)) == self.position):
+            return
+        if raw.status == 200 and self.validators == (raw.getheader("ETag"), raw.getheader("Last-Modified")):
+            skip = self.position
+            while skip > 0:
+                skipped = self._read(min(CHUNK, skip))
+                if not skipped:
+                    raise _Transient("the response ended before the bytes already read")
+                skip -= len(skipped)
+            return
+        self.close()
+        why = "it changed on the server while it was read" if raw.status == 200 else \
+            f"HTTP {raw.status} {raw.reason} {raw.getheader('Content-Range') or ''}".strip()
+        raise FetchError(f"cannot fetch {self.url}: resuming at byte {self.position:,} failed: {why}")
 
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all that are left within the limit when ``n`` < 0); b"" at the end."""
@@ -134,7 +265,8 @@ class Response:
 
     def close(self) -> None:
         self.watchdog.stop()
-        self.raw.close()
+        if self.raw is not None:
+            self.raw.close()
         self.conn.close()
 
     def __enter__(self) -> "Response":
@@ -175,9 +307,10 @@ def _connect(url: str, start: float):
     parts = urlsplit(url)
     kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     extra = {"context": ssl.create_default_context()} if parts.scheme == "https" else {}
-    conn = kind(parts.hostname, parts.port, timeout=TIMEOUT, **extra)
+    conn = kind(parts.hostname, parts.port, timeout=CONNECT_TIMEOUT, **extra)
     try:
         conn.connect()
+        conn.sock.settimeout(READ_TIMEOUT)  # from here on, each read waits at most this long
     except BaseException:
         conn.close()
         raise
@@ -185,7 +318,8 @@ def _connect(url: str, start: float):
 
 
 def _ask(url: str, current: str, headers: dict, began: float):
-    """(response head, connection, watchdog) of a GET of ``current`` (``url`` as first asked)."""
+    """(response head, connection, watchdog) of a GET of ``current`` (``url`` as first asked);
+    :class:`_Transient` for a failure another attempt may not meet."""
     parts = urlsplit(current)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchError(f"cannot fetch {url}: only http:// and https:// URLs are read")
@@ -199,9 +333,11 @@ def _ask(url: str, current: str, headers: dict, began: float):
             watchdog.stop()
         if conn is not None:
             conn.close()
-        stalled = watchdog is not None and watchdog.expired
-        raise FetchError(f"cannot fetch {url}: " + ("no answer within the deadline" if stalled else
-                                                    str(err) or type(err).__name__)) from None
+        if watchdog is not None and watchdog.expired:
+            raise FetchError(f"cannot fetch {url}: no answer within the deadline") from None
+        if not isinstance(err, ValueError) and _transient_error(err):
+            raise _Transient(f"no answer ({err or type(err).__name__})") from None
+        raise FetchError(f"cannot fetch {url}: {err or type(err).__name__}") from None
 
 
 def _range_ok(raw: http.client.HTTPResponse, start: int, size: int) -> bool:
@@ -213,36 +349,58 @@ def _range_ok(raw: http.client.HTTPResponse, start: int, size: int) -> bool:
 
 def open_url(url: str, *, limit: int, start: int | None = None, size: int | None = None) -> Response:
     """The response to a GET of ``url`` (with ``start``/``size``: that byte range), whose body
-    yields at most ``limit`` bytes (``size`` for a range); a :class:`FetchError` otherwise."""
+    yields at most ``limit`` bytes (``size`` for a range); a :class:`FetchError` otherwise. A
+    transient failure is tried again (at most :data:`RETRIES` times, the body's resumes included)."""
+    backoff = _Backoff(url)
+    while True:
+        try:
+            return _open(url, limit, start, size, backoff)
+        except _Transient as failure:
+            backoff.wait(failure)
+
+
+def _open(url: str, limit: int, start: int | None, size: int | None, backoff: _Backoff) -> Response:
+    """One attempt of :func:`open_url` (its redirects followed)."""
     began, current = time.monotonic(), url
     headers = {"Range": f"bytes={start}-{start + size - 1}"} if start is not None else {}
     for _ in range(MAX_REDIRECTS + 1):
         raw, conn, watchdog = _ask(url, current, headers, began)
         if raw.status in REDIRECTS:
             location = raw.getheader("Location")
-            Response(url, raw, conn, watchdog, 0).close()
+            _hang_up(raw, conn, watchdog)
             current = _next_location(url, current, location)
             continue
-        response = Response(url, raw, conn, watchdog, limit if start is None else size,
-                            skip=start if start is not None and raw.status == 200 else 0)
-        problem = _refusal(response, limit, start, size)
+        if _retryable_status(raw.status):
+            _hang_up(raw, conn, watchdog)
+            raise _Transient(f"HTTP {raw.status} {raw.reason}", _retry_after(raw.getheader("Retry-After")))
+        problem = _refusal(raw, limit, start, size)
         if problem is not None:
-            response.close()
+            _hang_up(raw, conn, watchdog)
             raise FetchError(f"cannot fetch {url}: {problem}")
-        return response
+        whole = start is None or raw.status == 200
+        end = (start + size) if start is not None else _int_header(raw, "Content-Length")
+        return Response(url, raw, conn, watchdog, limit if start is None else size,
+                        skip=start if start is not None and raw.status == 200 else 0, backoff=backoff,
+                        where=current, position=0 if whole else start, end=end)
     raise FetchError(f"cannot fetch {url}: more than {MAX_REDIRECTS} redirects")
 
 
-def _refusal(response: Response, limit: int, start: int | None, size: int | None) -> str | None:
-    """Why a response is not what was asked for, or None."""
-    raw = response.raw
+def _hang_up(raw: http.client.HTTPResponse, conn, watchdog: _Watchdog) -> None:
+    watchdog.stop()
+    raw.close()
+    conn.close()
+
+
+def _refusal(raw: http.client.HTTPResponse, limit: int, start: int | None, size: int | None) -> str | None:
+    """Why a response's head is not what was asked for, or None."""
+    length = _int_header(raw, "Content-Length")
     if raw.status not in (200, 206):
         return f"HTTP {raw.status} {raw.reason}"
     if start is not None and raw.status == 206 and not _range_ok(raw, start, size):
         return (f"asked for {size:,} bytes from {start:,}, the server answered "
-                f"{raw.getheader('Content-Range') or 'another range'} ({response.length} bytes); refused")
-    if start is None and response.length is not None and response.length > limit:
-        return f"{response.length:,} bytes, more than the {limit:,} expected"
+                f"{raw.getheader('Content-Range') or 'another range'} ({length} bytes); refused")
+    if start is None and length is not None and length > limit:
+        return f"{length:,} bytes, more than the {limit:,} expected"
     return None
 
 
