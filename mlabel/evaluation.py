@@ -22,8 +22,7 @@ from .distributed import World, gather_rows, mean_across
 from .engine import collect_predictions
 from .metrics import average_precision, calibration_error, cutoff_metrics, evaluate_predictions, nanmean
 from .outputs import Outputs, Targets, map_fields
-from .policy import choose_thresholds
-from .thresholds import cross_fit_predictions
+from .policy import choose_thresholds, cross_fit_predictions
 
 __all__ = ["EvalSettings", "ExactScorer", "STREAM_LIMIT", "StreamedScorer", "calibrate_and_tune",
            "collect_split", "evaluate_outputs", "scorer", "split_loader", "split_outputs"]

@@ -41,7 +41,8 @@ from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
 from .thresholds import FALLBACK_THRESHOLD, check_metric, objective_values, tune_cutoffs, fold_ids, out_of_fold
 
-__all__ = ["POLICIES", "ThresholdChoice", "choose_thresholds", "objective_at", "resolve_policy", "check_scores"]
+__all__ = ["POLICIES", "ThresholdChoice", "check_scores", "choose_thresholds", "cross_fit_predictions", "objective_at",
+           "resolve_policy"]
 
 POLICIES = ("auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select")
 F_SCORES = ("f1", "fbeta", "global")
@@ -167,11 +168,7 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warning is given once, below
         thresholds, chosen = choose_on_arrays(name, scores, codes, rng, **options)
-    one_class = _one_class(codes)
-    if one_class.any():
-        names = [labels[i] if labels else str(i) for i in np.flatnonzero(one_class)]
-        warnings.warn(f"labels {names} have no positive or no negative example to tune on; they keep "
-                      f"the threshold {fallback}", stacklevel=2)
+    one_class = _warn_one_class(codes, labels, fallback)
     value = objective_at(scores, codes, thresholds, metric, **objective)
     value[one_class] = np.nan
     interval, constraint_interval, posterior = _intervals(scores, codes, thresholds, metric, objective, bootstrap,
@@ -187,6 +184,16 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
         held_out[one_class] = np.nan
     return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
                            interval, level, chosen, held_out, target, constraint_interval, posterior)
+
+
+def _warn_one_class(codes: np.ndarray, labels, fallback: float) -> np.ndarray:
+    """(L,) labels with one class in ``codes``; one warning names them and their fallback."""
+    one_class = _one_class(codes)
+    if one_class.any():
+        names = [labels[i] if labels else str(i) for i in np.flatnonzero(one_class)]
+        warnings.warn(f"labels {names} have no positive or no negative example to tune on; they keep "
+                      f"the threshold {fallback}", stacklevel=3)
+    return one_class
 
 
 def choose_on_arrays(name: str, scores: np.ndarray, codes: np.ndarray, rng: np.random.Generator, *,
@@ -391,3 +398,40 @@ def _figures(metric, objective, tp, fp, n_pos, n_neg):
         precision, recall = tp / np.maximum(tp + fp, 1e-300), tp / np.maximum(n_pos, 1e-300)
         return (precision, recall) if metric == "precision_at_recall" else (recall, precision)
     return objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective), None
+
+
+def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
+                          **tune_kwargs) -> torch.Tensor:
+    """Out-of-fold thresholds: each image is judged by thresholds chosen on the other folds
+    (by the exact tuner, or by a threshold ``policy``).
+
+    Returns (N, L) thresholds (one row per image) to pass to
+    :func:`mlabel.evaluate_predictions`; the F1 reached with them is an honest estimate of the
+    F1 the in-sample thresholds will reach on new data. Fallback warnings are silenced here.
+    """
+    scores, codes = as_arrays(probs, targets)
+    n = scores.shape[0]
+    if folds < 2 or folds > n:
+        raise ValueError(f"cross-fitting needs 2 <= folds <= {n} images, got {folds}")
+    metric = tune_kwargs.pop("metric", "f1")
+    objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
+    objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
+    check_metric(metric, **objective)
+    options = dict(dict(mode="exact", bins=2048, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
+    options.pop("labels", None)
+    fold_of = fold_ids(n, folds, np.random.default_rng(seed))
+    if policy == "argmax":
+        def choose(s, c):
+            return tune_cutoffs(s, c, metric, objective, labels=None, **options)[0]
+    else:
+        name = resolve_policy(policy, metric)
+        check_scores(policy, name, scores)
+
+        def choose(s, c):  # each fold's policy draws from its own generator of ``seed``
+            return choose_on_arrays(name, s, c, np.random.default_rng(seed), metric=metric, objective=objective,
+                                    **options)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = out_of_fold(scores, codes, fold_of, choose)
+    dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
+    return torch.from_numpy(rows).to(dtype=dtype, device=probs.device if torch.is_tensor(probs) else "cpu")

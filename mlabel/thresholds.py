@@ -36,8 +36,7 @@ from ._counting import (UNKNOWN, codes_of, decode, key_kind, label_blocks, posit
                         thread_map)
 from .metrics import as_arrays
 
-__all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "cross_fit_predictions",
-           "OBJECTIVES", "FALLBACK_THRESHOLD"]
+__all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "OBJECTIVES", "FALLBACK_THRESHOLD"]
 
 OBJECTIVES = ("f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global")
 FALLBACK_THRESHOLD = 0.5
@@ -594,44 +593,6 @@ def out_of_fold(scores: np.ndarray, codes: np.ndarray, fold_of: np.ndarray, choo
         held = fold_of == k
         rows[held] = choose(scores[~held], codes[~held])
     return rows
-
-
-def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
-                          **tune_kwargs) -> torch.Tensor:
-    """Out-of-fold thresholds: each image is judged by thresholds chosen on the other folds
-    (by the exact tuner, or by a threshold ``policy`` of :mod:`mlabel.policy`).
-
-    Returns (N, L) thresholds (one row per image) to pass to
-    :func:`mlabel.evaluate_predictions`; the F1 reached with them is an honest estimate of the
-    F1 the in-sample thresholds will reach on new data. Fallback warnings are silenced here.
-    """
-    scores, codes = as_arrays(probs, targets)
-    n = scores.shape[0]
-    if folds < 2 or folds > n:
-        raise ValueError(f"cross-fitting needs 2 <= folds <= {n} images, got {folds}")
-    metric = tune_kwargs.pop("metric", "f1")
-    objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
-    objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
-    check_metric(metric, **objective)
-    options = dict(dict(mode="exact", bins=2048, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
-    options.pop("labels", None)
-    fold_of = fold_ids(n, folds, np.random.default_rng(seed))
-    if policy == "argmax":
-        def choose(s, c):
-            return tune_cutoffs(s, c, metric, objective, labels=None, **options)[0]
-    else:
-        from .policy import check_scores, choose_on_arrays, resolve_policy
-        name = resolve_policy(policy, metric)
-        check_scores(policy, name, scores)
-
-        def choose(s, c):  # each fold's policy draws from its own generator of ``seed``
-            return choose_on_arrays(name, s, c, np.random.default_rng(seed), metric=metric, objective=objective,
-                                    **options)[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rows = out_of_fold(scores, codes, fold_of, choose)
-    dtype = torch.float64 if scores.dtype == np.float64 else torch.float32
-    return torch.from_numpy(rows).to(dtype=dtype, device=probs.device if torch.is_tensor(probs) else "cpu")
 
 
 class ThresholdTuner(BaseEstimator):

@@ -152,7 +152,7 @@ def test_policies_that_read_probabilities_refuse_logits(policy):
     """half, lipton (and auto, which is lipton for F-scores), shrunk and select (whose candidates
     include half and lipton) take the scores as calibrated probabilities: logits are refused
     with the reason and the key, in choose_thresholds and in cross-fitting."""
-    from mlabel.thresholds import cross_fit_predictions
+    from mlabel.policy import cross_fit_predictions
     p, y = calibrated(400, 6)
     logits = np.log(p) - np.log1p(-p)
     with pytest.raises(ValueError, match=r"probabilities.*thresholds\.policy"):

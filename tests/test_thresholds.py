@@ -8,7 +8,8 @@ from sklearn import metrics as skm
 from sklearn.base import clone
 
 import mlabel
-from mlabel.thresholds import ScoreHistogram, ThresholdTuner, cross_fit_predictions
+from mlabel.policy import cross_fit_predictions
+from mlabel.thresholds import ScoreHistogram, ThresholdTuner
 
 
 def _data(seed, n=400, labels=6, ties=False, unknown=0.0):

@@ -203,17 +203,7 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
             raise DataError(f"{path}: labels column {labels_column!r} not in header {header}")
         names, targets = _names_column(rows, path, header.index(labels_column), label_delimiter, labels)
     else:
-        regression_set = set(regression_columns or ())
-        columns = list(label_columns) if label_columns else [
-            h for h in header if h != image_column and h not in regression_set]
-        if columns and not label_columns:  # every other header cell is a label: a name load accepts
-            check_label_names(columns, path, [f"header column {j + 1}" for j, h in enumerate(header)
-                                              if h != image_column and h not in regression_set])
-        absent = [c for c in columns if c not in header]
-        if absent:
-            raise DataError(f"{path}: label columns {absent} not in header {header}")
-        if not columns:
-            raise DataError(f"{path}: no label columns; set data.label_columns or data.labels_column")
+        columns = _label_columns(path, header, image_column, label_columns, regression_columns)
         names, targets = _flag_columns(rows, path, [header.index(c) for c in columns], columns, labels)
     images = []
     for line, row in enumerate(rows[1:], start=2):
@@ -227,6 +217,23 @@ def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = Non
     regression = _numeric_columns(rows, path, header, list(regression_columns)) if regression_columns else None
     return LabelTable([str(p) for p in images], targets, names, str(path), regression,
                       list(regression_columns or ()))
+
+
+def _label_columns(path: Path, header: list[str], image_column: str, label_columns, regression_columns) -> list[str]:
+    """The 0/1 label columns: those named, or every header cell but the image and regression
+    columns (each then a name a model load accepts, its column named otherwise)."""
+    regression_set = set(regression_columns or ())
+    columns = list(label_columns) if label_columns else [
+        h for h in header if h != image_column and h not in regression_set]
+    if columns and not label_columns:
+        check_label_names(columns, path, [f"header column {j + 1}" for j, h in enumerate(header)
+                                          if h != image_column and h not in regression_set])
+    absent = [c for c in columns if c not in header]
+    if absent:
+        raise DataError(f"{path}: label columns {absent} not in header {header}")
+    if not columns:
+        raise DataError(f"{path}: no label columns; set data.label_columns or data.labels_column")
+    return columns
 
 
 def _numeric_columns(rows, path, header, columns) -> np.ndarray:
