@@ -29,8 +29,9 @@ def fast(monkeypatch):
 
 class Server:
     """127.0.0.1 answering each GET with ``script[n]`` for the n-th request (the last entry for
-    the rest): ``"serve"``, an int status, ``("retry-after", status, value)``, or ``("stall", k)``
-    (send the first k bytes of the answer, then nothing until the test ends). Ranges honoured."""
+    the rest): ``"serve"``, an int status, ``("retry-after", status, value)``, ``("stall", k)``
+    (send the first k bytes of the answer, then nothing until the test ends) or ``("whole", etag)``
+    (the whole body whatever the range). Ranges honoured otherwise; ETag "v1"."""
 
     def __init__(self, script):
         self.script, self.requests, self.release = list(script), [], threading.Event()
@@ -65,6 +66,10 @@ class Server:
             request.end_headers()
             return
         data, status, wanted = BODY, 200, request.headers.get("Range")
+        if step[0] == "whole":  # ("whole", etag): a server without ranges, the resource at that version
+            wanted, step, etag = None, "serve", step[1]
+        else:
+            etag = '"v1"'
         if wanted:
             first, _, last = wanted.split("=")[1].partition("-")
             start, stop = int(first), int(last) if last else len(BODY) - 1
@@ -73,7 +78,7 @@ class Server:
         if wanted:
             request.send_header("Content-Range", f"bytes {start}-{start + len(data) - 1}/{len(BODY)}")
         request.send_header("Content-Length", str(len(data)))
-        request.send_header("ETag", '"v1"')
+        request.send_header("ETag", etag)
         request.end_headers()
         if step == "serve":
             request.wfile.write(data)
@@ -164,6 +169,17 @@ def test_a_stalled_range_resumes_within_the_range(serve):
     server = serve(("stall", 30), "serve")
     assert fetch_range(server.url, 1000, 100) == BODY[1000:1100]
     assert [r.get("Range") for r in server.requests] == ["bytes=1000-1099", "bytes=1030-1099"]
+
+
+def test_a_resume_answered_whole_skips_what_was_read_unless_it_changed(serve):
+    """A server without ranges answers the resume with the whole body: the bytes already read are
+    skipped when it is the same version (same ETag); a new version mid-read is an error, never a
+    splice of two versions."""
+    server = serve(("stall", 5000), ("whole", '"v1"'))
+    assert fetch(server.url, len(BODY)) == BODY
+    server = serve(("stall", 5000), ("whole", '"v2"'))
+    with pytest.raises(FetchError, match=r"resuming at byte 5,000 failed: it changed on the server"):
+        fetch(server.url, len(BODY))
 
 
 def test_a_server_that_always_fails_is_one_error_in_bounded_time(serve):
