@@ -195,7 +195,11 @@ def timm_network(model: MultiLabelClassifier) -> nn.Module:
     where = next(name for name, module in net.named_modules() if module is classifier)
     state = {**model.backbone.state_dict(), f"{where}.weight": model.head.weight.detach(),
              f"{where}.bias": model.head.bias.detach()}
-    net.load_state_dict(state)  # strict: every tensor has exactly one place
+    try:
+        net.load_state_dict(state)  # strict: every tensor has exactly one place
+    except RuntimeError as err:
+        raise ValueError(f"--format timm: timm's {model.backbone_name} with {model.num_labels} classes does not take "
+                         f"this model's weights ({str(err).splitlines()[0]}): export --format onnx or torchscript") from None
     return net.eval()
 
 
