@@ -24,7 +24,7 @@ COMMANDS = {
     "tune": ("mlabel.tune", "(re)tune per-label thresholds of a saved model on val"),
     "evaluate": ("mlabel.evaluate", "metrics of a saved model on one split"),
     "predict": ("mlabel.predict", "labels and probabilities for images"),
-    "export": ("mlabel.export", "ONNX or TorchScript with labels, thresholds and preprocessing"),
+    "export": ("mlabel.export", "ONNX, TorchScript, a plain timm folder or a WD14-style tagger folder, thresholds included"),
     "report": ("mlabel.report", "(re)build a run's report/report.html from its saved model"),
     "models": ("mlabel.cli", "list timm backbones, marking those with offline weights"),
     "push": ("mlabel.hub:push_main", "upload a model and its card to the Hugging Face Hub (or --dry-run DIR)"),
