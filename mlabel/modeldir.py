@@ -40,9 +40,16 @@ def weights_digest(path: Path) -> str:
 
 
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    """Make the renames in ``folder`` durable where the OS lets a folder be synced (POSIX);
+    Windows cannot open a folder (its renames need no such step), and some file systems refuse."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

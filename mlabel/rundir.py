@@ -3,7 +3,8 @@ overwritten by accident.
 
 A run directory that already holds a run's outputs is kept: a new training goes to the first free
 ``DIR-2``, ``DIR-3``, ... unless ``overwrite=true`` (replace it) or ``resume`` (continue it). The
-directory is locked (``fcntl.flock`` on ``DIR/.lock``, released by the kernel even on kill -9)
+directory is locked (``DIR/.lock``: ``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows; the
+operating system releases it when the holder ends, even on kill -9)
 for as long as the training runs; a second training into it stops with a message naming the
 holder. ``mlabel tune``, ``evaluate`` and ``report`` hold the same lock while they read the saved
 model and rewrite its files (:func:`hold_run_dir`), so two of them, or one and a training, never
@@ -11,7 +12,6 @@ interleave their writes (a report of one tune's thresholds beside another's ``ml
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import time
@@ -24,6 +24,16 @@ from .config import ConfigError
 __all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "RUN_OUTPUTS"]
 
 LOCK = ".lock"
+WINDOWS_LOCK_BYTE = 1 << 30  # msvcrt locks a byte range: one far past the holder's line, which stays readable
+
+try:  # POSIX
+    import fcntl as _fcntl
+except ImportError:  # Windows
+    _fcntl = None
+try:  # Windows
+    import msvcrt as _msvcrt
+except ImportError:
+    _msvcrt = None
 # What a training writes; a directory with any of these holds an earlier run.
 RUN_OUTPUTS = ("config.yaml", "checkpoint.pt", "model", "metrics.json", "history.csv", "run.json")
 
@@ -52,9 +62,7 @@ def _lock(folder: Path, sign: bool = True, doing: str = "training", what: str = 
     path = folder / LOCK
     while True:
         handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(handle):
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -71,6 +79,42 @@ def _lock(folder: Path, sign: bool = True, doing: str = "training", what: str = 
                  f" ({doing})\n")
     handle.flush()
     return handle
+
+
+def _try_lock(handle) -> bool:
+    """Lock ``handle``'s file exclusively without waiting; False when another process holds it."""
+    if _fcntl is not None:
+        try:
+            _fcntl.flock(handle, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    if _msvcrt is None:
+        raise ConfigError("this system offers neither fcntl nor msvcrt file locks, which mlabel needs to keep "
+                          "two commands out of one run directory")
+    handle.seek(WINDOWS_LOCK_BYTE)
+    try:
+        _msvcrt.locking(handle.fileno(), _msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    finally:
+        handle.seek(0)
+    return True
+
+
+def _release(folder: Path, handle) -> None:
+    """Remove the lock file and let go. On POSIX the file goes while it is still held, so no
+    other process can lock it in between; Windows cannot remove an open file, so it is closed first
+    (another holder's file is then left alone)."""
+    if _fcntl is not None:
+        (folder / LOCK).unlink(missing_ok=True)
+        handle.close()
+        return
+    handle.close()
+    try:
+        (folder / LOCK).unlink(missing_ok=True)
+    except OSError:  # held again by another process meanwhile
+        pass
 
 
 @contextmanager
@@ -99,8 +143,7 @@ def claim_run_dir(requested: str | Path, *, overwrite: bool, resume: bool, main:
     try:
         yield folder
     finally:
-        (folder / LOCK).unlink(missing_ok=True)
-        handle.close()
+        _release(folder, handle)
         if created and not any(folder.iterdir()):
             folder.rmdir()
 
@@ -115,5 +158,4 @@ def hold_run_dir(folder: str | Path, doing: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        (folder / LOCK).unlink(missing_ok=True)
-        handle.close()
+        _release(folder, handle)
