@@ -161,3 +161,12 @@ def test_a_model_that_fails_validation_is_refused_before_staging(tiny_run, tmp_p
     (broken / "model" / "mlabel.json").write_text(json.dumps(meta))
     assert _dry_run(broken, tmp_path / "upload") == 2
     assert not (tmp_path / "upload").exists()
+
+
+def test_without_huggingface_hub_the_extra_is_named(tiny_run, tmp_path, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    capsys.readouterr()
+    assert cli_main(["push", str(tiny_run), REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "pip install 'mlabel[hub]'" in err, err
