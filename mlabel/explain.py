@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Explanation", "explain", "overlay", "write_explanations", "METHODS"]
+__all__ = ["Explanation", "explain", "input_view", "overlay", "write_explanations", "METHODS"]
 
 METHODS = ("auto", "cam", "csra", "gradcam", "gradcam++")
 
@@ -240,7 +240,7 @@ def _unique_names(texts: list[str], limit: int) -> list[str]:
     return names
 
 
-def _input_view(image: torch.Tensor, preprocessing: dict) -> np.ndarray:
+def input_view(image: torch.Tensor, preprocessing: dict) -> np.ndarray:
     """The pixels the model saw, (H, W, 3) uint8: its input tensor without the normalisation."""
     mean = torch.tensor(preprocessing["mean"]).view(3, 1, 1)
     std = torch.tensor(preprocessing["std"]).view(3, 1, 1)
@@ -272,7 +272,7 @@ def write_explanations(model, paths: list[str], labels: list[list[str]], out, me
             if not labels[i]:
                 continue
             got = explain(model, images[k:k + 1], labels=labels[i], method=method)
-            view = _input_view(images[k], model.preprocessing)
+            view = input_view(images[k], model.preprocessing)
             for j, name in enumerate(got.labels[0]):
                 with atomic_path(out / f"{stems[i]}__{files[name]}.png") as tmp:
                     overlay(view, got.maps[0][j]).save(tmp, format="PNG")

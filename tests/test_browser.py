@@ -176,6 +176,14 @@ def test_the_explorer_agrees_with_evaluate_predictions_in_a_real_browser(browser
         "return [...document.querySelectorAll('#galleries img')].map(i => i.complete ? i.naturalWidth : -1)")
     assert len(widths) >= 10 and all(w > 0 for w in widths)
     screenshot(browser, tmp_path, "galleries", "galleries")
+    # the checkbox swaps every tile's picture for the heat map of the label it is about
+    shown = "return [...document.querySelectorAll(arguments[0])].map(i => i.offsetWidth > 0)"
+    assert all(browser.execute_script(shown, "#galleries img.plain"))
+    assert not any(browser.execute_script(shown, "#galleries img.cam"))
+    browser.find_element("css selector", "#galleries input[type=checkbox]").click()
+    assert all(browser.execute_script(shown, "#galleries img.cam"))
+    assert not any(browser.execute_script(shown, "#galleries img.plain"))
+    screenshot(browser, tmp_path, "heat-maps", "galleries")
 
 
 def test_past_the_size_limit_the_explorer_snaps_to_bin_edges_and_stays_exact_there(

@@ -196,3 +196,31 @@ def test_predict_explain_labels_and_bad_requests(saved, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error:") and fragment in err, err
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- the report's galleries
+
+def test_report_tiles_carry_the_heat_map_of_their_label(tiny_run, tmp_path):
+    import json
+    import re
+    import shutil
+
+    from mlabel.report import main as report_main
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    assert report_main([str(run), "--quiet"]) == 0
+    page = (run / "report" / "report.html").read_text()
+    thumbs = json.loads(re.search(r'<script type="application/json" id="thumbs">(.*?)</script>', page, re.S).group(1))
+    cams = re.findall(r'<img class="cam" data-thumb="(\d+)" alt="heat map of ([^"]+)">', page)
+    plain = re.findall(r'<img class="plain" data-thumb="(\d+)"', page)
+    assert cams and len(cams) == len(plain)  # every readable tile has its map
+    assert all(thumbs[int(i)].startswith("data:image/jpeg;base64,") for i, _ in cams)
+    assert "show heat maps" in page and "#galleries.show-maps .tile img.cam{display:block}" in page
+    # a per-label tile's map is of its label: the section's label names each map in it
+    galleries = page[page.index('<div id="galleries">'):]
+    section = galleries[galleries.index("<p>Per label"):]
+    first_label = re.search(r"<h3>([^:]+):", section).group(1)
+    first_map = re.search(r'alt="heat map of ([^"]+)"', section).group(1)
+    assert first_map == first_label
+    kb = sum(len(thumbs[int(i)]) for i, _ in cams) / 1024
+    print(f"{len(cams)} heat maps, {kb:.0f} KB of the page's {len(page) / 1024:.0f} KB")

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..io import write_text
 from .explorer import explorer_data, explorer_html
-from .gallery import error_galleries
+from .gallery import error_galleries, heat_map_thumbnails
 from .page import inline_json, page, run_header, summary_tables
 from .plots import (MAX_LABELS_PLOTTED, plot_calibration, plot_frequency, plot_pr_and_f1, plot_structure,
                     plot_training)
@@ -18,13 +18,14 @@ __all__ = ["build_report", "mark_stale", "rebuild_run_report", "report_inputs", 
 
 def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict, labels: list[str],
                  thresholds: np.ndarray, counts: dict, raw_val_probs: np.ndarray | None = None, header: str = "",
-                 paths: dict | None = None) -> Path:
+                 paths: dict | None = None, explain=None) -> Path:
     """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder.
 
     ``splits`` maps ``val`` (and ``test``) to the model's (calibrated) probabilities and the
     targets, (N, L) each; ``paths`` maps a split to its image files (for the error galleries);
     ``raw_val_probs`` is the plain sigmoid on val, drawn beside the calibrated probabilities in
-    the reliability diagram when a calibration is used.
+    the reliability diagram when a calibration is used; ``explain(path, label)`` gives a gallery
+    tile its heat map (:func:`~mlabel.report.gallery.heat_map_thumbnails`).
     """
     folder = Path(run_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict
         if len(labels) > MAX_LABELS_PLOTTED else ""
     figures = "".join(f'<figure><img src="{_data_uri(folder / name)}" alt="{name}"></figure>' for name in images)
     structure = plot_structure(targets, decisions, labels, shown, folder)
-    galleries, thumbs = error_galleries(probs, targets, decisions, (paths or {}).get(shown), labels, shown)
+    galleries, thumbs = error_galleries(probs, targets, decisions, (paths or {}).get(shown), labels, shown, explain)
     explorer = explorer_html(explorer_data(splits, labels, thresholds, f"mlabel tune {run_dir} --from-json thresholds.json"))
     body = (f"{header}<p>Thresholds are tuned per label on val; test figures use them unchanged.</p>"
             f"{summary_tables(metrics, labels)}{explorer}{galleries}<h2>Label structure ({shown})</h2>"
@@ -103,7 +104,8 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
         paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
     raw = torch.sigmoid(scores["val"][0].logits).numpy() if model.calibration else None
     return write_report(run_dir, metrics, history, probs, model.labels, model.thresholds.cpu().numpy(), counts,
-                        raw_val_probs=raw, header=run_header(run_dir, history), paths=paths)
+                        raw_val_probs=raw, header=run_header(run_dir, history), paths=paths,
+                        explain=heat_map_thumbnails(model.eval()))
 
 
 def _label_counts(path: Path, labels: list[str]) -> dict:

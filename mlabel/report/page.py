@@ -117,7 +117,8 @@ table.labels th{cursor:pointer}tr.lost td{background:#fde2e1}.lost-note{color:#a
 .panel h3{grid-column:1/3}.panel canvas{border:1px solid #eee}.bad{color:#c00;font-weight:bold}
 #explorer-slider{width:30em;vertical-align:middle}#explorer-value{width:7em}
 .tiles{display:flex;flex-wrap:wrap;gap:6px}.tile{margin:0;width:150px;font-size:11px}
-.tile img{display:block;max-width:112px;max-height:112px}.kind{margin:.5em 0 .2em;font-weight:bold}
+.tile img{display:block;max-width:112px;max-height:112px}.tile img.cam{display:none}
+#galleries.show-maps .tile img.cam{display:block}#galleries.show-maps .tile img.plain{display:none}.kind{margin:.5em 0 .2em;font-weight:bold}
 .missing{width:112px;height:70px;background:#eee;font-size:10px;overflow:hidden;word-break:break-all}"""
 
 
