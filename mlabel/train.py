@@ -230,13 +230,6 @@ def run(cfg: Config, quiet: bool = False) -> dict:
                            agree=lambda path: broadcast_object(path, world),
                            log=lambda text: _log(not world.main, text)) as out_dir:  # even with --quiet
             cfg.out_dir = str(out_dir)
-            done = finished_run(out_dir) if cfg.resume else None
-            if done is not None:  # resuming it would only redo its post-training steps (and undo a later tune)
-                others = "".join(f"; {d} holds an interrupted run: resume it with out_dir={d} resume=true"
-                                 for d in interrupted_siblings(out_dir))
-                _log(quiet, f"nothing to resume: {out_dir} holds a finished run, left as it is (train more epochs "
-                            f"into a new out_dir, or retune with mlabel tune){others}")
-                return done
             return _run(cfg, quiet, world, device)
     finally:
         close_world(world)
@@ -263,6 +256,10 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     guard = resume_guard(splits, cfg.data.num_workers, world.size)
     # before anything is written, the resolved config against the checkpoint's resolved one
     resumed = load_resume(cfg, out_dir / CHECKPOINT, guard)
+    done = finished_run(out_dir) if resumed is not None else None
+    if done is not None:  # resuming it would only redo its post-training steps (and undo a later tune)
+        _nothing_to_resume(out_dir, quiet)
+        return done
     _check_against_data(cfg, splits)
     model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
                          drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
@@ -291,6 +288,13 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
         _write_run(cfg, model, metrics, run_info, state["history"], outputs, splits, out_dir)
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
+
+
+def _nothing_to_resume(out_dir: Path, quiet: bool) -> None:
+    others = "".join(f"; {d} holds an interrupted run: resume it with out_dir={d} resume=true"
+                     for d in interrupted_siblings(out_dir))
+    _log(quiet, f"nothing to resume: {out_dir} holds a finished run, left as it is (train more epochs into a new "
+                f"out_dir, or retune with mlabel tune){others}")
 
 
 def _check_against_data(cfg: Config, splits) -> None:

@@ -1,5 +1,5 @@
-"""Regenerate ``assets/`` (run from the repository root): sample scenes for the README's ``mlabel predict`` example and
-screenshots of the quickstart report shown in the README.
+"""Regenerate ``assets/`` (run from the repository root): sample scenes for the README's ``mlabel predict`` example,
+screenshots of the quickstart report shown in the README, and a quickstart test scene with two labels' heat maps.
 
     python tools/make_assets.py [--run runs/quickstart] [--train]
 
@@ -60,6 +60,43 @@ def screenshots(run: Path, folder: Path) -> list[Path]:
             driver.quit()
 
 
+def heat_maps(run: Path, folder: Path, scale: int = 4) -> Path:
+    """The first quickstart test scene with two labels, beside the heat map of each (``auto``:
+    the exact class activation map of the quickstart's EfficientNet-Lite0), upscaled and captioned."""
+    import json
+
+    import torch
+    from PIL import Image, ImageDraw
+
+    import mlabel
+    from mlabel.config import load_config
+    from mlabel.data.synthetic import ensure_scenes, scenes_root
+    from mlabel.explain import input_view, overlay
+    from mlabel.preprocess import preprocess_image
+    model = mlabel.load(run).eval()
+    cfg = load_config(run / "config.yaml")
+    root = ensure_scenes(scenes_root(cfg.data.root, cfg.data.cache_dir))
+    boxes = json.loads((root / "test_boxes.json").read_text())
+    path, drawn = next((p, b) for p, b in boxes.items() if len(b) == 2)
+    names = [b[0] for b in drawn]
+    image = torch.from_numpy(preprocess_image(root / path, model.preprocessing))[None]
+    got = model.explain(image, labels=names)
+    view = input_view(image[0], model.preprocessing)
+    side = view.shape[0] * scale
+    panels = [Image.fromarray(view).resize((side, side), Image.NEAREST)]
+    panels += [overlay(Image.fromarray(view).resize((side, side), Image.NEAREST), got.maps[0][k], alpha=0.5)
+               for k in range(len(names))]
+    captions = ["scene"] + [f"{n}: p = {p:.2f}" for n, p in zip(names, got.probabilities[0])]
+    sheet = Image.new("RGB", (len(panels) * (side + 8) + 8, side + 32), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (panel, caption) in enumerate(zip(panels, captions)):
+        sheet.paste(panel, (8 + k * (side + 8), 8))
+        draw.text((8 + k * (side + 8), side + 14), caption, fill="black")
+    out = folder / "explain-overlays.png"
+    sheet.save(out, optimize=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/quickstart"), help="relative to the current folder")
@@ -75,6 +112,7 @@ def main() -> None:
             raise SystemExit(f"{run} exists: drop --train to use it, or give another --run")
         if train_main(["quickstart", f"out_dir={run}", "--quiet"]) != 0:
             raise SystemExit("the quickstart failed")
+    print(f"wrote {heat_maps(run, ASSETS).relative_to(ROOT)}")
     for path in screenshots(run, ASSETS):
         print(f"wrote {path.relative_to(ROOT)}")
 
