@@ -218,10 +218,17 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder else []
 
 
+def _shipped(name: str) -> bool:
+    """Whether ``name`` is a shipped recipe (a folder of that name in the working directory, such
+    as a run directory, does not hide it)."""
+    folder = _packaged_recipes()
+    return bool(folder) and (folder / f"{name}.yaml").is_file()
+
+
 def resolve_recipe(name_or_path: str) -> Path:
     """A YAML path, or a bare recipe name looked up in the shipped ``recipes/``."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or (path.exists() and not (path.is_dir() and _shipped(name_or_path))):
         if not path.exists():
             raise ConfigError(f"recipe file {path} does not exist")
         if not path.is_file():

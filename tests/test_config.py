@@ -76,3 +76,10 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config("quickstart", ["train.epochs=2"])
     text = yaml.safe_dump(config_to_dict(cfg))
     assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    """``mlabel train quickstart`` where ``./quickstart/`` is a run directory still means the recipe."""
+    (tmp_path / "quickstart").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("quickstart", []).data.generate == "scenes"
