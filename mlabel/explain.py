@@ -98,19 +98,24 @@ def _cam_is_exact(model, features: torch.Tensor, grid: torch.Tensor) -> bool:
 
 def _cam(model, images: torch.Tensor) -> torch.Tensor:
     """(N, L, h, w): each label's share of its logit at each location (linear head, mean pooling)."""
+    return _maps_and_probs(model, images, "cam")[1]
+
+
+def _maps_and_probs(model, images: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, L), maps (N, L, h, w)) of ``cam`` or ``csra`` from one forward pass."""
     features = model.backbone.forward_features(images)
     grid, _ = _grid(model, features)
-    if not _cam_is_exact(model, features, grid):
+    if method == "csra":
+        head = model.head
+        logits = head(grid.flatten(2))
+        maps = torch.einsum("nchw,lc->nlhw", grid, head.weight) / head.weight.norm(dim=1)[None, :, None, None]
+        return model.probabilities(logits), maps
+    pooled = model.backbone.forward_head(features, pre_logits=True)
+    if type(model.head).__name__ != "LinearHead" or not torch.allclose(pooled, grid.mean((2, 3)), atol=1e-5, rtol=1e-4):
         raise ValueError(f"method 'cam' is exact only for the linear head over a backbone that averages its "
                          f"feature map; {model.backbone_name} with head {model.head_name} does not: use "
                          "method='gradcam' (or 'auto')")
-    return torch.einsum("nchw,lc->nlhw", grid, model.head.weight)
-
-
-def _csra(model, images: torch.Tensor) -> torch.Tensor:
-    grid, _ = _grid(model, model.backbone.forward_features(images))
-    head = model.head
-    return torch.einsum("nchw,lc->nlhw", grid, head.weight) / head.weight.norm(dim=1)[None, :, None, None]
+    return model.probabilities(model.head(pooled)), torch.einsum("nchw,lc->nlhw", grid, model.head.weight)
 
 
 class _Forward(nn.Module):
@@ -209,12 +214,13 @@ def explain(model, images: torch.Tensor, labels=None, method: str = "auto") -> E
     model.eval()
     try:
         with torch.no_grad():
-            probs = model.predict_proba(images)
             chosen = _choose(model, images, method)
+            if chosen in ("cam", "csra"):  # one forward pass: the probabilities and every label's map
+                probs, full = _maps_and_probs(model, images, chosen)
+            else:
+                probs = model.predict_proba(images)
         wanted = _wanted(model, probs, labels)
         if chosen in ("cam", "csra"):
-            with torch.no_grad():
-                full = (_cam if chosen == "cam" else _csra)(model, images)
             per_image = [full[i, idx] for i, idx in enumerate(wanted)]
         else:
             per_image = _gradient_maps(model, images, wanted, chosen)
