@@ -150,12 +150,14 @@ def _gradient_maps(model, images: torch.Tensor, wanted: list[list[int]], method:
         return _grid(model, tensor)[0] if tokens else tensor
 
     cls = GradCAMPlusPlus if method == "gradcam++" else GradCAM
-    out = []
+    found: dict[tuple[int, int], np.ndarray] = {}
     with cls(model=forward, target_layers=[forward.features], reshape_transform=reshape) as cam:
-        for i, labels in enumerate(wanted):
-            maps = [cam(input_tensor=images[i:i + 1], targets=[ClassifierOutputTarget(label)])[0] for label in labels]
-            out.append(torch.from_numpy(np.stack(maps)) if maps else torch.zeros(0, *images.shape[2:]))
-    return out
+        for label in sorted({j for labels in wanted for j in labels}):  # one batch per label
+            rows = [i for i, labels in enumerate(wanted) if label in labels]
+            maps = cam(input_tensor=images[rows], targets=[ClassifierOutputTarget(label)] * len(rows))
+            found.update({(i, label): m for i, m in zip(rows, maps)})
+    return [torch.from_numpy(np.stack([found[i, j] for j in labels])) if labels else torch.zeros(0, *images.shape[2:])
+            for i, labels in enumerate(wanted)]
 
 
 def _scaled(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

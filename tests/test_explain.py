@@ -224,3 +224,12 @@ def test_report_tiles_carry_the_heat_map_of_their_label(tiny_run, tmp_path):
     assert first_map == first_label
     kb = sum(len(thumbs[int(i)]) for i, _ in cams) / 1024
     print(f"{len(cams)} heat maps, {kb:.0f} KB of the page's {len(page) / 1024:.0f} KB")
+
+
+def test_gradcam_in_a_batch_equals_one_image_at_a_time(resnet):
+    """The gradient methods run one batch per label; each image's map is the one it gets alone."""
+    images = torch.rand(3, 3, 64, 64)
+    together = resnet.explain(images, labels=["a", "c"], method="gradcam")
+    for i in range(3):
+        alone = resnet.explain(images[i:i + 1], labels=["a", "c"], method="gradcam")
+        np.testing.assert_allclose(together.maps[i], alone.maps[0], atol=1e-5)
