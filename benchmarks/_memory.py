@@ -1,6 +1,7 @@
 """Peak resident memory of this process, per stage (Linux: ``VmHWM``, reset through ``clear_refs``)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -17,3 +18,11 @@ def reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def timed(fn):
+    """(fn(), its seconds, the process's peak RSS in MB while it ran)."""
+    reset_peak()
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start, peak_mb()

@@ -15,20 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import peak_mb, reset_peak  # noqa: E402
+from _memory import timed  # noqa: E402
 sys.path.insert(0, str(ROOT))
-
-
-def _timed(fn):
-    reset_peak()
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start, peak_mb()
 
 
 def write_yolo(folder: Path, images: int, rng) -> Path:
@@ -85,12 +77,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     yaml_path = write_yolo(work / "yolo", args.yolo_images, rng)
-    table, seconds, peak = _timed(lambda: read_yolo_table(yaml_path, "train"))
+    table, seconds, peak = timed(lambda: read_yolo_table(yaml_path, "train"))
     print(f"yolo: {len(table):,} label files, {len(table.labels)} classes: {seconds:.2f} s "
           f"({len(table) / seconds:,.0f} files/s), peak RSS {peak:,.0f} MB")
 
     csv_path = write_openimages(work / "oi", args.oi_rows, rng)
-    table, seconds, peak = _timed(lambda: openimages.read_openimages_table(
+    table, seconds, peak = timed(lambda: openimages.read_openimages_table(
         csv_path, work / "oi", class_file=work / "oi" / "class-descriptions.csv", split="train"))
     kind = "sparse" if table.sparse else "dense"
     print(f"openimages: {args.oi_rows:,} rows, {len(table):,} images x {len(table.labels):,} labels ({kind}): "

@@ -15,20 +15,12 @@ import argparse
 import io
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _memory import peak_mb, reset_peak  # noqa: E402
+from _memory import timed  # noqa: E402
 sys.path.insert(0, str(ROOT))
-
-
-def _timed(fn):
-    reset_peak()
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start, peak_mb()
 
 
 def main() -> None:
@@ -66,19 +58,19 @@ def main() -> None:
     splits = Splits(names, "multilabel", table, table.subset(range(0), "none"), None)
     splits.val = None  # only the training split is written
     out = work / "shards"
-    tree, seconds, peak = _timed(lambda: shard_module.write_shards(
+    tree, seconds, peak = timed(lambda: shard_module.write_shards(
         splits, out, args.shard_size, image.parent, check=lambda path: None, log=lambda *a: None))
     size = sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20
     print(f"{n:,} samples x {labels:,} labels ({len(rows):,} positives), {len(tree['splits']['train']['shards'])} shards, "
           f"{size:,.0f} MB: written in {seconds:.1f} s (peak RSS {peak:,.0f} MB), index "
           f"{(out / 'train.index.npz').stat().st_size / 2**20:.1f} MB")
-    indexed, t_index, rss_index = _timed(lambda: shard_module.read_wds_table(out, "train"))
+    indexed, t_index, rss_index = timed(lambda: shard_module.read_wds_table(out, "train"))
     vocabulary = shard_module.read_vocabulary(out)
     vocabulary.splits["train"].pop("index")  # as shards without an index are read
     original = shard_reader.read_vocabulary
     shard_reader.read_vocabulary = lambda root: vocabulary
     try:
-        scanned, t_scan, rss_scan = _timed(lambda: shard_module.read_wds_table(out, "train"))
+        scanned, t_scan, rss_scan = timed(lambda: shard_module.read_wds_table(out, "train"))
     finally:
         shard_reader.read_vocabulary = original
     assert indexed.paths == scanned.paths and indexed.members == scanned.members

@@ -65,17 +65,24 @@ def read_class_descriptions(path: Path) -> dict[str, str]:
     return {i: (name if counts[name] == 1 else f"{name} ({i})") for i, name in pairs}
 
 
+def _line_blocks(handle) -> Iterator[bytes]:
+    """``handle``'s bytes a chunk at a time, each cut after its last newline (the rest carried over)."""
+    rest = b""
+    while True:
+        block = handle.read(_CHUNK)
+        data = rest + block
+        cut = data.rfind(b"\n") + 1 if block else len(data)
+        data, rest = data[:cut], data[cut:]
+        if not data:
+            return
+        yield data
+
+
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of a UTF-8 CSV, decoded a chunk at a time (a BOM is dropped)."""
-    line, rest = 1, b""
+    line = 1
     with path.open("rb") as handle:
-        while True:
-            block = handle.read(_CHUNK)
-            data = rest + block
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            data, rest = data[:cut], data[cut:]
-            if not data:
-                return
+        for data in _line_blocks(handle):
             try:
                 text = data.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as err:
@@ -154,14 +161,8 @@ def _fast_pairs(path: Path, column: dict[str, int], known: dict[str, str], stric
             return None
         columns = tuple(names.index(c) for c in ("ImageID", "LabelName", "Confidence"))
         ids: dict[str, int] = {}
-        parts, rest = [], b""
-        while True:
-            block = handle.read(_CHUNK)
-            data = rest + block
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            data, rest = data[:cut], data[cut:]
-            if not data:
-                break
+        parts = []
+        for data in _line_blocks(handle):
             if not data.endswith(b"\n"):
                 data += b"\n"
             part = _chunk_pairs(np.frombuffer(data, np.uint8), columns, len(names), lookup, ids)
