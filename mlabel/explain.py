@@ -88,12 +88,14 @@ def _grid(model, features: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid), tuple(grid)
 
 
-def _cam_is_exact(model, features: torch.Tensor, grid: torch.Tensor) -> bool:
-    """Whether the head's input is the mean of the feature map (so ``w . x(loc)`` decomposes the logit)."""
+def _exact_pooling(model, features: torch.Tensor, grid: torch.Tensor) -> torch.Tensor | None:
+    """The head's input when it is the mean of the feature map (so ``w . x(loc)`` decomposes the
+    logit), else None."""
     if type(model.head).__name__ != "LinearHead":
-        return False
+        return None
     pooled = model.backbone.forward_head(features, pre_logits=True)
-    return pooled.shape == grid.mean((2, 3)).shape and torch.allclose(pooled, grid.mean((2, 3)), atol=1e-5, rtol=1e-4)
+    mean = grid.mean((2, 3))
+    return pooled if pooled.shape == mean.shape and torch.allclose(pooled, mean, atol=1e-5, rtol=1e-4) else None
 
 
 def _cam(model, images: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,8 @@ def _maps_and_probs(model, images: torch.Tensor, method: str) -> tuple[torch.Ten
         logits = head(grid.flatten(2))
         maps = torch.einsum("nchw,lc->nlhw", grid, head.weight) / head.weight.norm(dim=1)[None, :, None, None]
         return model.probabilities(logits), maps
-    pooled = model.backbone.forward_head(features, pre_logits=True)
-    if type(model.head).__name__ != "LinearHead" or not torch.allclose(pooled, grid.mean((2, 3)), atol=1e-5, rtol=1e-4):
+    pooled = _exact_pooling(model, features, grid)
+    if pooled is None:
         raise ValueError(f"method 'cam' is exact only for the linear head over a backbone that averages its "
                          f"feature map; {model.backbone_name} with head {model.head_name} does not: use "
                          "method='gradcam' (or 'auto')")
@@ -184,7 +186,7 @@ def _choose(model, images: torch.Tensor, method: str) -> str:
     if model.head_name == "csra":
         return "csra"
     features = model.backbone.forward_features(images[:1])
-    return "cam" if _cam_is_exact(model, features, _grid(model, features)[0]) else "gradcam"
+    return "cam" if _exact_pooling(model, features, _grid(model, features)[0]) is not None else "gradcam"
 
 
 def _wanted(model, probs: torch.Tensor, labels) -> list[list[int]]:

@@ -17,28 +17,26 @@ import statistics
 from pathlib import Path
 
 
-def lengths(root: Path) -> list[tuple[int, str]]:
-    found = []
+def _functions(root: Path):
+    """(path, node) of every function and method under ``root``."""
     for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                found.append((node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}"))
-    return found
+                yield path, node
+
+
+def lengths(root: Path) -> list[tuple[int, str]]:
+    return [(node.end_lineno - node.lineno + 1, f"{path}:{node.lineno} {node.name}") for path, node in _functions(root)]
+
+
+def _count_parameters(args: ast.arguments) -> int:
+    names = [x.arg for x in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    names += [x.arg for x in (args.vararg, args.kwarg) if x is not None]
+    return len([n for n in names if n not in ("self", "cls")])
 
 
 def parameters(root: Path) -> list[tuple[int, str]]:
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
-                names += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
-                count = len([n for n in names if n not in ("self", "cls")])
-                found.append((count, f"{path}:{node.lineno} {node.name}"))
-    return found
+    return [(_count_parameters(node.args), f"{path}:{node.lineno} {node.name}") for path, node in _functions(root)]
 
 
 def main() -> None:
