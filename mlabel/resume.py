@@ -18,6 +18,7 @@ import numpy as np
 
 from .checkpoint import config_differences, load_checkpoint
 from .config import Config, ConfigError, config_to_dict
+from .data.members import ShardPaths
 
 __all__ = ["finished_run", "interrupted_siblings", "load_resume", "resume_guard"]
 
@@ -35,8 +36,14 @@ def fingerprint_table(table) -> str:
     and regression targets. Any edit of a label file that changes what is trained changes it."""
     digest = hashlib.sha256()
     digest.update(json.dumps(list(table.labels)).encode())
-    for path in table.paths:
-        digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
+    paths = table.paths
+    if isinstance(paths, ShardPaths):  # its arrays, not a string per image (millions of samples at start-up)
+        digest.update(json.dumps(paths.shards).encode())
+        _update_array(digest, paths.shard_of)
+        _update_array(digest, paths.keys)
+    else:
+        for path in paths:
+            digest.update(str(path).encode("utf-8", "surrogateescape") + b"\0")
     targets = table.targets
     if table.sparse:
         digest.update(f"sparse{targets.num_labels},{targets.default}".encode())
