@@ -8,9 +8,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from PIL import Image
 
 from mlabel.data.synthetic import SCENE_LABELS, draw_scene
+
+# Property tests draw the same examples on every run, so a clean clone passes or fails the same way
+# in CI as here; `MLABEL_HYPOTHESIS=explore python -m pytest tests/test_fuzz_*.py` draws new ones.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500)
+settings.load_profile(os.environ.get("MLABEL_HYPOTHESIS", "deterministic"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -99,6 +99,20 @@ def test_labels_json_of_any_shape(folder, data):
         assert len(table) == 3 and [p.rsplit("#", 1)[1] for p in table.paths] == ["k0", "k1", "k2"]
 
 
+def _fitting(dtype: np.dtype):
+    """Any value the array's dtype can hold, at the edges of its range included."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return st.integers(int(info.min), int(info.max))
+    if dtype.kind == "f":
+        return st.floats(width=dtype.itemsize * 8)
+    if dtype.kind == "b":
+        return st.booleans()
+    if dtype.kind == "S":
+        return st.binary(max_size=dtype.itemsize)
+    return st.text(max_size=3)
+
+
 def _mutated(arrays: dict, draw) -> dict:
     """Each array kept, dropped, replaced by a random one, or with one value changed."""
     out = {}
@@ -112,8 +126,7 @@ def _mutated(arrays: dict, draw) -> dict:
                                         hnp.array_shapes(min_dims=0, max_dims=2, max_side=4)))
         elif how == "poke" and len(values):
             values = values.copy()
-            values[draw(st.integers(0, len(values) - 1))] = draw(
-                st.integers(-2**31, 2**31) if values.dtype.kind in "iu" else st.text(max_size=3))
+            values[draw(st.integers(0, len(values) - 1))] = draw(_fitting(values.dtype))
             out[name] = values
     return out
 
