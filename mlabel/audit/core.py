@@ -1,0 +1,213 @@
+"""``audit(recipe, ...)``: out-of-fold probabilities of every train and val image, the suspicion of
+every known cell, and the audit's files in ``out``. Everything the data or the settings can refute
+is checked before the first file is written."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..calibration import apply_calibration, fit_calibration
+from ..config import Config, load_config
+from ..data import build_splits
+from ..data.synthetic import scenes_root
+from ..data.tables import LabelTable
+from ..errors import DataError
+from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
+from .rank import DEFAULT_SCORING, SCORINGS, label_thresholds, suspicion
+
+__all__ = ["AuditResult", "AuditSettings", "audit", "DEFAULT_TOP", "BUDGETS"]
+
+DEFAULT_TOP = 5000  # rows of issues.csv: more than a person reviews, few enough to open in a spreadsheet
+BUDGETS = ("fast", "full")
+
+
+@dataclass
+class AuditSettings:
+    """The audit's own settings (the recipe's keys come with the recipe)."""
+    folds: int = 5
+    budget: str = "fast"
+    from_run: str | Path | None = None
+    seed: int = 0
+    scoring: str = DEFAULT_SCORING
+    top: int = DEFAULT_TOP
+    quiet: bool = False
+
+    def check(self) -> None:
+        if self.budget not in BUDGETS:
+            raise DataError(f"--budget {self.budget!r}: choose one of {list(BUDGETS)}")
+        if self.scoring not in SCORINGS:
+            raise DataError(f"--scoring {self.scoring!r}: choose one of {list(SCORINGS)}")
+        if self.top < 1:
+            raise DataError(f"--top {self.top}: give at least 1")
+        if self.from_run is not None and self.budget == "full":
+            raise DataError("--from RUN gives the fast budget its features; --budget full trains its own models")
+
+    def to_dict(self) -> dict:
+        return {"folds": self.folds, "budget": self.budget, "from_run": None if self.from_run is None else
+                str(self.from_run), "seed": self.seed, "scoring": self.scoring, "top": self.top}
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` leaves; the arrays are in the row order of ``paths`` (train then val)."""
+    paths: list[str]  # (N,) image ids as in the label table
+    labels: list[str]  # (L,)
+    given: np.ndarray  # (N, L) int8: 1, 0, -1 unknown
+    probs: np.ndarray  # (N, L) float32 calibrated out-of-fold probabilities
+    missing: np.ndarray  # (N, L) float32 suspicion of given-0 cells, NaN elsewhere
+    spurious: np.ndarray  # (N, L) float32 suspicion of given-1 cells, NaN elsewhere
+    summary: dict
+    out: Path
+    thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (L,) on the OOF probs
+    fold: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (N,)
+
+
+@dataclass
+class Plan:
+    """The checked inputs of one audit."""
+    cfg: Config
+    table: LabelTable  # train rows then val rows
+    given: np.ndarray  # (N, L) int8
+    sources: list  # per split: {"split", "file", "rows"}
+    model: torch.nn.Module | None  # the fast budget's feature model
+
+
+def _log(settings: AuditSettings, text: str) -> None:
+    if not settings.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _joined(splits) -> LabelTable:
+    tables = [splits.train, splits.val]
+    targets = np.concatenate([t.dense_targets() for t in tables])
+    return LabelTable([p for t in tables for p in t.paths], targets, splits.labels, splits.train.source)
+
+
+def _data_folders(cfg: Config) -> list[Path]:
+    """The folders the data live in: data.root and the folders of the split files."""
+    root = Path(cfg.data.root).resolve()
+    files = [getattr(cfg.data, s) for s in ("train", "val", "test") if getattr(cfg.data, s)]
+    return [root, *{(root / f).resolve().parent for f in files}]
+
+
+def _check_out(out: Path, cfg: Config) -> None:
+    target = out.resolve()
+    for folder in _data_folders(cfg):
+        if target == folder or folder in target.parents:
+            raise DataError(f"--out {out} is inside the data folder {folder}; the audit never writes into the "
+                            "user's data: choose a folder outside it")
+    if target.exists() and not target.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder")
+
+
+def _source_of(cfg: Config, split: str, rows: int) -> dict:
+    name = getattr(cfg.data, split)
+    carved = split == "val" and not name
+    path = None if carved else Path(name) if Path(name).is_absolute() else Path(cfg.data.root) / name
+    file = str((path if path else Path(cfg.data.root) / cfg.data.train).resolve())
+    return {"split": split, "file": file if Path(file).is_file() else None, "rows": rows, "carved": carved}
+
+
+def _feature_model(cfg: Config, splits, settings: AuditSettings):
+    """The model whose backbone gives the features: ``--from RUN``'s, else the recipe's backbone with
+    its pretrained weights (``model.pretrained=auto`` resolved as training does)."""
+    from ..models import create_model, load
+    if settings.from_run is not None:
+        model = load(settings.from_run)
+        if list(model.labels) != list(splits.labels):
+            raise DataError(f"--from {settings.from_run}: its model has labels {model.labels}, the recipe's data "
+                            f"has {splits.labels}; audit with the run that was trained on these labels")
+        return model
+    torch.manual_seed(settings.seed)  # a backbone from scratch: the same random features on every rerun
+    return create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, task=splits.task,
+                        image_size=cfg.data.image_size, resize=cfg.data.resize)
+
+
+def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings) -> Plan:
+    """Load and check everything; nothing is written."""
+    from ..defaults import resolve_defaults
+    settings.check()
+    cfg = load_config(recipe, list(overrides))
+    if not cfg.data.train:
+        raise DataError(f"recipe {recipe}: data.train is not set; the audit scores the training split: "
+                        "give data.train=FILE")
+    if cfg.data.generate:
+        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
+    _check_out(out, cfg)
+    splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    table = _joined(splits)
+    given = table.targets.astype(np.int8)
+    check_folds(given, settings.folds, splits.labels)
+    resolve_defaults(cfg, splits.task, lambda text: _log(settings, text), images=len(table))
+    model = _feature_model(cfg, splits, settings) if settings.budget == "fast" else None
+    sources = [_source_of(cfg, "train", len(splits.train)), _source_of(cfg, "val", len(splits.val))]
+    return Plan(cfg, table, given, sources, model)
+
+
+def _workers(cfg: Config) -> int:
+    return cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else 0
+
+
+def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, fold: np.ndarray):
+    """Out-of-fold logits (N, L) and what the features came from."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.budget == "full":
+        job = FullJob(str(recipe), tuple(overrides), plan.table, out / "folds", plan.cfg.data.batch_size,
+                      _workers(plan.cfg))
+        return full_logits(job, fold), {"models": f"{settings.folds} trainings with the recipe"}
+    job = FeatureJob(plan.table, plan.model.to(device), plan.cfg.data.batch_size, _workers(plan.cfg), out / "cache")
+    features, key, cached = cached_features(job, lambda text: _log(settings, text))
+    heads = HeadSettings(plan.cfg.loss.pos_weight if isinstance(plan.cfg.loss.pos_weight, str) else "auto",
+                         plan.cfg.loss.pos_weight_max, seed=settings.seed)
+    logits = fit_heads(features, plan.given, fold, heads)
+    return logits, {"features": key, "feature_width": int(features.shape[1]), "cache_used": cached,
+                    "backbone": plan.model.backbone_name, "weight_decay": heads.weight_decay}
+
+
+def calibrate_per_fold(logits: np.ndarray, given: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities (N, L) float32: per fold a per-label Platt map fitted on that fold's
+    own out-of-fold logits against the given labels (two parameters per label and fold, so the
+    fit hardly sees any one cell), which puts the folds' differently scaled heads on one scale."""
+    probs = np.zeros(logits.shape, dtype=np.float32)
+    for k in np.unique(fold):
+        held = np.flatnonzero(fold == k)
+        x = torch.from_numpy(logits[held])
+        scale, bias = fit_calibration(x, torch.from_numpy(given[held].astype(np.float32)), "platt")
+        probs[held] = apply_calibration(x, scale, bias).numpy()
+    return probs
+
+
+def audit(recipe, overrides: Sequence[str] = (), *, out, **options) -> AuditResult:
+    """Audit the labels of a recipe's train and val images (see :mod:`mlabel.audit`).
+
+    Args:
+        recipe: a recipe name or YAML path, as ``mlabel train`` takes.
+        overrides: dotted ``key=value`` strings over the recipe.
+        out: the audit's folder (outside the data folder).
+        **options: :class:`AuditSettings` fields: folds (5), budget ("fast" | "full"), from_run
+            (a run or model folder whose backbone gives the features), seed (0), scoring
+            ("margin" | "zscore" | "abs"), top (rows of issues.csv, 5000), quiet.
+    """
+    from .outputs import write_outputs
+    settings = AuditSettings(**options)
+    started, out = time.perf_counter(), Path(out)
+    plan = prepare(recipe, overrides, out, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    fold = fold_of(plan.given, settings.folds, settings.seed)
+    logits, origin = oof_logits(plan, recipe, overrides, out, settings, fold)
+    scored = time.perf_counter()
+    probs = calibrate_per_fold(logits, plan.given, fold)
+    thresholds = label_thresholds(probs, plan.given)
+    missing, spurious = suspicion(probs, plan.given, settings.scoring, thresholds)
+    result = AuditResult(list(plan.table.paths), list(plan.table.labels), plan.given, probs, missing, spurious,
+                         {}, out, thresholds, fold)
+    timings = {"scores_s": round(scored - started, 3), "rank_s": round(time.perf_counter() - scored, 3)}
+    result.summary = write_outputs(result, plan, settings, {**origin, "timings": timings}, lambda t: _log(settings, t))
+    return result
+

@@ -1,0 +1,128 @@
+"""The audit's files: ``issues.csv``, ``suggestions.csv``, ``summary.json``, ``oof.npz`` and
+``audit.html``, each written atomically by this module alone."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_path, write_json, write_text
+from ..version import __version__
+from .rank import Cells, flagged_cells, noise_rates, suggested_cells
+
+__all__ = ["COLUMNS", "PAGE_TILES", "write_outputs", "read_listed"]
+
+COLUMNS = ["image", "label", "given", "probability", "kind", "score", "rank"]
+PAGE_TILES = 2000  # tiles on audit.html: the top of issues.csv, then of suggestions.csv
+THUMB = 96
+
+
+def _rows(result, cells: Cells) -> list[list]:
+    return [[result.paths[r], result.labels[c], int(result.given[r, c]), f"{float(result.probs[r, c]):.6f}", kind,
+             f"{float(s):.6f}", rank] for rank, (r, c, kind, s) in
+            enumerate(zip(cells.rows, cells.cols, cells.kind, cells.score), start=1)]
+
+
+def _write_csv(path: Path, rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def read_listed(folder: Path) -> dict[tuple[str, str], tuple[str, int]]:
+    """(image, label) -> (kind, given) of every row of an audit's issues.csv and suggestions.csv."""
+    listed = {}
+    for name in ("issues.csv", "suggestions.csv"):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(2, f"no {name} here: is {folder} an audit's --out folder?", str(path))
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                listed[(row["image"], row["label"])] = (row["kind"], int(row["given"]))
+    return listed
+
+
+def _thumbnail(path: str) -> bytes:
+    """A JPEG (q70) of the image scaled to fit 96 px; a grey square where it cannot be read."""
+    from PIL import Image, ImageOps
+    buffer = io.BytesIO()
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (THUMB * 2, THUMB * 2))
+            small = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        small = Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
+    small.thumbnail((THUMB, THUMB))
+    small.save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def _tiles(result, listed: list[list]) -> list:
+    from .page import Tile
+    names = np.asarray(result.labels, dtype=object)
+    row_of = {path: i for i, path in enumerate(result.paths)}
+    tiles, thumbs = [], {}
+    for image, label, _, probability, kind, score, rank in listed[:PAGE_TILES]:
+        r = row_of[image]
+        if image not in thumbs:
+            thumbs[image] = (r, _thumbnail(image))
+        tiles.append(Tile(image, thumbs[image][1], list(names[result.given[r] == 1]), list(names[result.given[r] < 0]),
+                          list(names[result.probs[r] >= result.thresholds]), label, kind, float(probability),
+                          float(score), rank))
+    return tiles
+
+
+def _page(result, issues: list[list], suggestions: list[list], log) -> int:
+    try:
+        from .page import write_audit_page
+    except ImportError:  # the page module is optional to the audit's figures
+        log("audit.html: the page writer is not available; issues.csv holds the same rows")
+        return 0
+    tiles = _tiles(result, issues + suggestions)
+    return write_audit_page(result.out / "audit.html", tiles, result.labels, f"mlabel audit: {result.out.name}")
+
+
+def _summary(result, plan, settings, extra: dict, counts: dict) -> dict:
+    return {"mlabel_version": __version__, "settings": settings.to_dict(), "scoring": settings.scoring,
+            "images": len(result.paths), "labels": result.labels, "counts": counts,
+            "calibration": "platt per label, fitted per fold on that fold's out-of-fold logits",
+            "thresholds": "per label, F1-maximising on the calibrated out-of-fold probabilities",
+            "noise_rate_estimator": "flagged cells / known cells of the given class at the label's threshold, "
+                                    "95 % Wilson interval (holds the model's own errors too: an upper estimate)",
+            "per_label": noise_rates(result.probs, result.given, result.thresholds, result.labels),
+            "sources": plan.sources, "data": _data_keys(plan.cfg), **extra}
+
+
+def _data_keys(cfg) -> dict:
+    keys = ("format", "root", "train", "val", "image_column", "label_columns", "labels_column", "label_delimiter")
+    return {k: getattr(cfg.data, k) for k in keys}
+
+
+def write_outputs(result, plan, settings, extra: dict, log) -> dict:
+    """Every file of the audit into ``result.out``; returns the summary."""
+    issues = _rows(result, flagged_cells(result.probs, result.missing, result.spurious, result.thresholds,
+                                         settings.top))
+    suggestions = _rows(result, suggested_cells(result.probs, result.given, result.thresholds, settings.top))
+    out = result.out
+    with atomic_path(out / "oof.npz") as tmp:
+        with tmp.open("wb") as handle:
+            np.savez(handle, probs=result.probs, given=result.given, fold=result.fold, thresholds=result.thresholds,
+                     paths=np.asarray(result.paths, dtype=str), labels=np.asarray(result.labels, dtype=str))
+    _write_csv(out / "issues.csv", issues)
+    _write_csv(out / "suggestions.csv", suggestions)
+    kinds = [row[4] for row in issues + suggestions]
+    counts = {"issues": len(issues), "suggestions": len(suggestions),
+              **{kind: kinds.count(kind) for kind in ("missing", "spurious", "suggested_positive",
+                                                      "suggested_negative")}}
+    summary = _summary(result, plan, settings, extra, counts)
+    summary["page_bytes"] = _page(result, issues, suggestions, log)
+    write_json(out / "summary.json", summary)
+    log(f"audit: {counts['missing']} suspected missing and {counts['spurious']} spurious labels in "
+        f"{out / 'issues.csv'}, {len(suggestions)} suggestions for unknown cells in {out / 'suggestions.csv'}")
+    if summary["page_bytes"]:
+        log(f"review them in {out / 'audit.html'}, then: mlabel audit apply {out} corrections.csv --out NEW_LABELS")
+    return summary
