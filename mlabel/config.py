@@ -35,25 +35,30 @@ def _key(default: Any, help: str, range: str | None = None):
 
 @dataclass
 class DataConfig:
-    format: Literal["csv", "folder", "jsonl", "voc", "coco", "wds", "yolo", "labelstudio", "openimages"] = _key(
+    format: Literal["csv", "folder", "jsonl", "voc", "coco", "wds", "yolo", "labelstudio", "openimages", "hf"] = _key(
         "csv", "layout of the annotations; wds: WebDataset tar shards (python -m mlabel.data shard writes them); "
         "yolo: an Ultralytics data.yaml; labelstudio: Label Studio JSON exports (Choices); openimages: "
-        "image-label CSVs (Confidence 1/0, the rest unknown)")
-    root: str = _key(".", "folder the image paths are relative to; yolo: the data set's data.yaml")
+        "image-label CSVs (Confidence 1/0, the rest unknown); hf: a Hugging Face datasets folder (pip install mlabel[hf])")
+    root: str = _key(".", "folder the image paths are relative to; yolo: the data set's data.yaml; hf: a save_to_disk, "
+                     "imagefolder or parquet folder, or hf://datasets/OWNER/NAME (downloaded)")
     train: str = _key("train.csv", "training split: a csv/jsonl/json file, folder, annotation file or split name "
                       "(yolo: the yaml's train, val, test keys; the default train.csv means train there)")
     val: str | None = _key(None, "validation split; null: a seeded stratified share of train")
     test: str | None = _key(None, "test split; null: a share of train when test_fraction > 0, else none")
     labels: list[str] | None = _key(None, "label names and their order; null: from the data")
+    label_file: str | None = _key(None, "a text file of the labels to train on, one name a line (openimages: or "
+                                  "/m/ id), instead of data.labels; relative to data.root (yolo: the yaml's folder)")
     image_column: str | None = _key(None, "csv: the column of image paths; null: the first column; "
-                                    "labelstudio: the task data key of the image; null: image, or the only key")
+                                    "labelstudio: the task data key of the image; null: image, or the only key; "
+                                    "hf: the Image column; null: the only one")
     class_descriptions: str | None = _key(
         None, "openimages: the class-descriptions CSV (LabelName,DisplayName), relative to data.root; null: "
         "found beside the labels CSV or in data.root")
     box_files: list[str] | None = _key(None, "openimages: box CSVs (ImageID,...,XMin,XMax,YMin,YMax) whose boxes "
                                        "feed data.box_crops, relative to data.root")
-    label_columns: list[str] | None = _key(None, "csv: 0/1 columns (empty or -1 = unknown); null: all others")
-    labels_column: str | None = _key(None, "csv: one column of label names joined by label_delimiter")
+    label_columns: list[str] | None = _key(None, "csv, hf: 0/1 columns (empty or -1 = unknown); null: all others")
+    labels_column: str | None = _key(None, "csv: one column of label names joined by label_delimiter; hf: the "
+                                     "list (or class label) column; null: the only one")
     label_delimiter: str = _key(" ", "csv: separator inside labels_column")
     regression_columns: list[str] | None = _key(None, "csv: numeric columns for an auxiliary regression head")
     val_fraction: float = _key(0.2, "share of train held out for val when data.val is null", "[0, 1)")
@@ -470,6 +475,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
 def _check(config: Config) -> None:
     """Ranges, then the cross-field rules that the types alone cannot express."""
     _check_ranges(config)
+    if config.data.labels is not None and config.data.label_file:
+        raise ConfigError("give either data.labels or data.label_file (a file listing them), not both")
     if config.data.label_columns and config.data.labels_column:
         raise ConfigError("give either data.label_columns (0/1 columns) or data.labels_column "
                           "(one column of names), not both")

@@ -33,6 +33,7 @@ from .config import (Config, ConfigError, config_to_dict, describe_keys, head_kw
 from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
 from .data.dataset import box_crop
 from .data.check import drop_bad_images, kept_rows
+from .data.hf import data_keys
 from .data.shards import ShardLoader, ShardStream
 from .outputs import collate
 from .data.synthetic import scenes_root
@@ -210,6 +211,8 @@ def fit(recipe: str | Path, overrides: Sequence[str] = (), *, quiet: bool = Fals
     """Train from Python as ``python -m mlabel.train`` does: ``fit("quickstart", ["train.epochs=2"])``
     or ``fit("quickstart", train={"epochs": 2}, out_dir="runs/q")``. Keyword sections become
     dotted overrides after ``overrides``; the config is checked before anything is written."""
+    if "data" in keys:  # a datasets.DatasetDict (or Dataset) becomes data.format=hf on a saved copy
+        keys["data"] = data_keys(keys["data"])
     extra = []
     for key, value in keys.items():
         items = value.items() if isinstance(value, dict) else [(None, value)]

@@ -11,6 +11,7 @@ import numpy as np
 
 from .shards import is_url, read_wds_table
 from .formats import read_coco_table, read_jsonl_table, read_voc_table
+from .hf import HfSource, read_hf_table, resolve_hf_splits
 from .labelstudio import read_labelstudio_table
 from .openimages import find_class_descriptions, read_openimages_table
 from .yolo import read_yolo_table, read_yolo_yaml
@@ -18,7 +19,7 @@ from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .sparse import sparse_split
 from .split import iterative_split
 from .synthetic import ensure_scenes, scenes_root
-from .tables import DataError, LabelTable, read_csv_table, read_folder_table
+from .tables import DataError, LabelTable, read_csv_table, read_folder_table, read_text
 
 __all__ = ["DataError", "LabelTable", "Splits", "ImageDataset", "build_splits", "build_transform",
            "make_loader", "read_rgb", "iterative_split", "label_counts"]
@@ -38,6 +39,8 @@ def _read(data, name: str, labels, task: str, skipped: list | None = None) -> La
     if data.format == "wds":  # data.root: the shards' folder or URL
         root = data.root if is_url(data.root) else Path(data.root)
         return read_wds_table(root, name, labels=labels, skip_bad=data.on_bad_image == "skip", skipped=skipped)
+    if data.format == "hf":  # data.root: the datasets folder; name: one of its splits
+        return read_hf_table(HfSource.of(data), name, labels=labels)
     root = Path(data.root)
     if data.format == "yolo":  # data.root: the data.yaml; name: one of its splits
         return read_yolo_table(root, name, labels=labels)
@@ -69,6 +72,33 @@ def _read_openimages(data, path: Path, name: str, labels) -> LabelTable:
                                  box_files=[root / f for f in data.box_files or ()] if split == "train" else ())
 
 
+def read_label_file(data):
+    """``data`` with ``data.label_file``'s labels (one a line; blank lines skipped) as ``data.labels``."""
+    if not data.label_file:
+        return data
+    root = Path(data.root)
+    path = Path(data.label_file).expanduser()
+    path = path if path.is_absolute() else (root if root.is_dir() else root.parent) / path
+    if not path.is_file():
+        raise DataError(f"data.label_file {path} not found (relative paths are taken from data.root's folder)")
+    labels, seen = [], {}
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        name = line.strip()
+        if name and name in seen:
+            raise DataError(f"{path}:{line_no}: label {name!r} is also on line {seen[name]}; list each label once")
+        if name:
+            labels.append(name)
+            seen[name] = line_no
+    if not labels:
+        raise DataError(f"data.label_file {path} lists no labels; give one label name a line")
+    return dataclasses.replace(data, labels=labels, label_file=None)
+
+
+def resolve_splits(data):
+    """``data`` as the readers take it: the label file read, the yolo and hf split names filled in."""
+    return resolve_hf_splits(resolve_yolo_splits(read_label_file(data)))
+
+
 def resolve_yolo_splits(data):
     """``data`` with the yolo split names filled in: train (the default ``train.csv`` means the
     yaml's ``train``), and val / test from the yaml when it has them (else carved from train)."""
@@ -84,7 +114,7 @@ def resolve_yolo_splits(data):
 def read_split(data, which: str, task: str = "auto") -> LabelTable:
     """Split ``which`` (train, val or test) as the data hold it: nothing carved, the training
     split's label order (for ``mlabel.data convert``)."""
-    data = resolve_yolo_splits(data)
+    data = resolve_splits(data)
     if data.generate == "scenes":
         data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
     name = getattr(data, which)
@@ -144,7 +174,7 @@ def build_splits(data, task: str = "auto", seed: int = 0) -> Splits:
     iterative-stratified split."""
     if data.generate == "scenes":
         data = dataclasses.replace(data, root=str(ensure_scenes(scenes_root(data.root, data.cache_dir))))
-    data = resolve_yolo_splits(data)
+    data = resolve_splits(data)
     skipped: list = []
     train = _read(data, data.train, data.labels, task, skipped)
     labels = train.labels
