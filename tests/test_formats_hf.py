@@ -22,6 +22,7 @@ TINY = ["model.backbone=test_resnet", "model.pretrained=false", "data.image_size
         "train.epochs=1", "--quiet"]
 
 datasets.disable_progress_bars()
+LIST = getattr(datasets, "List", None) or datasets.Sequence  # datasets 4 renamed Sequence to List
 
 
 def _images(folder, n, seed):
@@ -60,7 +61,7 @@ def _config(root, tmp_path, *extra):
 def _classlabel_set(tmp_path, sizes=(12, 6, 5)):
     """A DatasetDict (train / validation / test) of Image + List(ClassLabel), one row a null list
     (a whole row unknown), saved with save_to_disk; returns (folder, {split: (targets, pixels)})."""
-    features = datasets.Features({"image": datasets.Image(), "tags": datasets.List(datasets.ClassLabel(names=NAMES)),
+    features = datasets.Features({"image": datasets.Image(), "tags": LIST(datasets.ClassLabel(names=NAMES)),
                                   "note": datasets.Value("string")})
     parts, truth = {}, {}
     for split, n, seed in zip(("train", "validation", "test"), sizes, (0, 1, 2)):
@@ -197,14 +198,15 @@ def test_fit_takes_a_dataset_dict(tmp_path, monkeypatch):
 
 def _no_image_column(tmp_path):
     datasets.Dataset.from_dict({"file": ["a.png"], "tags": [["cat"]]}).save_to_disk(str(tmp_path / "d"))
-    return "no Image column; columns: file (Value), tags (List)"
+    return "no Image column; columns: file (Value), tags ("
 
 
 def _no_label_column(tmp_path):
     features = datasets.Features({"image": datasets.Image(), "note": datasets.Value("string")})
     path = _images(tmp_path / "src", 1, 0)[0]
     datasets.Dataset.from_dict({"image": [path], "note": ["x"]}, features=features).save_to_disk(str(tmp_path / "d"))
-    return "no label column (a list of class labels or strings, a class label, or 0/1 columns); columns: image (Image), note (Value)"
+    return ("no label column (a list of class labels or strings, a class label, or 0/1 columns); columns: "
+            "image (Image), note (Value)")
 
 
 def _val_label_train_lacks(tmp_path):
@@ -220,7 +222,7 @@ def _undecodable(tmp_path):
     paths = _images(tmp_path / "src", 8, 0)
     images = [{"bytes": b"not an image" if i == 3 else open(p, "rb").read(), "path": f"p{i}.png"}
               for i, p in enumerate(paths)]
-    features = datasets.Features({"image": datasets.Image(), "tags": datasets.List(datasets.Value("string"))})
+    features = datasets.Features({"image": datasets.Image(), "tags": LIST(datasets.Value("string"))})
     datasets.Dataset.from_dict({"image": images, "tags": [["cat"], ["dog"]] * 4}, features=features).save_to_disk(
         str(tmp_path / "d"))
     return "00000003-p3.png"
