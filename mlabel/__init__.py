@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for IDEs and type checkers
+    from . import audit
     from .calibration import fit_calibration
     from .config import load_config
     from .export import export_model
@@ -28,11 +29,15 @@ _EXPORTS = {
     "fit_calibration": "calibration", "export_model": "export",
     "fit": "train", "FitResult": "train", "load_config": "config",
 }
+# subpackages reached as attributes; mlabel.audit is callable: mlabel.audit(recipe, out=DIR) runs the audit
+_SUBMODULES = ("audit",)
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:  # importing it binds it here
+        return import_module(f".{name}", __name__)
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
@@ -41,4 +46,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -25,6 +25,7 @@ COMMANDS = {
     "evaluate": ("mlabel.evaluate", "metrics of a saved model on one split"),
     "predict": ("mlabel.predict", "labels and probabilities for images"),
     "export": ("mlabel.export", "ONNX, TorchScript, a plain timm folder or a WD14-style tagger folder, thresholds included"),
+    "audit": ("mlabel.audit.__main__", "find wrong labels out of fold: mlabel audit RECIPE --out DIR; then audit apply"),
     "report": ("mlabel.report", "(re)build a run's report/report.html from its saved model"),
     "models": ("mlabel.cli", "list timm backbones, marking those with offline weights"),
     "push": ("mlabel.hub:push_main", "upload a model and its card to the Hugging Face Hub (or --dry-run DIR)"),
