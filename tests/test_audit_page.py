@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shlex
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -113,7 +114,8 @@ def test_the_page_holds_every_tile_in_rank_order(tmp_path):
         prefix = "data:image/jpeg;base64,"
         assert data["thumbs"][row["thumb"]].startswith(prefix)
         assert base64.b64decode(data["thumbs"][row["thumb"]][len(prefix):]) == tile.thumbnail
-    assert data["folder"] == str(path.parent)
+    assert shlex.split(data["apply"]) == ["mlabel", "audit", "apply", str(path.parent), "corrections.csv", "--out",
+                                          "NEW_LABELS"]
 
 
 def test_equal_ranks_keep_the_callers_order_and_a_missing_thumbnail_is_none(tmp_path):

@@ -206,3 +206,138 @@ def test_past_the_size_limit_the_explorer_snaps_to_bin_edges_and_stays_exact_the
     moved = float(slider.get_attribute("value"))
     assert moved == pytest.approx(0.25) and round(moved * 1000) / 1000 == moved
     check_against_reference(browser, scores, 0, moved)
+
+
+AUDIT_IDS = ["a,b.png", 'q"uote.png', "new\nline.png", "<img src=x onerror=alert(1)>.png", "</script>&.png"]
+
+
+def audit_tiles(n: int = 24, seed: int = 0) -> tuple[list, list[str]]:
+    """``n`` tiles of ``mlabel.audit.page`` over four labels (one hostile), each its own image (the
+    first ones with ids a CSV must quote or a page must escape), ranks shuffled."""
+    import io
+
+    from PIL import Image
+
+    from mlabel.audit.page import KINDS, Tile
+    labels = ["circle", "square", HOSTILE, "star"]
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for k, rank in enumerate(rng.permutation(n) + 1):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(buffer, format="JPEG", quality=70)
+        label, kind = labels[k % 4], KINDS[(k // 4) % 4]
+        given = [name for name in labels if name != label and rng.random() < 0.4] + (
+            [label] if kind == "spurious" else [])
+        unknown = [label] if kind.startswith("suggested") else []
+        tiles.append(Tile(image=AUDIT_IDS[k] if k < len(AUDIT_IDS) else f"images/scene {k}.png",
+                          thumbnail=buffer.getvalue(), given=given, unknown=unknown,
+                          predicted=[name for name in labels if rng.random() < 0.5], label=label, kind=kind,
+                          probability=float(rng.random()), score=float(n - rank), rank=int(rank)))
+    return tiles, labels
+
+
+def wait_audit_ready(driver, page: Path, limit: float = 20.0) -> None:
+    start = time.perf_counter()
+    driver.get(page.as_uri())
+    while not driver.execute_script("return document.body && document.body.dataset.ready === 'true'"):
+        assert time.perf_counter() - start < limit, "the audit page did not start"
+        time.sleep(0.02)
+
+
+def audit_state(driver) -> tuple[int, list[str]]:
+    """The shown count the page states, and each tile's pressed button ('' when undecided), in page order."""
+    shown = int(driver.find_element("id", "audit-count").get_attribute("data-shown"))
+    pressed = driver.execute_script("return [...document.querySelectorAll('#tiles .tile')].map(t => "
+                                    "(t.querySelector('button[aria-pressed=true]') || {dataset: {}}).dataset.decision || '')")
+    return shown, pressed
+
+
+def click(driver, element) -> None:
+    """Click ``element`` where a person would see it: in mid-screen, clear of the page's sticky bar
+    (chromedriver clicks an element in view without scrolling, even under a sticky header)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+    element.click()
+
+
+def download_file(driver, folder: Path, button_id: str, name: str) -> Path:
+    folder.mkdir(exist_ok=True)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
+    driver.find_element("id", button_id).click()
+    target = folder / name
+    for _ in range(200):
+        if target.is_file():
+            break
+        time.sleep(0.05)
+    assert target.is_file(), f"{name} was not downloaded"
+    return target
+
+
+def test_the_audit_page_filters_decides_and_downloads_corrections_in_a_real_browser(browser, tmp_path):
+    import csv
+    import io
+
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    from mlabel.audit.page import write_audit_page
+    tiles, labels = audit_tiles()
+    page = tmp_path / "audit<!--" / "audit.html"
+    write_audit_page(page, tiles, labels, "audit of <b>scenes</b>")
+    wait_audit_ready(browser, page)
+    assert browser.get_log("browser") == []  # no script error, nothing fetched
+    ordered = sorted(tiles, key=lambda t: t.rank)
+    nodes = browser.find_elements("css selector", "#tiles .tile")
+    assert [node.get_attribute("title") for node in nodes] == [t.image for t in ordered]  # by suspicion
+    widths = browser.execute_script("return [...document.querySelectorAll('#tiles img')].map(i => i.naturalWidth)")
+    assert widths == [80] * len(tiles)  # every thumbnail shows, and no name became an <img>
+    assert browser.find_element("tag name", "h1").text == "audit of <b>scenes</b>"
+    assert HOSTILE in nodes[[t.label for t in ordered].index(HOSTILE)].text
+    assert audit_state(browser) == (24, [""] * 24)
+
+    # the filters: by label, by kind, both; the stated count and the shown tiles agree with the tiles
+    label, kind = Select(browser.find_element("id", "audit-label")), Select(browser.find_element("id", "audit-kind"))
+    for j, name in ((2, HOSTILE), (0, "circle")):
+        label.select_by_value(str(j))
+        for chosen in ("", "missing", "suggested_negative"):
+            kind.select_by_value(chosen)
+            expected = [t.image for t in ordered if t.label == name and chosen in ("", t.kind)]
+            assert 0 < audit_state(browser)[0] == len(expected)
+            assert [n.get_attribute("title") for n in nodes if n.is_displayed()] == expected
+    label.select_by_value("")
+    kind.select_by_value("spurious")
+    assert audit_state(browser)[0] == sum(t.kind == "spurious" for t in ordered)
+    kind.select_by_value("")
+
+    # decide: fix, unknown, keep by the buttons; keep chosen twice is cleared; u and f by keyboard
+    at = {t.image: i for i, t in enumerate(ordered)}
+    decisions = {at["a,b.png"]: "fix", at['q"uote.png']: "unknown", at["new\nline.png"]: "keep"}
+    for i, decision in (*decisions.items(), (at["images/scene 9.png"], "keep"), (at["images/scene 9.png"], "keep")):
+        click(browser, nodes[i].find_element("css selector", f"button.{decision}"))
+    start = at["<img src=x onerror=alert(1)>.png"]
+    click(browser, nodes[start].find_element("tag name", "img"))  # selects the tile
+    browser.switch_to.active_element.send_keys("u")  # decides, and moves on to the next tile
+    if start + 2 < len(nodes):
+        browser.switch_to.active_element.send_keys(Keys.ARROW_RIGHT, "f")
+        decisions[start + 2] = "fix"
+    decisions[start] = "unknown"
+    expected = [decisions.get(i, "") for i in range(len(nodes))]
+    assert audit_state(browser) == (24, expected)
+    status = Select(browser.find_element("id", "audit-status"))
+    status.select_by_value("undecided")
+    assert audit_state(browser)[0] == 24 - len(decisions)
+    status.select_by_value("fix")
+    assert audit_state(browser)[0] == sum(d == "fix" for d in decisions.values())
+    screenshot(browser, tmp_path, "audit", "tiles")
+
+    # the decisions survive a reload; the download is what Python's csv module writes and reads
+    wait_audit_ready(browser, page)
+    assert audit_state(browser) == (24, expected)
+    target = download_file(browser, tmp_path / "downloads", "audit-download", "corrections.csv")
+    rows = [["image", "label", "decision"]] + [[ordered[i].image, ordered[i].label, decisions[i]]
+                                                 for i in sorted(decisions)]
+    with target.open(newline="", encoding="utf-8") as handle:
+        assert list(csv.reader(handle)) == rows
+    reference = io.StringIO(newline="")
+    csv.writer(reference).writerows(rows)
+    assert target.read_bytes() == reference.getvalue().encode("utf-8")
+    assert browser.execute_script("return window.auditCorrections()") == reference.getvalue()

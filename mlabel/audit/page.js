@@ -188,7 +188,7 @@ function start() {
   byId("tiles").append(...state.nodes);
   fillSelect(state.label, count(data.tiles.map(t => t.label)), data.labels.keys(), j => data.labels[j]);
   fillSelect(state.kind, count(data.tiles.map(t => t.kind)), Object.keys(KINDS), k => k.replace("_", " "));
-  byId("audit-apply").textContent = `mlabel audit apply ${data.folder} corrections.csv --out NEW_LABELS`;
+  byId("audit-apply").textContent = data.apply;
   for (const select of [state.label, state.kind, state.status]) select.addEventListener("change", () => applyFilters(state));
   byId("tiles").addEventListener("click", event => {
     const button = event.target.closest("button[data-decision]");

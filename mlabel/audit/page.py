@@ -19,6 +19,7 @@ import base64
 import hashlib
 import html
 import math
+import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -86,14 +87,16 @@ def write_audit_page(path: Path, tiles: Sequence[Tile], labels: Sequence[str], t
 def audit_data(tiles: Sequence[Tile], labels: Sequence[str], title: str, folder: str) -> dict:
     """The page's inline JSON: ``labels``, ``tiles`` sorted by rank (label names as indices into
     ``labels``; ``thumb`` an index into ``thumbs`` or None), ``thumbs`` (data URIs, one per
-    distinct JPEG), ``folder`` (for the ``mlabel audit apply`` hint) and ``key`` (a digest of the
-    rest, which keys the decisions the page keeps in the browser's storage)."""
+    distinct JPEG), ``apply`` (the ``mlabel audit apply`` command for the audit in ``folder``)
+    and ``key`` (a digest of the rest, which keys the decisions the page keeps in the browser's
+    storage)."""
     index = _label_index(labels)
     ordered = sorted(tiles, key=lambda tile: tile.rank)  # stable: equal ranks keep the caller's order
     _check_tiles(ordered, index)
     thumbs: dict[bytes, int] = {}
     rows = [_tile_row(tile, index, thumbs) for tile in ordered]
-    data = {"title": title, "folder": folder, "labels": list(labels), "tiles": rows}
+    apply = f"mlabel audit apply {shlex.quote(folder)} corrections.csv --out NEW_LABELS"
+    data = {"title": title, "apply": apply, "labels": list(labels), "tiles": rows}
     key = hashlib.sha256(inline_json(data).encode("ascii")).hexdigest()[:16]
     uris = ["data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii") for jpeg in thumbs]
     return {**data, "key": key, "thumbs": uris}
@@ -134,7 +137,7 @@ def _tile_row(tile: Tile, index: dict[str, int], thumbs: dict[bytes, int]) -> di
             "predicted": [index[n] for n in tile.predicted]}
 
 
-STYLE = """body{font-family:sans-serif;margin:1em 2em}h1{font-size:1.4em}[hidden]{display:none!important}
+STYLE = """html{scroll-padding-top:9em}body{font-family:sans-serif;margin:1em 2em}h1{font-size:1.4em}[hidden]{display:none!important}
 #controls{position:sticky;top:0;background:#fff;padding:.5em 0;border-bottom:1px solid #ccc;z-index:1}
 #controls label{margin-right:1em}#audit-count{font-weight:bold;margin-right:1em}.hint{color:#555;font-size:12px}
 #tiles{display:flex;flex-wrap:wrap;gap:8px;margin-top:.8em}
