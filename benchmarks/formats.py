@@ -1,6 +1,9 @@
 """Reading speed of the detection / partial-label readers at their real-world sizes.
 
-    python benchmarks/formats.py [--yolo-images 100000] [--oi-rows 10000000] [--work DIR]
+    python benchmarks/formats.py [--scale 0.1] [--yolo-images 100000] [--oi-rows 10000000] [--work DIR]
+
+The defaults are the sizes issue 29 asks to read in seconds; ``--scale`` multiplies them (0.1 is a
+quick run).
 
 YOLO: a generated Ultralytics data set of N images (empty image files: reading a data set never
 opens its images) with 0 to 6 boxes each (some as polygons) over 80 classes, read with
@@ -69,8 +72,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolo-images", type=int, default=100_000)
     parser.add_argument("--oi-rows", type=int, default=10_000_000)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies both sizes (0.1: a quick run)")
     parser.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one)")
     args = parser.parse_args()
+    args.yolo_images, args.oi_rows = (max(1, round(n * args.scale)) for n in (args.yolo_images, args.oi_rows))
     from mlabel.data import openimages
     from mlabel.data.yolo import read_yolo_table
     work = Path(args.work or tempfile.mkdtemp(prefix="mlabel-formats-"))

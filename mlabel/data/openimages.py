@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .sparse import SparseLabels, UNKNOWN
+from .sparse import SparseLabels, UNKNOWN, unique_sorted
 from .tables import SPARSE_FROM, LabelTable, check_files, read_text
 from .yolo import NormalizedBoxes
 
@@ -104,11 +104,38 @@ def _header(path: Path, row: list[str], needed: Sequence[str]) -> list[int]:
 
 
 def _field(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The bytes ``buf[start:end]`` of every row as one fixed-width ``S`` array."""
-    width = max(int((end - start).max(initial=0)), 1)
-    index = start[:, None] + np.arange(width)
-    cells = np.where(index < end[:, None], buf[np.minimum(index, len(buf) - 1)], 0).astype(np.uint8)
-    return np.ascontiguousarray(cells).view(f"S{width}").ravel()
+    """The bytes ``buf[start:end]`` of every row as one fixed-width ``S`` array: rows of a sliding
+    window view gathered (a copy of ``width`` bytes a row, no index array of that size)."""
+    length = end - start
+    width = max(int(length.max(initial=0)), 1)
+    padded = np.concatenate([buf, np.zeros(width, np.uint8)])
+    cells = np.lib.stride_tricks.sliding_window_view(padded, width)[start]
+    if (length != width).any():
+        cells[np.arange(width) >= length[:, None]] = 0
+    return cells.view(f"S{width}").ravel()
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # an odd 64-bit constant: folds a field's 8-byte words into one key
+
+
+def _codes(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(field, return_index=True, return_inverse=True)``'s first rows and inverse (the
+    distinct values in another order), by 64-bit keys of the field's runs: rows of one image come
+    together in Open Images' files, and integers sort far faster than strings. Exact: should two
+    values share a key, the string ``np.unique`` answers instead."""
+    n, width = len(field), field.dtype.itemsize
+    words = np.zeros((n, -(-width // 8) * 8), np.uint8)
+    words[:, :width] = field.view(np.uint8).reshape(n, width)
+    words = words.view(np.uint64)
+    key = words[:, 0].copy()
+    for j in range(1, words.shape[1]):
+        key = key * _MIX ^ words[:, j]
+    heads = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    _, first, head_of = np.unique(key[heads], return_index=True, return_inverse=True)
+    first, inverse = heads[first], np.repeat(head_of.reshape(-1), np.diff(np.append(heads, n)))
+    if not (field[first][inverse] == field).all():
+        _, first, inverse = np.unique(field, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
 
 
 def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, lookup, ids: dict):
@@ -132,17 +159,18 @@ def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, loo
     rights = np.concatenate([bounds, ends[:, None]], axis=1)
     image, label, conf = (_field(buf, lefts[:, c], rights[:, c]) for c in columns)
     value = np.select([np.isin(conf, [b"1", b"1.0"]), np.isin(conf, [b"0", b"0.0"])], [1, 0], -1)
-    names, label_of = np.unique(label, return_inverse=True)
-    mapped = np.array([lookup(n.decode()) for n in names], np.int64)
+    first, label_of = _codes(label)
+    mapped = np.array([lookup(n.decode()) for n in label[first]], np.int64)
     if (value < 0).any() or (mapped == -2).any():
         return None
-    label_col = mapped[label_of.reshape(-1)]
+    label_col = mapped[label_of]
     used = label_col >= 0  # rows of classes outside data.labels name no image
-    found, first, image_of = np.unique(image[used], return_index=True, return_inverse=True)
-    number = np.empty(len(found), np.int64)
+    image = image[used]
+    first, image_of = _codes(image)
+    number = np.empty(len(first), np.int64)
     for k in np.argsort(first, kind="stable"):  # ids in order of first appearance
-        number[k] = ids.setdefault(found[k].decode(), len(ids))
-    return number[image_of.reshape(-1)], label_col[used], value[used]
+        number[k] = ids.setdefault(image[first[k]].decode(), len(ids))
+    return number[image_of], label_col[used], value[used]
 
 
 def _fast_pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bool):
@@ -215,7 +243,9 @@ def _pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bo
 
 
 def _check_conflicts(path: Path, ids: dict, pos, neg, num_labels: int, names: list[str]) -> None:
-    both = np.intersect1d(pos[0] * num_labels + pos[1], neg[0] * num_labels + neg[1])
+    positive, negative = unique_sorted(pos[0] * num_labels + pos[1]), unique_sorted(neg[0] * num_labels + neg[1])
+    at = np.minimum(np.searchsorted(positive, negative), max(len(positive) - 1, 0))
+    both = negative[positive[at] == negative] if len(positive) else negative[:0]
     if len(both):
         image = next(k for k, v in ids.items() if v == both[0] // num_labels)
         raise DataError(f"{path}: image {image} has label {names[int(both[0] % num_labels)]!r} both verified "
@@ -304,8 +334,9 @@ def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: S
     words = [w for w in (split, {"val": "validation"}.get(split), path.stem.split("-")[0],
                          path.stem.split("-")[1] if "-" in path.stem else None) if w]
     folder = _image_folder(root, first, words)
-    paths = [os.path.join(folder, f"{image}.jpg") for image in ids]  # strings: 10^6 Paths cost seconds
-    if not all(map(os.path.isfile, paths)):
+    paths = [f"{folder}{os.sep}{image}.jpg" for image in ids]  # strings: 10^6 Paths cost seconds
+    present = set(os.listdir(folder))  # one listing, not 10^6 stat calls (a folder is told when read)
+    if not all(f"{image}.jpg" in present for image in ids):
         check_files([Path(p) for p in paths], str(path))
     boxes = NormalizedBoxes(paths, _boxes(box_files, ids, {i: j for j, i in enumerate(order)})) if box_files else None
     return LabelTable(paths, _targets(len(ids), len(order), pos, neg), names, str(path), boxes=boxes)

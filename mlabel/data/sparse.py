@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SparseLabels", "sparse_pos_weight", "sparse_split", "DENSE_SPLIT_LIMIT"]
+__all__ = ["SparseLabels", "sparse_pos_weight", "sparse_split", "unique_sorted", "DENSE_SPLIT_LIMIT"]
 
 POSITIVE, NEGATIVE, UNKNOWN = 1.0, 0.0, -1.0
 DENSE_SPLIT_LIMIT = 5 * 10**7  # images x labels up to which the split is the iterative-stratified one
@@ -30,6 +30,13 @@ def _pairs(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = [len(items) for items in lists]
     labels = np.concatenate([np.asarray(items, np.int64).reshape(-1) for items in lists]) if lists else np.zeros(0, np.int64)
     return np.repeat(np.arange(len(lists)), lengths), labels
+
+
+def unique_sorted(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an integer array by a sort: NumPy 2.4's hashing unique takes 100x longer
+    on 10^6 wide int64 keys (1.5 s against 0.015 s)."""
+    ordered = np.sort(values)
+    return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])] if len(ordered) else ordered
 
 
 @dataclass
@@ -82,7 +89,7 @@ class SparseLabels:
             r, c = np.asarray(r, np.int64), np.asarray(c, np.int64)
             if len(r) and (r.min() < 0 or r.max() >= num_images or c.min() < 0 or c.max() >= num_labels):
                 raise ValueError(f"a pair outside images 0..{num_images - 1} and labels 0..{num_labels - 1}")
-            key = np.unique(r * num_labels + c)
+            key = unique_sorted(r * num_labels + c)
             counts = np.bincount(key // num_labels, minlength=num_images)
             return np.concatenate([[0], np.cumsum(counts)]), (key % num_labels).astype(np.int32), key
         pos_ptr, pos_idx, pos_key = csr(rows, labels)
