@@ -341,3 +341,69 @@ def test_the_audit_page_filters_decides_and_downloads_corrections_in_a_real_brow
     csv.writer(reference).writerows(rows)
     assert target.read_bytes() == reference.getvalue().encode("utf-8")
     assert browser.execute_script("return window.auditCorrections()") == reference.getvalue()
+
+
+def test_an_audit_reviewed_on_its_page_applies_exactly_the_decided_cells(browser, scene_csv, tmp_path):
+    """The whole loop: mlabel audit on generated scenes (a few cells unknown), its audit.html
+    decided in the browser, the downloaded corrections.csv through mlabel audit apply."""
+    import csv
+
+    from selenium.webdriver.support.ui import Select
+
+    from mlabel.audit.__main__ import main as audit_main
+    from mlabel.data.synthetic import SCENE_LABELS
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "images").symlink_to(scene_csv / "images")
+    rng = np.random.default_rng(3)
+    with (scene_csv / "train.csv").open(newline="") as handle:
+        given = list(csv.reader(handle))
+    for row in given[1:]:
+        row[1:] = ["-1" if rng.random() < 0.05 else v for v in row[1:]]  # unknown cells: suggestions
+    with (root / "train.csv").open("w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows(given)
+    shutil.copy(scene_csv / "val.csv", root / "val.csv")
+    out = tmp_path / "audit"
+    assert audit_main(["quickstart", f"data.root={root}", "data.val=val.csv", "data.test=null", "data.generate=null",
+                       "model.backbone=test_resnet", "model.pretrained=false", "data.image_size=32",
+                       "data.num_workers=0", "--out", str(out), "--folds", "2", "--quiet"]) == 0
+    listed = []
+    for name in ("issues.csv", "suggestions.csv"):
+        with (out / name).open(newline="") as handle:
+            listed += list(csv.DictReader(handle))
+
+    wait_audit_ready(browser, out / "audit.html")
+    assert browser.get_log("browser") == []
+    nodes = browser.find_elements("css selector", "#tiles .tile")
+    assert len(nodes) == len(listed) > 10
+    Select(browser.find_element("id", "audit-label")).select_by_value("3")
+    assert audit_state(browser)[0] == sum(row["label"] == SCENE_LABELS[3] for row in listed)
+    Select(browser.find_element("id", "audit-label")).select_by_value("")
+    # decide on train images (val has a file of its own): each decision on each kind there is
+    train = [(i, n.get_attribute("data-kind")) for i, n in enumerate(nodes)
+             if Path(n.get_attribute("title")).name.startswith("train")]
+    chosen = []
+    for kind in ("missing", "spurious", "suggested_positive", "suggested_negative"):
+        for decision, (i, _) in zip(("fix", "unknown", "keep"), [t for t in train if t[1] == kind]):
+            click(browser, nodes[i].find_element("css selector", f"button.{decision}"))
+            chosen.append((kind, decision))
+    assert {("missing", "fix"), ("spurious", "fix"), ("spurious", "unknown"), ("missing", "keep")} <= set(chosen)
+    corrections = download_file(browser, tmp_path / "downloads", "audit-download", "corrections.csv")
+    with corrections.open(newline="") as handle:
+        decided = {(row["image"], row["label"]): row["decision"] for row in csv.DictReader(handle)}
+    assert len(decided) == len(chosen)
+
+    new = tmp_path / "reviewed" / "train.csv"
+    assert audit_main(["apply", str(out), str(corrections), "--out", str(new)]) == 0
+    kinds = {(row["image"], row["label"]): row["kind"] for row in listed}
+    fixed = {"missing": "1", "spurious": "0", "suggested_positive": "1", "suggested_negative": "0"}
+    expected = [list(row) for row in given]
+    for row in expected[1:]:
+        image = str(root / f"{row[0]}.png")
+        for j, label in enumerate(SCENE_LABELS, 1):
+            decision = decided.get((image, label), "keep")
+            row[j] = {"keep": row[j], "unknown": "-1", "fix": fixed.get(kinds.get((image, label)))}[decision]
+    with new.open(newline="") as handle:
+        assert list(csv.reader(handle)) == expected
+    assert sum(a != b for old, now in zip(given, expected) for a, b in zip(old, now)) == \
+        sum(d != "keep" for d in decided.values()) > 0
