@@ -22,12 +22,14 @@ from PIL import Image
 
 from ..errors import DataError
 from ..preprocess import IMAGE_EXTENSIONS
-from .tables import LabelTable, check_files, read_text, targets_from_lists
+from .sparse import SparseLabels
+from .tables import SPARSE_FROM, LabelTable, check_files, read_text
 
 __all__ = ["read_yolo_table", "read_yolo_yaml", "yolo_split", "NormalizedBoxes", "image_size"]
 
 TOLERANCE = 0.01  # coordinates this far outside [0, 1] are clipped (rounding in exporters), beyond refused
 MAX_SHOWN = 10  # malformed lines listed in one error
+BLOCK = 8192  # label files whose numbers are parsed together (bounds the memory of their tokens)
 
 
 def read_yolo_yaml(path: Path) -> dict:
@@ -81,8 +83,9 @@ def _base(tree: dict, path: Path) -> Path:
     return path.parent
 
 
-def yolo_split(tree: dict, name: str, path: Path) -> list[Path]:
-    """The image files of split ``name`` (``train``, ``val``, ``test`` or any yaml key)."""
+def yolo_split(tree: dict, name: str, path: Path) -> list[str]:
+    """The image files of split ``name`` (``train``, ``val``, ``test`` or any yaml key), as
+    strings (10^5 ``Path`` objects cost a second)."""
     entry = tree.get(name)
     if entry is None and name == "val":
         entry = tree.get("valid")
@@ -90,7 +93,7 @@ def yolo_split(tree: dict, name: str, path: Path) -> list[Path]:
         raise DataError(f"{path}: no {name!r} split (keys: {sorted(k for k in tree if k != 'base')}); "
                         f"name a split the yaml has, or set data.{'val' if name == 'val' else name}=null")
     entries = entry if isinstance(entry, list) else [entry]
-    images: list[Path] = []
+    images: list[str] = []
     for item in entries:
         images += _entry_images(tree["base"], str(item), path, name)
     seen: dict[str, int] = {}
@@ -104,7 +107,7 @@ def yolo_split(tree: dict, name: str, path: Path) -> list[Path]:
     return images
 
 
-def _entry_images(base: Path, item: str, path: Path, split: str) -> list[Path]:
+def _entry_images(base: Path, item: str, path: Path, split: str) -> list[str]:
     """One split entry: an image folder (searched recursively) or a list file of image paths."""
     target = Path(item).expanduser()
     if not target.is_absolute():
@@ -113,14 +116,14 @@ def _entry_images(base: Path, item: str, path: Path, split: str) -> list[Path]:
             target = base / item[3:]  # Roboflow's "../train/images" beside the yaml
     if target.is_dir():
         found = (os.path.join(d, f) for d, _, files in os.walk(target) for f in files)
-        return [Path(p) for p in sorted(p for p in found if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)]
+        return sorted(p for p in found if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS)
     if target.is_file():
         return _list_file(target, base)
     raise DataError(f"{path}: split {split!r}: {item} not found (looked for {target}); give an image "
                     "folder or a list file, relative to the yaml's path")
 
 
-def _list_file(listing: Path, base: Path) -> list[Path]:
+def _list_file(listing: Path, base: Path) -> list[str]:
     """A text file of image paths, one a line: ``./x`` from the list's folder, others from the
     list's folder when there, else from the data set's root."""
     images = []
@@ -129,23 +132,23 @@ def _list_file(listing: Path, base: Path) -> list[Path]:
         if not line:
             continue
         if os.path.isabs(line):
-            images.append(Path(line))
+            images.append(line)
         elif line.startswith("./"):
-            images.append(listing.parent / line[2:])
+            images.append(str(listing.parent / line[2:]))
         else:
             near = listing.parent / line
-            images.append(near if near.exists() else base / line)
+            images.append(str(near if near.exists() else base / line))
     return images
 
 
-def label_path(image: Path) -> Path:
+def label_path(image: str) -> str:
     """Ultralytics' rule: the last ``/images/`` of the path becomes ``/labels/``, the suffix ``.txt``."""
     text = str(image)
     a, b = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
     if a in text:
         head, tail = text.rsplit(a, 1)
         text = head + b + tail
-    return Path(os.path.splitext(text)[0] + ".txt")
+    return os.path.splitext(text)[0] + ".txt"
 
 
 def _parse_label_file(path: Path, num_classes: int, problems: list[str]) -> tuple[list[int], np.ndarray]:
@@ -212,6 +215,92 @@ class NormalizedBoxes:
         return NormalizedBoxes([self.paths[i] for i in index], [self.boxes[i] for i in index])
 
 
+def _read_bytes(files: Sequence[str]) -> list[bytes | None]:
+    """Each label file's bytes; None where there is none (an image without objects)."""
+    out: list[bytes | None] = []
+    for name in files:
+        try:
+            with open(name, "rb") as handle:
+                out.append(handle.read())
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            out.append(None)
+    return out
+
+
+def _parse_block(contents: list[bytes | None], num_classes: int):
+    """(file of each line, class ids, (K, 4) normalised boxes) of a block of clean label files,
+    their numbers parsed at once by NumPy; None when any line is unusual (the line-by-line parser
+    then reads the block and names each bad line)."""
+    owner, counts, tokens = [], [], []
+    for k, data in enumerate(contents):
+        for line in (data or b"").splitlines():
+            fields = line.split()
+            if fields:
+                owner.append(k)
+                counts.append(len(fields))
+                tokens += fields
+    counts = np.asarray(counts, np.int64)
+    if ((counts != 5) & ((counts < 7) | (counts % 2 == 0))).any():
+        return None
+    try:
+        values = np.asarray(tokens, dtype=np.bytes_).astype(np.float64) if tokens else np.zeros(0)
+    except ValueError:
+        return None
+    starts = np.cumsum(counts) - counts
+    cls = values[starts]
+    coords = np.delete(values, starts)
+    if not (np.isin(cls, np.arange(num_classes)).all() and ((coords >= -TOLERANCE) & (coords <= 1 + TOLERANCE)).all()):
+        return None
+    boxes = np.empty((len(counts), 4))
+    five = counts == 5
+    xc, yc, w, h = (values[starts[five] + j] for j in range(1, 5))
+    boxes[five] = np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)
+    for i in np.flatnonzero(~five):  # polygon lines: their bounding box
+        xs, ys = values[starts[i] + 1:starts[i] + counts[i]:2], values[starts[i] + 2:starts[i] + counts[i]:2]
+        boxes[i] = xs.min(), ys.min(), xs.max(), ys.max()
+    return np.asarray(owner, np.int64), cls.astype(np.int64), np.clip(boxes.astype(np.float32), 0.0, 1.0)
+
+
+def _parse_slowly(files: Sequence[str], contents: list, num_classes: int, problems: list[str]):
+    """:func:`_parse_block`'s result line by line, the malformed lines appended to ``problems``."""
+    owner, classes, boxes = [], [], []
+    for k, (name, data) in enumerate(zip(files, contents)):
+        if data is not None:
+            found_classes, found = _parse_label_file(Path(name), num_classes, problems)
+            owner += [k] * len(found_classes)
+            classes += found_classes
+            boxes.append(found)
+    return (np.asarray(owner, np.int64), np.asarray(classes, np.int64),
+            np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32))
+
+
+def _parse_labels(files: list[str], num_classes: int, where: str):
+    """(image of each box, its class id, (K, 4) normalised boxes, label files missing) of a split,
+    a block of files at a time; every malformed line listed at once."""
+    parts, problems, missing = [], [], []
+    for start in range(0, len(files), BLOCK):
+        block = files[start:start + BLOCK]
+        contents = _read_bytes(block)
+        missing += [f for f, data in zip(block, contents) if data is None]
+        owner, classes, boxes = _parse_block(contents, num_classes) or _parse_slowly(block, contents, num_classes, problems)
+        parts.append((owner + start, classes, boxes))
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        raise DataError(f"{len(problems)} malformed label lines in {where}:\n  " + "\n  ".join(problems[:MAX_SHOWN]) + more)
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), missing
+    return (*(np.concatenate([p[k] for p in parts]) for k in range(3)), missing)
+
+
+def _box_targets(owner: np.ndarray, column: np.ndarray, num_images: int, num_labels: int):
+    """Targets with a 1 at every (image, label) pair, 0 elsewhere (dense up to SPARSE_FROM cells)."""
+    if num_images * num_labels > SPARSE_FROM:
+        return SparseLabels.from_pairs(owner, column, num_images, num_labels)
+    targets = np.zeros((num_images, num_labels), np.float32)
+    targets[owner, column] = 1.0
+    return targets
+
+
 def read_yolo_table(yaml_path: Path, split: str, *, labels: Sequence[str] | None = None,
                     tree: dict | None = None) -> LabelTable:
     """Split ``split`` of the YOLO data set described by ``yaml_path``.
@@ -227,28 +316,21 @@ def read_yolo_table(yaml_path: Path, split: str, *, labels: Sequence[str] | None
     if absent:
         raise DataError(f"{yaml_path}: labels {absent} are not among its names {names}; data.labels must "
                         "name classes of the yaml")
-    column = {names.index(n): j for j, n in enumerate(order)}
-    images = yolo_split(tree, split, yaml_path)
-    positives, boxes, problems, missing = [], [], [], []
-    for image in images:
-        label_file = label_path(image)
-        if not label_file.is_file():
-            missing.append(label_file)
-            classes, found = [], np.zeros((0, 4), np.float32)
-        else:
-            classes, found = _parse_label_file(label_file, len(names), problems)
-        keep = [k for k, c in enumerate(classes) if c in column]
-        positives.append(sorted({column[classes[k]] for k in keep}))
-        boxes.append(found[keep])
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
-        raise DataError(f"{len(problems)} malformed label lines in split {split!r} of {yaml_path}:\n  "
-                        + "\n  ".join(problems[:MAX_SHOWN]) + more)
-    check_files(images, f"{yaml_path} (split {split!r})")
+    remap = np.full(len(names), -1, np.int64)
+    remap[[names.index(n) for n in order]] = np.arange(len(order))
+    paths = yolo_split(tree, split, yaml_path)
+    owner, classes, boxes, missing = _parse_labels([label_path(p) for p in paths], len(names),
+                                                   f"split {split!r} of {yaml_path}")
+    if not all(map(os.path.isfile, paths)):
+        check_files([Path(p) for p in paths], f"{yaml_path} (split {split!r})")
     if missing:
-        print(f"warning: {yaml_path} split {split!r}: {len(missing)} of {len(images)} images have no label file "
+        print(f"warning: {yaml_path} split {split!r}: {len(missing)} of {len(paths)} images have no label file "
               f"(e.g. {missing[0]}); they count as background, no object (all labels negative), as in "
               "Ultralytics", file=sys.stderr)
-    paths = [str(p) for p in images]
-    return LabelTable(paths, targets_from_lists(positives, None, len(order)), order,
-                      f"{yaml_path} ({split})", boxes=NormalizedBoxes(paths, boxes))
+    column = remap[classes]
+    keep = column >= 0  # boxes of classes outside data.labels are left out
+    owner, column, boxes = owner[keep], column[keep], boxes[keep]
+    cut = np.searchsorted(owner, np.arange(len(paths) + 1))
+    per_image = [boxes[cut[i]:cut[i + 1]] for i in range(len(paths))]
+    return LabelTable(paths, _box_targets(owner, column, len(paths), len(order)), order,
+                      f"{yaml_path} ({split})", boxes=NormalizedBoxes(paths, per_image))
