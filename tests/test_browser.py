@@ -291,6 +291,9 @@ def test_the_audit_page_filters_decides_and_downloads_corrections_in_a_real_brow
     widths = browser.execute_script("return [...document.querySelectorAll('#tiles img')].map(i => i.naturalWidth)")
     assert widths == [80] * len(tiles)  # every thumbnail shows, and no name became an <img>
     assert browser.find_element("tag name", "h1").text == "audit of <b>scenes</b>"
+    assert browser.find_element("id", "audit-folder").text == ""  # no folder common to every id
+    assert [n.find_element("css selector", ".image").get_attribute("textContent") for n in nodes] == \
+        [t.image for t in ordered]
     assert HOSTILE in nodes[[t.label for t in ordered].index(HOSTILE)].text
     assert audit_state(browser) == (24, [""] * 24)
 
@@ -376,6 +379,10 @@ def test_an_audit_reviewed_on_its_page_applies_exactly_the_decided_cells(browser
     assert browser.get_log("browser") == []
     nodes = browser.find_elements("css selector", "#tiles .tile")
     assert len(nodes) == len(listed) > 10
+    folder = os.path.commonpath([row["image"] for row in listed]) + os.sep  # the tiles show the ids after it
+    assert browser.find_element("id", "audit-folder").text == f"Images in {folder}."
+    assert [n.find_element("css selector", ".image").text for n in nodes] == \
+        [row["image"][len(folder):] for row in sorted(listed, key=lambda row: int(row["rank"]))]
     Select(browser.find_element("id", "audit-label")).select_by_value("3")
     assert audit_state(browser)[0] == sum(row["label"] == SCENE_LABELS[3] for row in listed)
     Select(browser.find_element("id", "audit-label")).select_by_value("")

@@ -49,10 +49,21 @@ function nameList(title, names, marked, tile, labels) {
   return line;
 }
 
-function caption(tile, labels) {
+// The folder every image id starts with ("" when none): tiles show the ids after it.
+function commonFolder(images) {
+  let prefix = images.length ? images[0] : "";
+  for (const image of images) {
+    let k = 0;
+    while (k < prefix.length && prefix[k] === image[k]) k++;
+    prefix = prefix.slice(0, k);
+  }
+  return prefix.slice(0, prefix.lastIndexOf("/") + 1);
+}
+
+function caption(tile, labels, folder) {
   const given = new Set(tile.given), unknown = new Set(tile.unknown), predicted = new Set(tile.predicted);
   const cap = element("figcaption");
-  cap.append(element("div", "image", tile.image),
+  cap.append(element("div", "image", tile.image.slice(folder.length)),
     element("div", "cell", `#${tile.rank} ${labels[tile.label]}`),
     element("div", "kind", KINDS[tile.kind]),
     element("div", "figures", `given ${VALUES[tile.given_value]}, p = ${tile.probability.toFixed(3)}, ` +
@@ -79,7 +90,7 @@ function buttons(tile) {
   return row;
 }
 
-function makeTile(data, tile, index) {
+function makeTile(data, tile, index, folder) {
   const node = element("figure", `tile kind-${tile.kind}`);
   Object.assign(node, {tabIndex: 0, title: tile.image});
   Object.assign(node.dataset, {index: String(index), label: String(tile.label), kind: tile.kind, decision: ""});
@@ -88,7 +99,7 @@ function makeTile(data, tile, index) {
     picture = element("img");
     Object.assign(picture, {src: data.thumbs[tile.thumb], alt: tile.image});
   }
-  node.append(picture, caption(tile, data.labels), buttons(tile));
+  node.append(picture, caption(tile, data.labels, folder), buttons(tile));
   return node;
 }
 
@@ -184,7 +195,9 @@ function start() {
   const byId = id => document.getElementById(id);
   const state = {data, decisions: loadDecisions(data), label: byId("audit-label"), kind: byId("audit-kind"),
                  status: byId("audit-status"), count: byId("audit-count"), nodes: []};
-  state.nodes = data.tiles.map((tile, i) => makeTile(data, tile, i));
+  const folder = commonFolder(data.tiles.map(t => t.image));
+  state.nodes = data.tiles.map((tile, i) => makeTile(data, tile, i, folder));
+  byId("audit-folder").textContent = folder ? `Images in ${folder}.` : "";
   byId("tiles").append(...state.nodes);
   fillSelect(state.label, count(data.tiles.map(t => t.label)), data.labels.keys(), j => data.labels[j]);
   fillSelect(state.kind, count(data.tiles.map(t => t.kind)), Object.keys(KINDS), k => k.replace("_", " "));
