@@ -26,8 +26,16 @@ from _memory import timed  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
+def generated(folder: Path, size: int) -> bool:
+    """Whether ``folder`` holds a finished set of this size from an earlier run (``--work``)."""
+    marker = folder / "generated.txt"
+    return marker.is_file() and marker.read_text().strip() == str(size)
+
+
 def write_yolo(folder: Path, images: int, rng) -> Path:
     """An Ultralytics layout with ``images`` training images; returns its data.yaml."""
+    if generated(folder, images):
+        return folder / "data.yaml"
     (folder / "images" / "train").mkdir(parents=True)
     (folder / "labels" / "train").mkdir(parents=True)
     for i in range(images):
@@ -42,11 +50,15 @@ def write_yolo(folder: Path, images: int, rng) -> Path:
         (folder / "labels" / "train" / f"{i:07d}.txt").write_text("\n".join(lines))
     (folder / "data.yaml").write_text("path: .\ntrain: images/train\nnames:\n"
                                       + "".join(f"  {i}: class{i}\n" for i in range(80)))
+    (folder / "generated.txt").write_text(str(images))
     return folder / "data.yaml"
 
 
 def write_openimages(folder: Path, rows: int, rng, classes: int = 20000) -> Path:
     """A class-descriptions CSV and an image-labels CSV of ``rows`` rows; returns the latter."""
+    path = folder / "train-annotations-human-imagelabels.csv"
+    if generated(folder, rows):
+        return path
     folder.mkdir(parents=True)
     ids = [f"/m/{k:06x}" for k in range(classes)]
     (folder / "class-descriptions.csv").write_text("LabelName,DisplayName\n"
@@ -58,13 +70,13 @@ def write_openimages(folder: Path, rows: int, rng, classes: int = 20000) -> Path
     zipf = np.minimum(rng.zipf(1.3, rows) - 1, classes - 1)
     image = np.sort(rng.integers(0, images, rows))
     confidence = ((image * 7 + zipf) % 5 < 3).astype(int)  # a repeated (image, label) pair agrees
-    path = folder / "train-annotations-human-imagelabels.csv"
     with path.open("w") as handle:
         handle.write("ImageID,Source,LabelName,Confidence\n")
         for start in range(0, rows, 1 << 20):
             stop = min(rows, start + (1 << 20))
             handle.write("".join(f"{image[r]:016x},verification,{ids[zipf[r]]},{confidence[r]}\n"
                                  for r in range(start, stop)))
+    (folder / "generated.txt").write_text(str(rows))
     return path
 
 
@@ -73,7 +85,8 @@ def main() -> None:
     parser.add_argument("--yolo-images", type=int, default=100_000)
     parser.add_argument("--oi-rows", type=int, default=10_000_000)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies both sizes (0.1: a quick run)")
-    parser.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one)")
+    parser.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one; "
+                        "a set an earlier run generated there at the same size is reused)")
     args = parser.parse_args()
     args.yolo_images, args.oi_rows = (max(1, round(n * args.scale)) for n in (args.yolo_images, args.oi_rows))
     from mlabel.data import openimages

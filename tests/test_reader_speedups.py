@@ -16,7 +16,7 @@ def _label_files(tmp_path, rng, n=60):
         for k in range(int(rng.integers(0, 6))):
             c, x, y = int(rng.integers(0, 7)), rng.uniform(0, 0.9), rng.uniform(0, 0.9)
             if k % 3 == 2:
-                pts = [x, y, x + 0.1, y, x + 0.05, y + 0.1, x, y + 0.05]
+                pts = [x, y, x + 0.1, y, x + 0.05, y + 0.1, x, y + 0.05][:6 if i % 2 else 8]  # 3 or 4 points
                 lines.append(f"{c} " + " ".join(f"{v:.5f}" for v in pts))
             else:
                 lines.append(f"{c}\t{x:.6f} {y:.6f}  {rng.uniform(0, 0.2):.6f} {rng.uniform(0, 0.2):.6f}")
@@ -86,3 +86,13 @@ def test_unique_sorted_equals_np_unique():
     rng = np.random.default_rng(3)
     for values in (rng.integers(0, 10**12, 10_000), rng.integers(0, 5, 100), np.zeros(0, np.int64)):
         np.testing.assert_array_equal(unique_sorted(values), np.unique(values))
+
+
+def test_yolo_list_file_naming_a_missing_image_is_refused_with_the_list(tmp_path):
+    from mlabel.errors import DataError
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"")
+    (tmp_path / "train.txt").write_text("./images/a.jpg\n./images/gone.jpg\n")
+    (tmp_path / "data.yaml").write_text("train: train.txt\nnames: [cat]\n")
+    with pytest.raises(DataError, match=r"train.txt: 1 of 2 images not found:\n  .*gone.jpg"):
+        yolo.read_yolo_table(tmp_path / "data.yaml", "train")

@@ -138,8 +138,9 @@ def _codes(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse.reshape(-1)
 
 
-def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, lookup, ids: dict):
-    """One block of whole lines, vectorised: (image, label, confidence) arrays, or None when
+def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, lookup):
+    """One block of whole lines, vectorised: (image of each row as an index into the block's
+    distinct image ids, label, confidence, those ids in order of first appearance), or None when
     the block holds anything unusual (quotes, a short row, another confidence, an unknown label,
     non-ASCII bytes): the row-by-row reader then reads the file and names the line."""
     if (buf == ord('"')).any() or (buf >= 128).any():
@@ -155,10 +156,9 @@ def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, loo
     bounds = commas.reshape(-1, width - 1)
     if len(starts) and ((bounds[:, 0] < starts).any() or (bounds[:, -1] >= ends).any()):
         return None
-    lefts = np.concatenate([starts[:, None], bounds + 1], axis=1)
-    rights = np.concatenate([bounds, ends[:, None]], axis=1)
-    image, label, conf = (_field(buf, lefts[:, c], rights[:, c]) for c in columns)
-    value = np.select([np.isin(conf, [b"1", b"1.0"]), np.isin(conf, [b"0", b"0.0"])], [1, 0], -1)
+    image, label, conf = (_field(buf, bounds[:, c - 1] + 1 if c else starts, bounds[:, c] if c < width - 1 else ends)
+                          for c in columns)
+    value = np.where((conf == b"1") | (conf == b"1.0"), 1, np.where((conf == b"0") | (conf == b"0.0"), 0, -1))
     first, label_of = _codes(label)
     mapped = np.array([lookup(n.decode()) for n in label[first]], np.int64)
     if (value < 0).any() or (mapped == -2).any():
@@ -167,10 +167,24 @@ def _chunk_pairs(buf: np.ndarray, columns: tuple[int, int, int], width: int, loo
     used = label_col >= 0  # rows of classes outside data.labels name no image
     image = image[used]
     first, image_of = _codes(image)
-    number = np.empty(len(first), np.int64)
-    for k in np.argsort(first, kind="stable"):  # ids in order of first appearance
-        number[k] = ids.setdefault(image[first[k]].decode(), len(ids))
-    return number[image_of], label_col[used], value[used]
+    order = np.argsort(first, kind="stable")  # ids in order of first appearance
+    rank = np.empty(len(first), np.int64)
+    rank[order] = np.arange(len(first))
+    return rank[image_of], label_col[used], value[used], image[first[order]]
+
+
+def _merge_ids(parts: list) -> tuple[dict, np.ndarray]:
+    """The blocks' image ids as one ``{id: number}`` in order of first appearance, and each
+    row's number (an image whose rows span blocks is one image)."""
+    found = np.concatenate([p[3].astype(f"S{max(q[3].dtype.itemsize for q in parts)}") for p in parts])
+    first, inverse = _codes(found)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty(len(first), np.int64)
+    rank[order] = np.arange(len(first))
+    offsets = np.cumsum([0] + [len(p[3]) for p in parts])
+    image = np.concatenate([rank[inverse[offsets[k]:offsets[k + 1]]][p[0]] for k, p in enumerate(parts)])
+    names = found[first[order]].astype(str).tolist()
+    return dict(zip(names, range(len(names)))), image
 
 
 def _fast_pairs(path: Path, column: dict[str, int], known: dict[str, str], strict: bool):
@@ -188,18 +202,18 @@ def _fast_pairs(path: Path, column: dict[str, int], known: dict[str, str], stric
         if not all(c in names for c in ("ImageID", "LabelName", "Confidence")):
             return None
         columns = tuple(names.index(c) for c in ("ImageID", "LabelName", "Confidence"))
-        ids: dict[str, int] = {}
         parts = []
         for data in _line_blocks(handle):
             if not data.endswith(b"\n"):
                 data += b"\n"
-            part = _chunk_pairs(np.frombuffer(data, np.uint8), columns, len(names), lookup, ids)
+            part = _chunk_pairs(np.frombuffer(data, np.uint8), columns, len(names), lookup)
             if part is None:
                 return None
             parts.append(part)
-    if not ids:
+    if not sum(len(p[3]) for p in parts):
         return None
-    image, label, value = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    ids, image = _merge_ids(parts)
+    label, value = (np.concatenate([p[k] for p in parts]) for k in (1, 2))
     return ids, (image[value == 1], label[value == 1]), (image[value == 0], label[value == 0])
 
 
@@ -315,7 +329,7 @@ def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: S
     by_name = {name: i for i, name in known.items()}
     if labels is None:
         ids, pos, neg = _pairs(path, {i: j for j, i in enumerate(known)}, known, True)
-        used = np.union1d(pos[1], neg[1])
+        used = np.flatnonzero(np.bincount(pos[1], minlength=len(known)) + np.bincount(neg[1], minlength=len(known)))
         every = list(known)
         order = [every[j] for j in used]
         remap = np.full(len(known), -1, np.int64)
@@ -334,9 +348,9 @@ def read_openimages_table(path: Path, root: Path, *, class_file: Path, labels: S
     words = [w for w in (split, {"val": "validation"}.get(split), path.stem.split("-")[0],
                          path.stem.split("-")[1] if "-" in path.stem else None) if w]
     folder = _image_folder(root, first, words)
-    paths = [f"{folder}{os.sep}{image}.jpg" for image in ids]  # strings: 10^6 Paths cost seconds
-    present = set(os.listdir(folder))  # one listing, not 10^6 stat calls (a folder is told when read)
-    if not all(f"{image}.jpg" in present for image in ids):
+    files = [f"{image}.jpg" for image in ids]
+    paths = [f"{folder}{os.sep}{name}" for name in files]  # strings: 10^6 Paths cost seconds
+    if not set(os.listdir(folder)).issuperset(files):  # one listing, not 10^6 stat calls
         check_files([Path(p) for p in paths], str(path))
     boxes = NormalizedBoxes(paths, _boxes(box_files, ids, {i: j for j, i in enumerate(order)})) if box_files else None
     return LabelTable(paths, _targets(len(ids), len(order), pos, neg), names, str(path), boxes=boxes)

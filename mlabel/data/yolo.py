@@ -138,6 +138,8 @@ def _list_file(listing: Path, base: Path) -> list[str]:
         else:
             near = listing.parent / line
             images.append(str(near if near.exists() else base / line))
+    if not all(map(os.path.isfile, images)):  # a folder's images exist: only listed ones are checked
+        check_files([Path(p) for p in images], str(listing))
     return images
 
 
@@ -255,10 +257,19 @@ def _parse_block(contents: list[bytes | None], num_classes: int):
     five = counts == 5
     xc, yc, w, h = (values[starts[five] + j] for j in range(1, 5))
     boxes[five] = np.stack([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], axis=1)
-    for i in np.flatnonzero(~five):  # polygon lines: their bounding box
-        xs, ys = values[starts[i] + 1:starts[i] + counts[i]:2], values[starts[i] + 2:starts[i] + counts[i]:2]
-        boxes[i] = xs.min(), ys.min(), xs.max(), ys.max()
+    boxes[~five] = _polygon_boxes(values, starts[~five] + 1, (counts[~five] - 1) // 2)
     return np.asarray(owner, np.int64), cls.astype(np.int64), np.clip(boxes.astype(np.float32), 0.0, 1.0)
+
+
+def _polygon_boxes(values: np.ndarray, first: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(P, 4) bounding boxes of polygons whose ``points[p]`` x, y pairs start at ``values[first[p]]``."""
+    if not len(first):
+        return np.zeros((0, 4))
+    at = np.repeat(first - 2 * (np.cumsum(points) - points), points) + 2 * np.arange(points.sum())
+    xs, ys = values[at], values[at + 1]
+    cut = np.cumsum(points) - points
+    return np.stack([np.minimum.reduceat(xs, cut), np.minimum.reduceat(ys, cut),
+                     np.maximum.reduceat(xs, cut), np.maximum.reduceat(ys, cut)], axis=1)
 
 
 def _parse_slowly(files: Sequence[str], contents: list, num_classes: int, problems: list[str]):
@@ -321,8 +332,6 @@ def read_yolo_table(yaml_path: Path, split: str, *, labels: Sequence[str] | None
     paths = yolo_split(tree, split, yaml_path)
     owner, classes, boxes, missing = _parse_labels([label_path(p) for p in paths], len(names),
                                                    f"split {split!r} of {yaml_path}")
-    if not all(map(os.path.isfile, paths)):
-        check_files([Path(p) for p in paths], f"{yaml_path} (split {split!r})")
     if missing:
         print(f"warning: {yaml_path} split {split!r}: {len(missing)} of {len(paths)} images have no label file "
               f"(e.g. {missing[0]}); they count as background, no object (all labels negative), as in "
