@@ -23,6 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import timed  # noqa: E402
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MB (what a read's peak is compared with)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 sys.path.insert(0, str(ROOT))
 
 
@@ -95,16 +103,20 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     yaml_path = write_yolo(work / "yolo", args.yolo_images, rng)
+    before = rss_mb()
     table, seconds, peak = timed(lambda: read_yolo_table(yaml_path, "train"))
     print(f"yolo: {len(table):,} label files, {len(table.labels)} classes: {seconds:.2f} s "
-          f"({len(table) / seconds:,.0f} files/s), peak RSS {peak:,.0f} MB")
+          f"({len(table) / seconds:,.0f} files/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB over the start)")
+    del table
 
     csv_path = write_openimages(work / "oi", args.oi_rows, rng)
+    before = rss_mb()
     table, seconds, peak = timed(lambda: openimages.read_openimages_table(
         csv_path, work / "oi", class_file=work / "oi" / "class-descriptions.csv", split="train"))
     kind = "sparse" if table.sparse else "dense"
     print(f"openimages: {args.oi_rows:,} rows, {len(table):,} images x {len(table.labels):,} labels ({kind}): "
-          f"{seconds:.2f} s ({args.oi_rows / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB")
+          f"{seconds:.2f} s ({args.oi_rows / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB "
+          "over the start)")
 
 
 if __name__ == "__main__":
