@@ -228,7 +228,13 @@ def _undecodable(tmp_path):
     return "00000003-p3.png"
 
 
+def _empty_folder(tmp_path):
+    (tmp_path / "d").mkdir()  # a folder without data files: load_dataset refuses it
+    return "datasets could not read it"
+
+
 BAD = [("missing folder", lambda p: "not found: data.root must be a save_to_disk folder"),
+       ("a folder datasets cannot read", _empty_folder),
        ("no image column", _no_image_column), ("no label column", _no_label_column),
        ("a val label train lacks", _val_label_train_lacks), ("undecodable image", _undecodable)]
 
@@ -251,6 +257,14 @@ def test_on_bad_image_skip_trains_without_it(tmp_path):
     out = tmp_path / "run"
     assert train_main([str(_recipe(tmp_path, tmp_path / "d")), f"out_dir={out}", "data.on_bad_image=skip", *TINY]) == 0
     assert name in (out / "skipped.csv").read_text()
+
+
+def test_hub_is_read_only_when_asked_and_offline_says_so(tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py: nothing reaches the network
+    recipe = _recipe(tmp_path, "hf://datasets/nobody/nothing")
+    assert train_main([str(recipe), f"out_dir={tmp_path / 'run'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "error: hf://datasets/nobody/nothing: datasets could not read it" in err and "HF_HUB_OFFLINE" in err
 
 
 def test_without_datasets_one_line_names_the_extra(tmp_path, monkeypatch, capsys):

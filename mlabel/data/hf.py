@@ -15,9 +15,11 @@ folder itself is never written into. The ``datasets`` package is the optional ex
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +41,7 @@ __all__ = ["HfSource", "read_hf_table", "resolve_hf_splits", "data_keys", "datas
 HUB = "hf://datasets/"
 VAL_NAMES = ("validation", "valid", "val", "dev")
 _BATCH = 1024  # rows of image bytes held at a time while exporting
+ROWS = "rows.json"  # per row of an exported split, the file of its image (written last: the export is whole)
 _MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG", ".png"), (b"GIF8", ".gif"), (b"BM", ".bmp"),
           (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
 
@@ -69,6 +72,19 @@ def datasets_module():
     return datasets
 
 
+@contextlib.contextmanager
+def quiet(datasets):
+    """``datasets``' progress bars off inside (mlabel prints its own lines), as they were after."""
+    bars = datasets.utils  # (datasets 2.18 has these only here)
+    enabled = not bars.are_progress_bars_disabled()
+    bars.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            bars.enable_progress_bars()
+
+
 def _cache_root(cache_dir: str | None) -> Path:
     return (Path(cache_dir) if cache_dir else default_cache_dir()).expanduser().resolve() / "hf"
 
@@ -88,19 +104,16 @@ def _load_splits(root: str, cache_dir: str | None, stamp) -> dict:
     if not root.startswith(HUB) and not path.exists():
         raise DataError(f"Hugging Face data set {root} not found: data.root must be a save_to_disk folder, a "
                         f"local imagefolder / parquet folder, or {HUB}OWNER/NAME")
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
     try:
-        found = _load(datasets, root, path, str(_cache_root(cache_dir) / "datasets"))
+        with quiet(datasets):
+            found = _load(datasets, root, path, str(_cache_root(cache_dir) / "datasets"))
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets' many error types, said in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DataError(f"{root}: datasets could not read it ({type(err).__name__}: {first[:200]}); give a "
-                        "save_to_disk folder or a folder load_dataset reads (imagefolder, parquet)") from None
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()
+        fix = ("check the name and the network (with HF_HUB_OFFLINE=1, only the cache is read)" if root.startswith(HUB)
+               else "give a save_to_disk folder or a folder load_dataset reads (imagefolder, parquet)")
+        raise DataError(f"{root}: datasets could not read it ({type(err).__name__}: {first[:200]}); {fix}") from None
     if not found:
         raise DataError(f"{root}: the data set has no splits")
     return found
@@ -315,7 +328,7 @@ def _export(ds, column: str, folder: Path, root: Path, where: str) -> list[str]:
                 paths.append(name)
         if empty:
             raise DataError(f"{where}: {len(empty)} rows have no image (neither bytes nor a path), e.g. row {empty[0]}")
-        (tmp / "rows.txt").write_text("\n".join(paths) + "\n", encoding="utf-8")
+        (tmp / ROWS).write_text(json.dumps(paths), encoding="utf-8")
         os.replace(tmp, folder)
     except OSError as err:
         if not folder.is_dir():
@@ -335,13 +348,13 @@ def _local(root: Path, original: str | None) -> str | None:
 
 def _rows(folder: Path) -> list[str]:
     """Per row, the image file an earlier export recorded (its own name inside ``folder``)."""
-    names = (folder / "rows.txt").read_text(encoding="utf-8").splitlines()
+    names = json.loads((folder / ROWS).read_text(encoding="utf-8"))
     return [p if os.sep in p or "/" in p else str(folder / p) for p in names]
 
 
 def _image_paths(ds, column: str, source: HfSource, split: str, where: str) -> list[str]:
     folder = _export_folder(ds, source, split, column)
-    if (folder / "rows.txt").is_file():
+    if (folder / ROWS).is_file():
         return _rows(folder)
     root = Path(source.root) if not source.root.startswith(HUB) else Path(".")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +392,8 @@ def saved_copy(dataset, cache_dir: str | None = None) -> str:
     folder = _cache_root(cache_dir) / "saved" / hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     if not folder.is_dir():
         tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-        dataset.save_to_disk(str(tmp))
+        with quiet(datasets):
+            dataset.save_to_disk(str(tmp))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process saved it first
