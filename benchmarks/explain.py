@@ -3,16 +3,21 @@ boxes come with the generated set), for a trained model:
 
 - pointing game: for every true-positive (image, label), is the map's maximum inside a box of
   that label? Per method, against a centre-of-image map and a random map in the same run (the
-  baselines show the check can fail);
+  baselines show the check can fail). A map upsampled from a coarse grid has a plateau of
+  maxima, not one: ``argmax`` takes its first pixel (the plateau's top-left corner, which for a
+  2 x 2 grid is the image's corner block), so the point scored is the plateau's centre; the
+  first pixel's score is printed beside it;
 - deletion: the drop in the label's probability when the map's top 10 % of pixels are blanked
-  (set to the image mean), against blanking 10 % at random;
-- cost: explaining a batch as a multiple of a plain forward pass of it (cam: all labels;
-  gradcam: one label per image);
-- agreement: for a linear head over average pooling, Grad-CAM (the grad-cam package) is the
-  rectified CAM; the max abs difference between the two maps is printed.
+  (set to the image mean), against blanking 10 % at random, on the same pairs;
+- cost: explaining a batch of 64 as a multiple of a plain forward pass of it (cam: all labels;
+  the others: one label per image), one thread, each timed alternately with the forward pass
+  (best of the repeats: the machine may be shared);
+- agreement: Grad-CAM and HiResCAM written in mlabel against the grad-cam package's on the same
+  layer, and HiResCAM on the final map against the rectified CAM (exact for a linear head).
 
     python benchmarks/explain.py --model runs/quickstart            # the shipped quickstart's run
     python benchmarks/explain.py --model runs/r18 --images 300
+    python benchmarks/explain.py --model runs/quickstart --cells 4,6,8 --methods auto   # auto's grid
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 import mlabel
+import mlabel.explain as explain_module
 from mlabel.data.synthetic import ensure_scenes, scenes_root
 from mlabel.preprocess import preprocess_image, read_rgb
 
@@ -37,86 +43,127 @@ def _load_test(root, model, count: int):
     return paths, targets, images, boxes
 
 
-def _hit(heat: np.ndarray, boxes: list, label: str, size: int) -> bool:
-    """Whether ``heat``'s maximum (on the model's input grid) lies in a box of ``label`` (in the
-    64 px scene's pixels, scaled to the input)."""
-    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    scale = size / 64.0
-    return any(b[0] == label and b[1] * scale <= x + 0.5 <= b[3] * scale and b[2] * scale <= y + 0.5 <= b[4] * scale
+def _pairs(model, images, targets) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(probabilities (N, L), image index, label index) of every true positive."""
+    with torch.no_grad():
+        probs = model.predict_proba(images)
+    keep = (probs.numpy() >= model.thresholds.numpy()) & (targets == 1)
+    rows, cols = np.nonzero(keep)
+    return probs, rows, cols
+
+
+def _maps(model, images, rows, cols, method: str) -> np.ndarray:
+    """(P, H, W): each pair's map, explained in batches of one label."""
+    out = np.zeros((len(rows), *images.shape[2:]), np.float32)
+    for j in np.unique(cols):
+        where = np.flatnonzero(cols == j)
+        for start in range(0, len(where), 64):
+            part = where[start : start + 64]
+            got = model.explain(images[rows[part]], labels=[model.labels[j]], method=method)
+            out[part] = np.stack([m[0] for m in got.maps])
+    return out
+
+
+def _point(heat: np.ndarray, first: bool) -> tuple[float, float]:
+    """(x, y) of the map's maximum, in pixel units (a pixel's centre is +0.5): its first pixel, or
+    the centre of its plateau (every pixel within 1e-6 of the span of the maximum)."""
+    if first:
+        y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        return x + 0.5, y + 0.5
+    ys, xs = np.nonzero(heat >= heat.max() - 1e-6 * max(float(np.ptp(heat)), 1e-12))
+    return xs.mean() + 0.5, ys.mean() + 0.5
+
+
+def _hit(point: tuple[float, float], boxes: list, label: str, scale: float) -> bool:
+    """Whether ``point`` (on the model's input grid) lies in a box ``[label, x0, y0, x1, y1]`` of
+    ``label`` (in the 64 px scene's pixels, times ``scale``)."""
+    x, y = point
+    return any(b[0] == label and b[1] * scale <= x <= b[3] * scale and b[2] * scale <= y <= b[4] * scale
                for b in boxes)
 
 
-def pointing(model, images, targets, paths, boxes, method: str, rng) -> dict:
-    probs = model.predict_proba(images).numpy()
-    keep = (probs >= model.thresholds.numpy()) & (targets == 1)
-    size = images.shape[-1]
-    hits = {method: 0, "centre": 0, "random": 0}
-    total = 0
-    centre = np.zeros((size, size), np.float32)
-    centre[size // 2, size // 2] = 1
-    for i in range(len(images)):
-        wanted = [model.labels[j] for j in np.flatnonzero(keep[i])]
-        if not wanted:
-            continue
-        got = model.explain(images[i : i + 1], labels=wanted, method=method)
-        for k, label in enumerate(wanted):
-            total += 1
-            hits[method] += _hit(got.maps[0][k], boxes[paths[i]], label, size)
-            hits["centre"] += _hit(centre, boxes[paths[i]], label, size)
-            hits["random"] += _hit(rng.random((size, size)), boxes[paths[i]], label, size)
-    return {name: count / max(total, 1) for name, count in hits.items()} | {"pairs": total}
+def pointing(model, maps: np.ndarray, pairs: tuple, paths, boxes) -> dict:
+    """Hit rates of ``maps`` (plateau centre and first pixel) and of the two baselines."""
+    _, rows, cols = pairs
+    size = maps.shape[-1]
+    scale = size / 64.0
+    rng = np.random.default_rng(0)
+    hits = {"map": 0, "first pixel": 0, "centre": 0, "random": 0}
+    for heat, i, j in zip(maps, rows, cols):
+        drawn, label = boxes[paths[i]], model.labels[j]
+        hits["map"] += _hit(_point(heat, False), drawn, label, scale)
+        hits["first pixel"] += _hit(_point(heat, True), drawn, label, scale)
+        hits["centre"] += _hit((size / 2, size / 2), drawn, label, scale)
+        hits["random"] += _hit(_point(rng.random((size, size)), True), drawn, label, scale)
+    return {name: count / max(len(rows), 1) for name, count in hits.items()}
 
 
-def deletion(model, images, targets, method: str, rng, share: float = 0.1) -> tuple[float, float]:
-    """Mean probability drop of true-positive labels: blanking the map's top ``share`` of pixels,
-    and blanking as many random pixels."""
-    probs = model.predict_proba(images)
-    keep = (probs.numpy() >= model.thresholds.numpy()) & (targets == 1)
+def deletion(model, images, maps: np.ndarray, pairs: tuple, share: float = 0.1) -> tuple[float, float]:
+    """Mean probability drop of the pairs' labels: blanking the map's top ``share`` of pixels
+    (set to the image's mean), and blanking as many random pixels."""
+    probs, rows, cols = pairs
+    rng = np.random.default_rng(0)
+    pixels = maps[0].size
+    count = int(share * pixels)
     drops = {"map": [], "random": []}
-    for i in np.flatnonzero(keep.any(1)):
-        labels = [model.labels[j] for j in np.flatnonzero(keep[i])]
-        got = model.explain(images[i : i + 1], labels=labels, method=method)
-        for k, label in enumerate(labels):
-            j = model.labels.index(label)
-            flat = got.maps[0][k].ravel()
-            count = int(share * flat.size)
-            for name, index in (("map", np.argsort(-flat)[:count]), ("random", rng.choice(flat.size, count, replace=False))):
-                blanked = images[i].clone().flatten(1)
-                blanked[:, torch.from_numpy(index)] = images[i].flatten(1).mean(1, keepdim=True)
-                after = model.predict_proba(blanked.view_as(images[i])[None])[0, j]
-                drops[name].append(float(probs[i, j] - after))
-    return float(np.mean(drops["map"])), float(np.mean(drops["random"]))
+    for start in range(0, len(rows), 256):
+        part = slice(start, start + 256)
+        chosen = images[rows[part]].flatten(2)  # (P, 3, H*W)
+        mean = chosen.mean(2, keepdim=True).expand(-1, -1, count)
+        top = torch.from_numpy(np.argsort(-maps[part].reshape(len(chosen), -1), axis=1, kind="stable")[:, :count])
+        chance = torch.from_numpy(np.stack([rng.choice(pixels, count, replace=False) for _ in range(len(chosen))]))
+        for name, index in (("map", top), ("random", chance)):
+            blanked = chosen.clone().scatter_(2, index[:, None].expand(-1, 3, -1), mean).view(-1, *images.shape[1:])
+            with torch.no_grad():
+                after = model.predict_proba(blanked)[torch.arange(len(chosen)), torch.from_numpy(cols[part])]
+            drops[name].append(probs[rows[part], cols[part]] - after)
+    return float(torch.cat(drops["map"]).mean()), float(torch.cat(drops["random"]).mean())
 
 
-def cost(model, images, method: str, repeats: int = 3) -> float:
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return min(times)
-    with torch.no_grad():
-        plain = best(lambda: model(images))
-    labels = model.labels if method == "cam" else model.labels[:1]
-    return best(lambda: model.explain(images, labels=labels, method=method)) / plain
+def cost(model, images, methods: list[str], repeats: int = 5) -> dict:
+    """Per method, explaining ``images`` (cam: all labels; else one) over a plain forward pass
+    timed just before it (best of ``repeats`` each: a shared machine's busy moments and a cold
+    allocator after a big run fall on both alike)."""
+    def timed(run) -> float:
+        started = time.perf_counter()
+        run()
+        return time.perf_counter() - started
 
-
-def agreement(model, images) -> float:
-    """Max abs difference between the package's Grad-CAM and the rectified CAM, both scaled to [0, 1]."""
-    label = model.labels[:1]
-    cam = model.explain(images, labels=label, method="cam")
-    grad = model.explain(images, labels=label, method="gradcam")
-    worst = 0.0
-    for i in range(len(images)):
-        # recompute the rectified CAM from the raw map: the scaled CAM's zero is its minimum, not 0
+    def plain():
         with torch.no_grad():
-            from mlabel.explain import _cam, _scaled
-            raw = _cam(model, images[i : i + 1])[0, :1].clamp_min(0)
-        rectified = _scaled(raw, tuple(images.shape[2:]))[0]
-        worst = max(worst, float(np.abs(rectified - grad.maps[i][0]).max()))
-    del cam
-    return worst
+            model(images)
+    ratios = {}
+    for method in methods:
+        labels = model.labels if method in ("cam", "csra") else model.labels[:1]
+        run = lambda: model.explain(images, labels=labels, method=method)  # noqa: E731
+        pairs = [(timed(plain), timed(run)) for _ in range(repeats)]
+        ratios[method] = min(t for _, t in pairs) / min(p for p, _ in pairs)
+    return ratios
+
+
+def agreement(model, images) -> dict:
+    """Max abs differences: mlabel's Grad-CAM and HiResCAM against the grad-cam package's on the
+    final feature map, and HiResCAM against the rectified CAM (a linear head's exact map)."""
+    from pytorch_grad_cam import GradCAM, HiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from mlabel.explain import _Forward, _scaled
+    forward = _Forward(model)
+    found = {}
+    for name, cls in (("gradcam", GradCAM), ("hirescam", HiResCAM)):
+        ours = np.stack([m[0] for m in model.explain(images, labels=model.labels[:1], method=name).maps])
+        with cls(model=forward, target_layers=[forward.features]) as cam:
+            theirs = cam(input_tensor=images, targets=[ClassifierOutputTarget(0)] * len(images))
+        found[f"{name} against grad-cam's"] = float(np.abs(ours - theirs).max())
+    try:
+        with torch.no_grad():
+            raw = explain_module._cam(model, images)[:, :1].clamp_min(0)
+        rectified = np.stack([m[0] for m in _scaled(list(raw), tuple(images.shape[2:]))])
+        ours = np.stack([m[0] for m in model.explain(images, labels=model.labels[:1], method="hirescam").maps])
+        found["hirescam against the rectified cam"] = float(np.abs(ours - rectified).max())
+    except ValueError:  # no exact cam for this model
+        pass
+    return found
 
 
 def main() -> None:
@@ -124,27 +171,40 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a trained quickstart run or model directory")
     parser.add_argument("--images", type=int, default=1000, help="test scenes to score")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir of the generated scenes")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every method the model takes)")
+    parser.add_argument("--cells", default=None, help="auto's least cells a side, comma-separated: a sweep")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(1)  # ratios on one thread: the same work for the forward pass and the methods
     model = mlabel.load(args.model).eval()
     root = ensure_scenes(scenes_root(".", args.cache_dir))
     paths, targets, images, boxes = _load_test(root, model, args.images)
-    rng = np.random.default_rng(0)
-    methods = ["cam", "gradcam", "gradcam++"] if type(model.head).__name__ == "LinearHead" else ["auto", "gradcam"]
-    print(f"model {args.model}: {model.backbone_name}, head {model.head_name}; {len(images)} test scenes")
-    for method in methods:
+    linear = type(model.head).__name__ == "LinearHead"
+    methods = args.methods.split(",") if args.methods else (
+        ["auto", "cam", "gradcam", "hirescam", "gradcam++"] if linear else ["auto", "gradcam", "hirescam"])
+    pairs = _pairs(model, images, targets)
+    print(f"model {args.model}: {model.backbone_name}, head {model.head_name}; {len(images)} test scenes, "
+          f"{len(pairs[1])} true positives")
+    runs = [(m, None) for m in methods] if not args.cells else [("auto", int(c)) for c in args.cells.split(",")]
+    for method, cells in runs:
+        if cells:
+            explain_module._MIN_CELLS = cells
         try:
-            scores = pointing(model, images, targets, paths, boxes, method, rng)
+            maps = _maps(model, images, *pairs[1:], method)
         except ValueError as err:
             print(f"{method}: {err}")
             continue
-        by_map, by_chance = deletion(model, images[:200], targets[:200], method, rng)
-        print(f"{method:>9}: pointing game {scores[method]:.3f} over {scores['pairs']} true positives "
-              f"(centre {scores['centre']:.3f}, random {scores['random']:.3f}); deletion of the top 10 %: "
-              f"probability -{by_map:.3f} (random 10 %: -{by_chance:.3f}); cost {cost(model, images[:64], method):.2f}x "
-              f"a forward pass of 64 images ({'all labels' if method == 'cam' else 'one label'})")
-    if "cam" in methods:
-        print(f"grad-cam's Grad-CAM against the rectified CAM: max abs difference {agreement(model, images[:16]):.2e}")
+        got = model.explain(images[:1], labels=model.labels[:1], method=method)
+        hits = pointing(model, maps, pairs, paths, boxes)
+        by_map, by_chance = deletion(model, images, maps, pairs)
+        where = f" ({got.extra['layer']} at {got.extra['input_size'][0]} px)" if got.extra else ""
+        print(f"{method + (f' {cells} cells' if cells else ''):>12}{where}: pointing game {hits['map']:.3f} "
+              f"(first pixel {hits['first pixel']:.3f}; centre {hits['centre']:.3f}, random {hits['random']:.3f}); "
+              f"deletion of the top 10 %: probability -{by_map:.3f} (random 10 %: -{by_chance:.3f})", flush=True)
+    if not args.cells:
+        ratios = cost(model, images[:64], [m for m in methods if m != "csra" or not linear])
+        print("cost over a forward pass of 64 images (one thread): " + ", ".join(
+            f"{m} {r:.2f}x ({'all labels' if m in ('cam', 'csra') else 'one label'})" for m, r in ratios.items()))
+        print("max abs difference: " + ", ".join(f"{k} {v:.1e}" for k, v in agreement(model, images[:16]).items()))
 
 
 if __name__ == "__main__":

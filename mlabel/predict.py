@@ -287,7 +287,7 @@ def main(argv: list[str]) -> int:
                         "OUT_DIR/IMAGE__LABEL.png overlays and OUT_DIR/maps.npz (the PyTorch model only)")
     parser.add_argument("--explain-labels", metavar="A,B", help="with --explain: these labels for every image "
                         "(default: the labels each image is predicted to have)")
-    parser.add_argument("--explain-method", default="auto", help="auto, cam, csra, gradcam or gradcam++")
+    parser.add_argument("--explain-method", default="auto", help="auto, cam, csra, gradcam, hirescam or gradcam++")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     _check_arguments(parser, args)

@@ -69,7 +69,7 @@ def test_maps_move_with_the_object():
         loss.backward()
         optimizer.step()
     model.eval()
-    for method in ("cam", "gradcam"):
+    for method in ("cam", "gradcam", "hirescam", "auto"):
         left = model.explain(_square(True), labels="square", method=method).maps[0][0]
         right = model.explain(_square(False), labels="square", method=method).maps[0][0]
         left_x = np.unravel_index(left.argmax(), left.shape)[1]
@@ -80,11 +80,29 @@ def test_maps_move_with_the_object():
 def test_vit_tokens_on_their_grid_and_auto_picks_gradcam():
     torch.manual_seed(0)
     vit = create_model("test_vit", LABELS, False, image_size=64).eval()
-    got = vit.explain(torch.rand(1, 3, 64, 64), labels=["b"], method="auto")
+    images = torch.rand(1, 3, 64, 64)
+    got = vit.explain(images, labels=["b"], method="auto")
     assert got.method == "gradcam"  # the class token pools a ViT: cam would not decompose its logit
+    # the last block's input: the class token is pooled after that block mixed the patches into it
+    assert got.extra == {"layer": "blocks.4", "input_size": [64, 64]}
     assert got.maps[0].shape == (1, 64, 64)
-    with pytest.raises(ValueError, match="method 'cam' is exact only"):
-        vit.explain(torch.rand(1, 3, 64, 64), labels=["b"], method="cam")
+    hires = vit.explain(images, labels=LABELS, method="hirescam").maps[0]
+    net = vit.backbone
+    with torch.no_grad():
+        tokens = net.blocks[:-1](net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(images)))))
+    tokens.requires_grad_()
+    logits = vit.head(net.forward_head(net.norm(net.blocks[-1](tokens)), pre_logits=True))[0]
+    shown = 0
+    for k in range(3):  # brute force: the patch tokens (class token dropped) on their 4 x 4 grid
+        grad, = torch.autograd.grad(logits[k], tokens, retain_graph=True)
+        raw = (grad * tokens)[0, 1:].sum(1).clamp_min(0).reshape(4, 4).detach()
+        up = torch.nn.functional.interpolate(raw[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        if up.max() > up.min():
+            shown += 1
+            np.testing.assert_allclose(hires[k], ((up - up.min()) / (up.max() - up.min())).numpy(), atol=1e-5)
+        else:  # nothing speaks for the label anywhere: a flat map is all zeros
+            assert not hires[k].any()
+    assert shown
 
 
 def test_csra_uses_its_own_class_scores():
@@ -101,7 +119,7 @@ def test_csra_uses_its_own_class_scores():
     np.testing.assert_allclose(got.maps[0][0], ((low - low.min()) / (low.max() - low.min())).numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["cam", "gradcam", "hirescam", "auto", "gradcam++"])
 def test_explaining_changes_nothing(resnet, method):
     images = torch.rand(2, 3, 64, 64)
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
@@ -226,10 +244,71 @@ def test_report_tiles_carry_the_heat_map_of_their_label(tiny_run, tmp_path):
     print(f"{len(cams)} heat maps, {kb:.0f} KB of the page's {len(page) / 1024:.0f} KB")
 
 
-def test_gradcam_in_a_batch_equals_one_image_at_a_time(resnet):
-    """The gradient methods run one batch per label; each image's map is the one it gets alone."""
+@pytest.mark.parametrize("method", ["gradcam", "auto"])
+def test_gradient_maps_in_a_batch_equal_one_image_at_a_time(resnet, method):
+    """One backward pass serves the k-th label of every image: each image's map is the one it
+    gets alone, also when the images want different labels."""
     images = torch.rand(3, 3, 64, 64)
-    together = resnet.explain(images, labels=["a", "c"], method="gradcam")
+    together = resnet.explain(images, labels=["a", "c"], method=method)
     for i in range(3):
-        alone = resnet.explain(images[i:i + 1], labels=["a", "c"], method="gradcam")
+        alone = resnet.explain(images[i:i + 1], labels=["a", "c"], method=method)
         np.testing.assert_allclose(together.maps[i], alone.maps[0], atol=1e-5)
+    resnet.set_thresholds(torch.tensor([0.0, 1.1, 1.1]))  # image by image: "a" only ...
+    try:
+        mixed = resnet.explain(images, method=method)
+    finally:
+        resnet.set_thresholds(torch.full((3,), 0.5))
+    assert mixed.labels == [["a"]] * 3
+    np.testing.assert_allclose(mixed.maps[1][0], together.maps[1][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "hirescam"])
+def test_gradient_maps_equal_the_grad_cam_packages(resnet, name):
+    """mlabel's Grad-CAM and HiResCAM (the backward pass stops at the feature map) against the
+    grad-cam package's on the same layer."""
+    pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam import GradCAM, HiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from mlabel.explain import _Forward
+    images = torch.rand(2, 3, 64, 64)
+    got = resnet.explain(images, labels=["b"], method=name)
+    forward = _Forward(resnet)
+    with {"gradcam": GradCAM, "hirescam": HiResCAM}[name](model=forward, target_layers=[forward.features]) as cam:
+        want = cam(input_tensor=images, targets=[ClassifierOutputTarget(1)] * 2)
+    assert got.extra == {"layer": "forward_features", "input_size": [64, 64]}
+    np.testing.assert_allclose(np.stack([m[0] for m in got.maps]), want, atol=1e-5)
+
+
+def test_auto_is_hirescam_at_the_stride_16_stage_on_an_upsampled_input(resnet):
+    """test_resnet's last map of a 64 px image is 2 x 2; auto reads layer3 (stride 16) of the image
+    upsampled to 96 px (6 x 6 cells): brute force, layer by layer, gives the same map."""
+    images = torch.rand(2, 3, 64, 64)
+    got = resnet.explain(images, labels=["c"])
+    assert got.method == "hirescam" and got.extra == {"layer": "layer3", "input_size": [96, 96]}
+    np.testing.assert_allclose(np.stack([p[0] for p in got.probabilities]), resnet.predict_proba(images)[:, 2].numpy(),
+                               rtol=1e-6)  # the probabilities are the model's own, at 64 px
+    net = resnet.backbone
+    big = torch.nn.functional.interpolate(images, size=(96, 96), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        stem = net.maxpool(net.act1(net.bn1(net.conv1(big))))
+        early = net.layer3(net.layer2(net.layer1(stem))).requires_grad_()
+    logit = resnet.head(net.global_pool(net.layer4(early)))[:, 2]
+    grad, = torch.autograd.grad(logit.sum(), early)
+    raw = (grad * early).sum(1).clamp_min(0).detach()  # (2, 6, 6): HiResCAM
+    assert raw.shape == (2, 6, 6)
+    up = torch.nn.functional.interpolate(raw[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    low, high = up.flatten(1).min(1).values[:, None, None], up.flatten(1).max(1).values[:, None, None]
+    np.testing.assert_allclose(np.stack([m[0] for m in got.maps]), ((up - low) / (high - low)).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone, layer, size", [("test_efficientnet", "blocks.3", 96),
+                                                   ("test_convnext", "stages.2", 96)])
+def test_auto_finds_the_stride_16_stage_of_other_cnns(backbone, layer, size):
+    torch.manual_seed(0)
+    model = create_model(backbone, LABELS, False, image_size=64).eval()
+    got = model.explain(torch.rand(1, 3, 64, 64), labels=["a"])
+    assert got.method == "hirescam" and got.extra == {"layer": layer, "input_size": [size, size]}
+    assert got.maps[0].shape == (1, 64, 64) and got.maps[0].max() == pytest.approx(1.0)
+    large = model.explain(torch.rand(1, 3, 128, 128), labels=["a"])  # 8 x 8 cells already: no upsampling
+    assert large.extra == {"layer": layer, "input_size": [128, 128]}
