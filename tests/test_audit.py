@@ -260,3 +260,31 @@ def test_python_m_and_callable_module(noisy_set, tmp_path):
     assert "use --folds" in done.stderr and not out.exists()
     import mlabel.audit as package
     assert callable(mlabel.audit) and mlabel.audit is package and package.suspicion is suspicion
+
+
+@pytest.mark.slow
+def test_full_budget_trains_one_model_per_fold(noisy_set, tmp_path):
+    root, injected = noisy_set
+    result = audit("quickstart", [f"data.root={root}", *TINY, "train.epochs=1", "thresholds.bootstrap=0"],
+                   out=tmp_path / "full", folds=2, budget="full", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "full" / "folds").glob("run*")) == ["run0", "run1"]
+    assert result.probs.shape == (300, 4) and np.array_equal(np.isnan(result.missing), result.given != 0)
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_features_then_rerun_gives_the_same_result(audited, noisy_set, tmp_path):
+    import signal
+    import time
+    root, _ = noisy_set
+    out = tmp_path / "killed"
+    args = [f"data.root={root}", *TINY]
+    child = subprocess.Popen([sys.executable, "-m", "mlabel.audit", "quickstart", *args, "--folds", "3", "--quiet",
+                              "--out", str(out)], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while not list((out / "cache").glob("features-*.npy")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    again = audit("quickstart", args, out=out, folds=3, quiet=True)
+    assert again.summary["cache_used"] is True
+    assert (out / "issues.csv").read_text() == (audited.out / "issues.csv").read_text()

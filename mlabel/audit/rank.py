@@ -64,7 +64,8 @@ def label_thresholds(probs, given) -> np.ndarray:
     (1 / 0 / -1 unknown), the project's exact tuner; 0.5 for a label with a single known class."""
     from ..thresholds import tune_thresholds
     probs, given = _check(probs, given)
-    return np.asarray(tune_thresholds(probs.astype(np.float32), given.astype(np.float32), "f1"), dtype=np.float64)
+    # given as int8 and probs in their own dtype: the tuner's codes are one byte per cell, no copies
+    return np.asarray(tune_thresholds(probs, given.astype(np.int8, copy=False), "f1"), dtype=np.float64)
 
 
 def _class_moments(probs: np.ndarray, given: np.ndarray) -> dict:
@@ -165,7 +166,8 @@ def suggested_cells(probs, given, thresholds, top: int | None = None) -> Cells:
     """Unknown cells the model is confident about: ``suggested_positive`` where ``p >= max(t,
     0.9)``, ``suggested_negative`` where ``p <= min(t, 0.02)``; scored by the log-odds margin to
     the threshold, at most ``top``."""
-    zt = _logit(np.asarray(thresholds))
+    thresholds = np.asarray(thresholds)
+    zt = _logit(thresholds)
     parts = [_top_of(np.zeros((0, 0)), 0, "suggested_positive", 0)]  # so that no data still joins
     for rows in _blocks(*probs.shape):
         p, unknown = probs[rows], given[rows] < 0
