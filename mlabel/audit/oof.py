@@ -178,8 +178,8 @@ def fit_heads(features: np.ndarray, given: np.ndarray, fold: np.ndarray, setting
         train, held = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
         x = torch.from_numpy(np.ascontiguousarray(features[train], dtype=np.float32))
         mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-        weight, bias = _fit_head((x - mean) / std, torch.from_numpy(given[train].astype(np.float32)), settings)
-        del x
+        weight, bias = _fit_head(x.sub_(mean).div_(std), torch.from_numpy(given[train].astype(np.float32)), settings)
+        del x  # standardised in place: one copy of the fold's training rows at a time
         held_x = torch.from_numpy(np.ascontiguousarray(features[held], dtype=np.float32))
         logits[held] = (((held_x - mean) / std) @ weight + bias).numpy()
     return logits

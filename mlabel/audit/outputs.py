@@ -91,15 +91,17 @@ def _summary(result, plan, settings, extra: dict, counts: dict) -> dict:
             "images": len(result.paths), "labels": result.labels, "counts": counts,
             "calibration": "platt per label, fitted per fold on that fold's out-of-fold logits",
             "thresholds": "per label, F1-maximising on the calibrated out-of-fold probabilities",
-            "noise_rate_estimator": "flagged cells / known cells of the given class at the label's threshold, "
-                                    "95 % Wilson interval (holds the model's own errors too: an upper estimate)",
+            "noise_rate_estimator": "confident learning: given negatives at or above the mean probability of the "
+                                    "label's given positives (missing), given positives at or below the mean of its "
+                                    "given negatives (spurious), over the given class; 95 % Wilson interval",
             "per_label": noise_rates(result.probs, result.given, result.thresholds, result.labels),
             "sources": plan.sources, "data": _data_keys(plan.cfg), **extra}
 
 
 def _data_keys(cfg) -> dict:
     keys = ("format", "root", "train", "val", "image_column", "label_columns", "labels_column", "label_delimiter")
-    return {k: getattr(cfg.data, k) for k in keys}
+    keys = {k: getattr(cfg.data, k) for k in keys}
+    return {**keys, "root": str(Path(cfg.data.root).resolve())}  # apply may run from another folder
 
 
 def write_outputs(result, plan, settings, extra: dict, log) -> dict:
