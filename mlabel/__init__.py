@@ -32,7 +32,7 @@ _EXPORTS = {
 # subpackages reached as attributes; mlabel.audit is callable: mlabel.audit(recipe, out=DIR) runs the audit
 _SUBMODULES = ("audit",)
 
-__all__ = [*_EXPORTS, *_SUBMODULES, "__version__"]
+__all__ = [*_EXPORTS, "__version__"]  # the API page documents these; mlabel.audit has its own module docs
 
 
 def __getattr__(name: str):
