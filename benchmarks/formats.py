@@ -1,6 +1,7 @@
 """Reading speed of the detection / partial-label readers at their real-world sizes.
 
-    python benchmarks/formats.py [--scale 0.1] [--yolo-images 100000] [--oi-rows 10000000] [--work DIR]
+    python benchmarks/formats.py [--scale 0.1] [--yolo-images 100000] [--oi-rows 10000000] [--hf-rows 100000]
+                                 [--work DIR]
 
 The defaults are the sizes issue 29 asks to read in seconds; ``--scale`` multiplies them (0.1 is a
 quick run).
@@ -10,7 +11,9 @@ opens its images) with 0 to 6 boxes each (some as polygons) over 80 classes, rea
 :func:`mlabel.data.yolo.read_yolo_table`. Open Images: a generated image-labels CSV of M rows
 (ImageID, Source, LabelName, Confidence; about 10 rows an image over 20,000 classes, 40 % verified
 negatives) read with :func:`mlabel.data.openimages.read_openimages_table` (images as empty files
-too, so the per-image existence check is counted). Prints seconds, rows or files per second and
+too, so the per-image existence check is counted). hf: a ``save_to_disk`` set of K tiny PNGs
+(bytes) with a list of class labels, read twice with :func:`mlabel.data.hf.read_hf_table` (the
+first read writes the images into a fresh cache folder). Prints seconds, rows or files per second and
 the peak RSS of each read (``VmHWM``, reset through ``/proc/self/clear_refs``).
 """
 from __future__ import annotations
@@ -88,15 +91,54 @@ def write_openimages(folder: Path, rows: int, rng, classes: int = 20000) -> Path
     return path
 
 
+def write_hf(folder: Path, rows: int, rng) -> Path:
+    """A ``save_to_disk`` DatasetDict of ``rows`` tiny PNGs (as bytes) with a list of ClassLabel
+    over 80 classes; returns its folder (None without ``datasets``)."""
+    if generated(folder, rows):
+        return folder
+    import io
+    import datasets
+    from PIL import Image
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    features = datasets.Features({"image": datasets.Image(),
+                                  "tags": datasets.Sequence(datasets.ClassLabel(names=[f"c{i}" for i in range(80)]))})
+    tags = [sorted(set(rng.integers(0, 80, int(rng.integers(0, 5))).tolist())) for _ in range(rows)]
+    images = [{"bytes": png.getvalue(), "path": f"{i:07d}.png"} for i in range(rows)]
+    datasets.DatasetDict(train=datasets.Dataset.from_dict({"image": images, "tags": tags}, features=features)
+                         ).save_to_disk(str(folder))
+    (folder / "generated.txt").write_text(str(rows))
+    return folder
+
+
+def read_hf(work: Path, rows: int, rng) -> None:
+    """data.format hf: the first read (the images written into the cache) and a second (reused)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        print("hf: skipped (pip install 'mlabel[hf]')")
+        return
+    from mlabel.data.hf import HfSource, read_hf_table
+    folder = write_hf(work / "hf", rows, rng)
+    source = HfSource(str(folder), cache_dir=tempfile.mkdtemp(prefix="mlabel-hf-cache-"))
+    for read in ("first read, images exported", "second read, export reused"):
+        before = rss_mb()
+        table, seconds, peak = timed(lambda: read_hf_table(source, "train"))
+        print(f"hf ({read}): {len(table):,} rows, {len(table.labels)} classes: {seconds:.2f} s "
+              f"({len(table) / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB over the start)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--yolo-images", type=int, default=100_000)
     parser.add_argument("--oi-rows", type=int, default=10_000_000)
-    parser.add_argument("--scale", type=float, default=1.0, help="multiplies both sizes (0.1: a quick run)")
+    parser.add_argument("--hf-rows", type=int, default=100_000)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the sizes (0.1: a quick run)")
     parser.add_argument("--work", default=None, help="folder for the generated data (default: a temporary one; "
                         "a set an earlier run generated there at the same size is reused)")
     args = parser.parse_args()
-    args.yolo_images, args.oi_rows = (max(1, round(n * args.scale)) for n in (args.yolo_images, args.oi_rows))
+    args.yolo_images, args.oi_rows, args.hf_rows = (max(1, round(n * args.scale))
+                                                    for n in (args.yolo_images, args.oi_rows, args.hf_rows))
     from mlabel.data import openimages
     from mlabel.data.yolo import read_yolo_table
     work = Path(args.work or tempfile.mkdtemp(prefix="mlabel-formats-"))
@@ -117,6 +159,9 @@ def main() -> None:
     print(f"openimages: {args.oi_rows:,} rows, {len(table):,} images x {len(table.labels):,} labels ({kind}): "
           f"{seconds:.2f} s ({args.oi_rows / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB "
           "over the start)")
+    del table
+
+    read_hf(work, args.hf_rows, rng)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,22 @@ def test_save_to_disk_dataset_with_flag_columns_and_a_label_file(tmp_path):
     np.testing.assert_array_equal(picked.dense_targets(), t[:, [2, 0]])
 
 
+def test_one_class_label_and_string_lists_with_nulls(tmp_path):
+    paths = _images(tmp_path / "src", 5, 9)
+    label = datasets.ClassLabel(names=NAMES)
+    single = datasets.Dataset.from_dict({"image": paths, "animal": [2, 0, -1, 1, 0]},
+                                        features=datasets.Features({"image": datasets.Image(), "animal": label}))
+    single.save_to_disk(str(tmp_path / "single"))
+    table = read_split(_config(tmp_path / "single", tmp_path), "train")
+    assert table.labels == NAMES
+    np.testing.assert_array_equal(table.dense_targets(), [[0, 0, 1], [1, 0, 0], [-1, -1, -1], [0, 1, 0], [1, 0, 0]])
+    strings = datasets.Dataset.from_dict({"image": paths, "tags": [["dog", "cat"], None, [], ["bird"], ["cat", None]]})
+    strings.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "strings"))
+    table = read_split(_config(tmp_path / "strings", tmp_path), "train")
+    assert table.labels == ["bird", "cat", "dog"]
+    np.testing.assert_array_equal(table.dense_targets(), [[0, 1, 1], [-1, -1, -1], [0, 0, 0], [1, 0, 0], [-1, -1, -1]])
+
+
 def _recipe(tmp_path, root, **data):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"task": "multilabel", "data": {

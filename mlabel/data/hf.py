@@ -33,8 +33,8 @@ import numpy as np
 from ..errors import DataError
 from ..preprocess import IMAGE_EXTENSIONS
 from .cache import default_cache_dir
-from .formats import multi_hot
-from .tables import LabelTable, check_files
+from .sparse import SparseLabels
+from .tables import SPARSE_FROM, LabelTable, check_files
 
 __all__ = ["HfSource", "read_hf_table", "resolve_hf_splits", "data_keys", "datasets_module"]
 
@@ -231,34 +231,64 @@ def _column(ds, name: str):
     return ds.select_columns([name]).with_format("arrow")[:][name].combine_chunks()
 
 
-def _label_order(kind: str, feature, values: list, labels) -> list[str]:
-    if labels is not None:
-        return list(labels)
-    if kind == "classlabels":
-        return list(_inner(feature).names)
+def _list_pairs(arr, kind: str, names: list[str] | None):
+    """(row of each listed label, index of its name in ``names``, the rows left unknown, ``names``)
+    of a list or class-label column, from its Arrow buffers (no Python object per row). A null
+    list, a null or -1 in it, or a class label of -1 leaves the row unknown; string lists take
+    their distinct strings as ``names``."""
+    import pyarrow.compute as pc
+    n = len(arr)
     if kind == "classlabel":
-        return list(feature.names)
-    return sorted({v for row in values if row for v in row})
+        rows, values = np.arange(n), pc.fill_null(arr, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        rows = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = pc.list_flatten(arr)
+        if kind == "strings":  # the distinct strings become the names; a null stays null
+            encoded = values.dictionary_encode()
+            names, values = encoded.dictionary.to_pylist(), encoded.indices
+        values = pc.fill_null(values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    blank = np.zeros(n, bool)
+    blank[rows[values < 0]] = True
+    blank |= arr.is_null().to_numpy(zero_copy_only=False)
+    keep = ~blank[rows]
+    return rows[keep], values[keep], blank, names
 
 
 def _list_targets(ds, kind: str, column: str, labels, subset: bool, where: str):
     """(label order, targets) of a list-of-class-labels, list-of-strings or class-label column."""
     feature = ds.features[column]
-    values = _column(ds, column).to_pylist()
     names = getattr(_inner(feature) if kind == "classlabels" else feature, "names", None)
-    if names is not None:  # class ids -> names; a null list, or -1, leaves the row unknown
-        for i, row in enumerate(values):
-            ids = [row] if kind == "classlabel" else row
-            bad = [c for c in ids or () if c is not None and not -1 <= c < len(names)]
-            if bad:
-                raise DataError(f"{where} row {i}: class id {bad[0]} is not one of 0..{len(names) - 1} "
-                                f"(the features' names {names[:10]})")
-            values[i] = None if ids is None or ids == [-1] or None in ids else [names[c] for c in ids if c >= 0]
-    order = _label_order(kind, feature, values, labels)
-    keep = set(order)
-    rows = [(set(), keep) if row is None else ({v for v in row if v in keep} if subset else set(row), set())
-            for row in values]
-    return multi_hot(rows, order, where, [f"{where} row {i}" for i in range(len(rows))])
+    rows, values, blank, names = _list_pairs(_column(ds, column), kind, names)
+    bad = np.flatnonzero(values >= len(names))
+    if len(bad):
+        raise DataError(f"{where} row {rows[bad[0]]}: class id {values[bad[0]]} is not one of 0..{len(names) - 1} "
+                        f"(the features' names {names[:10]})")
+    order = list(labels) if labels is not None else (sorted(names) if kind == "strings" else list(names))
+    if not order:
+        raise DataError(f"{where}: no label appears in any row; a training split needs labels")
+    position = {name: j for j, name in enumerate(order)}
+    lookup = np.array([position.get(name, -1) for name in names] + [-1], np.int64)
+    column_of = lookup[values]
+    stray = np.flatnonzero(column_of < 0)
+    if len(stray) and not subset:
+        raise DataError(f"{where} row {rows[stray[0]]}: label {names[values[stray[0]]]!r} is not in the training "
+                        f"labels {order}; every split must use the training split's labels (or list them in data.labels)")
+    used = column_of >= 0
+    return order, _pair_targets(rows[used], column_of[used], blank, len(order))
+
+
+def _pair_targets(rows: np.ndarray, columns: np.ndarray, blank: np.ndarray, num_labels: int):
+    """1 at the (row, column) pairs, -1 across the ``blank`` rows, 0 elsewhere (dense up to
+    SPARSE_FROM cells, then index lists)."""
+    n = len(blank)
+    if n * num_labels <= SPARSE_FROM:
+        targets = np.zeros((n, num_labels), np.float32)
+        targets[blank] = -1.0
+        targets[rows, columns] = 1.0
+        return targets
+    unknown = np.flatnonzero(blank)
+    return SparseLabels.from_pairs(rows, columns, n, num_labels, np.repeat(unknown, num_labels),
+                                   np.tile(np.arange(num_labels), len(unknown)))
 
 
 def _flag_targets(ds, columns: list[str], labels, subset: bool, where: str):
@@ -349,7 +379,8 @@ def _local(root: Path, original: str | None) -> str | None:
 def _rows(folder: Path) -> list[str]:
     """Per row, the image file an earlier export recorded (its own name inside ``folder``)."""
     names = json.loads((folder / ROWS).read_text(encoding="utf-8"))
-    return [p if os.sep in p or "/" in p else str(folder / p) for p in names]
+    prefix = f"{folder}{os.sep}"  # strings: 10^5 Path objects cost a second
+    return [p if os.sep in p or "/" in p else prefix + p for p in names]
 
 
 def _image_paths(ds, column: str, source: HfSource, split: str, where: str) -> list[str]:
@@ -379,7 +410,8 @@ def read_hf_table(source: HfSource, split: str, *, labels: Sequence[str] | None 
     else:
         names, targets = _list_targets(ds, kind, columns[0], labels, source.subset, where)
     paths = _image_paths(ds, image, source, split, where)
-    check_files([Path(p) for p in paths], where)
+    if not all(map(os.path.isfile, paths)):
+        check_files([Path(p) for p in paths], where)
     return LabelTable(paths, targets, names, where)
 
 
