@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         args = _apply_parser().parse_args(argv[1:])
         from .apply import apply_corrections
         done = apply_corrections(args.folder, args.corrections, args.out, args.split)
-        print(f"{done['changed']} cells changed; new labels: {done['file']} (train with data.train={done['file']})")
+        print(f"{done['changed']} cells changed; new labels: {done['file']} (train with data.{args.split}={done['file']})")
         return 0
     args = _audit_parser().parse_intermixed_args(argv)
     from .core import audit

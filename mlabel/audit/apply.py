@@ -147,8 +147,8 @@ def _check_out(out: Path, audited: Audited, source: dict) -> None:
     target = out.resolve()
     for folder in {Path(data["root"]).resolve(), *(Path(f).resolve().parent for f in inputs)}:
         if folder in target.parents:
-            raise DataError(f"--out {out} is inside the data folder {folder}; write the new labels elsewhere "
-                            f"and train with data.train={target}")
+            raise DataError(f"--out {out} is inside the data folder {folder}; the data are never changed: "
+                            "write the new labels outside it")
 
 
 def _by_image(values: dict) -> dict[str, dict[str, int]]:
