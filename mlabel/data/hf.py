@@ -354,7 +354,8 @@ def _export(ds, column: str, folder: Path, root: Path, where: str) -> list[str]:
                     paths.append(_local(root, original))
                     continue
                 name = _file_name(row, data, original)
-                (tmp / name).write_bytes(data)
+                with open(f"{tmp}{os.sep}{name}", "wb") as handle:  # strings: no Path per image
+                    handle.write(data)
                 paths.append(name)
         if empty:
             raise DataError(f"{where}: {len(empty)} rows have no image (neither bytes nor a path), e.g. row {empty[0]}")
