@@ -3,6 +3,7 @@ back cell by cell (unknowns included), summarised, sharded, trained end to end, 
 ``mlabel.fit`` as a DatasetDict, and refused with one error line when malformed."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_save_to_disk_class_label_lists_cell_by_cell(tmp_path):
     assert sorted(folder.rglob("*")) == before  # nothing written into the data set's folder
     again = build_splits(_config(folder, tmp_path), "multilabel")  # the export is reused
     assert again.train.paths == splits.train.paths
+    (Path(splits.train.paths[0]).parent / "rows.json").unlink()  # a folder without its row list: exported again
+    np.testing.assert_array_equal(build_splits(_config(folder, tmp_path), "multilabel").train.read_image(0),
+                                  truth["train"][1][0])
 
 
 def _imagefolder(tmp_path):

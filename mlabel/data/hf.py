@@ -388,6 +388,7 @@ def _image_paths(ds, column: str, source: HfSource, split: str, where: str) -> l
     folder = _export_folder(ds, source, split, column)
     if (folder / ROWS).is_file():
         return _rows(folder)
+    shutil.rmtree(folder, ignore_errors=True)  # a folder without its row list is no export (renamed in whole)
     root = Path(source.root) if not source.root.startswith(HUB) else Path(".")
     folder.parent.mkdir(parents=True, exist_ok=True)
     return _export(ds, column, folder, root if root.is_dir() else root.parent, where)
