@@ -4,6 +4,7 @@
     python benchmarks/audit.py [--sets quickstart,miml,digits] [--scale 1.0] [--folds 5] [--seed 0]
                                [--loop] [--loop-sets quickstart] [--work DIR]
     python benchmarks/audit.py --sets quickstart --scale 0.2          # a quick look (about a minute)
+    python benchmarks/audit.py --sets quickstart --feature-sizes 224  # also audit on 224-px features
 
 For each data set with clean labels it injects noise into the train and val labels, seeded: 5 % of
 the positives removed (missing labels, 1 -> 0) and one spurious positive on 2 % of the images (a
@@ -15,7 +16,10 @@ the table gives, per set, kind and ranking:
           injected it is also the precision at k (hits / k both)
   AUROC   of the score over all known cells of that kind (given 0 for missing, given 1 for spurious),
           sklearn.metrics.roc_auc_score
-  flag    where the ranking also flags a set of its own (cleanlab's filter): how many, precision, recall
+  flag    where the ranking also flags a set of its own (the audit's issues.csv: the model disagrees at
+          the label's threshold; cleanlab's filter): how many, precision, recall
+and per audit the out-of-fold macro AP against the clean and the noisy labels (the model behind every
+ranking), the wall time, and the missing and spurious counts summary.json's noise rates add up to.
 
 Every ranking is computed on the same out-of-fold probabilities (``result.probs``) of the one audit:
 
@@ -45,6 +49,8 @@ Data sets (written under --work, default a temporary folder; reused when already
               60/15/25 split; the miml_scene recipe (224 px); skipped with a message when absent
   digits      benchmarks/defaults.py's digit canvases (3,000/800/1,500, 64 px, 10 labels); the quickstart
               recipe's model with ``data.augment=light`` (a digit has an up)
+``--feature-sizes 224`` adds audits whose features are computed at that input size
+(``data.image_size=224``: an ImageNet backbone sees small images at the size it was trained on).
 ``--scale`` keeps that share of each split's rows (the first ones) for a quick run.
 """
 from __future__ import annotations
@@ -176,12 +182,13 @@ def make_noisy(bench: Bench, folder: Path, seed: int) -> Noisy:
     return Noisy(header, [n for t in tables.values() for n in t[1]], sizes, clean, noisy, truth, files)
 
 
-def run_audit(bench: Bench, noisy: Noisy, out: Path, args, from_run: Path | None = None) -> tuple[object, float]:
+def run_audit(bench: Bench, noisy: Noisy, out: Path, args, from_run: Path | None = None,
+              extra: tuple = ()) -> tuple[object, float]:
     """The audit on the noisy recipe, fast budget (features from ``from_run``'s backbone when
-    given); (result, wall seconds)."""
+    given, ``extra`` overrides after the set's); (result, wall seconds)."""
     from mlabel.audit import audit
     start = time.perf_counter()
-    result = audit(bench.recipe, bench.overrides(noisy.files), out=str(out), folds=args.folds, budget="fast",
+    result = audit(bench.recipe, [*bench.overrides(noisy.files), *extra], out=str(out), folds=args.folds, budget="fast",
                    from_run=None if from_run is None else str(from_run), seed=args.seed, quiet=True)
     return result, time.perf_counter() - start
 
@@ -371,19 +378,31 @@ def train(bench: Bench, files: dict, out: Path, epochs: int) -> tuple[float, flo
     return json.loads((out / "metrics.json").read_text())["test"]["mAP"], seconds
 
 
-def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path | None = None):
+def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path | None = None, extra: tuple = ()):
     """Audit (fast), print its table and model quality, save the figures; (result, seconds)."""
     folder = args.work / bench.name
-    result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run)
+    result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run, extra)
     check_rows(result, noisy)
     rows = evaluate(rankings(result, cleanlab=from_run is None or args.all_rankings), result, noisy.truth)
     print_table(f"{bench.name}", rows, label)
     clean_ap, noisy_ap = model_quality(result, noisy)
     print(f"{bench.name:<12}{label}: {len(noisy.names)} images, {seconds:.1f} s; out-of-fold macro AP against the "
           f"clean labels {clean_ap:.3f}, against the noisy ones {noisy_ap:.3f}", flush=True)
+    estimated = estimated_counts(result.summary)
+    print(f"{bench.name:<12}{label}: summary.json's noise rates estimate {estimated['missing']:.0f} missing "
+          f"(injected {int((noisy.truth == MISSING).sum())}) and {estimated['spurious']:.0f} spurious "
+          f"(injected {int((noisy.truth == SPURIOUS).sum())})", flush=True)
     (folder / f"figures-{label}.json").write_text(json.dumps(
-        {"rows": rows, "seconds": seconds, "images": len(noisy.names), "ap_clean": clean_ap, "ap_noisy": noisy_ap}))
+        {"rows": rows, "seconds": seconds, "images": len(noisy.names), "ap_clean": clean_ap, "ap_noisy": noisy_ap,
+         "estimated": estimated}))
     return result, seconds
+
+
+def estimated_counts(summary: dict) -> dict:
+    """Cells of each kind the audit's per-label noise-rate estimates add up to (rate x given cells)."""
+    per_label = summary.get("per_label", {}).values()
+    return {"missing": sum((v["missing_rate"]["estimate"] or 0) * v["given_negative"] for v in per_label),
+            "spurious": sum((v["spurious_rate"]["estimate"] or 0) * v["given_positive"] for v in per_label)}
 
 
 def close_loop(bench: Bench, noisy: Noisy, args, audit_seconds: float) -> None:
@@ -416,6 +435,8 @@ def bench_one(name: str, args) -> None:
     print(f"{name:<12}{len(noisy.names)} train+val images, {len(noisy.header) - 1} labels: "
           f"{int((noisy.truth == MISSING).sum())} positives removed, {int((noisy.truth == SPURIOUS).sum())} spurious added")
     _, seconds = audit_and_print(bench, noisy, args, "pretrained")
+    for size in filter(None, args.feature_sizes.split(",")):
+        audit_and_print(bench, noisy, args, f"pretrained@{size}", extra=(f"data.image_size={size}",))
     if args.loop and name in args.loop_sets.split(","):
         close_loop(bench, noisy, args, seconds)
 
@@ -429,6 +450,7 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="train on noisy, corrected and clean labels")
     parser.add_argument("--loop-sets", default="quickstart")
     parser.add_argument("--loop-epochs", type=int, default=4)
+    parser.add_argument("--feature-sizes", default="", help="extra audits with data.image_size=S (e.g. 224)")
     parser.add_argument("--all-rankings", action="store_true", help="the references for the --from audit too")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
