@@ -35,11 +35,13 @@ Every ranking is computed on the same out-of-fold probabilities (``result.probs`
   cleanlab-adj  ``get_label_quality_scores_per_class(method="normalized_margin", adjust_pred_probs=True)``,
                 cleanlab's option against class imbalance (quality alone, no filter)
 
-``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``) on the noisy
-labels, on the noisy labels with the audit's top-k suggestions of each kind accepted (a corrections.csv
-with ``decision=fix``, applied by ``mlabel audit apply``), and on the clean labels, and prints the test
-mAP of each (the test labels are never noisy) and the share of the lost mAP recovered,
-(corrected - noisy) / (clean - noisy). The audit's wall time is printed per set; with ``--loop`` also as a
+``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``, default 2) on
+the noisy labels, on the noisy labels with the audit's top-k suggestions of each kind accepted (the
+first k rows of each kind of its issues.csv into corrections-{train,val}.csv with ``decision=fix``,
+applied by ``mlabel audit apply --split``), and on the clean labels, and prints the test mAP of each
+(the test labels are never noisy) and the share of the lost mAP recovered,
+(corrected - noisy) / (clean - noisy). ``--loop-from`` also audits with the noisy run's backbone
+(``--from RUN``) and trains on its corrections. The audit's wall time is printed per set; with ``--loop`` also as a
 ratio to the noisy training run measured in the same process.
 
 Data sets (written under --work, default a temporary folder; reused when already there):
@@ -406,25 +408,34 @@ def estimated_counts(summary: dict) -> dict:
 
 
 def close_loop(bench: Bench, noisy: Noisy, args, audit_seconds: float) -> None:
-    """Train on noisy labels; audit again with that run's backbone (--from); train on the labels
-    corrected by each audit's top k and on the clean labels; print test mAP and the share recovered."""
+    """Train on noisy labels; with --loop-from audit again with that run's backbone (--from); train on
+    the labels corrected by each audit's top k and on the clean labels; print test mAP and the share
+    of the lost mAP recovered."""
     folder = args.work / bench.name
     runs = {"noisy": train(bench, noisy.files, folder / "runs" / "noisy", args.loop_epochs)}
-    audit_and_print(bench, noisy, args, "from-noisy-run", folder / "runs" / "noisy")
-    for label in ("pretrained", "from-noisy-run"):
+    audits = ["pretrained"]
+    if args.loop_from:
+        audit_and_print(bench, noisy, args, "from-noisy-run", folder / "runs" / "noisy")
+        audits.append("from-noisy-run")
+    for label in audits:
         audit_dir, fixed = folder / f"audit-{label}", folder / f"corrected-{label}"
         fixed.mkdir(parents=True, exist_ok=True)
         files = corrected_files(audit_dir, write_corrections(audit_dir, noisy, fixed), fixed)
         check_corrected(files, noisy)
         runs[f"fixed by {label}"] = train(bench, files, folder / "runs" / f"corrected-{label}", args.loop_epochs)
     runs["clean"] = train(bench, {}, folder / "runs" / "clean", args.loop_epochs)
-    lost = runs["clean"][0] - runs["noisy"][0]
-    for name, (mean_ap, seconds) in runs.items():
-        share = (mean_ap - runs["noisy"][0]) / lost if lost > 0 else float("nan")
-        print(f"{bench.name:<12}loop: trained on {name:<26} test mAP {mean_ap:.4f}  recovered {share:>5.2f}  "
-              f"{seconds:.0f} s", flush=True)
-    print(f"{bench.name:<12}audit (pretrained features) / one training: {audit_seconds / runs['noisy'][1]:.2f}")
+    print_loop(bench.name, runs, audit_seconds)
     (folder / "loop.json").write_text(json.dumps({k: {"mAP": v[0], "seconds": v[1]} for k, v in runs.items()}))
+
+
+def print_loop(name: str, runs: dict, audit_seconds: float) -> None:
+    """Test mAP per training and the share of the mAP lost to the noise that each one recovers."""
+    lost = runs["clean"][0] - runs["noisy"][0]
+    for run, (mean_ap, seconds) in runs.items():
+        share = (mean_ap - runs["noisy"][0]) / lost if lost > 0 else float("nan")
+        print(f"{name:<12}loop: trained on {run:<26} test mAP {mean_ap:.4f}  recovered {share:>5.2f}  {seconds:.0f} s",
+              flush=True)
+    print(f"{name:<12}audit (pretrained features) / one training: {audit_seconds / runs['noisy'][1]:.2f}")
 
 
 def bench_one(name: str, args) -> None:
@@ -449,7 +460,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the audit")
     parser.add_argument("--loop", action="store_true", help="train on noisy, corrected and clean labels")
     parser.add_argument("--loop-sets", default="quickstart")
-    parser.add_argument("--loop-epochs", type=int, default=4)
+    parser.add_argument("--loop-epochs", type=int, default=2)
+    parser.add_argument("--loop-from", action="store_true",
+                        help="also audit with the noisy run's backbone (--from) and train on its corrections")
     parser.add_argument("--feature-sizes", default="", help="extra audits with data.image_size=S (e.g. 224)")
     parser.add_argument("--all-rankings", action="store_true", help="the references for the --from audit too")
     parser.add_argument("--work", type=Path, default=None)
