@@ -120,12 +120,13 @@ def read_hf(work: Path, rows: int, rng) -> None:
         return
     from mlabel.data.hf import HfSource, read_hf_table
     folder = write_hf(work / "hf", rows, rng)
-    source = HfSource(str(folder), cache_dir=tempfile.mkdtemp(prefix="mlabel-hf-cache-"))
-    for read in ("first read, images exported", "second read, export reused"):
-        before = rss_mb()
-        table, seconds, peak = timed(lambda: read_hf_table(source, "train"))
-        print(f"hf ({read}): {len(table):,} rows, {len(table.labels)} classes: {seconds:.2f} s "
-              f"({len(table) / seconds:,.0f} rows/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB over the start)")
+    with tempfile.TemporaryDirectory(prefix="mlabel-hf-cache-") as cache:  # the exported images go with it
+        source = HfSource(str(folder), cache_dir=cache)
+        for read in ("first read, images exported", "second read, export reused"):
+            before = rss_mb()
+            table, seconds, peak = timed(lambda: read_hf_table(source, "train"))
+            print(f"hf ({read}): {len(table):,} rows, {len(table.labels)} classes: {seconds:.2f} s ({len(table) / seconds:,.0f} "
+                  f"rows/s), peak RSS {peak:,.0f} MB ({peak - before:+,.0f} MB over the start)")
 
 
 def main() -> None:
