@@ -294,3 +294,20 @@ def test_kill_9_after_the_features_then_rerun_gives_the_same_result(audited, noi
     again = audit("quickstart", args, out=out, folds=3, quiet=True)
     assert again.summary["cache_used"] is True
     assert (out / "issues.csv").read_text() == (audited.out / "issues.csv").read_text()
+
+
+def test_suggestions_follow_the_issues_on_the_page_with_ranks_of_their_own(audited, noisy_set):
+    """issues.csv and suggestions.csv each rank from 1; on the page no two tiles share a rank."""
+    import re
+
+    from mlabel.audit import outputs
+    _, injected = noisy_set
+    issues = list(csv.reader((audited.out / "issues.csv").open()))[1:]
+    suggested = [[audited.paths[i], LABELS[j], -1, "0.990000", "suggested_positive", "5.000000", rank]
+                 for rank, (i, j) in enumerate(injected["unknown"][:2], start=1)]
+    outputs._page(audited, [[*row[:-1], int(row[-1])] for row in issues], suggested)
+    page = (audited.out / "audit.html").read_text()
+    data = json.loads(re.search(r'id="audit-data">(.*?)</script>', page, re.S).group(1))
+    ranks = [tile["rank"] for tile in data["tiles"]]
+    assert ranks == list(range(1, len(issues) + 3))
+    assert [tile["kind"] for tile in data["tiles"][-2:]] == ["suggested_positive"] * 2

@@ -76,13 +76,11 @@ def _tiles(result, listed: list[list]) -> list:
     return tiles
 
 
-def _page(result, issues: list[list], suggestions: list[list], log) -> int:
-    try:
-        from .page import write_audit_page
-    except ImportError:  # the page module is optional to the audit's figures
-        log("audit.html: the page writer is not available; issues.csv holds the same rows")
-        return 0
-    tiles = _tiles(result, issues + suggestions)
+def _page(result, issues: list[list], suggestions: list[list]) -> int:
+    from .page import write_audit_page
+    # suggestions are ranked among themselves; on the page they follow the issues, so no two tiles share a rank
+    after = [[*row[:-1], row[-1] + len(issues)] for row in suggestions]
+    tiles = _tiles(result, issues + after)
     return write_audit_page(result.out / "audit.html", tiles, result.labels, f"mlabel audit: {result.out.name}")
 
 
@@ -121,7 +119,7 @@ def write_outputs(result, plan, settings, extra: dict, log) -> dict:
               **{kind: kinds.count(kind) for kind in ("missing", "spurious", "suggested_positive",
                                                       "suggested_negative")}}
     summary = _summary(result, plan, settings, extra, counts)
-    summary["page_bytes"] = _page(result, issues, suggestions, log)
+    summary["page_bytes"] = _page(result, issues, suggestions)
     write_json(out / "summary.json", summary)
     log(f"audit: {counts['missing']} suspected missing and {counts['spurious']} spurious labels in "
         f"{out / 'issues.csv'}, {len(suggestions)} suggestions for unknown cells in {out / 'suggestions.csv'}")
