@@ -18,12 +18,16 @@ boxes come with the generated set), for a trained model:
     python benchmarks/explain.py --model runs/quickstart            # the shipped quickstart's run
     python benchmarks/explain.py --model runs/r18 --images 300
     python benchmarks/explain.py --model runs/quickstart --cells 4,6,8 --methods auto   # auto's grid
+    python benchmarks/explain.py --report 1000 --report-images 20000   # the report page with heat maps
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -166,14 +170,57 @@ def agreement(model, images) -> dict:
     return found
 
 
+def report_size(n_labels: int, n_images: int) -> None:
+    """The report page of benchmarks/report.py's generated scores (``n_labels`` x ``n_images`` per
+    split, noise JPEGs) without and with a heat map on every gallery tile, explained by a
+    test_resnet of ``n_labels`` labels at 224 px (``auto``; noise JPEGs compress worst)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _images import noise_jpegs
+    from report import generated
+
+    from mlabel.models import create_model
+    from mlabel.report import write_report
+    from mlabel.report.gallery import heat_map_thumbnails
+    rng = np.random.default_rng(1)
+    labels = [f"label_{j:05d}" for j in range(n_labels)]
+    torch.manual_seed(0)
+    model = create_model("test_resnet", labels, False, image_size=224).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = noise_jpegs(tmp, 200, 240, 320, rng, quality=85)
+        splits = {split: generated(n_images, n_labels, rng) for split in ("val", "test")}
+        thresholds = rng.uniform(0.3, 0.7, n_labels)
+        metrics = {split: mlabel.evaluate_predictions(p, t, thresholds=thresholds, labels=labels)
+                   for split, (p, t) in splits.items()}
+        counts = {split: {"images": len(t)} | {name: {"positive": int(t[:, j].sum())} for j, name in enumerate(labels)}
+                  for split, (_, t) in splits.items()}
+        history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mAP": 0.5, "lr": 1e-3} for e in (1, 2)]
+        paths = {split: [files[i % len(files)] for i in range(n_images)] for split in splits}
+        sizes = {}
+        for name, explain in (("without", None), ("with", heat_map_thumbnails(model))):
+            started = time.perf_counter()
+            folder = write_report(Path(tmp) / name, metrics, history, splits, labels, thresholds, counts, paths=paths,
+                                  explain=explain)
+            sizes[name] = ((folder / "report.html").stat().st_size, time.perf_counter() - started)
+    added = sizes["with"][0] - sizes["without"][0]
+    print(f"report of {n_labels:,} labels x {n_images:,} images: {sizes['without'][0] / 1e6:.2f} MB without heat maps, "
+          f"{sizes['with'][0] / 1e6:.2f} MB with them (+{added / 1e6:.2f} MB; budget 10 MB); built in "
+          f"{sizes['without'][1]:.0f} s and {sizes['with'][1]:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a trained quickstart run or model directory")
+    parser.add_argument("--model", help="a trained quickstart run or model directory")
     parser.add_argument("--images", type=int, default=1000, help="test scenes to score")
     parser.add_argument("--cache-dir", default=None, help="data.cache_dir of the generated scenes")
     parser.add_argument("--methods", default=None, help="comma-separated (default: every method the model takes)")
     parser.add_argument("--cells", default=None, help="auto's least cells a side, comma-separated: a sweep")
+    parser.add_argument("--report", type=int, metavar="LABELS", help="instead: the report page's size with heat maps")
+    parser.add_argument("--report-images", type=int, default=20000, help="with --report: images per split")
     args = parser.parse_args()
+    if args.report:
+        return report_size(args.report, args.report_images)
+    if not args.model:
+        parser.error("--model is needed (or --report)")
     torch.set_num_threads(1)  # ratios on one thread: the same work for the forward pass and the methods
     model = mlabel.load(args.model).eval()
     root = ensure_scenes(scenes_root(".", args.cache_dir))

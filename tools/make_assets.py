@@ -62,7 +62,8 @@ def screenshots(run: Path, folder: Path) -> list[Path]:
 
 def heat_maps(run: Path, folder: Path, scale: int = 4) -> Path:
     """The first quickstart test scene with two shapes both predicted, beside the heat map of each (``auto``:
-    the exact class activation map of the quickstart's EfficientNet-Lite0), upscaled and captioned."""
+    HiResCAM at the EfficientNet-Lite0's stride-16 stage, the scene upsampled to 96 px for it), upscaled and
+    captioned."""
     import json
 
     import torch
