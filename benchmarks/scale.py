@@ -12,9 +12,9 @@ Zipf label frequency) it runs, in a fresh process (so that each size's peak RSS 
   pos_weight :func:`mlabel.data.sparse.sparse_pos_weight`
   sampler   one epoch of :class:`mlabel.data.dataset.SeededSampler` in batches of 256, each turned
             into its dense (256, L) targets
-  evaluate  streaming evaluation: a :class:`mlabel.thresholds.ScoreHistogram` fed N x L scores in
-            batches with their sparse targets (``update_sparse``: no dense table), then F1
-            thresholds and :func:`mlabel.streaming.histogram_metrics`. The scores stand for the
+  evaluate  streaming evaluation: a :class:`mlabel.histogram.ScoreHistogram` fed N x L scores in
+            batches with their dense batch targets (as the loaders give them; making the scores
+            and targets is timed apart), then F1 thresholds and :func:`mlabel.streaming.histogram_metrics`. The scores stand for the
             model's: drawn once per size and reused across batches, positives raised so the
             metrics mean something; making them is timed apart and left out of the rate. Past
             --eval-rows images it scores a prefix of that many rows and reports the rate.
@@ -51,7 +51,7 @@ def one_size(n: int, labels: int, positives: float, eval_rows: int, seed: int = 
     from mlabel.data.dataset import SeededSampler
     from mlabel.data.sparse import SparseLabels, sparse_pos_weight, sparse_split
     from mlabel.streaming import histogram_metrics
-    from mlabel.thresholds import ScoreHistogram
+    from mlabel.histogram import ScoreHistogram
 
     rng = np.random.default_rng(seed)
     frequency = 1.0 / np.arange(1, labels + 1)  # Zipf
@@ -92,8 +92,9 @@ def one_size(n: int, labels: int, positives: float, eval_rows: int, seed: int = 
             scores = base[:len(batch)].copy()
             where = batch._gather(batch.pos_ptr, batch.pos_idx, np.arange(len(batch)))
             scores[where] += 0.3
+            targets = batch.dense(np.arange(len(batch)))  # dense rows per batch, as the loaders give them
             spent["generate"] += time.perf_counter() - made
-            histogram.update_sparse(scores, batch)
+            histogram.update(scores, targets)
         thresholds = histogram.tune("f1")
         return histogram_metrics(histogram, thresholds)
     metrics = _stage(results, "evaluate", evaluate)

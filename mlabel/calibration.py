@@ -47,7 +47,7 @@ def fit_calibration(logits, targets, method: str = "platt", max_iter: int = 100)
 
 
 def fit_calibration_from_histogram(histogram, method: str = "platt", max_iter: int = 100, block: int = 256):
-    """:func:`fit_calibration` from a :class:`~mlabel.thresholds.ScoreHistogram` of the plain
+    """:func:`fit_calibration` from a :class:`~mlabel.histogram.ScoreHistogram` of the plain
     sigmoid probabilities (streaming evaluation), a weighted fit per label in blocks of ``block``
     labels (memory ``4 x groups x block`` per array, whatever N and L).
 

@@ -591,7 +591,7 @@ def _check_optimizer(train: TrainConfig) -> None:
 def _check_thresholds(th: ThresholdsConfig) -> None:
     """Threshold settings are used only after training: check them before it starts."""
     from .policy import resolve_policy
-    from .thresholds import check_metric
+    from .cutoffs import check_metric
     try:
         check_metric(th.metric, th.beta, th.min_recall, th.min_precision)
         resolve_policy(th.policy, th.metric)

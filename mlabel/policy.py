@@ -39,7 +39,8 @@ import torch
 
 from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
-from .thresholds import FALLBACK_THRESHOLD, check_metric, objective_values, tune_cutoffs, fold_ids, out_of_fold
+from .cutoffs import FALLBACK_THRESHOLD, check_metric, objective_values
+from .thresholds import fold_ids, out_of_fold, tune_cutoffs
 
 __all__ = ["POLICIES", "ThresholdChoice", "check_scores", "choose_thresholds", "cross_fit_predictions", "objective_at",
            "resolve_policy"]

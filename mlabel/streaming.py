@@ -1,4 +1,4 @@
-"""Metrics without the ``(N, L)`` scores: from a :class:`mlabel.thresholds.ScoreHistogram`.
+"""Metrics without the ``(N, L)`` scores: from a :class:`mlabel.histogram.ScoreHistogram`.
 
 At ten thousand labels a validation set of a million images has 10^10 scores; the histogram
 holds ``2 x L x bins`` counts, whatever N, and merges across DDP ranks by a sum. From it:
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import digamma
 
-from .thresholds import ScoreHistogram
+from .histogram import ScoreHistogram
 
 __all__ = ["histogram_metrics"]
 

@@ -104,27 +104,6 @@ def test_histogram_metrics_match_the_exact_ones_within_the_stated_error():
 
 
 @pytest.mark.parametrize("default", [0.0, -1.0])
-def test_histogram_from_sparse_targets_equals_the_dense_update(default):
-    """update_sparse (no dense targets: every score counted, then the listed labels moved) gives
-    exactly the counts and lowest known scores of update on the dense table."""
-    rng = np.random.default_rng(5)
-    n, labels = 300, 37
-    dense = np.where(rng.random((n, labels)) < 0.1, 1.0, default).astype(np.float32)
-    other = 0.0 if default == -1.0 else -1.0
-    dense[(rng.random((n, labels)) < 0.05) & (dense != 1)] = other
-    dense[:, 3] = default  # a label with nothing listed
-    dense[:, 4] = np.where(dense[:, 4] == 1, 1.0, other)  # a label where every non-positive is listed
-    scores = rng.random((n, labels), dtype=np.float32)
-    scores[0, 0], scores[1, 1] = -0.5, 1.7  # outside [0, 1]: the end bins
-    table = SparseLabels.from_dense(dense, default=default)
-    for split in (slice(0, 300), slice(0, 0), slice(10, 11)):
-        a = ScoreHistogram(labels, bins=64).update(scores[split], dense[split])
-        b = ScoreHistogram(labels, bins=64).update_sparse(scores[split], table.subset(np.arange(n)[split]))
-        assert torch.equal(a.counts, b.counts)
-        assert torch.equal(a.lowest, b.lowest)
-
-
-@pytest.mark.parametrize("default", [0.0, -1.0])
 def test_rows_reorder_and_the_label_table_on_sparse_targets(default):
     from mlabel.data.tables import LabelTable
     rng = np.random.default_rng(2)

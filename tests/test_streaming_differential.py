@@ -44,16 +44,17 @@ def test_histogram_thresholds_of_float64_scores_keep_their_decisions(scores, tar
         assert float(value[0]) == pytest.approx(_f1(y[:, 0], s[:, 0] >= th[0].item()), abs=1e-12)
 
 
-def test_update_sparse_bins_float64_scores_as_update_does():
-    from mlabel.data.sparse import SparseLabels
+def test_update_bins_float64_scores_exactly():
+    """Scores a float64 step off a bin edge land on their own side of it."""
     values = np.array([np.nextafter(.5, 0), .5, np.nextafter(.25, 1), 1 / 3, np.nextafter(1.0, 0), 1e-300])
     scores = np.repeat(values[:, None], 3, 1)
     dense = np.zeros((len(values), 3), np.float32)
     dense[::2, 1] = 1
     a = ScoreHistogram(3, bins=2048).update(scores, dense)
-    b = ScoreHistogram(3, bins=2048).update_sparse(scores, SparseLabels.from_dense(dense))
-    assert torch.equal(a.counts, b.counts) and torch.equal(a.lowest, b.lowest)
     assert a.counts[0, 1023].sum() == 1 and a.counts[0, 1024].sum() == 1  # nextafter(.5, 0) < .5
+    assert a.counts[0, 512].sum() == 1 and a.counts[0, 511].sum() == 0  # nextafter(.25, 1) >= .25
+    assert a.counts[0, 2047].sum() == 1 and a.counts[0, 0].sum() == 1
+    assert float(a.lowest[0]) == 1e-300
 
 
 def _histogram_of_counts(neg, pos):

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from ..io import atomic_path  # noqa: E402
 from ..metrics import label_curves  # noqa: E402
-from ..thresholds import objective_values  # noqa: E402
+from ..cutoffs import objective_values  # noqa: E402
 
 MAX_LABELS_PLOTTED = 16
 
