@@ -533,15 +533,9 @@ def loss_kwargs(loss: LossConfig) -> dict:
 
 
 def threshold_kwargs(th: ThresholdsConfig) -> dict:
-    """The threshold settings as the keyword arguments of :func:`mlabel.evaluation.calibrate_and_tune`."""
+    """The threshold settings as the keyword arguments of :class:`mlabel.policy.ThresholdSettings`."""
     return dict(policy=th.policy, metric=th.metric, mode=th.mode, bins=th.bins, bootstrap=th.bootstrap,
                 fallback=th.fallback, beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision)
-
-
-def cross_fit_kwargs(th: ThresholdsConfig) -> dict:
-    """The threshold settings as the cross-fitting arguments of :func:`mlabel.evaluation.evaluate_outputs`."""
-    return dict(cross_fit=th.cross_fit, policy=th.policy, metric=th.metric, fallback=th.fallback,
-                beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision)
 
 
 def _check_backbone(model: ModelConfig) -> None:

@@ -17,19 +17,24 @@ import torch
 
 from ._counting import UNKNOWN, decode, key_kind, label_blocks, positives, runs, sort_rows, sorted_keys, thread_map
 
-__all__ = ["OBJECTIVES", "FALLBACK_THRESHOLD", "objective_values", "check_metric", "exact_cutoffs", "global_cutoff",
+__all__ = ["OBJECTIVES", "FALLBACK_THRESHOLD", "DEFAULT_OBJECTIVE", "objective_values", "check_metric", "exact_cutoffs", "global_cutoff",
            "finish_cutoffs", "as_tensors"]
 
 OBJECTIVES = ("f1", "fbeta", "precision_at_recall", "recall_at_precision", "youden", "global")
 FALLBACK_THRESHOLD = 0.5
+DEFAULT_OBJECTIVE = {"beta": 1.0, "min_recall": 0.9, "min_precision": 0.9}  # the metrics' parameters
 
 
-def objective_values(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray,
-               n_neg: np.ndarray, beta: float, min_recall: float, min_precision: float) -> np.ndarray:
-    """The objective at each cut-off; ``tp``/``fp`` (L, C) float64, ``n_pos``/``n_neg`` (L, 1).
+def objective_values(metric: str, tp: np.ndarray, fp: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray,
+                     objective: dict | None = None) -> np.ndarray:
+    """The objective at each cut-off; ``tp``/``fp`` (L, C) float64, ``n_pos``/``n_neg`` (L, 1);
+    ``objective``: the metric's parameters ``beta``, ``min_recall``, ``min_precision``
+    (:data:`DEFAULT_OBJECTIVE` where left out).
 
     F-scores are computed in place (``tp`` is overwritten): the tuner's cost is memory traffic.
     """
+    objective = {**DEFAULT_OBJECTIVE, **(objective or {})}
+    beta, min_recall, min_precision = objective["beta"], objective["min_recall"], objective["min_precision"]
     if metric in ("f1", "global", "fbeta"):
         b2 = 1.0 if metric != "fbeta" else beta * beta
         # F_beta = (1 + b2) tp / ((1 + b2) tp + b2 fn + fp) = (1 + b2) tp / (tp + fp + b2 P)
@@ -75,7 +80,7 @@ def _best_cutoffs(scores: np.ndarray, codes: np.ndarray, metric: str, objective:
     r = runs(rows)
     n_rows, n = rows.rank.shape
     n_pos, n_neg = r.tp[r.end], r.fp[r.end]
-    value = objective_values(metric, r.tp.copy(), r.fp, r.spread(n_pos), r.spread(n_neg), **objective)
+    value = objective_values(metric, r.tp.copy(), r.fp, r.spread(n_pos), r.spread(n_neg), objective)
     value[r.tp + r.fp == r.previous(r.tp + r.fp, 0.0)] = -np.inf  # a run of unknown targets only
     best_value = np.maximum.reduceat(value, r.start)
     hit = value == r.spread(best_value)
@@ -111,7 +116,7 @@ def _best_at_positives(scores, codes, metric, objective, kind, dtype):
     has = found.n_pos > 0
     if has.any():
         row = found.row
-        value = objective_values(metric, found.tp.copy(), found.seen - found.tp, n_pos[row], n_neg[row], **objective)
+        value = objective_values(metric, found.tp.copy(), found.seen - found.tp, n_pos[row], n_neg[row], objective)
         starts = found.first[has]
         best = np.maximum.reduceat(value, starts)
         hit = value == np.repeat(best, found.n_pos[has])

@@ -22,7 +22,7 @@ from .distributed import World, gather_rows, mean_across
 from .engine import collect_predictions
 from .metrics import average_precision, calibration_error, cutoff_metrics, evaluate_predictions, nanmean
 from .outputs import Outputs, Targets, map_fields
-from .policy import choose_thresholds, cross_fit_predictions
+from .policy import ThresholdSettings, choose, cross_fit_predictions
 
 __all__ = ["EvalSettings", "ExactScorer", "STREAM_LIMIT", "StreamedScorer", "calibrate_and_tune",
            "collect_split", "evaluate_outputs", "scorer", "split_loader", "split_outputs"]
@@ -34,22 +34,21 @@ STREAM_LIMIT = 2 * 10**8  # scores of a split past which thresholds.streaming=au
 class EvalSettings:
     """What scoring and tuning a split read from the resolved config, taken once.
 
-    ``tuning``: the threshold policy's arguments (:func:`calibrate_and_tune`); ``cross_fit``:
-    the cross-fitting arguments (:func:`evaluate_outputs`)."""
+    ``thresholds``: the threshold policy's settings (:func:`calibrate_and_tune`, and the
+    cross-fitting of :func:`evaluate_outputs`, with ``cross_fit`` folds)."""
     streaming: bool | str = "auto"
     bins: int = 2048
     calibration: str = "platt"
     channels_last: bool = False
-    seed: int = 0
-    tuning: dict = field(default_factory=dict)
-    cross_fit: dict = field(default_factory=dict)
+    thresholds: ThresholdSettings = field(default_factory=ThresholdSettings)
+    cross_fit: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "EvalSettings":
-        from .config import cross_fit_kwargs, threshold_kwargs
+        from .config import threshold_kwargs
         return cls(streaming=cfg.thresholds.streaming, bins=cfg.thresholds.bins, calibration=cfg.calibration.method,
-                   channels_last=cfg.train.channels_last, seed=cfg.seed, tuning=threshold_kwargs(cfg.thresholds),
-                   cross_fit=cross_fit_kwargs(cfg.thresholds))
+                   channels_last=cfg.train.channels_last, cross_fit=cfg.thresholds.cross_fit,
+                   thresholds=ThresholdSettings(**threshold_kwargs(cfg.thresholds), seed=cfg.seed))
 
     def streams(self, images: int, labels: int) -> bool:
         """Whether a split of ``images`` x ``labels`` scores is evaluated from histograms."""
@@ -92,14 +91,14 @@ class ExactScorer(_Scorer):
     def metrics(self, cross_fit: bool = False) -> dict:
         """The split's metrics.json section at the model's thresholds (``cross_fit``: with the
         cross-fitted F1 of ``settings.cross_fit``)."""
-        extra = {"seed": self.settings.seed, **self.settings.cross_fit} if cross_fit else {}
-        return evaluate_outputs(self.model, *self.scores(), **extra)
+        folds = self.settings.cross_fit if cross_fit else 0
+        return evaluate_outputs(self.model, *self.scores(), cross_fit=folds, settings=self.settings.thresholds)
 
     def tune(self) -> dict:
         """Fit the calibration and choose the thresholds on this split (val); stored in the model."""
         outputs, targets = self.scores()
-        return calibrate_and_tune(self.model, outputs.logits, targets.labels, calibration=self.settings.calibration,
-                                  seed=self.settings.seed, **self.settings.tuning)
+        return calibrate_and_tune(self.model, outputs.logits, targets.labels, self.settings.calibration,
+                                  self.settings.thresholds)
 
     def ranking(self, loss_fn=None) -> tuple[float, float | None]:
         """(mAP, mean loss) of a fresh pass: the per-epoch validation."""
@@ -130,11 +129,10 @@ class StreamedScorer(_Scorer):
         the calibration (fitted on the bins) and each label's best bin edge for the objective,
         mapped through the calibration (the same decisions). Both are stored in the model."""
         from .calibration import fit_calibration_from_histogram
-        t, method, model = self.settings.tuning, self.settings.calibration, self.model
+        t, method, model = self.settings.thresholds, self.settings.calibration, self.model
         model.set_calibration(None)
         histogram = self._pass(fit_calibration=method != "none")[0].histogram
-        raw, values = histogram.tune(t["metric"], beta=t["beta"], min_recall=t["min_recall"],
-                                     min_precision=t["min_precision"], labels=model.labels, fallback=t["fallback"],
+        raw, values = histogram.tune(t.metric, **t.plan.objective, labels=model.labels, fallback=t.fallback,
                                      return_scores=True)
         thresholds = torch.as_tensor(raw).double()
         if method != "none":
@@ -142,8 +140,8 @@ class StreamedScorer(_Scorer):
             model.set_calibration(method, scale, bias)
             thresholds = apply_calibration(torch.logit(thresholds), scale.double(), bias.double())
         model.set_thresholds(thresholds.float())
-        return {"policy": "histogram", "metric": t["metric"], "bins": self.settings.bins,
-                "per_label": {name: {"threshold": float(th), "val_" + t["metric"]: float(v)}
+        return {"policy": "histogram", "metric": t.metric, "bins": self.settings.bins,
+                "per_label": {name: {"threshold": float(th), "val_" + t.metric: float(v)}
                               for name, th, v in zip(model.labels, model.thresholds.tolist(), values.tolist())}}
 
     def ranking(self, loss_fn=None) -> tuple[float, float | None]:
@@ -186,36 +184,32 @@ def collect_split(model, loader, device, world: World, loss_fn=None, **kwargs):
     return map_fields(outputs, gather), map_fields(targets, gather), loss
 
 
-def calibrate_and_tune(model, logits: torch.Tensor, targets: torch.Tensor, *, calibration: str = "platt",
-                       policy: str = "auto", metric: str = "f1", mode: str = "exact", bins: int = 2048,
-                       bootstrap: int = 200, seed: int = 0, fallback: float = 0.5, **objective) -> dict:
+def calibrate_and_tune(model, logits: torch.Tensor, targets: torch.Tensor, calibration: str = "platt",
+                       settings: ThresholdSettings = ThresholdSettings()) -> dict:
     """Fit the ``calibration`` (``none``, ``temperature``, ``platt``) on the val label logits
-    (N, L) and their targets, then choose thresholds on the calibrated probabilities with
-    ``policy`` for ``metric`` (``objective``: beta, min_recall, min_precision; ``mode``/``bins``:
-    how the exact tuner under the policy runs); both are stored in ``model``. Returns the policy's
-    record for metrics.json (policy, and per label the threshold, its val objective and bootstrap
-    interval)."""
+    (N, L) and their targets, then choose thresholds on the calibrated probabilities with the
+    policy of ``settings``; both are stored in ``model``. Returns the policy's record for
+    metrics.json (policy, and per label the threshold, its val objective and bootstrap interval)."""
     if calibration == "none":
         model.set_calibration(None)
     else:
         scale, bias = fit_calibration(logits, targets, calibration)
         model.set_calibration(calibration, scale, bias)
     probs = model.probabilities(logits)
-    choice = choose_thresholds(probs, targets, policy, metric, labels=model.labels, bootstrap=bootstrap,
-                               seed=seed, fallback=fallback, mode=mode, bins=bins, **objective)
+    choice = choose(probs, targets, settings, model.labels)
     model.set_thresholds(torch.from_numpy(choice.thresholds))
     return choice.to_dict(model.labels)
 
 
-def evaluate_outputs(model, outputs: Outputs, targets: Targets, *, cross_fit: int = 0, seed: int = 0,
-                     policy: str = "auto", metric: str = "f1", fallback: float = 0.5, **objective) -> dict:
+def evaluate_outputs(model, outputs: Outputs, targets: Targets, *, cross_fit: int = 0,
+                     settings: ThresholdSettings = ThresholdSettings()) -> dict:
     """Metrics of ``model``'s probabilities and thresholds on its named outputs and targets.
 
     With a calibration, ``macro_ece_uncalibrated`` and per-label ``ece_uncalibrated`` give the
     ECE of the plain sigmoid beside the calibrated ``ece``. With ``cross_fit`` folds (0: off),
-    ``cross_fit`` holds the F1 reached by thresholds chosen (``policy``, ``metric``,
-    ``objective``) on the other folds (the honest estimate next to the in-sample ``macro_f1``).
-    With regression outputs, ``regression`` gets their MSE and MAE (in the targets' units) over
+    ``cross_fit`` holds the F1 reached by thresholds chosen (the policy, metric, objective and
+    seed of ``settings``; the exact tuner in its default mode) on the other folds (the honest
+    estimate next to the in-sample ``macro_f1``). With regression outputs, ``regression`` gets their MSE and MAE (in the targets' units) over
     known targets.
     """
     regression = None if outputs.regression is None else \
@@ -235,8 +229,9 @@ def evaluate_outputs(model, outputs: Outputs, targets: Targets, *, cross_fit: in
             metrics["per_label"][name]["ece_uncalibrated"] = None if math.isnan(value) else value
     if cross_fit:
         folds = min(cross_fit, len(probs))
-        rows = cross_fit_predictions(probs, targets, folds, seed, metric=metric, policy=policy,
-                                     fallback=fallback, **objective)
+        s = settings
+        rows = cross_fit_predictions(probs, targets, folds, s.seed, metric=s.metric, policy=s.policy,
+                                     fallback=s.fallback, **s.plan.objective)
         # only the cut-off figures: the ranking metrics do not depend on the thresholds
         crossed, per = cutoff_metrics(probs, targets, rows)
         metrics["cross_fit"] = {

@@ -192,9 +192,9 @@ class ScoreHistogram:
         fp = counts[..., 0][:, ::-1].cumsum(1)
         n_pos, n_neg = tp[:, -1:], fp[:, -1:]
         name = "f1" if metric == "global" else metric
-        value = objective_values(name, tp.copy(), fp, n_pos, n_neg, **objective)
+        value = objective_values(name, tp.copy(), fp, n_pos, n_neg, objective)
         fp_above = np.concatenate([np.zeros_like(fp[:, :1]), fp[:, :-1]], axis=1)
-        bound = objective_values(name, tp.copy(), fp_above, n_pos, n_neg, **objective)
+        bound = objective_values(name, tp.copy(), fp_above, n_pos, n_neg, objective)
         return tp, fp, n_pos, n_neg, value, bound
 
     def tune(self, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
@@ -248,15 +248,18 @@ class ScoreHistogram:
         tp, fp, _, _, _, bound = self._curves(metric, objective)
         open_bins = bound > value[:, None] + 1e-12
         for j in np.flatnonzero(open_bins.any(1) & (n_pos > 0) & (n_neg > 0)):
-            found = self._refine_label(scores[:, j], codes[:, j], tp[j], fp[j], open_bins[j],
+            found = self._refine_label(scores[:, j], codes[:, j], (tp[j], fp[j], open_bins[j]),
                                        metric, objective, dtype)
             if found is not None and found[1] > value[j]:
                 threshold[j], value[j] = found
         self.gap_bound = np.zeros(self.num_labels)
         return threshold, value, n_pos, n_neg
 
-    def _refine_label(self, column, codes, tp_edges, fp_edges, open_bins, metric, objective, dtype):
-        """Best cut-off at the scores inside the open bins of one label (descending positions)."""
+    def _refine_label(self, column, codes, curves: tuple, metric, objective, dtype):
+        """Best cut-off at the scores inside the open bins of one label (descending positions);
+        ``curves``: the label's cumulative true and false positives at the descending edges and
+        its open bins, (bins,) each."""
+        tp_edges, fp_edges, open_bins = curves
         position = self.bins - 1 - self._bin_keys(column)  # descending edge position of the bin
         keep = open_bins[position] & (codes != UNKNOWN)
         values, codes, position = column[keep].astype(np.float64), codes[keep], position[keep]
@@ -274,7 +277,7 @@ class ScoreHistogram:
         neg_before = np.where(group > 0, neg_cum[group - 1], 0)
         tp = (tp_above + pos_cum - pos_before)[None]
         fp = (fp_above + neg_cum - neg_before)[None]
-        value = objective_values(metric, tp, fp, tp_edges[None, -1:], fp_edges[None, -1:], **objective)[0]
+        value = objective_values(metric, tp, fp, tp_edges[None, -1:], fp_edges[None, -1:], objective)[0]
         value[np.r_[values[:-1] == values[1:], False]] = -np.inf  # only run ends are realisable
         best = int(np.argmax(value))
         chosen, key_best = values[best], self.bins - 1 - position[best]

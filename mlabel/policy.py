@@ -40,9 +40,9 @@ import torch
 from ._counting import UNKNOWN, label_blocks
 from .metrics import as_arrays
 from .cutoffs import FALLBACK_THRESHOLD, check_metric, objective_values
-from .thresholds import fold_ids, out_of_fold, tune_cutoffs
+from .thresholds import TunePlan, fold_ids, out_of_fold, tune_cutoffs
 
-__all__ = ["POLICIES", "ThresholdChoice", "check_scores", "choose_thresholds", "cross_fit_predictions", "objective_at",
+__all__ = ["POLICIES", "ThresholdChoice", "ThresholdSettings", "check_scores", "choose", "choose_thresholds", "cross_fit_predictions", "objective_at",
            "resolve_policy"]
 
 POLICIES = ("auto", "argmax", "half", "lipton", "bagged", "smoothed", "shrunk", "select")
@@ -137,11 +137,48 @@ def check_scores(policy: str, name: str, scores: np.ndarray) -> None:
                      f"thresholds.policy (policy= in Python) to one that takes any score: {usable}")
 
 
-def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *, beta: float = 1.0,
-                      min_recall: float = 0.9, min_precision: float = 0.9, labels: Sequence[str] | None = None,
-                      fallback: float = FALLBACK_THRESHOLD, seed: int = 0, draws: int = 25,
-                      bootstrap: int = 200, level: float = 0.9, check_constraint: bool = True,
-                      mode: str = "exact", bins: int = 2048) -> ThresholdChoice:
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """Everything a threshold policy reads besides the scores (:func:`choose_thresholds`' keywords).
+
+    ``policy``, ``metric``: a policy of :data:`POLICIES` and an objective of
+    :data:`mlabel.thresholds.OBJECTIVES` (with ``beta``, ``min_recall``, ``min_precision``).
+    ``fallback``: the cut-off of labels with one class. ``seed``: resamples and folds.
+    ``draws``: bootstrap resamples of ``bagged``. ``bootstrap``: resamples for the interval (0:
+    no interval); ``level``: its coverage. ``check_constraint``: for ``precision_at_recall`` /
+    ``recall_at_precision``, measure the constrained figure out of fold (5 folds; ``held_out``).
+    ``mode``, ``bins``: how the exact optimum is found (:func:`mlabel.tune_thresholds`).
+    """
+    policy: str = "auto"
+    metric: str = "f1"
+    beta: float = 1.0
+    min_recall: float = 0.9
+    min_precision: float = 0.9
+    fallback: float = FALLBACK_THRESHOLD
+    seed: int = 0
+    draws: int = 25
+    bootstrap: int = 200
+    level: float = 0.9
+    check_constraint: bool = True
+    mode: str = "exact"
+    bins: int = 2048
+
+    @property
+    def plan(self) -> TunePlan:
+        """The exact tuner's part of the settings."""
+        return TunePlan(self.metric, self.beta, self.min_recall, self.min_precision, self.mode, self.bins,
+                        self.fallback, self.draws)
+
+    @property
+    def target(self) -> float | None:
+        """The constraint a constraint objective must meet (min_recall or min_precision), else None."""
+        if self.metric not in CONSTRAINTS:
+            return None
+        return self.min_recall if self.metric == "precision_at_recall" else self.min_precision
+
+
+def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", *,
+                      labels: Sequence[str] | None = None, **options) -> ThresholdChoice:
     """Per-label cut-offs for unseen data (see the module docstring for the policies).
 
     Args:
@@ -149,42 +186,42 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
             ``auto`` for F-scores refuse scores outside [0, 1]; the others take any score).
         targets: (N, L) 1 / 0 / -1 (unknown, ignored).
         policy, metric: a policy of :data:`POLICIES` and an objective of
-            :data:`mlabel.thresholds.OBJECTIVES` (with ``beta``, ``min_recall``, ``min_precision``).
-        labels: names for warnings. fallback: the cut-off of labels with one class.
-        seed: resamples and folds. draws: bootstrap resamples of ``bagged``.
-        bootstrap: resamples for the interval (0: no interval). level: its coverage.
-        check_constraint: for ``precision_at_recall`` / ``recall_at_precision``, measure the
-            constrained figure out of fold (5 folds; ``held_out``).
-        mode, bins: how the exact optimum is found (:func:`mlabel.tune_thresholds`).
+            :data:`mlabel.thresholds.OBJECTIVES`.
+        labels: names for warnings.
+        **options: the other fields of :class:`ThresholdSettings`: ``beta``, ``min_recall``,
+            ``min_precision``, ``fallback``, ``seed``, ``draws``, ``bootstrap``, ``level``,
+            ``check_constraint``, ``mode``, ``bins``.
     """
-    check_metric(metric, beta, min_recall, min_precision)
+    return choose(probs, targets, ThresholdSettings(policy, metric, **options), labels)
+
+
+def choose(probs, targets, settings: ThresholdSettings, labels: Sequence[str] | None = None) -> ThresholdChoice:
+    """:func:`choose_thresholds` with its settings in one value."""
+    policy, metric, plan = settings.policy, settings.metric, settings.plan
+    check_metric(metric, **plan.objective)
     name = resolve_policy(policy, metric)
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if not 0 < settings.level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {settings.level}")
     scores, codes = as_arrays(probs, targets)
     check_scores(policy, name, scores)
-    objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
-    rng = np.random.default_rng(seed)
-    options = dict(metric=metric, objective=objective, fallback=fallback, draws=draws, mode=mode, bins=bins)
+    rng = np.random.default_rng(settings.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback warning is given once, below
-        thresholds, chosen = choose_on_arrays(name, scores, codes, rng, **options)
-    one_class = _warn_one_class(codes, labels, fallback)
-    value = objective_at(scores, codes, thresholds, metric, **objective)
+        thresholds, chosen = choose_on_arrays(name, scores, codes, rng, plan)
+    one_class = _warn_one_class(codes, labels, settings.fallback)
+    value = objective_at(scores, codes, thresholds, metric, **plan.objective)
     value[one_class] = np.nan
-    interval, constraint_interval, posterior = _intervals(scores, codes, thresholds, metric, objective, bootstrap,
-                                                          level, rng)
+    interval, constraint_interval, posterior = _intervals(scores, codes, thresholds, settings, rng)
     interval[one_class] = np.nan
     posterior &= ~one_class
-    held_out = target = None
+    held_out = None
     if metric in CONSTRAINTS:
         constraint_interval[one_class] = np.nan
-        target = min_recall if metric == "precision_at_recall" else min_precision
-    if metric in CONSTRAINTS and check_constraint:
-        held_out = _held_out_constraint(scores, codes, name, rng, options)
+    if metric in CONSTRAINTS and settings.check_constraint:
+        held_out = _held_out_constraint(scores, codes, name, rng, plan)
         held_out[one_class] = np.nan
     return ThresholdChoice(policy if policy != "auto" else f"auto ({name})", metric, thresholds, value,
-                           interval, level, chosen, held_out, target, constraint_interval, posterior)
+                           interval, settings.level, chosen, held_out, settings.target, constraint_interval, posterior)
 
 
 def _warn_one_class(codes: np.ndarray, labels, fallback: float) -> np.ndarray:
@@ -197,27 +234,25 @@ def _warn_one_class(codes: np.ndarray, labels, fallback: float) -> np.ndarray:
     return one_class
 
 
-def choose_on_arrays(name: str, scores: np.ndarray, codes: np.ndarray, rng: np.random.Generator, *,
-                     metric: str, objective: dict, fallback: float, draws: int = 25, mode: str = "exact",
-                     bins: int = 2048) -> tuple[np.ndarray, list[str] | None]:
+def choose_on_arrays(name: str, scores: np.ndarray, codes: np.ndarray, rng: np.random.Generator,
+                     plan: TunePlan) -> tuple[np.ndarray, list[str] | None]:
     """Policy ``name`` (resolved) on validated arrays: (L,) cut-offs and, for ``select``, each
     label's candidate. What :func:`choose_thresholds` and cross-fitting run on each fold."""
-    tune = dict(metric=metric, objective=objective, fallback=fallback, draws=draws, mode=mode, bins=bins)
     if name == "select":
-        return _select(scores, codes, rng, tune)
-    return _policy(name, scores, codes, rng, tune), None
+        return _select(scores, codes, rng, plan)
+    return _policy(name, scores, codes, rng, plan), None
 
 
-def _held_out_constraint(scores, codes, name, rng, options: dict, folds: int = 5):
+def _held_out_constraint(scores, codes, name, rng, plan: TunePlan, folds: int = 5):
     """(L,) recall (precision_at_recall) or precision (recall_at_precision) of cut-offs chosen on
     4/5 of the data, measured on the held-out fifth, pooled over the folds."""
     fold_of = fold_ids(len(scores), max(2, min(folds, len(scores))), rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # folds with one class fall back silently
-        rows = out_of_fold(scores, codes, fold_of, lambda s, c: choose_on_arrays(name, s, c, rng, **options)[0])
+        rows = out_of_fold(scores, codes, fold_of, lambda s, c: choose_on_arrays(name, s, c, rng, plan)[0])
     tp, fp = _counts(scores, codes, rows)
     with np.errstate(invalid="ignore", divide="ignore"):
-        if options["metric"] == "precision_at_recall":
+        if plan.metric == "precision_at_recall":
             return tp / (codes == 1).sum(0)
         return np.where(tp + fp > 0, tp / (tp + fp), 0.0)
 
@@ -226,19 +261,18 @@ def _one_class(codes: np.ndarray) -> np.ndarray:
     return ~((codes == 1).any(0) & (codes == 0).any(0))
 
 
-def _policy(name, scores, codes, rng, tune: dict) -> np.ndarray:
-    """(L,) float64 cut-offs of one policy (labels with one class get the fallback); ``tune``:
-    metric, objective, fallback, draws, mode, bins."""
-    metric, objective, fallback = tune["metric"], tune["objective"], tune["fallback"]
+def _policy(name, scores, codes, rng, plan: TunePlan) -> np.ndarray:
+    """(L,) float64 cut-offs of one policy (labels with one class get the fallback)."""
+    metric, objective, fallback = plan.metric, plan.objective, plan.fallback
     one_class = _one_class(codes)
     if name == "half":
         th = np.full(scores.shape[1], 0.5)
     elif name == "bagged":
-        th = _bagged(scores, codes, rng, tune)
+        th = _bagged(scores, codes, rng, plan)
     elif name == "smoothed":
         th = _smoothed(scores, codes, metric, objective)
     else:
-        th, best = _exact(scores, codes, tune)
+        th, best = _exact(scores, codes, plan)
         if name in ("lipton", "shrunk"):
             b2 = objective["beta"] ** 2 if metric == "fbeta" else 1.0
             lipton = np.nan_to_num(best, nan=fallback * (1 + b2)) / (1 + b2)
@@ -253,24 +287,24 @@ def _policy(name, scores, codes, rng, tune: dict) -> np.ndarray:
     return th
 
 
-def _exact(scores, codes, tune: dict):
+def _exact(scores, codes, plan: TunePlan):
     """The exact tuner (the primitive): cut-offs and the objective reached."""
-    return tune_cutoffs(scores, codes, tune["metric"], tune["objective"], tune["mode"], tune["bins"], None, tune["fallback"])
+    return tune_cutoffs(scores, codes, plan)
 
 
-def _bagged(scores, codes, rng, tune: dict) -> np.ndarray:
+def _bagged(scores, codes, rng, plan: TunePlan) -> np.ndarray:
     """Mean of the exact cut-offs over bootstrap resamples (draws where a label has one class
     are left out of its mean)."""
     n = scores.shape[0]
     total = np.zeros(scores.shape[1])
     count = np.zeros(scores.shape[1])
-    for _ in range(tune["draws"]):
+    for _ in range(plan.draws):
         rows = rng.integers(0, n, n)
-        th, _ = _exact(scores[rows], codes[rows], tune)
+        th, _ = _exact(scores[rows], codes[rows], plan)
         ok = ~_one_class(codes[rows])
         total += np.where(ok, th, 0.0)
         count += ok
-    return np.where(count > 0, total / np.maximum(count, 1), tune["fallback"])
+    return np.where(count > 0, total / np.maximum(count, 1), plan.fallback)
 
 
 def _smoothed(scores, codes, metric, objective) -> np.ndarray:
@@ -298,7 +332,7 @@ def _smoothed(scores, codes, metric, objective) -> np.ndarray:
         above = 0.5 * (1 + _erf((centre[None, :] - grid[:, None]) / (sigma * np.sqrt(2))))
         tp, fp = above @ pos, above @ neg
         value = objective_values(metric, tp[None].copy(), fp[None], np.array([[y.sum()]]), np.array([[(~y).sum()]]),
-                           **objective)[0]
+                                 objective)[0]
         th[j] = grid[int(np.argmax(value))]
     return th
 
@@ -307,9 +341,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return torch.erf(torch.from_numpy(x)).numpy()
 
 
-def _select(scores, codes, rng, tune: dict, folds: int = 5):
+def _select(scores, codes, rng, plan: TunePlan, folds: int = 5):
     """Per label, the candidate whose out-of-fold cut-offs score best (pooled counts)."""
-    metric = tune["metric"]
+    metric = plan.metric
     candidates = [c for c in SELECT_FROM if not (c in NEEDS_F_SCORE and metric not in F_SCORES)]
     n = scores.shape[0]
     fold_of = fold_ids(n, max(2, min(folds, n)), rng)
@@ -318,13 +352,13 @@ def _select(scores, codes, rng, tune: dict, folds: int = 5):
     for k in np.unique(fold_of):
         held = fold_of == k
         for c, name in enumerate(candidates):  # every candidate on the same fold, in turn
-            t, f = _counts(scores[held], codes[held], _policy(name, scores[~held], codes[~held], rng, tune))
+            t, f = _counts(scores[held], codes[held], _policy(name, scores[~held], codes[~held], rng, plan))
             tp[c] += t
             fp[c] += f
     n_pos, n_neg = (codes == 1).sum(0), (codes == 0).sum(0)
-    value = objective_values(metric, tp.copy(), fp, n_pos[None], n_neg[None], **tune["objective"])
+    value = objective_values(metric, tp.copy(), fp, n_pos[None], n_neg[None], plan.objective)
     best = np.argmax(value, axis=0)  # ties go to the earlier candidate in SELECT_FROM
-    per = {name: _policy(name, scores, codes, rng, tune) for name in {candidates[b] for b in best}}
+    per = {name: _policy(name, scores, codes, rng, plan) for name in {candidates[b] for b in best}}
     th = np.array([per[candidates[b]][j] for j, b in enumerate(best)])
     return th, [candidates[b] for b in best]
 
@@ -343,10 +377,10 @@ def objective_at(scores: np.ndarray, codes: np.ndarray, thresholds: np.ndarray, 
         metric = "f1"
     tp, fp = _counts(scores, codes, thresholds)
     n_pos, n_neg = (codes == 1).sum(0).astype(np.float64), (codes == 0).sum(0).astype(np.float64)
-    return objective_values(metric, tp, fp, n_pos, n_neg, beta, min_recall, min_precision)
+    return objective_values(metric, tp, fp, n_pos, n_neg, dict(beta=beta, min_recall=min_recall, min_precision=min_precision))
 
 
-def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
+def _intervals(scores, codes, thresholds, settings: "ThresholdSettings", rng):
     """Bootstrap intervals (L, 2) at fixed ``thresholds`` over resampled images: of the objective
     (for a constraint objective, of the optimised precision / recall whether or not the
     constraint holds in the resample) and, for a constraint objective, of the constrained
@@ -357,6 +391,7 @@ def _intervals(scores, codes, thresholds, metric, objective, draws, level, rng):
     and covered the figure on new data 0.06 of the time); such an interval is the Jeffreys
     posterior one instead (confusion counts + 1/2 each, Dirichlet), flagged in the third
     return value (L,) bool."""
+    metric, objective, draws, level = settings.metric, settings.plan.objective, settings.bootstrap, settings.level
     n, n_labels = scores.shape
     constrained = metric in CONSTRAINTS
     out = np.full((n_labels, 2), np.nan)
@@ -398,7 +433,7 @@ def _figures(metric, objective, tp, fp, n_pos, n_neg):
     if metric in CONSTRAINTS:
         precision, recall = tp / np.maximum(tp + fp, 1e-300), tp / np.maximum(n_pos, 1e-300)
         return (precision, recall) if metric == "precision_at_recall" else (recall, precision)
-    return objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, **objective), None
+    return objective_values("f1" if metric == "global" else metric, tp, fp, n_pos, n_neg, objective), None
 
 
 def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy: str = "argmax",
@@ -414,23 +449,19 @@ def cross_fit_predictions(probs, targets, folds: int = 5, seed: int = 0, policy:
     n = scores.shape[0]
     if folds < 2 or folds > n:
         raise ValueError(f"cross-fitting needs 2 <= folds <= {n} images, got {folds}")
-    metric = tune_kwargs.pop("metric", "f1")
-    objective = {k: tune_kwargs.pop(k) for k in ("beta", "min_recall", "min_precision") if k in tune_kwargs}
-    objective = dict(dict(beta=1.0, min_recall=0.9, min_precision=0.9), **objective)
-    check_metric(metric, **objective)
-    options = dict(dict(mode="exact", bins=2048, fallback=FALLBACK_THRESHOLD), **tune_kwargs)
-    options.pop("labels", None)
+    tune_kwargs.pop("labels", None)
+    plan = TunePlan(**tune_kwargs)
+    check_metric(plan.metric, **plan.objective)
     fold_of = fold_ids(n, folds, np.random.default_rng(seed))
     if policy == "argmax":
         def choose(s, c):
-            return tune_cutoffs(s, c, metric, objective, labels=None, **options)[0]
+            return tune_cutoffs(s, c, plan)[0]
     else:
-        name = resolve_policy(policy, metric)
+        name = resolve_policy(policy, plan.metric)
         check_scores(policy, name, scores)
 
         def choose(s, c):  # each fold's policy draws from its own generator of ``seed``
-            return choose_on_arrays(name, s, c, np.random.default_rng(seed), metric=metric, objective=objective,
-                                    **options)[0]
+            return choose_on_arrays(name, s, c, np.random.default_rng(seed), plan)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = out_of_fold(scores, codes, fold_of, choose)

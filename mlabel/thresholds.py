@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
@@ -36,13 +38,41 @@ from .cutoffs import (FALLBACK_THRESHOLD, OBJECTIVES, as_tensors, check_metric, 
 from .histogram import ScoreHistogram
 from .metrics import as_arrays
 
-__all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "OBJECTIVES", "FALLBACK_THRESHOLD"]
+__all__ = ["tune_thresholds", "ThresholdTuner", "ScoreHistogram", "TunePlan", "OBJECTIVES", "FALLBACK_THRESHOLD"]
 
 
-def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, min_recall: float = 0.9,
-                    min_precision: float = 0.9, mode: str = "exact", bins: int = 2048,
-                    labels: Sequence[str] | None = None, fallback: float = FALLBACK_THRESHOLD,
-                    return_scores: bool = False):
+@dataclass(frozen=True)
+class TunePlan:
+    """How one exact tuning runs: the objective (``metric`` and its parameters ``beta``,
+    ``min_recall``, ``min_precision``), the search (``mode``: exact, or histogram with ``bins``),
+    the ``fallback`` cut-off of labels with one class, and ``draws``, the bootstrap resamples of
+    the ``bagged`` policy. The keywords of :func:`tune_thresholds` are its fields."""
+    metric: str = "f1"
+    beta: float = 1.0
+    min_recall: float = 0.9
+    min_precision: float = 0.9
+    mode: str = "exact"
+    bins: int = 2048
+    fallback: float = FALLBACK_THRESHOLD
+    draws: int = 25
+
+    @property
+    def objective(self) -> dict:
+        """The metric's parameters, as :func:`mlabel.cutoffs.objective_values` takes them."""
+        return dict(beta=self.beta, min_recall=self.min_recall, min_precision=self.min_precision)
+
+    def check(self) -> "TunePlan":
+        """Raise ValueError on an unknown metric or mode, or a parameter out of range."""
+        check_metric(self.metric, self.beta, self.min_recall, self.min_precision)
+        if self.mode not in ("exact", "histogram"):
+            raise ValueError(f"unknown mode {self.mode!r}; available: ['exact', 'histogram']")
+        if not isinstance(self.bins, int) or self.bins < 2:
+            raise ValueError(f"bins must be an integer of at least 2, got {self.bins!r}")
+        return self
+
+
+def tune_thresholds(probs, targets, metric: str = "f1", *, labels: Sequence[str] | None = None,
+                    return_scores: bool = False, **options):
     """Choose one threshold per label that maximises ``metric`` on (probs, targets).
 
     Args:
@@ -50,42 +80,39 @@ def tune_thresholds(probs, targets, metric: str = "f1", *, beta: float = 1.0, mi
             CUDA tensors are tuned on the CPU; the thresholds come back on their device.
         targets: (N, L) 1 / 0, or -1 for unknown (ignored).
         metric: one of :data:`OBJECTIVES` (see the module docstring).
-        beta, min_recall, min_precision: parameters of ``fbeta``, ``precision_at_recall`` and
-            ``recall_at_precision``.
-        mode: ``"exact"``, or ``"histogram"``: a :class:`ScoreHistogram` pass, then an exact pass
-            over only the bins that could still hold a better cut-off (same optimum as exact).
-        bins: histogram bins in ``"histogram"`` mode.
         labels: names used in warnings.
-        fallback: threshold of labels with a single class in ``targets``.
         return_scores: also return the (L,) objective values reached (NaN where a fallback applied).
+        **options: the other fields of :class:`TunePlan`: ``beta``, ``min_recall``,
+            ``min_precision`` (parameters of ``fbeta``, ``precision_at_recall`` and
+            ``recall_at_precision``); ``mode``: ``"exact"``, or ``"histogram"``: a
+            :class:`ScoreHistogram` pass, then an exact pass over only the bins that could still
+            hold a better cut-off (same optimum as exact); ``bins``: histogram bins in
+            ``"histogram"`` mode; ``fallback``: threshold of labels with a single class in
+            ``targets``.
 
     Returns:
         thresholds (L,) on probs' device: float64 for float64 scores, else float32 (and the
         objective values, in the same dtype, when ``return_scores``).
     """
-    check_metric(metric, beta, min_recall, min_precision)
-    if mode not in ("exact", "histogram"):
-        raise ValueError(f"unknown mode {mode!r}; available: ['exact', 'histogram']")
-    if not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an integer of at least 2, got {bins!r}")
+    plan = TunePlan(metric, **options).check()
     scores, codes = as_arrays(probs, targets)
-    objective = dict(beta=beta, min_recall=min_recall, min_precision=min_precision)
-    threshold, value = tune_cutoffs(scores, codes, metric, objective, mode, bins, labels, fallback)
+    threshold, value = tune_cutoffs(scores, codes, plan, labels)
     return as_tensors(threshold, value, probs, return_scores)
 
 
-def tune_cutoffs(scores, codes, metric, objective, mode, bins, labels, fallback):
+def tune_cutoffs(scores, codes, plan: TunePlan, labels: Sequence[str] | None = None):
     """:func:`tune_thresholds` on validated arrays: float64 thresholds and objective values."""
     dtype = np.float64 if scores.dtype == np.float64 else np.float32
-    if mode == "histogram":
-        hist = ScoreHistogram(scores.shape[1], bins=bins)
+    metric, objective = plan.metric, plan.objective
+    if plan.mode == "histogram":
+        hist = ScoreHistogram(scores.shape[1], bins=plan.bins)
         hist.add_codes(scores, codes)
         threshold, value, n_pos, n_neg = hist.refined(scores, codes, metric, objective, dtype)
     elif metric == "global":
         threshold, value, n_pos, n_neg = global_cutoff(scores, codes, objective, dtype)
     else:
         threshold, value, n_pos, n_neg = exact_cutoffs(scores, codes, metric, objective, dtype)
-    return finish_cutoffs(metric, threshold, value, n_pos, n_neg, labels, fallback)
+    return finish_cutoffs(metric, threshold, value, n_pos, n_neg, labels, plan.fallback)
 
 
 def fold_ids(n: int, folds: int, rng: np.random.Generator) -> np.ndarray:

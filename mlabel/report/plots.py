@@ -39,7 +39,7 @@ def _label_curves(probs: np.ndarray, targets: np.ndarray):
     """Per label: thresholds, precision, recall, F1 at every distinct score."""
     for t, tp, fp, n_pos, n_neg in label_curves(probs, targets):
         # The very curve the threshold tuner maximises.
-        f1 = objective_values("f1", tp[None].copy(), fp[None], np.array([[n_pos]]), np.array([[n_neg]]), 1.0, 0.0, 0.0)[0]
+        f1 = objective_values("f1", tp[None].copy(), fp[None], np.array([[n_pos]]), np.array([[n_neg]]))[0]
         yield t, tp / np.maximum(tp + fp, 1), tp / max(n_pos, 1), f1
 
 
