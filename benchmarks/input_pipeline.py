@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from mlabel.data import ImageDataset, build_transform, make_loader
+from mlabel.data.dataset import LoaderSettings
 from mlabel.data.batched import BatchImages, DeviceBatches, TensorAugment
 from mlabel.data.cache import DecodedCache
 from mlabel.data.tables import LabelTable
@@ -77,11 +78,12 @@ def loader_rate(dataset, batch_size: int, workers: int, device: torch.device, pa
     beforehand); :class:`BatchImages` through :class:`DeviceBatches` (threads), whose time
     includes the stages it runs on the device."""
     if isinstance(dataset, BatchImages):
-        batches = DeviceBatches(dataset, batch_size, device=device, train=True, seed=0, workers=workers)
+        batches = DeviceBatches(dataset, batch_size, device=device, train=True,
+                                settings=LoaderSettings(num_workers=workers))
         generator = batches.generator
     else:
-        batches = make_loader(dataset, batch_size, train=True, num_workers=workers, seed=0,
-                              pin_memory=device.type == "cuda")
+        batches = make_loader(dataset, batch_size, train=True,
+                              settings=LoaderSettings(num_workers=workers, pin_memory=device.type == "cuda"))
         generator = batches.generator
         next(iter(batches))  # start the workers
     seen, start = 0, time.perf_counter()
@@ -140,8 +142,8 @@ def train_rates(cache, table, pre: dict, args, device: torch.device) -> dict:
             source = lambda steps: Steps(None, steps, (images, torch.zeros(batch, 1, device=device)))  # noqa: E731
         else:
             loader = DeviceBatches(BatchImages(table, pre, TensorAugment(pre, "light"), cache, crop=device.type == "cpu",
-                                               pin=device.type == "cuda"), batch, device=device, train=True, seed=0,
-                                   workers=args.workers)
+                                               pin=device.type == "cuda"), batch, device=device, train=True,
+                                   settings=LoaderSettings(num_workers=args.workers))
             source = lambda steps: Steps(loader, steps)  # noqa: E731
         stepper = Stepper(optimizer, scheduler, channels_last=True, precision="auto")
         train_one_epoch(model, source(max(2, args.train_steps // 5)), BCEWithLogits(), stepper,

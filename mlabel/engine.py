@@ -247,7 +247,10 @@ class Stepper:
     ``accumulate`` batches make one optimizer step (each loss divided by their number); the
     scheduler and the EMA advance once per optimizer step. ``mix`` (images, targets -> mixed) is
     the batch transform of mixup / cutmix (:func:`batch_mixer`); ``forward`` (images -> outputs)
-    replaces the model's own, e.g. by its DDP or compiled wrapper.
+    replaces the model's own, e.g. by its DDP or compiled wrapper. Set per epoch by the epoch
+    loop: ``start`` ({"step", "loss", "seen"}: a resume inside the epoch, with a loader that
+    skips those steps) continues the epoch's count; ``on_step`` is called after every optimizer
+    step but the epoch's last with that record (to checkpoint inside long epochs).
     """
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -259,6 +262,8 @@ class Stepper:
     grad_clip: float | None = None
     mix: Callable | None = None
     forward: Callable | None = None
+    start: dict | None = None
+    on_step: Callable[[dict], None] | None = None
 
 
 def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0):
@@ -269,20 +274,19 @@ def batch_mixer(mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0):
 
 
 def train_one_epoch(model: nn.Module, loader, loss_fn: nn.Module, stepper: Stepper, device: torch.device,
-                    epoch: int, *, quiet: bool = False, start: dict | None = None,
-                    on_step: Callable[[dict], None] | None = None) -> dict:
+                    epoch: int, *, quiet: bool = False) -> dict:
     """One pass over ``loader``; returns mean loss, images/s and the last learning rate.
 
     The model trains in the mode the caller set (:func:`set_train_mode` freezes the backbone or
-    its norm statistics); a model left wholly in eval mode is switched to train mode.
-    ``start`` ({"step", "loss", "seen"}: a resume inside the epoch, with a loader that skips
-    those steps) continues the epoch's count; ``on_step`` is called after every optimizer step
-    with that record (to checkpoint inside long epochs).
+    its norm statistics); a model left wholly in eval mode is switched to train mode. A resume
+    inside the epoch (``stepper.start``) continues the epoch's count; ``stepper.on_step`` is
+    called after the optimizer steps.
     """
     if not model.training:
         model.train()
     scaler = stepper.scaler or grad_scaler_for(device, "fp32")
     loss_fn = task_loss(loss_fn)
+    start, on_step = stepper.start, stepper.on_step
     first = start["step"] if start else 0
     total_loss, seen = (start["loss"], start["seen"]) if start else (0.0, 0)
     done_before, start_time = seen, time.perf_counter()
@@ -351,11 +355,12 @@ def _optimizer_step(model: nn.Module, stepper: Stepper, scaler) -> None:
 
 @torch.no_grad()
 def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn: nn.Module | None = None,
-                        *, channels_last: bool = False, quiet: bool = False, desc: str = "eval",
+                        *, channels_last: bool = False, progress: str | None = "eval",
                         consume: Callable | None = None):
     """Outputs and targets over a loader, and the mean loss when ``loss_fn`` is given.
-    ``consume(outputs, targets)`` takes each batch instead (streaming evaluation: nothing is kept;
-    the outputs and targets returned are then None).
+    ``progress``: the progress bar's title (None: no bar). ``consume(outputs, targets)`` takes
+    each batch instead (streaming evaluation: nothing is kept; the outputs and targets returned
+    are then None).
 
     Returns:
         :class:`~mlabel.outputs.Outputs` (float32, on the CPU), :class:`~mlabel.outputs.Targets`,
@@ -364,7 +369,7 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
     model.eval()
     loss_fn = None if loss_fn is None else task_loss(loss_fn)
     all_outputs, all_targets, total_loss, seen = [], [], 0.0, 0
-    for images, targets in _Progress(loader, desc, quiet):
+    for images, targets in _Progress(loader, progress or "", progress is None):
         images, targets = images.to(device, non_blocking=True), as_targets(targets)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

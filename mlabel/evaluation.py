@@ -83,8 +83,8 @@ class ExactScorer(_Scorer):
         """The split's outputs and targets (one pass, then kept)."""
         if self._collected is None:
             outputs, targets, _ = collect_split(self.model, self.loader, self.device, self.world,
-                                                channels_last=self.settings.channels_last, quiet=self.quiet,
-                                                desc=self.desc)
+                                                channels_last=self.settings.channels_last,
+                                                progress=None if self.quiet else self.desc)
             self._collected = outputs, targets
         return self._collected
 
@@ -103,7 +103,8 @@ class ExactScorer(_Scorer):
     def ranking(self, loss_fn=None) -> tuple[float, float | None]:
         """(mAP, mean loss) of a fresh pass: the per-epoch validation."""
         outputs, targets, loss = collect_split(self.model, self.loader, self.device, self.world, loss_fn,
-                                               channels_last=self.settings.channels_last, quiet=self.quiet)
+                                               channels_last=self.settings.channels_last,
+                                               progress=None if self.quiet else "eval")
         return nanmean(average_precision(outputs.logits, targets.labels)) or 0.0, loss
 
 
@@ -170,8 +171,8 @@ class StreamedScorer(_Scorer):
                               torch.sigmoid(logits) if calibrated else None, logits if fit_calibration else None)
 
         _, _, loss = collect_predictions(model, self.loader, self.device, loss_fn,
-                                         channels_last=self.settings.channels_last, quiet=self.quiet,
-                                         consume=consume)
+                                         channels_last=self.settings.channels_last,
+                                         progress=None if self.quiet else "eval", consume=consume)
         return stream.all_reduce(world), None if loss is None else mean_across(loss, world)
 
 
@@ -258,6 +259,7 @@ def split_loader(model, cfg, split: str, device: torch.device):
     """The evaluation loader of one split of ``cfg``'s data, targets in the model's label order;
     the model is moved to ``device``."""
     from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
+    from .data.dataset import LoaderSettings
     from .defaults import loader_workers
     splits = build_splits(cfg.data, cfg.task if cfg.task != "auto" else model.task, cfg.seed)
     table = getattr(splits, split, None)
@@ -273,9 +275,10 @@ def split_loader(model, cfg, split: str, device: torch.device):
                             f"not known to the model {extra}")
         order = [splits.labels.index(name) for name in model.labels]
         table.targets = table.targets.reorder(order) if table.sparse else table.targets[:, order]
-    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)),
-                         batch_size=cfg.data.batch_size, train=False, num_workers=loader_workers(cfg.data.num_workers),
-                         seed=cfg.seed, pin_memory=device.type == "cuda")
+    settings = LoaderSettings(num_workers=loader_workers(cfg.data.num_workers), seed=cfg.seed,
+                              pin_memory=device.type == "cuda")
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), cfg.data.batch_size,
+                         train=False, settings=settings)
     model.to(device)
     return loader
 
@@ -284,5 +287,5 @@ def split_outputs(model, cfg, split: str, device: torch.device, quiet: bool = Fa
     """Run ``model`` over one split of ``cfg``'s data; targets in the model's label order."""
     loader = split_loader(model, cfg, split, device)
     outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
-                                              quiet=quiet, desc=split)
+                                              progress=None if quiet else split)
     return outputs, targets

@@ -2,7 +2,9 @@
 DDP / compile wrapper, the best-weights rule, the per-epoch line, checkpoint and history.
 
 :func:`fit_epochs` is what :mod:`mlabel.train` calls between building the data and model and
-tuning the thresholds; a state dict (epoch, step, best weights, history) is all it carries.
+tuning the thresholds: it runs an :class:`EpochLoop`, whose :class:`TrainState` (epoch, step,
+best weights, history) is all it carries from epoch to epoch and into the checkpoints. The
+training loader is any :class:`mlabel.data.loaders.TrainLoader`.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from .evaluation import EvalSettings, scorer
 from .io import write_text
 from .models import MultiLabelClassifier
 
-__all__ = ["CHECKPOINT", "duration", "fit_epochs", "log"]
+__all__ = ["CHECKPOINT", "EpochLoop", "LoopSetup", "TrainState", "duration", "fit_epochs", "log"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -71,11 +73,54 @@ def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
                   steps_per_epoch=steps_per_epoch)
 
 
-def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> dict:
+@dataclass
+class TrainState:
+    """What the epoch loop carries from epoch to epoch; a checkpoint's ``train_state`` (as
+    :meth:`as_dict`, so a checkpoint holds plain types).
+
+    ``best_map``, ``best_epoch``, ``best_weights`` ("model" or "ema") and ``best_state`` (a
+    CPU state dict): the weights with the best val mAP so far; ``history``: a row per epoch;
+    ``in_epoch``: in a checkpoint written inside an epoch, where in it ({"epoch", "step",
+    "loss", "seen"})."""
+    epoch: int = 0
+    step: int = 0
+    best_map: float = -1.0
+    best_epoch: int = 0
+    best_weights: str = "model"
+    best_state: dict | None = None
+    history: list = field(default_factory=list)
+    stopped_early: bool = False
+    in_epoch: dict | None = None
+
+    def as_dict(self) -> dict:
+        """The checkpoint's ``train_state`` (``in_epoch`` only when inside an epoch)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["in_epoch"] is None:
+            del out["in_epoch"]
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(**saved)
+
+
+@dataclass
+class LoopSetup:
+    """Where and how the epoch loop runs: the ``device``, the run directory ``out_dir``, the
+    DDP ``world``, ``quiet``, and for a resumed run the checkpoint :func:`mlabel.resume.load_resume`
+    read (``resumed``: its path and contents) and the resume guard the checkpoints carry."""
+    device: torch.device
+    out_dir: Path
+    world: World = field(default_factory=World)
+    quiet: bool = False
+    resumed: tuple[Path, dict] | None = None
+    guard: dict | None = None
+
+
+def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> TrainState:
     """The training state: fresh, or everything the checkpoint read by :func:`mlabel.resume.load_resume` holds."""
     if resumed is None:
-        return {"epoch": 0, "step": 0, "best_map": -1.0, "best_epoch": 0, "best_weights": "model",
-                "best_state": None, "history": [], "stopped_early": False}
+        return TrainState()
     path, saved = resumed
     model.load_state_dict(saved["model"])
     for name in ("optimizer", "scheduler", "scaler"):
@@ -86,63 +131,10 @@ def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool
     inside = saved["train_state"].get("in_epoch")
     log(quiet, f"resumed from {path} after epoch {saved['train_state']['epoch']}"
         + (f" and step {inside['step']} of epoch {inside['epoch']}" if inside else ""))
-    return saved["train_state"]
-
-
-def _wrap(cfg: Config, model, wrapped: dict, frozen: bool, device, world: World):
-    """The module the epoch calls: DDP and ``torch.compile`` around the model, rebuilt when
-    the frozen parameters change (DDP registers the trainable ones when it is built)."""
-    if wrapped.get("frozen") != frozen:
-        wrapped.pop("forward", None)  # release the old DDP (and its gradient hooks) first
-        forward = OutputsModule(model)
-        if world.distributed:
-            forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-        wrapped.update(frozen=frozen, forward=torch.compile(forward) if cfg.train.compile else forward)
-    return wrapped["forward"]
+    return TrainState.from_dict(saved["train_state"])
 
 
 PLATEAU_DROP = 0.005  # train.schedule=plateau: a val mAP this share under the best (or two epochs without a new best)
-
-
-def _select_best(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, validate,
-                 quiet: bool) -> None:
-    """Score the EMA too; keep the better weights when val mAP improves, else count patience
-    and start a ``plateau`` schedule's decay once val mAP has stalled: fallen more than
-    :data:`PLATEAU_DROP` of the best (a dip of a thousandth is noise, not a plateau), or no new
-    best for two epochs."""
-    candidates = [("model", row["val_mAP"], model)]
-    if parts.ema is not None:
-        row["val_mAP_ema"], _ = validate(parts.ema.module)
-        candidates.append(("ema", row["val_mAP_ema"], parts.ema.module))
-    source, best_here, module = max(candidates, key=lambda c: c[1])
-    if best_here > state["best_map"]:
-        state.update(best_map=best_here, best_epoch=epoch, best_weights=source,
-                     best_state={k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
-    else:
-        factor = parts.scheduler.lr_lambdas[0]
-        stalled = best_here < (1 - PLATEAU_DROP) * state["best_map"] or epoch - state["best_epoch"] >= 2
-        if stalled and factor.decay_now(parts.scheduler.last_epoch):
-            left = cfg.train.epochs - epoch
-            log(quiet, f"val mAP {best_here:.4f} has stalled (best {state['best_map']:.4f}): the learning rate anneals over the {left} "
-                       f"epoch{'s' if left != 1 else ''} left (train.schedule=plateau)")
-        if cfg.train.early_stop_patience and epoch - state["best_epoch"] >= cfg.train.early_stop_patience:
-            state["stopped_early"] = True
-
-
-def _epoch_line(cfg: Config, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool) -> str:
-    """``epoch 3/10  train_loss ..  val_mAP .. *  lr 1.2e-03  41 s  ETA 4m 47s  812 img/s``;
-    ``*`` marks a new best val mAP (the weights kept)."""
-    walls = [r["epoch_wall_s"] for r in state["history"] if r.get("epoch_wall_s") is not None]
-    left = cfg.train.epochs - epoch
-    eta = f"  ETA {duration(left * sum(walls) / len(walls))}" if walls and left else ""
-    return (f"epoch {epoch}/{cfg.train.epochs}  train_loss {row['train_loss']:.4f}  "
-            f"val_loss {row['val_loss']:.4f}  val_mAP {row['val_mAP']:.4f}"
-            + (f"  (EMA {row['val_mAP_ema']:.4f})" if parts.ema is not None else "")
-            + (" *" if state["best_epoch"] == epoch else "  ")
-            + f"  lr {row['lr']:.2e}  {duration(row['epoch_wall_s'])}{eta}"
-            + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
-            + (f"  -- no better val mAP for {cfg.train.early_stop_patience} epochs: stopping"
-               if state["stopped_early"] else ""))
 
 
 def duration(seconds: float) -> str:
@@ -153,120 +145,162 @@ def duration(seconds: float) -> str:
     return f"{minutes}m {seconds:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
 
 
-def _as_if_running(loader) -> None:
-    """A resumed run starts its loader as the interrupted run had it: a DataLoader with persistent
-    workers draws its workers' base seed from the shared generator when its first iterator is
-    made (epoch 1), not in later epochs, so a process resuming at a later epoch makes its iterator
-    now, before the epoch's reseed; the epoch then orders its samples as the uninterrupted run."""
-    if isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers and loader.num_workers > 0:
-        iter(loader)
+class EpochLoop:
+    """The epoch loop of one run; :meth:`run` trains every epoch left and returns the
+    :class:`TrainState`. Keeps the weights (regular or EMA) with the best val mAP, and stops
+    early after ``train.early_stop_patience`` epochs without a better one.
 
-
-def skip_steps(loader, steps: int, batch_size: int) -> None:
-    """Make the next pass of a training loader (reseeded for its epoch) leave out its first
-    ``steps`` batches: the shard stream skips them, the file loaders' sampler their samples."""
-    from .data.shards import ShardLoader
-    if isinstance(loader, ShardLoader):
-        loader.dataset.skip_steps = steps
-        return
-    sampler = getattr(loader, "sampler", None) or getattr(getattr(loader, "batches", None), "sampler", None)
-    sampler.skip = steps * batch_size
-
-
-def _save(cfg: Config, model, parts: _Parts, state: dict, out_dir: Path) -> None:
-    save_checkpoint(out_dir / CHECKPOINT, {
-        "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
-        "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
-        "train_state": state, "config": config_to_dict(cfg), "guard": parts.guard})
-
-
-def _step_checkpoints(cfg: Config, model, parts: _Parts, state: dict, epoch: int, out_dir: Path, world: World):
-    """``train.checkpoint_every_steps``: the callback that checkpoints inside the epoch (None when off)."""
-    every = cfg.train.checkpoint_every_steps * cfg.train.accumulate
-    if not every:
-        return None
-
-    def checkpoint(record: dict) -> None:
-        if record["step"] % every == 0 and world.main:
-            _save(cfg, model, parts, {**state, "in_epoch": {"epoch": epoch, **record}}, out_dir)
-    return checkpoint
-
-
-def _end_epoch(cfg: Config, model, parts: _Parts, state: dict, row: dict, epoch: int, frozen: bool,
-               out_dir: Path, quiet: bool, world: World, board) -> None:
-    """Record, log, checkpoint (one writer: every rank holds the same state) and TensorBoard."""
-    state["history"].append(row)
-    state["step"] += parts.steps_per_epoch
-    state["epoch"] = epoch
-    log(quiet, _epoch_line(cfg, parts, state, row, epoch, frozen))
-    if world.main:
-        _save(cfg, model, parts, state, out_dir)
-        _write_history(out_dir / "history.csv", state["history"])
-    if board is not None:
-        for key, value in row.items():
-            if key != "epoch" and value is not None:
-                board.add_scalar(key, value, epoch)
-        board.flush()
-
-
-def _validator(cfg: Config, loader, device, world: World, quiet: bool):
-    """``validate(module, loss_fn=None) -> (val mAP, val loss)``: exact, or from histograms under
-    ``thresholds.streaming`` (:func:`mlabel.evaluation.scorer` decides)."""
-    settings = EvalSettings.from_config(cfg)
-
-    def validate(module, loss=None) -> tuple[float, float | None]:
-        return scorer(module, loader, device, settings, world=world, quiet=quiet).ranking(loss)
-    return validate
-
-
-def fit_epochs(cfg: Config, model, loaders, loss_fn, device, out_dir: Path, quiet: bool, world: World = World(),
-               resumed: tuple[Path, dict] | None = None, guard: dict | None = None) -> dict:
-    """The epoch loop; keeps the weights (regular or EMA) with the best val mAP, and stops early
-    after ``train.early_stop_patience`` epochs without a better one. Returns the training state.
-
-    The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad scaler,
-    RNG states, epoch, optimizer step, the best weights so far and the config; ``resumed`` (what
-    :func:`mlabel.resume.load_resume` read when ``resume=true``) restarts the interrupted epoch from it and
-    finishes with the same result as an uninterrupted run.
+    The checkpoint written after every epoch holds model, EMA, optimizer, scheduler, grad
+    scaler, RNG states, the train state and the config; a ``resumed`` setup restarts the
+    interrupted epoch from it and finishes with the same result as an uninterrupted run.
     """
-    train_loader, eval_loaders = loaders
-    parts = _training_parts(cfg, model, train_loader, device)
-    parts.guard = guard
-    state = _resume(model, parts, resumed, quiet)
-    wrapped: dict = {}
-    board = _tensorboard(out_dir) if cfg.log.tensorboard and world.main else None
-    validate = _validator(cfg, eval_loaders["val"], device, world, quiet)
 
-    for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
-        if state["stopped_early"]:
-            break
+    def __init__(self, cfg: Config, model, loaders, loss_fn, setup: LoopSetup):
+        self.cfg, self.model, self.loss_fn, self.setup = cfg, model, loss_fn, setup
+        self.train_loader, eval_loaders = loaders
+        self.parts = _training_parts(cfg, model, self.train_loader, setup.device)
+        self.parts.guard = setup.guard
+        self.state = _resume(model, self.parts, setup.resumed, setup.quiet)
+        self.wrapped: dict = {}
+        self.board = _tensorboard(setup.out_dir) if cfg.log.tensorboard and setup.world.main else None
+        settings = EvalSettings.from_config(cfg)
+        self.scorer = lambda module: scorer(module, eval_loaders["val"], setup.device, settings,  # noqa: E731
+                                            world=setup.world, quiet=setup.quiet)
+
+    def validate(self, module, loss=None) -> tuple[float, float | None]:
+        """(val mAP, val loss): exact, or from histograms under ``thresholds.streaming``
+        (:func:`mlabel.evaluation.scorer` decides)."""
+        return self.scorer(module).ranking(loss)
+
+    def run(self) -> TrainState:
+        first = self.state.epoch + 1
+        for epoch in range(first, self.cfg.train.epochs + 1):
+            if self.state.stopped_early:
+                break
+            self.epoch(epoch, resumed=self.setup.resumed is not None and epoch == first)
+        if self.board is not None:
+            self.board.close()
+        return self.state
+
+    def epoch(self, epoch: int, resumed: bool = False) -> None:
+        """Train, validate, keep the best weights, log and checkpoint one epoch (``resumed``: the
+        first epoch of a resumed process)."""
+        cfg, model, parts, world, quiet = self.cfg, self.model, self.parts, self.setup.world, self.setup.quiet
         started = time.perf_counter()
         frozen = epoch <= cfg.train.freeze_backbone_epochs
         _set_backbone_frozen(model, frozen)
         set_train_mode(model, frozen, cfg.train.freeze_norm_stats)
-        parts.forward = _wrap(cfg, model, wrapped, frozen, device, world)
-        if resumed is not None and epoch > 1:  # once, before the first epoch this process trains
-            _as_if_running(train_loader)
-        resumed = None
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        partial = state.pop("in_epoch", None)
+        parts.forward = self._wrap(frozen)
+        if resumed and epoch > 1:
+            self.train_loader.resume_start()
+        self.train_loader.set_epoch(cfg.seed * 100_003 + epoch)
+        partial, self.state.in_epoch = self.state.in_epoch, None
         if partial is not None:
-            skip_steps(train_loader, partial["step"], cfg.data.batch_size)
-            log(quiet, f"epoch {epoch} continues after step {partial['step']} of {len(train_loader)}")
-        trained = train_one_epoch(model, train_loader, loss_fn, parts, device, epoch, quiet=quiet, start=partial,
-                                  on_step=_step_checkpoints(cfg, model, parts, state, epoch, out_dir, world))
-        val_map, val_loss = validate(model, loss_fn)
+            self.train_loader.skip_steps(partial["step"])
+            log(quiet, f"epoch {epoch} continues after step {partial['step']} of {len(self.train_loader)}")
+        parts.start, parts.on_step = partial, self._step_checkpoints(epoch)
+        trained = train_one_epoch(model, self.train_loader, self.loss_fn, parts, self.setup.device, epoch, quiet=quiet)
+        val_map, val_loss = self.validate(model, self.loss_fn)
         row = {"epoch": epoch, "train_loss": mean_across(trained["train_loss"], world), "val_loss": val_loss,
                "train_images": round(mean_across(trained["train_images"], world) * world.size),
                "val_mAP": val_map, "lr": trained["lr"], "images_per_s": trained["images_per_s"] * world.size,
                "epoch_time_s": trained["train_time_s"]}
-        _select_best(cfg, model, parts, state, row, epoch, validate, quiet)
+        self._select_best(row, epoch)
         row["epoch_wall_s"] = time.perf_counter() - started  # training, validation and EMA validation
-        _end_epoch(cfg, model, parts, state, row, epoch, frozen, out_dir, quiet, world, board)
-    if board is not None:
-        board.close()
-    return state
+        self._end_epoch(row, epoch, frozen)
+
+    def _wrap(self, frozen: bool):
+        """The module the epoch calls: DDP and ``torch.compile`` around the model, rebuilt when
+        the frozen parameters change (DDP registers the trainable ones when it is built)."""
+        wrapped, device = self.wrapped, self.setup.device
+        if wrapped.get("frozen") != frozen:
+            wrapped.pop("forward", None)  # release the old DDP (and its gradient hooks) first
+            forward = OutputsModule(self.model)
+            if self.setup.world.distributed:
+                forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped.update(frozen=frozen, forward=torch.compile(forward) if self.cfg.train.compile else forward)
+        return wrapped["forward"]
+
+    def _select_best(self, row: dict, epoch: int) -> None:
+        """Score the EMA too; keep the better weights when val mAP improves, else count patience
+        and start a ``plateau`` schedule's decay once val mAP has stalled: fallen more than
+        :data:`PLATEAU_DROP` of the best (a dip of a thousandth is noise, not a plateau), or no new
+        best for two epochs."""
+        parts, state, train = self.parts, self.state, self.cfg.train
+        candidates = [("model", row["val_mAP"], self.model)]
+        if parts.ema is not None:
+            row["val_mAP_ema"], _ = self.validate(parts.ema.module)
+            candidates.append(("ema", row["val_mAP_ema"], parts.ema.module))
+        source, best_here, module = max(candidates, key=lambda c: c[1])
+        if best_here > state.best_map:
+            state.best_map, state.best_epoch, state.best_weights = best_here, epoch, source
+            state.best_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return
+        factor = parts.scheduler.lr_lambdas[0]
+        stalled = best_here < (1 - PLATEAU_DROP) * state.best_map or epoch - state.best_epoch >= 2
+        if stalled and factor.decay_now(parts.scheduler.last_epoch):
+            left = train.epochs - epoch
+            log(self.setup.quiet, f"val mAP {best_here:.4f} has stalled (best {state.best_map:.4f}): the learning rate "
+                                  f"anneals over the {left} epoch{'s' if left != 1 else ''} left (train.schedule=plateau)")
+        if train.early_stop_patience and epoch - state.best_epoch >= train.early_stop_patience:
+            state.stopped_early = True
+
+    def _epoch_line(self, row: dict, epoch: int, frozen: bool) -> str:
+        """``epoch 3/10  train_loss ..  val_mAP .. *  lr 1.2e-03  41 s  ETA 4m 47s  812 img/s``;
+        ``*`` marks a new best val mAP (the weights kept)."""
+        train, state = self.cfg.train, self.state
+        walls = [r["epoch_wall_s"] for r in state.history if r.get("epoch_wall_s") is not None]
+        left = train.epochs - epoch
+        eta = f"  ETA {duration(left * sum(walls) / len(walls))}" if walls and left else ""
+        return (f"epoch {epoch}/{train.epochs}  train_loss {row['train_loss']:.4f}  "
+                f"val_loss {row['val_loss']:.4f}  val_mAP {row['val_mAP']:.4f}"
+                + (f"  (EMA {row['val_mAP_ema']:.4f})" if self.parts.ema is not None else "")
+                + (" *" if state.best_epoch == epoch else "  ")
+                + f"  lr {row['lr']:.2e}  {duration(row['epoch_wall_s'])}{eta}"
+                + f"  {row['images_per_s']:.0f} img/s{'  (backbone frozen)' if frozen else ''}"
+                + (f"  -- no better val mAP for {train.early_stop_patience} epochs: stopping"
+                   if state.stopped_early else ""))
+
+    def _save(self, train_state: dict) -> None:
+        parts = self.parts
+        save_checkpoint(self.setup.out_dir / CHECKPOINT, {
+            "model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+            "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
+            "train_state": train_state, "config": config_to_dict(self.cfg), "guard": parts.guard})
+
+    def _step_checkpoints(self, epoch: int):
+        """``train.checkpoint_every_steps``: the callback that checkpoints inside the epoch (None when off)."""
+        every = self.cfg.train.checkpoint_every_steps * self.cfg.train.accumulate
+        if not every:
+            return None
+
+        def checkpoint(record: dict) -> None:
+            if record["step"] % every == 0 and self.setup.world.main:
+                self._save({**self.state.as_dict(), "in_epoch": {"epoch": epoch, **record}})
+        return checkpoint
+
+    def _end_epoch(self, row: dict, epoch: int, frozen: bool) -> None:
+        """Record, log, checkpoint (one writer: every rank holds the same state) and TensorBoard."""
+        state = self.state
+        state.history.append(row)
+        state.step += self.parts.steps_per_epoch
+        state.epoch = epoch
+        log(self.setup.quiet, self._epoch_line(row, epoch, frozen))
+        if self.setup.world.main:
+            self._save(state.as_dict())
+            _write_history(self.setup.out_dir / "history.csv", state.history)
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    self.board.add_scalar(key, value, epoch)
+            self.board.flush()
+
+
+def fit_epochs(cfg: Config, model, loaders, loss_fn, setup: LoopSetup) -> TrainState:
+    """Run the :class:`EpochLoop` of ``cfg`` over ``loaders`` (training loader, {"val": ...});
+    returns the training state."""
+    return EpochLoop(cfg, model, loaders, loss_fn, setup).run()
 
 
 def _tensorboard(out_dir: Path):

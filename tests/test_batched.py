@@ -13,6 +13,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from mlabel.data import ImageDataset, build_transform, make_loader
+from mlabel.data.dataset import LoaderSettings
 from mlabel.data.batched import (PRESETS, BatchImages, DeviceBatches, TensorAugment, adjust_hue,
                                  decode_to_squares, random_crop_boxes, uniforms)
 from mlabel.data.cache import DecodedCache
@@ -156,9 +157,10 @@ def photo_table(tmp_path) -> LabelTable:
 def test_batches_equal_the_per_image_loader_without_augmentation(photo_table, tmp_path, cached):
     cache = DecodedCache(photo_table, PRE, tmp_path / "cache", quiet=True) if cached else None
     per_image = make_loader(ImageDataset(photo_table, build_transform(PRE, True, "none"), cache), 4, train=True,
-                            num_workers=0, seed=5)
+                            settings=LoaderSettings(seed=5))
     batched = DeviceBatches(BatchImages(photo_table, PRE, TensorAugment(PRE, "none"), cache, crop=True), 4,
-                            device=torch.device("cpu"), train=True, seed=5, workers=2)
+                            device=torch.device("cpu"), train=True,
+                            settings=LoaderSettings(seed=5, num_workers=2))
     assert len(batched) == len(per_image) == 5
     for epoch in range(2):
         per_image.generator.manual_seed(epoch)
@@ -186,8 +188,8 @@ def test_jpeg_bytes_decoded_on_the_device(photo_table, tmp_path):
     images = BatchImages(photo_table, PRE, TensorAugment(PRE, "none"), encoded=True)
     batch = images.load([(i, i) for i in range(8)])
     assert sorted(batch["decoded"]) == [3] and len(batch["encoded"]) == 7
-    loader = DeviceBatches(images, 8, device=torch.device("cpu"), train=False, seed=0, workers=1)
-    plain = make_loader(ImageDataset(photo_table, build_transform(PRE, False)), 8, train=False, num_workers=0, seed=0)
+    loader = DeviceBatches(images, 8, device=torch.device("cpu"), train=False, settings=LoaderSettings(num_workers=1))
+    plain = make_loader(ImageDataset(photo_table, build_transform(PRE, False)), 8, train=False)
     for (a, _), (b, _) in zip(loader, plain, strict=True):
         assert (a - b).abs().mean() < 0.05  # normalised units: about 3 grey levels
 
@@ -238,7 +240,7 @@ def test_cuda_batches_match_the_cpu_ones(photo_table, tmp_path, preset):
     cache = DecodedCache(photo_table, PRE, tmp_path / "cache", quiet=True)
     for images in (BatchImages(photo_table, PRE, augment, cache, pin=True),
                    BatchImages(photo_table, PRE, augment, encoded=True, pin=True)):
-        loader = DeviceBatches(images, 8, device=torch.device("cuda"), train=True, seed=0, workers=2)
+        loader = DeviceBatches(images, 8, device=torch.device("cuda"), train=True, settings=LoaderSettings(num_workers=2))
         shapes = [(x.shape, x.device.type, t.device.type) for x, t in loader]
         assert shapes == [((8, 3, 56, 56), "cuda", "cuda")] * 2
 

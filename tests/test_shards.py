@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from mlabel.data import DataError, build_splits
 from mlabel.data.__main__ import main as data_main
-from mlabel.data.shards import (ShardLoader, ShardStream, expand_braces, read_member, read_wds_table, stream_plan,
+from mlabel.data.shards import (ShardLoader, ShardStream, StreamOptions, expand_braces, read_member, read_wds_table,
+                                stream_plan,
                                 write_shards)
 from mlabel.config import load_config
 from mlabel.preprocess import read_rgb
@@ -145,7 +146,8 @@ def rows_collate(samples):
 
 def _epoch_rows(shards, rank, world, workers, seed=0, skip=0, batch=4):
     table = read_wds_table(shards, "train")
-    stream = RowStream(table, None, batch, rank=rank, world=world, shuffle_buffer=8, collate=rows_collate)
+    stream = RowStream(table, None, batch, options=StreamOptions(rank=rank, world=world, shuffle_buffer=8),
+                       collate=rows_collate)
     loader = ShardLoader(stream, num_workers=workers, seed=seed)
     stream.skip_steps = skip
     return [b for b in loader], len(loader)
@@ -243,7 +245,7 @@ def test_undecodable_image_in_the_stream(broken):
     stream = RowStream(table, None, 4, collate=rows_collate)
     with pytest.raises(DataError, match=r"train-000000.tar#000000004.*on_bad_image=skip"):
         list(ShardLoader(stream, num_workers=2, seed=0))
-    stream = RowStream(table, None, 4, collate=rows_collate, skip_bad=True)
+    stream = RowStream(table, None, 4, collate=rows_collate, options=StreamOptions(skip_bad=True))
     loader = ShardLoader(stream, num_workers=2, seed=0)
     rows = sorted(r for rows, _ in loader for r in rows)
     assert rows == [r for r in range(48) if r != 4] and [p for p, _ in loader.skipped] == [table.paths[4]]
@@ -394,7 +396,7 @@ def test_whole_batches_for_device_augmentation_find_and_skip_a_bad_image(broken)
     pre = create_model("test_resnet", ["a"], pretrained=False, image_size=32).preprocessing
     for skip in (False, True):
         whole = BatchImages(table, pre, TensorAugment(pre, "light"), crop=True)
-        stream = ShardStream(table, None, 8, skip_bad=skip, batch_images=whole)
+        stream = ShardStream(table, None, 8, options=StreamOptions(skip_bad=skip), batch_images=whole)
         loader = ShardLoader(stream, num_workers=2, seed=0)
         if not skip:
             with pytest.raises(DataError, match=r"train-000001.tar#000000012"):

@@ -51,8 +51,7 @@ def test_one_epoch_writes_complete_run_directory(tmp_path, scene_csv):
     meta = json.loads((out / "model" / "mlabel.json").read_text())
     thresholds = np.array(meta["thresholds"])
     table = read_csv_table(scene_csv / "val.csv", scene_csv, labels=model.labels)
-    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16,
-                         train=False, num_workers=0, seed=0)
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16, train=False)
     probs = torch.cat([model.predict_proba(x) for x, _ in loader]).numpy()
     with torch.no_grad():  # AP from the logits: the calibrated float32 probabilities may tie
         logits = torch.cat([model(x) for x, _ in loader]).numpy()
@@ -114,8 +113,7 @@ def test_tune_and_evaluate_commands_rework_a_saved_model(tmp_path, scene_csv, ca
     meta = json.loads((out / "model" / "mlabel.json").read_text())
     assert meta["threshold_metric"] == "fbeta" and meta["mlabel_version"]  # other keys kept
     table = read_csv_table(scene_csv / "val.csv", scene_csv, labels=model.labels)
-    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16,
-                         train=False, num_workers=0, seed=0)
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), 16, train=False)
     probs = torch.cat([model.predict_proba(x) for x, _ in loader])
     expected = mlabel.tune_thresholds(probs, torch.from_numpy(table.targets), "fbeta", beta=2.0)
     assert torch.equal(model.predict(torch.cat([x for x, _ in loader])), probs >= expected)

@@ -21,6 +21,7 @@ import torch
 
 from ..preprocess import resize_square
 from .augment import GRAY, TensorAugment, adjust_hue
+from .dataset import LoaderSettings, SeededSampler
 from .decode import decode_to_squares
 from .presets import PRESETS
 from .streams import STREAMS, Streams, random_crop_boxes, uniforms
@@ -111,19 +112,33 @@ class DeviceBatches:
     :class:`~mlabel.data.dataset.SeededSampler` sharing ``generator``: reseed it per epoch.
     """
 
-    def __init__(self, images: BatchImages, batch_size: int, *, device: torch.device, train: bool, seed: int,
-                 workers: int = 2, rank: int = 0, world: int = 1):
+    def __init__(self, images: BatchImages, batch_size: int, *, device: torch.device, train: bool,
+                 settings: LoaderSettings = LoaderSettings(num_workers=2)):
         from torch.utils.data import BatchSampler
-
-        from .dataset import SeededSampler
-        self.images, self.augment, self.device, self.workers = images, images.augment, device, workers
+        self.images, self.augment, self.device, self.workers = images, images.augment, device, settings.num_workers
         self.dataset = images
-        self.generator = torch.Generator().manual_seed(seed)
-        sampler = SeededSampler(len(images), self.generator, train, rank, world)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        sampler = SeededSampler(len(images), self.generator, train, settings.rank, settings.world)
         self.batches = BatchSampler(sampler, batch_size, drop_last=train and len(images) > batch_size)
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def set_epoch(self, seed: int) -> None:
+        """Reseed before a pass: the seed fixes the epoch's order and every sample's augmentation."""
+        self.generator.manual_seed(seed)
+
+    def skip_steps(self, steps: int) -> None:
+        """Make the next pass leave out its first ``steps`` batches (a resume inside an epoch)."""
+        self.batches.sampler.skip = steps * self.batches.batch_size
+
+    def resume_start(self) -> None:
+        """Nothing to do: the threads draw no seed of their own."""
+
+    def finish(self, batch: dict):
+        """(images, targets) on the device from a batch of :meth:`BatchImages.load` (the shard
+        stream's whole batches are finished here)."""
+        return self._ready(batch)
 
     def _load(self, items) -> dict:
         batch = self.images.load(items)

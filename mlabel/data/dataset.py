@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from dataclasses import dataclass
 
 import albumentations as A
 import cv2
@@ -18,7 +19,7 @@ from ..preprocess import INTERPOLATION, preprocess_image, read_rgb, to_rgb_array
 from ..errors import DataError
 from .tables import LabelTable
 
-__all__ = ["BoxSafeCrop", "EvalTransform", "ImageDataset", "box_crop", "build_transform", "make_loader", "read_rgb", "to_rgb_array"]
+__all__ = ["BoxSafeCrop", "EvalTransform", "ImageDataset", "box_crop", "build_transform", "FileLoader", "LoaderSettings", "make_loader", "read_rgb", "to_rgb_array"]
 
 class EvalTransform:
     """The evaluation preprocessing of :func:`mlabel.preprocess.preprocess_image`, called like
@@ -205,13 +206,49 @@ class SeededSampler(Sampler):
         return iter([(int(order[k % self.size]), base + k) for k in mine][skip:])
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int,
-                seed: int, pin_memory: bool = False, persistent_workers: bool = True,
-                rank: int = 0, world: int = 1) -> DataLoader:
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a split's loader runs, whatever its kind: ``num_workers`` processes (threads for the
+    batched loader), the ``seed`` of its order and augmentation, pinned memory, persistent
+    workers, and this process's ``rank`` among ``world`` DDP processes."""
+    num_workers: int = 0
+    seed: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    rank: int = 0
+    world: int = 1
+
+
+class FileLoader(DataLoader):
+    """The per-image loader (a :class:`~torch.utils.data.DataLoader` over a
+    :class:`SeededSampler`) with the training loaders' interface: :meth:`set_epoch`,
+    :meth:`skip_steps`, :meth:`resume_start` and ``len()`` (batches per epoch)."""
+
+    def set_epoch(self, seed: int) -> None:
+        """Reseed before a pass: the seed fixes the epoch's order and every sample's augmentation."""
+        self.generator.manual_seed(seed)
+
+    def skip_steps(self, steps: int) -> None:
+        """Make the next pass leave out its first ``steps`` batches (a resume inside an epoch)."""
+        self.sampler.skip = steps * self.batch_size
+
+    def resume_start(self) -> None:
+        """A resumed run starts its loader as the interrupted run had it: a DataLoader with
+        persistent workers draws its workers' base seed from the shared generator when its first
+        iterator is made (epoch 1), not in later epochs, so a process resuming at a later epoch
+        makes its iterator now, before the epoch's reseed; the epoch then orders its samples as
+        the uninterrupted run."""
+        if self.persistent_workers and self.num_workers > 0:
+            iter(self)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool,
+                settings: LoaderSettings = LoaderSettings()) -> FileLoader:
     """Seeded shuffling and worker seeding (each worker's NumPy and ``random`` seeded from
     torch's per-worker seed), so a run is reproducible for a given seed and worker count."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train, rank, world),
-                      drop_last=train and len(dataset) > batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator, worker_init_fn=_seed_worker, collate_fn=collate,
-                      persistent_workers=persistent_workers and num_workers > 0)
+    s = settings
+    generator = torch.Generator().manual_seed(s.seed)
+    return FileLoader(dataset, batch_size=batch_size, sampler=SeededSampler(len(dataset), generator, train, s.rank, s.world),
+                      drop_last=train and len(dataset) > batch_size, num_workers=s.num_workers,
+                      pin_memory=s.pin_memory, generator=generator, worker_init_fn=_seed_worker, collate_fn=collate,
+                      persistent_workers=s.persistent_workers and s.num_workers > 0)

@@ -27,9 +27,9 @@ from ..http import is_url
 from ..members import NamedBytes, ShardMembers, ShardPaths, member_bytes, read_member
 from .read import (VOCABULARY, Vocabulary, expand_braces, read_vocabulary, read_wds_table, shard_files,
                    shard_image_bytes)
-from .stream import ShardLoader, ShardStream, StreamProblem, stream_plan
+from .stream import ShardLoader, ShardStream, StreamOptions, StreamProblem, stream_plan
 from .write import write_shards
 
-__all__ = ["NamedBytes", "ShardLoader", "ShardMembers", "ShardPaths", "ShardStream", "StreamProblem", "VOCABULARY",
+__all__ = ["NamedBytes", "ShardLoader", "ShardMembers", "ShardPaths", "ShardStream", "StreamOptions", "StreamProblem", "VOCABULARY",
            "Vocabulary", "expand_braces", "is_url", "member_bytes", "read_member", "read_vocabulary",
            "read_wds_table", "shard_files", "shard_image_bytes", "stream_plan", "write_shards"]

@@ -15,7 +15,7 @@ from ...errors import DataError
 from ..tables import LabelTable
 from ..members import read_member
 
-__all__ = ["ShardLoader", "ShardStream", "StreamProblem", "stream_plan"]
+__all__ = ["ShardLoader", "ShardStream", "StreamOptions", "StreamProblem", "stream_plan"]
 
 
 def stream_plan(shard_sizes: Sequence[int], order: Sequence[int], batch_size: int, rank: int, world: int,
@@ -42,6 +42,17 @@ def stream_plan(shard_sizes: Sequence[int], order: Sequence[int], batch_size: in
     return start + before, start + before + sum(own), own, steps
 
 
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a :class:`ShardStream` reads: this process's ``rank`` among ``world``, the size of the
+    shuffle buffer, and whether images that do not decode are left out (``skip_bad``) or stop
+    training."""
+    rank: int = 0
+    world: int = 1
+    shuffle_buffer: int = 1000
+    skip_bad: bool = False
+
+
 class ShardStream(IterableDataset):
     """Batches of a :class:`LabelTable` read from its shards: each epoch a seeded shard order, a
     contiguous range of it per rank and loader worker (:func:`stream_plan`: every sample exactly
@@ -50,15 +61,16 @@ class ShardStream(IterableDataset):
     ``skip_steps`` (a resume inside an epoch) skips the first steps' samples without decoding them.
     """
 
-    def __init__(self, table: LabelTable, transform, batch_size: int, *, rank: int = 0, world: int = 1,
-                 shuffle_buffer: int = 1000, skip_bad: bool = False, collate=None, batch_images=None):
+    def __init__(self, table: LabelTable, transform, batch_size: int, *, options: StreamOptions = StreamOptions(),
+                 collate=None, batch_images=None):
         if table.members is None:
             raise ValueError("a ShardStream reads tables of wds shards")
         self.table, self.transform, self.batch_size = table, transform, batch_size
         # data.augment_on=device: a BatchImages loads whole batches (uint8 squares, or JPEG bytes
         # to decode on the GPU) and the training process finishes them on the device
         self.batch_images = batch_images
-        self.rank, self.world, self.shuffle_buffer, self.skip_bad = rank, world, shuffle_buffer, skip_bad
+        self.rank, self.world = options.rank, options.world
+        self.shuffle_buffer, self.skip_bad = options.shuffle_buffer, options.skip_bad
         self.collate = collate
         order = np.argsort(table.members.shard_of, kind="stable")  # rows grouped by shard, in table order
         bounds = np.flatnonzero(np.diff(table.members.shard_of[order])) + 1
@@ -191,6 +203,18 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return self.dataset.steps
+
+    def set_epoch(self, seed: int) -> None:
+        """Reseed before a pass: the seed fixes the epoch's shard order, shuffle and augmentation."""
+        self.generator.manual_seed(seed)
+
+    def skip_steps(self, steps: int) -> None:
+        """Make the next pass leave out its first ``steps`` batches (a resume inside an epoch):
+        the stream skips their samples without decoding them."""
+        self.dataset.skip_steps = steps
+
+    def resume_start(self) -> None:
+        """Nothing to do: the stream's workers are made anew each epoch."""
 
     def __iter__(self):
         self.dataset.epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
