@@ -22,7 +22,7 @@ import numpy as np
 
 import mlabel
 from _images import noise_jpegs
-from mlabel.report import write_report
+from mlabel.report import ReportInputs, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -50,7 +50,7 @@ def build(folder: Path, n_labels: int, n: int, images: list[str], seed: int = 0)
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_mAP": 0.5 + 0.04 * e, "lr": 1e-3 / e}
                for e in range(1, 11)]
     paths = {split: [images[i % len(images)] for i in range(len(t))] for split, (_, t) in splits.items()}
-    write_report(folder, metrics, history, splits, labels, thresholds, counts, paths=paths)
+    write_report(folder, ReportInputs(metrics, history, splits, labels, thresholds, counts, paths=paths))
     seconds = time.perf_counter() - start
     return seconds, (folder / "report" / "report.html").stat().st_size
 

@@ -371,7 +371,7 @@ def evaluate_predictions(probs, targets, thresholds=None, labels: Sequence[str] 
     result.update({f"{k}@0.5": v for k, v in summary_half.items()})
     support = (codes == 1).sum(0)
     per_th = th if th.ndim == 1 else np.full(n_labels, np.nan)
-    result["per_label"] = {name: label_row(i, ap, roc, per, per_half, per_th, ece, support)
+    result["per_label"] = {name: label_row(i, (ap, roc, ece), per, per_half, per_th, support)
                            for i, name in enumerate(labels)}
     return result
 
@@ -397,7 +397,10 @@ def _num(x) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def label_row(i, ap, roc, per, per_half, per_th, ece, support) -> dict:
+def label_row(i: int, ranking: tuple, per: dict, per_half: dict, per_th, support) -> dict:
+    """Label ``i``'s row of ``per_label``: ``ranking`` is the (ap, auroc, ece) arrays (L,), ``per``
+    and ``per_half`` the cut-off figures at the thresholds ``per_th`` and at 0.5."""
+    ap, roc, ece = ranking
     return {
         "ap": _num(ap[i]), "auroc": _num(roc[i]),
         "f1": _num(per["f1"][i]), "precision": _num(per["precision"][i]),

@@ -163,8 +163,9 @@ class SplitStream:
         result.update(summary)
         result.update({f"{k}@0.5": v for k, v in half.items()})
         support = counts[..., 1].sum(1)
-        result["per_label"] = {name: label_row(i, ranked["ap"], ranked["auroc"], per, per_half, self.thresholds,
-                                                ranked["ece"], support) for i, name in enumerate(labels)}
+        ranking = ranked["ap"], ranked["auroc"], ranked["ece"]
+        result["per_label"] = {name: label_row(i, ranking, per, per_half, self.thresholds, support)
+                               for i, name in enumerate(labels)}
         if self.uncalibrated is not None:
             raw = histogram_metrics(self.uncalibrated)["ece"]
             result["macro_ece_uncalibrated"] = defined_mean(raw)

@@ -223,7 +223,7 @@ def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
                     "best_epoch": state.best_epoch, "best_val_mAP": state.best_map,
                     "weights": state.best_weights, "stopped_early": state.stopped_early,
                     "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started}
-        _write_run(cfg, model, metrics, run_info, state.history, outputs, splits, out_dir)
+        _write_run(cfg, model, metrics, run_info, state.history, outputs, splits)
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
 
@@ -298,10 +298,11 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: TrainState, de
     return metrics, {name: split.scores() for name, split in splits.items() if not split.streamed}
 
 
-def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits,
-               out_dir: Path) -> None:
-    """The model, metrics.json, run.json, predictions/ and the report; run.json is marked
-    finished last (a resume of a finished run then leaves it as it is)."""
+def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits) -> None:
+    """The model, metrics.json, run.json, predictions/ and the report into the run directory
+    (``cfg.out_dir``); run.json is marked finished last (a resume of a finished run then leaves
+    it as it is)."""
+    out_dir = Path(cfg.out_dir)
     model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
                                                      "threshold_metric": cfg.thresholds.metric,
                                                      "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
@@ -310,9 +311,9 @@ def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list,
     for split, (named_outputs, targets) in outputs.items():
         save_predictions(out_dir, split, named_outputs, targets, getattr(splits, split).paths, model.labels)
     if outputs:  # streaming evaluation has no per-image scores to save or to plot
-        from .report import build_report
-        build_report(out_dir, model, metrics, history, scores=outputs,
-                     paths={split: getattr(splits, split).paths for split in outputs})
+        from .report import Known, build_report
+        paths = {split: getattr(splits, split).paths for split in outputs}
+        build_report(out_dir, model, known=Known(metrics, history, outputs, paths))
     write_json(out_dir / "run.json", {**run_info, FINISHED: True})
 
 

@@ -39,3 +39,21 @@ def test_the_checker_finds_what_it_looks_for(tmp_path):
 def test_functions_stay_short():
     lengths = [n for n, _ in _tool("function_lengths").lengths(ROOT / "mlabel")]
     assert statistics.median(lengths) <= 10 and max(lengths) <= 50, (statistics.median(lengths), max(lengths))
+
+
+def test_functions_take_at_most_seven_parameters():
+    """Every named parameter counts (keyword-only, ``*args`` and ``**kwargs`` too); ``self`` and
+    ``cls`` of methods do not. Values that travel together go in a dataclass."""
+    over = [f"{where} ({n})" for n, where in _tool("function_lengths").parameters(ROOT / "mlabel") if n > 7]
+    assert over == [], "; ".join(over)
+
+
+def test_the_parameter_count_is_the_real_argument_count(tmp_path):
+    """The control: every kind of parameter counts, self and cls do not."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("def f(a, /, b, *c, d, e=1, **g):\n    pass\n\n"
+                                  "class K:\n    def m(self, a, b):\n        pass\n\n"
+                                  "    @classmethod\n    def n(cls, a):\n        pass\n")
+    found = {where.split()[-1]: n for n, where in _tool("function_lengths").parameters(package)}
+    assert found == {"f": 6, "m": 2, "n": 1}

@@ -3,7 +3,7 @@ import pytest
 
 from mlabel.config import load_config
 from mlabel.data import DataError, build_splits, iterative_split
-from mlabel.data.tables import read_csv_table, read_folder_table
+from mlabel.data.tables import CsvColumns, read_csv_table, read_folder_table
 
 
 def _images(root, names):
@@ -25,7 +25,7 @@ def test_csv_one_hot_with_unknown_and_extensionless_names(tmp_path):
 def test_csv_names_column_with_delimiter(tmp_path):
     _images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
     (tmp_path / "t.csv").write_text("img,tags\na.jpg,sea sun\nb.jpg,\nc.jpg,tree sea\n")
-    table = read_csv_table(tmp_path / "t.csv", tmp_path, labels_column="tags", label_delimiter=" ")
+    table = read_csv_table(tmp_path / "t.csv", tmp_path, columns=CsvColumns(joined="tags", delimiter=" "))
     assert table.labels == ["sea", "sun", "tree"]
     np.testing.assert_array_equal(table.targets, [[1, 1, 0], [0, 0, 0], [1, 0, 1]])
 
@@ -34,7 +34,7 @@ def test_val_with_label_unknown_to_train_is_an_error(tmp_path):
     _images(tmp_path, ["a.jpg"])
     (tmp_path / "v.csv").write_text("img,tags\na.jpg,sea moon\n")
     with pytest.raises(DataError, match=r"v.csv:2: label 'moon' is not in the training labels"):
-        read_csv_table(tmp_path / "v.csv", tmp_path, labels_column="tags", labels=["sea", "sun"])
+        read_csv_table(tmp_path / "v.csv", tmp_path, columns=CsvColumns(joined="tags"), labels=["sea", "sun"])
     (tmp_path / "w.csv").write_text("img,sea,moon\na.jpg,1,0\n")
     with pytest.raises(DataError, match=r"labels \['moon'\] are not in the training labels"):
         read_csv_table(tmp_path / "w.csv", tmp_path, labels=["sea", "sun"])

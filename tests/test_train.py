@@ -10,7 +10,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 import mlabel
 from mlabel.data import ImageDataset, build_transform, make_loader
-from mlabel.data.tables import read_csv_table
+from mlabel.data.tables import CsvColumns, read_csv_table
 from mlabel.train import main
 
 CONTRACT_KEYS = {"mAP", "macro_f1", "micro_f1", "samples_f1", "hamming_loss", "subset_accuracy",
@@ -184,7 +184,8 @@ def test_multitask_regression_head_trains_reports_and_predicts(tmp_path, scene_c
     assert "brightness" not in val["per_label"] and val["regression"]["brightness"]["n"] == 23
     model = mlabel.load(out)
     assert model.regression_names == ["brightness"] and model.labels[0] == "circle"
-    table = read_csv_table(tmp_path / "val.csv", scene_csv, labels=model.labels, regression_columns=["brightness"])
+    table = read_csv_table(tmp_path / "val.csv", scene_csv, labels=model.labels,
+                           columns=CsvColumns(regression=["brightness"]))
     predicted = model.predict_regression(table.paths).numpy()[:, 0]
     known = ~np.isnan(table.regression[:, 0])
     assert val["regression"]["brightness"]["mse"] == pytest.approx(

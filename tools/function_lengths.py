@@ -4,6 +4,9 @@ the longest functions and those with the most parameters.
     python tools/function_lengths.py            # mlabel/
     python tools/function_lengths.py mlabel --over 50 --params-over 7
 
+Exits 1 when a function is longer than ``--over`` lines or takes more than ``--params-over``
+parameters (the house rules: 50 and 7), so CI can run it as a check.
+
 A function's length is its body's source lines (from its ``def`` to its last statement,
 docstring included); nested functions count in their parent and on their own. Its parameters
 are every named one (positional, keyword-only, ``*args`` and ``**kwargs``), ``self`` and ``cls``
@@ -39,7 +42,7 @@ def parameters(root: Path) -> list[tuple[int, str]]:
     return [(_count_parameters(node.args), f"{path}:{node.lineno} {node.name}") for path, node in _functions(root)]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", nargs="?", default="mlabel")
     parser.add_argument("--over", type=int, default=50, help="list functions longer than this")
@@ -64,7 +67,8 @@ def main() -> None:
             print(f"  {n:>4}  {where}")
     modules = sorted((len(p.read_text().splitlines()), str(p)) for p in Path(args.package).rglob("*.py"))
     print(f"modules over 300 lines: {sum(n > 300 for n, _ in modules)} of {len(modules)}")
+    return 1 if max(sizes) > args.over or max(numbers) > args.params_over else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,7 +19,7 @@ from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .sparse import sparse_split
 from .split import iterative_split
 from .synthetic import ensure_scenes, scenes_root
-from .tables import DataError, LabelTable, read_csv_table, read_folder_table, read_text
+from .tables import CsvColumns, DataError, LabelTable, read_csv_table, read_folder_table, read_text
 
 __all__ = ["DataError", "LabelTable", "Splits", "ImageDataset", "build_splits", "build_transform",
            "make_loader", "read_rgb", "iterative_split", "label_counts"]
@@ -57,9 +57,9 @@ def _read(data, name: str, labels, task: str, skipped: list | None = None) -> La
         return read_voc_table(root, name, labels=labels)
     if data.format == "coco":
         return read_coco_table(path, root, labels=labels)
-    return read_csv_table(path, root, labels=labels, image_column=data.image_column,
-                          label_columns=data.label_columns, labels_column=data.labels_column,
-                          label_delimiter=data.label_delimiter, regression_columns=data.regression_columns)
+    columns = CsvColumns(image=data.image_column, labels=data.label_columns, joined=data.labels_column,
+                         delimiter=data.label_delimiter, regression=data.regression_columns)
+    return read_csv_table(path, root, labels=labels, columns=columns)
 
 
 def _read_openimages(data, path: Path, name: str, labels) -> LabelTable:

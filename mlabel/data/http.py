@@ -150,13 +150,16 @@ class Response:
     """A response body as a file to ``read`` (what ``tarfile`` streams from), never more than
     ``limit`` bytes (after skipping ``skip``: a range a server answered with the whole file).
 
-    ``position`` is the resource's offset of the next byte the connection yields and ``end`` the
-    offset after the last one this answer should hold (None: unknown): a body cut or stalled
+    ``link`` is the (response, connection, watchdog) the answer came on. ``span`` is (position,
+    end): ``position`` the resource's offset of the next byte the connection yields and ``end``
+    the offset after the last one this answer should hold (None: unknown): a body cut or stalled
     midway is asked for again from ``position`` (:meth:`_resume`), within ``backoff``'s retries."""
 
-    def __init__(self, url: str, raw: http.client.HTTPResponse, conn, watchdog: _Watchdog, limit: int,
-                 skip: int = 0, *, backoff: _Backoff | None = None, where: str | None = None, position: int = 0,
-                 end: int | None = None):
+    def __init__(self, url: str, link: tuple[http.client.HTTPResponse, object, _Watchdog], limit: int,
+                 skip: int = 0, *, backoff: _Backoff | None = None, where: str | None = None,
+                 span: tuple[int, int | None] = (0, None)):
+        raw, conn, watchdog = link
+        position, end = span
         self.url, self.raw, self.conn, self.watchdog = url, raw, conn, watchdog
         self.status, self.headers = raw.status, raw.headers
         self.length = _int_header(raw, "Content-Length")  # as the server announced it
@@ -379,9 +382,9 @@ def _open(url: str, limit: int, start: int | None, size: int | None, backoff: _B
             raise FetchError(f"cannot fetch {url}: {problem}")
         whole = start is None or raw.status == 200
         end = (start + size) if start is not None else _int_header(raw, "Content-Length")
-        return Response(url, raw, conn, watchdog, limit if start is None else size,
+        return Response(url, (raw, conn, watchdog), limit if start is None else size,
                         skip=start if start is not None and raw.status == 200 else 0, backoff=backoff,
-                        where=current, position=0 if whole else start, end=end)
+                        where=current, span=(0 if whole else start, end))
     raise FetchError(f"cannot fetch {url}: more than {MAX_REDIRECTS} redirects")
 
 

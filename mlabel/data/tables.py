@@ -24,7 +24,7 @@ from .sparse import SparseLabels
 if TYPE_CHECKING:
     from .members import ShardMembers
 
-__all__ = ["DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
+__all__ = ["CsvColumns", "DataError", "LabelTable", "read_csv_table", "read_folder_table", "IMAGE_EXTENSIONS"]
 
 _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no"}
@@ -175,16 +175,29 @@ def read_text(path: Path) -> str:
                         f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
 
 
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which columns of a CSV hold what: the image paths (``image``; None: the first column),
+    0/1 label columns (``labels``; None: every other column) or one column of joined label names
+    (``joined``, split at ``delimiter``), and numeric columns read as auxiliary regression
+    targets (``regression``; an empty cell is missing)."""
+    image: str | None = None
+    labels: Sequence[str] | None = None
+    joined: str | None = None
+    delimiter: str = " "
+    regression: Sequence[str] | None = None
+
+
 def read_csv_table(path: Path, root: Path, *, labels: Sequence[str] | None = None,
-                   image_column: str | None = None, label_columns: Sequence[str] | None = None,
-                   labels_column: str | None = None, label_delimiter: str = " ",
-                   regression_columns: Sequence[str] | None = None) -> LabelTable:
+                   columns: CsvColumns = CsvColumns()) -> LabelTable:
     """Read a CSV of image names with 0/1 label columns, or with one column of joined names.
 
     Args:
         labels: the label order fixed by the training split; ``None`` for the training split.
-        regression_columns: numeric columns read as auxiliary regression targets (empty = missing).
+        columns: where the image paths, labels and regression targets are.
     """
+    image_column, label_columns, labels_column = columns.image, columns.labels, columns.joined
+    label_delimiter, regression_columns = columns.delimiter, columns.regression
     if not path.is_file():
         raise DataError(f"CSV file {path} not found (relative paths are taken from data.root)")
     try:

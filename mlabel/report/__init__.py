@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,22 +15,38 @@ from .page import inline_json, page, run_header, summary_tables
 from .plots import (MAX_LABELS_PLOTTED, plot_calibration, plot_frequency, plot_pr_and_f1, plot_structure,
                     plot_training)
 
-__all__ = ["build_report", "mark_stale", "rebuild_run_report", "report_inputs", "write_report"]
+__all__ = ["Known", "ReportInputs", "build_report", "mark_stale", "rebuild_run_report", "report_inputs",
+           "write_report"]
 
-def write_report(run_dir: Path, metrics: dict, history: list[dict], splits: dict, labels: list[str],
-                 thresholds: np.ndarray, counts: dict, raw_val_probs: np.ndarray | None = None, header: str = "",
-                 paths: dict | None = None, explain=None) -> Path:
-    """Write the PNGs and ``report.html`` into ``run_dir/report`` and return that folder.
 
-    ``splits`` maps ``val`` (and ``test``) to the model's (calibrated) probabilities and the
-    targets, (N, L) each; ``paths`` maps a split to its image files (for the error galleries);
-    ``raw_val_probs`` is the plain sigmoid on val, drawn beside the calibrated probabilities in
-    the reliability diagram when a calibration is used; ``explain(path, label)`` gives a gallery
-    tile its heat map (:func:`~mlabel.report.gallery.heat_map_thumbnails`).
-    """
+@dataclass
+class ReportInputs:
+    """What a report is drawn from: ``metrics`` (metrics.json's dict), the ``history`` rows,
+    ``splits`` mapping ``val`` (and ``test``) to the model's (calibrated) probabilities and the
+    targets, (N, L) each, the ``labels``, the (L,) ``thresholds`` and the label ``counts``
+    (run.json's). ``raw_val_probs`` is the plain sigmoid on val, drawn beside the calibrated
+    probabilities in the reliability diagram when a calibration is used; ``header`` opens the
+    page; ``paths`` maps a split to its image files (for the error galleries); ``explain(path,
+    label)`` gives a gallery tile its heat map (:func:`~mlabel.report.gallery.heat_map_thumbnails`)."""
+    metrics: dict
+    history: list[dict]
+    splits: dict
+    labels: list[str]
+    thresholds: np.ndarray
+    counts: dict
+    raw_val_probs: np.ndarray | None = None
+    header: str = ""
+    paths: dict | None = None
+    explain: Callable | None = None
+
+
+def write_report(run_dir: Path, inputs: ReportInputs) -> Path:
+    """Write the PNGs and ``report.html`` of ``inputs`` into ``run_dir/report`` and return that folder."""
+    metrics, history, splits, labels, counts = inputs.metrics, inputs.history, inputs.splits, inputs.labels, inputs.counts
+    raw_val_probs, header, paths, explain = inputs.raw_val_probs, inputs.header, inputs.paths, inputs.explain
     folder = Path(run_dir) / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    thresholds = np.asarray(thresholds, np.float64)
+    thresholds = np.asarray(inputs.thresholds, np.float64)
     val_probs, val_targets = splits["val"]
     shown = list(splits)[-1]  # test when there is one, or the split the caller put last
     probs, targets = splits[shown]
@@ -67,17 +84,27 @@ def _read_history(path: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, history: list[dict] | None = None,
-                 scores: dict | None = None, device=None, quiet: bool = False, split: str | None = None,
-                 paths: dict | None = None) -> Path:
+@dataclass
+class Known:
+    """What the caller of :func:`build_report` already holds (None: read from the run
+    directory): ``metrics``, ``history``, ``scores`` (``{split: (Outputs, Targets)}``, what
+    training has in memory and has just saved) and ``paths`` (``{split: image files}``)."""
+    metrics: dict | None = None
+    history: list[dict] | None = None
+    scores: dict | None = None
+    paths: dict | None = None
+
+
+def build_report(run_dir: str | Path, model=None, *, known: Known = Known(), device=None, quiet: bool = False,
+                 split: str | None = None) -> Path:
     """``RUN_DIR/report/`` from the run as it is now: the saved model (its current thresholds and
     calibration, e.g. after ``mlabel tune``) applied to the scores in ``predictions/`` (scored
     afresh when a run has none), with the run's history and label counts. Training, ``mlabel
     tune``, ``mlabel evaluate`` and ``mlabel report`` all build the page here, so it matches
-    ``model/mlabel.json``. ``scores`` (``{split: (Outputs, Targets)}``) is what training has in
-    memory and has just saved, ``paths`` (``{split: image files}``) its images; ``split`` picks the
+    ``model/mlabel.json``. ``known``: what the caller holds already; ``split`` picks the
     galleries' and label structure's split (default: test when the run has one)."""
     import torch
+    metrics, history, scores, paths = known.metrics, known.history, known.scores, known.paths
 
     from ..evaluation import evaluate_outputs
     from ..predictions import load_paths, load_scores
@@ -103,9 +130,9 @@ def build_report(run_dir: str | Path, model=None, metrics: dict | None = None, h
     if paths is None:
         paths = {name: found for name in scores if (found := load_paths(run_dir, name, len(probs[name][0]))) is not None}
     raw = torch.sigmoid(scores["val"][0].logits).numpy() if model.calibration else None
-    return write_report(run_dir, metrics, history, probs, model.labels, model.thresholds.cpu().numpy(), counts,
-                        raw_val_probs=raw, header=run_header(run_dir, history), paths=paths,
-                        explain=heat_map_thumbnails(model.eval()))
+    return write_report(run_dir, ReportInputs(metrics, history, probs, model.labels, model.thresholds.cpu().numpy(),
+                                              counts, raw_val_probs=raw, header=run_header(run_dir, history),
+                                              paths=paths, explain=heat_map_thumbnails(model.eval())))
 
 
 def _label_counts(path: Path, labels: list[str]) -> dict:
@@ -150,7 +177,8 @@ def report_inputs(run_dir: Path | None, model, streamed: bool = False) -> Callab
                                                                     "histograms, which keep no per-image scores")
 
     def step(device=None, quiet: bool = False) -> None:
-        folder = build_report(run_dir, model, scores=scores if "val" in scores else None, device=device, quiet=quiet)
+        folder = build_report(run_dir, model, known=Known(scores=scores if "val" in scores else None), device=device,
+                              quiet=quiet)
         print(f"report: {folder / 'report.html'}")
     return step
 

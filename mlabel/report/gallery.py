@@ -74,8 +74,10 @@ def _names(row: np.ndarray, wrong: np.ndarray, labels: list[str]) -> str:
     return ", ".join(shown[:MAX_NAMES]) + more or "none"
 
 
-def _tile(i: int, caption: str, paths, targets, decisions, labels, thumbs: _Thumbs, about: int) -> str:
-    """One image's tile; ``about``: the label it is shown for (its heat map, when there is one)."""
+def _tile(i: int, caption: str, shown: tuple, thumbs: _Thumbs, about: int) -> str:
+    """One image's tile; ``shown``: the split's (paths, targets, decisions, labels); ``about``:
+    the label it is shown for (its heat map, when there is one)."""
+    paths, targets, decisions, labels = shown
     path = str(paths[i])
     ident = thumbs.add(path)
     picture = (f'<img class="plain" data-thumb="{ident}" alt="{html.escape(path)}">' if thumbs.uris[ident] else
@@ -124,7 +126,7 @@ def error_galleries(probs: np.ndarray, targets: np.ndarray, decisions: np.ndarra
     thumbs = _Thumbs(explain)
 
     def show(i, caption, about):
-        return _tile(i, caption, paths, targets, decisions, labels, thumbs, about)
+        return _tile(i, caption, (paths, targets, decisions, labels), thumbs, about)
 
     errors = ((targets == 0) & decisions).sum(0) + ((targets == 1) & ~decisions).sum(0)
     order = [j for j in np.argsort(-errors, kind="stable")[:MAX_LABELS] if errors[j] > 0]
