@@ -21,6 +21,7 @@ from torch import nn
 from mlabel.calibration import fit_calibration
 from mlabel.config import LossConfig, load_config, loss_kwargs
 from mlabel.data import ImageDataset, build_splits, build_transform, make_loader
+from mlabel.data.dataset import LoaderSettings
 from mlabel.losses import build_loss, pos_weight_from_targets
 from mlabel.metrics import evaluate_predictions
 from mlabel.models import CSRAHead, create_model
@@ -40,7 +41,7 @@ CONFIGS = [  # (name, loss overrides, pos_weight, head)
 @torch.no_grad()
 def feature_maps(model, table, batch_size: int = 32):
     loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), batch_size,
-                         train=False, num_workers=2, seed=0)
+                         train=False, settings=LoaderSettings(num_workers=2))
     maps = [model.backbone.forward_features(x.contiguous(memory_format=torch.channels_last)).half()
             for x, _ in loader]
     return torch.cat(maps), torch.from_numpy(table.targets)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 import mlabel
 from _images import noise_jpegs
 from mlabel.data import ImageDataset, build_transform, make_loader
+from mlabel.data.dataset import LoaderSettings
 from mlabel.data.tables import LabelTable
 from mlabel.engine import Stepper, build_optimizer, build_scheduler, train_one_epoch
 from mlabel.losses import BCEWithLogits
@@ -81,7 +82,7 @@ def main() -> None:
         model = mlabel.create_model(args.backbone, LABELS, image_size=args.size, resize="crop").to(device)
         loader = make_loader(ImageDataset(LabelTable(paths, targets, LABELS, "bench"),
                                           build_transform(model.preprocessing, True, "light")),
-                             args.batch_size, train=True, num_workers=args.workers, seed=0)
+                             args.batch_size, train=True, settings=LoaderSettings(num_workers=args.workers))
         optimizer = build_optimizer(model, 1e-3, 0.05)
         scheduler = build_scheduler(optimizer, 2 * len(loader), 0)
         rates = []

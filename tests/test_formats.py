@@ -10,7 +10,7 @@ from PIL import Image
 from mlabel.data import DataError
 from mlabel.data.__main__ import main as summary_main
 from mlabel.data.formats import read_coco_table, read_jsonl_table, read_voc_table
-from mlabel.data.tables import read_csv_table
+from mlabel.data.tables import CsvColumns, read_csv_table
 from mlabel.preprocess import read_rgb
 from mlabel.train import main as train_main
 
@@ -294,8 +294,8 @@ def test_csv_parser_raises_only_data_errors(pool, tmp_path_factory, header, rows
     path = tmp_path_factory.mktemp("csv") / "t.csv"
     with path.open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
-    kwargs = {"labels_column": "tags"} if names_column and "tags" in header else {}
-    _only_data_errors(lambda: read_csv_table(path, pool, **kwargs))
+    columns = CsvColumns(joined="tags" if names_column and "tags" in header else None)
+    _only_data_errors(lambda: read_csv_table(path, pool, columns=columns))
 
 
 @PROPERTY

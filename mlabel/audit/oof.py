@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data import ImageDataset, build_transform, make_loader
+from ..data.dataset import LoaderSettings
 from ..data.tables import LabelTable
 from ..errors import DataError
 from ..io import atomic_path
@@ -71,7 +72,8 @@ def _content_key(job: FeatureJob) -> str:
 def _batches(table: LabelTable, preprocessing: dict, batch_size: int, workers: int):
     """Evaluation-preprocessed image batches (B, 3, H, W) of ``table``, in row order."""
     dataset = ImageDataset(table, build_transform(preprocessing, False))
-    loader = make_loader(dataset, batch_size, train=False, num_workers=workers, seed=0, persistent_workers=False)
+    loader = make_loader(dataset, batch_size, train=False,
+                         settings=LoaderSettings(num_workers=workers, persistent_workers=False))
     for images, _ in loader:
         yield images
 
