@@ -522,22 +522,6 @@ def head_kwargs(model: ModelConfig) -> dict:
     return {**flat, **model.head_args}
 
 
-def loss_kwargs(loss: LossConfig) -> dict:
-    """The loss's constructor arguments: the flat keys it takes, then ``loss.args``."""
-    from ._registry import settable
-    from .losses import LOSSES
-    if loss.name not in LOSSES:
-        return dict(loss.args)
-    flat = {arg: getattr(loss, arg) for arg in settable(LOSSES[loss.name]) if hasattr(loss, arg)}
-    return {**flat, **loss.args}
-
-
-def threshold_kwargs(th: ThresholdsConfig) -> dict:
-    """The threshold settings as the keyword arguments of :class:`mlabel.policy.ThresholdSettings`."""
-    return dict(policy=th.policy, metric=th.metric, mode=th.mode, bins=th.bins, bootstrap=th.bootstrap,
-                fallback=th.fallback, beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision)
-
-
 def _check_backbone(model: ModelConfig) -> None:
     """A backbone timm knows, and offline weights that exist (hub names only with pretrained=true)."""
     import timm
@@ -562,7 +546,7 @@ def _check_backbone(model: ModelConfig) -> None:
 def _check_parts(config: Config) -> None:
     """Head and loss names and arguments, against the registries (before anything runs)."""
     from ._registry import checked
-    from .losses import LOSSES
+    from .losses import LOSSES, loss_kwargs
     from .models import HEADS
     for key, registry, name, kwargs, what in (
             ("model.head", HEADS, config.model.head, head_kwargs(config.model), "head"),

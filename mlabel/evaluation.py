@@ -45,10 +45,9 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "EvalSettings":
-        from .config import threshold_kwargs
         return cls(streaming=cfg.thresholds.streaming, bins=cfg.thresholds.bins, calibration=cfg.calibration.method,
                    channels_last=cfg.train.channels_last, cross_fit=cfg.thresholds.cross_fit,
-                   thresholds=ThresholdSettings(**threshold_kwargs(cfg.thresholds), seed=cfg.seed))
+                   thresholds=ThresholdSettings.of(cfg.thresholds, cfg.seed))
 
     def streams(self, images: int, labels: int) -> bool:
         """Whether a split of ``images`` x ``labels`` scores is evaluated from histograms."""

@@ -18,7 +18,7 @@ from ._registry import checked
 from .outputs import Outputs, Targets
 
 __all__ = ["MaskedLoss", "TaskLoss", "task_loss", "BCEWithLogits", "BCEOnProbabilities", "FocalLoss", "AsymmetricLoss", "HingeLoss", "LOSSES",
-           "build_loss", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
+           "build_loss", "loss_kwargs", "pos_weight_from_targets", "DEFAULT_POS_WEIGHT_MAX"]
 
 # neg/pos is bounded because a label with 3 positives in 30,000 would otherwise get a weight of
 # 10,000: its few examples dominate every batch they appear in, gradients spike, and the
@@ -27,6 +27,15 @@ __all__ = ["MaskedLoss", "TaskLoss", "task_loss", "BCEWithLogits", "BCEOnProbabi
 # ignored; 10 does that without destabilising training. The same bound applies below (1/10).
 DEFAULT_POS_WEIGHT_MAX = 10.0
 
+
+def loss_kwargs(loss) -> dict:
+    """The constructor arguments of the ``loss`` section (:class:`mlabel.config.LossConfig`):
+    the flat keys its loss takes, then ``loss.args``."""
+    from ._registry import settable
+    if loss.name not in LOSSES:
+        return dict(loss.args)
+    flat = {arg: getattr(loss, arg) for arg in settable(LOSSES[loss.name]) if hasattr(loss, arg)}
+    return {**flat, **loss.args}
 
 def pos_weight_from_targets(targets: torch.Tensor, max_weight: float = DEFAULT_POS_WEIGHT_MAX,
                             labels: Sequence[str] | None = None) -> torch.Tensor:

@@ -163,6 +163,13 @@ class ThresholdSettings:
     mode: str = "exact"
     bins: int = 2048
 
+    @classmethod
+    def of(cls, th, seed: int = 0) -> "ThresholdSettings":
+        """The settings of the config's ``thresholds`` section (:class:`mlabel.config.ThresholdsConfig`)."""
+        return cls(policy=th.policy, metric=th.metric, mode=th.mode, bins=th.bins, bootstrap=th.bootstrap,
+                   fallback=th.fallback, beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision,
+                   seed=seed)
+
     @property
     def plan(self) -> TunePlan:
         """The exact tuner's part of the settings."""

@@ -28,8 +28,7 @@ import yaml
 
 from .version import __version__
 from .cli import guarded
-from .config import (Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config,
-                     loss_kwargs)
+from .config import Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config
 from .data import DataError, build_splits, label_counts
 from .data.check import drop_bad_images, kept_rows
 from .data.hf import data_keys
@@ -40,7 +39,7 @@ from .io import write_json, write_text
 from .evaluation import EvalSettings, scorer
 from .loop import CHECKPOINT, LoopSetup, TrainState, duration, fit_epochs
 from .loop import log as _log
-from .losses import TaskLoss, build_loss, pos_weight_from_counts
+from .losses import TaskLoss, build_loss, loss_kwargs, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions

@@ -57,7 +57,8 @@ def test_unknown_parts_and_arguments_are_refused_at_config_time(override, key, m
 
 
 def test_flat_keys_still_configure_the_shipped_parts():
-    from mlabel.config import head_kwargs, loss_kwargs
+    from mlabel.config import head_kwargs
+    from mlabel.losses import loss_kwargs
     cfg = load_config("quickstart", ["loss.name=focal", "loss.gamma=3", "model.head=csra", "model.csra_lambda=0.3"])
     assert loss_kwargs(cfg.loss) == {"gamma": 3.0, "alpha": 0.25}
     assert head_kwargs(cfg.model) == {"lam": 0.3, "temperature": 1.0}
