@@ -350,7 +350,7 @@ def test_plateau_run_anneals_once_val_map_stalls(tmp_path, scene_csv, monkeypatc
     """Val mAP scripted: the rate holds while it improves, then falls from the stall on."""
     import mlabel.loop as loop
     scripted = iter(scores)
-    monkeypatch.setattr(loop, "_validator", lambda *a, **k: lambda module, loss=None: (next(scripted), 0.1))
+    monkeypatch.setattr(loop.EpochLoop, "validate", lambda self, module, loss=None: (next(scripted), 0.1))
     out = tmp_path / "run"
     assert train_main(_cmd(out, scene_csv, ["train.epochs=5", "train.schedule=plateau", "train.warmup_epochs=0",
                                             "train.lr=0.001"])) == 0
