@@ -311,3 +311,35 @@ def test_suggestions_follow_the_issues_on_the_page_with_ranks_of_their_own(audit
     ranks = [tile["rank"] for tile in data["tiles"]]
     assert ranks == list(range(1, len(issues) + 3))
     assert [tile["kind"] for tile in data["tiles"][-2:]] == ["suggested_positive"] * 2
+
+
+def test_one_corrections_file_for_train_and_val_applies_per_split(audited, noisy_set, tmp_path, capsys):
+    """The page downloads train and val decisions together: each split's apply takes its own rows
+    and names how many it left to the other; a file with none of the split's rows is refused."""
+    import shutil
+    root, _ = noisy_set
+    folder = tmp_path / "audit"  # the clean val set gives no issue: list one of its cells as the audit would
+    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
+    n_train = len(list(csv.reader((root / "train.csv").open()))) - 1
+    r, j = n_train + 1, 2
+    given = int(audited.given[r, j])
+    with (folder / "issues.csv").open("a", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerow(
+            [audited.paths[r], LABELS[j], given, "0.5", "spurious" if given else "missing", "0.1", 9999])
+    listed = list(csv.DictReader((folder / "issues.csv").open()))
+    train = next(r for r in listed if audited.paths.index(r["image"]) < n_train)
+    val = listed[-1]
+    both = _corrections(tmp_path / "both.csv", [(r["image"], r["label"], "unknown") for r in (train, val)])
+    for split, row, source in (("train", train, "train.csv"), ("val", val, "val.csv")):
+        out = tmp_path / f"{split}.csv"
+        capsys.readouterr()
+        assert cli_main(["audit", "apply", str(folder), str(both), "--out", str(out), "--split", split]) == 0
+        said = capsys.readouterr().out
+        assert "1 cells changed" in said and "1 corrections concern" in said, said
+        before, after = read_csv_table(root / source, root), read_csv_table(out, root)
+        expected = before.targets.copy()
+        expected[[Path(p) for p in before.paths].index(Path(row["image"])), LABELS.index(row["label"])] = -1
+        assert np.array_equal(after.targets, expected)
+    only_val = _corrections(tmp_path / "val_only.csv", [(val["image"], val["label"], "fix")])
+    _fails(capsys, ["audit", "apply", str(folder), str(only_val), "--out", str(tmp_path / "x.csv")], "--split val")
+    assert not (tmp_path / "x.csv").exists()

@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
         from .apply import apply_corrections
         done = apply_corrections(args.folder, args.corrections, args.out, args.split)
         print(f"{done['changed']} cells changed; new labels: {done['file']} (train with data.{args.split}={done['file']})")
+        if done["other_split"]:
+            other = "val" if args.split == "train" else "train"
+            print(f"{done['other_split']} corrections concern data.{other}'s file and were left out: "
+                  f"apply them with --split {other} --out ANOTHER_FILE")
         return 0
     args = _audit_parser().parse_intermixed_args(argv)
     from .core import audit

@@ -108,13 +108,16 @@ def _split_rows(audited: Audited, split: str) -> tuple[dict, range]:
     return sources["val"], range(n_train, len(audited.paths))
 
 
-def _check_rows(values: dict, audited: Audited, rows: range, split: str) -> None:
+def _own_rows(values: dict, audited: Audited, rows: range, split: str) -> tuple[dict, int]:
+    """The corrections of ``split``'s file, and how many concern the other split's file (the page
+    downloads train and val decisions together: each file is written by its own ``apply``)."""
     inside = {audited.paths[i] for i in rows}
-    other = sorted({image for image, _ in values if image not in inside})
-    if other:
+    own = {cell: value for cell, value in values.items() if cell[0] in inside}
+    if values and not own:
         name = "val" if split == "train" else "train"
-        raise DataError(f"{len(other)} corrections concern images of data.{name}'s file, e.g. {other[0]}: "
-                        f"apply them with --split {name} into a file of their own")
+        raise DataError(f"none of the {len(values)} corrections concerns data.{split}'s file (they are about "
+                        f"data.{name}'s images, e.g. {next(iter(values))[0]}): apply them with --split {name}")
+    return own, len(values) - len(own)
 
 
 def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
@@ -122,7 +125,7 @@ def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
     audited = load_audit(Path(folder))
     values = read_corrections(Path(corrections), audited)
     source, rows = _split_rows(audited, split)
-    _check_rows(values, audited, rows, split)
+    values, elsewhere = _own_rows(values, audited, rows, split)
     out = Path(out)
     _check_out(out, audited, source)
     data = audited.summary["data"]
@@ -135,7 +138,8 @@ def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
     else:
         text = generic_table(audited, rows, values, out.suffix.lower())
     write_text(out, text)
-    return {"changed": len(values), "file": str(out), "format": "source" if own else out.suffix.lstrip(".")}
+    return {"changed": len(values), "file": str(out), "format": "source" if own else out.suffix.lstrip("."),
+            "other_split": elsewhere}
 
 
 def _check_out(out: Path, audited: Audited, source: dict) -> None:
