@@ -37,8 +37,8 @@ Every ranking is computed on the same out-of-fold probabilities (``result.probs`
 
 ``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``, default 2) on
 the noisy labels, on the noisy labels with the audit's top-k suggestions of each kind accepted (the
-first k rows of each kind of its issues.csv into corrections-{train,val}.csv with ``decision=fix``,
-applied by ``mlabel audit apply --split``), and on the clean labels, and prints the test mAP of each
+first k rows of each kind of its issues.csv into one corrections.csv with ``decision=fix``,
+applied by ``mlabel audit apply --split train`` and ``--split val``), and on the clean labels, and prints the test mAP of each
 (the test labels are never noisy) and the share of the lost mAP recovered,
 (corrected - noisy) / (clean - noisy). ``--loop-from`` also audits with the noisy run's backbone
 (``--from RUN``) and trains on its corrections. The audit's wall time is printed per set; with ``--loop`` also as a
@@ -321,24 +321,22 @@ def print_table(set_name: str, rows: list[dict], label: str) -> None:
 
 
 def write_corrections(audit_dir: Path, noisy: Noisy, folder: Path) -> dict:
-    """corrections-{train,val}.csv accepting (decision=fix) the first k rows of each kind of the
-    audit's own issues.csv (k = the number injected of that kind), as a reviewer who accepts every
-    suggestion; one file per split, as ``mlabel audit apply --split`` takes them."""
+    """corrections.csv accepting (decision=fix) the first k rows of each kind of the audit's own
+    issues.csv (k = the number injected of that kind), as a reviewer who accepts every suggestion;
+    returns split -> that file, or None for a split none of whose rows was corrected."""
     with open(audit_dir / "issues.csv", newline="") as handle:
         issues = list(csv.DictReader(handle))
     accepted = []
     for kind, code in KINDS.items():
         accepted += [r for r in issues if r["kind"] == kind][:int((noisy.truth == code).sum())]
+    path = folder / "corrections.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "decision"])
+        writer.writerows([r["image"], r["label"], "fix"] for r in accepted)
     train_names = set(noisy.names[:noisy.sizes["train"]])
-    files = {}
-    for split in ("train", "val"):
-        files[split] = folder / f"corrections-{split}.csv"
-        with open(files[split], "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["image", "label", "decision"])
-            writer.writerows([r["image"], r["label"], "fix"] for r in accepted
-                             if (_short(r["image"], train_names) is not None) == (split == "train"))
-    return files
+    in_train = [_short(r["image"], train_names) is not None for r in accepted]
+    return {"train": path if any(in_train) else None, "val": path if not all(in_train) else None}
 
 
 def _short(image: str, names: set) -> str | None:
@@ -347,10 +345,14 @@ def _short(image: str, names: set) -> str | None:
     return next((tail for tail in ("/".join(parts[-i:]) for i in range(1, len(parts) + 1)) if tail in names), None)
 
 
-def corrected_files(audit_dir: Path, corrections: dict, folder: Path) -> dict:
-    """The noisy train and val files with the corrections written by ``mlabel audit apply``."""
+def corrected_files(audit_dir: Path, corrections: dict, noisy: Noisy, folder: Path) -> dict:
+    """The noisy train and val files with the corrections written by ``mlabel audit apply --split``
+    (a split without corrections keeps its noisy file)."""
     files = {}
     for split in ("train", "val"):
+        if corrections[split] is None:
+            files[split] = noisy.files[split]
+            continue
         out = folder / f"{split}.csv"
         done = subprocess.run([sys.executable, "-m", "mlabel.audit", "apply", str(audit_dir), str(corrections[split]),
                                "--out", str(out), "--split", split], capture_output=True, text=True)
@@ -420,7 +422,7 @@ def close_loop(bench: Bench, noisy: Noisy, args, audit_seconds: float) -> None:
     for label in audits:
         audit_dir, fixed = folder / f"audit-{label}", folder / f"corrected-{label}"
         fixed.mkdir(parents=True, exist_ok=True)
-        files = corrected_files(audit_dir, write_corrections(audit_dir, noisy, fixed), fixed)
+        files = corrected_files(audit_dir, write_corrections(audit_dir, noisy, fixed), noisy, fixed)
         check_corrected(files, noisy)
         runs[f"fixed by {label}"] = train(bench, files, folder / "runs" / f"corrected-{label}", args.loop_epochs)
     runs["clean"] = train(bench, {}, folder / "runs" / "clean", args.loop_epochs)
