@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_path, write_json, write_text
+from ..report.gallery import jpeg_thumbnail
 from ..version import __version__
 from .rank import Cells, flagged_cells, noise_rates, suggested_cells
 
@@ -47,18 +48,14 @@ def read_listed(folder: Path) -> dict[tuple[str, str], tuple[str, int]]:
 
 
 def _thumbnail(path: str) -> bytes:
-    """A JPEG (q70) of the image scaled to fit 96 px; a grey square where it cannot be read."""
-    from PIL import Image, ImageOps
-    buffer = io.BytesIO()
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (THUMB * 2, THUMB * 2))
-            small = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        small = Image.new("RGB", (THUMB, THUMB), (128, 128, 128))
-    small.thumbnail((THUMB, THUMB))
-    small.save(buffer, format="JPEG", quality=70)
-    return buffer.getvalue()
+    """A JPEG (q70) of the image scaled to fit 96 px (also inside a shard); a grey square where it cannot be read."""
+    jpeg = jpeg_thumbnail(path, THUMB, 70)
+    if jpeg is None:
+        from PIL import Image
+        buffer = io.BytesIO()
+        Image.new("RGB", (THUMB, THUMB), (128, 128, 128)).save(buffer, format="JPEG", quality=70)
+        jpeg = buffer.getvalue()
+    return jpeg
 
 
 def _tiles(result, listed: list[list]) -> list:

@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-__all__ = ["error_galleries", "heat_map_thumbnails", "image_losses", "label_losses"]
+__all__ = ["error_galleries", "heat_map_thumbnails", "image_losses", "jpeg_thumbnail", "label_losses"]
 
 THUMB = 112
 PER_LABEL = 6
@@ -49,21 +49,28 @@ class _Thumbs:
         return self.ids[key]
 
 
-def _thumbnail(path: str) -> str | None:
+def jpeg_thumbnail(path: str, size: int, quality: int) -> bytes | None:
+    """The image at ``path`` (a file or a shard's SHARD#KEY) as a JPEG fitting ``size`` px, or None
+    where it cannot be read."""
     from PIL import Image, ImageOps
 
     from ..data.shards import shard_image_bytes
     data = shard_image_bytes(path)  # an image inside a wds shard: SHARD#KEY
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
-            image.draft("RGB", (THUMB * 2, THUMB * 2))  # JPEG: decode at a reduced size
+            image.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced size
             small = ImageOps.exif_transpose(image).convert("RGB")
-            small.thumbnail((THUMB, THUMB))
+            small.thumbnail((size, size))
             buffer = io.BytesIO()
-            small.save(buffer, format="JPEG", quality=80)
+            small.save(buffer, format="JPEG", quality=quality)
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _thumbnail(path: str) -> str | None:
+    jpeg = jpeg_thumbnail(path, THUMB, 80)
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _names(row: np.ndarray, wrong: np.ndarray, labels: list[str]) -> str:
