@@ -185,12 +185,13 @@ def make_noisy(bench: Bench, folder: Path, seed: int) -> Noisy:
 
 
 def run_audit(bench: Bench, noisy: Noisy, out: Path, args, from_run: Path | None = None,
-              extra: tuple = ()) -> tuple[object, float]:
-    """The audit on the noisy recipe, fast budget (features from ``from_run``'s backbone when
-    given, ``extra`` overrides after the set's); (result, wall seconds)."""
+              feature_size: int | None = None) -> tuple[object, float]:
+    """The audit on the noisy recipe with ``args.budget`` (fast: features from ``from_run``'s backbone
+    when given, computed at ``feature_size`` when given, else the audit's default); (result, wall seconds)."""
     from mlabel.audit import audit
     start = time.perf_counter()
-    result = audit(bench.recipe, [*bench.overrides(noisy.files), *extra], out=str(out), folds=args.folds, budget="fast",
+    result = audit(bench.recipe, bench.overrides(noisy.files), out=str(out), folds=args.folds, budget=args.budget,
+                   feature_size=feature_size,
                    from_run=None if from_run is None else str(from_run), seed=args.seed, quiet=True)
     return result, time.perf_counter() - start
 
@@ -382,10 +383,11 @@ def train(bench: Bench, files: dict, out: Path, epochs: int) -> tuple[float, flo
     return json.loads((out / "metrics.json").read_text())["test"]["mAP"], seconds
 
 
-def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path | None = None, extra: tuple = ()):
+def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path | None = None,
+                    feature_size: int | None = None):
     """Audit (fast), print its table and model quality, save the figures; (result, seconds)."""
     folder = args.work / bench.name
-    result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run, extra)
+    result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run, feature_size)
     check_rows(result, noisy)
     rows = evaluate(rankings(result, cleanlab=from_run is None or args.all_rankings), result, noisy.truth)
     print_table(f"{bench.name}", rows, label)
@@ -447,9 +449,9 @@ def bench_one(name: str, args) -> None:
     noisy = make_noisy(bench, args.work / name, args.seed)
     print(f"{name:<12}{len(noisy.names)} train+val images, {len(noisy.header) - 1} labels: "
           f"{int((noisy.truth == MISSING).sum())} positives removed, {int((noisy.truth == SPURIOUS).sum())} spurious added")
-    _, seconds = audit_and_print(bench, noisy, args, "pretrained")
+    _, seconds = audit_and_print(bench, noisy, args, "pretrained" if args.budget == "fast" else "full")
     for size in filter(None, args.feature_sizes.split(",")):
-        audit_and_print(bench, noisy, args, f"pretrained@{size}", extra=(f"data.image_size={size}",))
+        audit_and_print(bench, noisy, args, f"pretrained@{size}", feature_size=int(size))
     if args.loop and name in args.loop_sets.split(","):
         close_loop(bench, noisy, args, seconds)
 
@@ -460,12 +462,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="share of each split's rows")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise and the audit")
+    parser.add_argument("--budget", choices=("fast", "full"), default="fast",
+                        help="full: K trainings with the recipe per audit (slow)")
     parser.add_argument("--loop", action="store_true", help="train on noisy, corrected and clean labels")
     parser.add_argument("--loop-sets", default="quickstart")
     parser.add_argument("--loop-epochs", type=int, default=2)
     parser.add_argument("--loop-from", action="store_true",
                         help="also audit with the noisy run's backbone (--from) and train on its corrections")
-    parser.add_argument("--feature-sizes", default="", help="extra audits with data.image_size=S (e.g. 224)")
+    parser.add_argument("--feature-sizes", default="", help="extra audits with features at S px (--feature-size S), e.g. 64,224")
     parser.add_argument("--all-rankings", action="store_true", help="the references for the --from audit too")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()

@@ -255,6 +255,30 @@ def test_bad_audit_inputs(noisy_set, tmp_path, capsys):
     assert not out.exists() and not (root / "audit").exists()
 
 
+def test_feature_size_rule_and_option(audited, noisy_set, tmp_path, capsys):
+    """A pretrained backbone scores small images upscaled to 128 px (never past its own size); a
+    backbone from scratch, or a run's model (--from), at the recipe's size; --feature-size wins."""
+    from mlabel.audit.core import AuditSettings, feature_size
+    from mlabel.config import load_config
+    quick = load_config("quickstart")  # 64 px, ImageNet weights
+    assert feature_size(quick, AuditSettings(), native=224) == 128
+    assert feature_size(quick, AuditSettings(), native=96) == 96
+    assert feature_size(load_config("quickstart", ["data.image_size=256"]), AuditSettings(), native=224) == 256
+    assert feature_size(quick, AuditSettings(from_run="runs/x"), native=224) == 64
+    assert feature_size(load_config("quickstart", ["model.pretrained=false"]), AuditSettings(), native=224) == 64
+    assert feature_size(quick, AuditSettings(feature_size=160), native=224) == 160
+    assert audited.summary["feature_size"] == 32 and audited.summary["settings"]["feature_size"] is None
+    root, _ = noisy_set
+    out = tmp_path / "sized"
+    result = audit("quickstart", [f"data.root={root}", *TINY], out=out, folds=3, quiet=True, feature_size=48)
+    assert result.summary["feature_size"] == 48
+    cached = {p.name for p in (out / "cache").glob("features-*.npy")}
+    assert len(cached) == 1 and cached.isdisjoint(p.name for p in (audited.out / "cache").glob("*.npy"))
+    base = ["audit", "quickstart", f"data.root={root}", *TINY, "--quiet", "--out", str(tmp_path / "bad")]
+    _fails(capsys, [*base, "--feature-size", "8"], "--feature-size 8")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_python_m_and_callable_module(noisy_set, tmp_path):
     root, _ = noisy_set
     out = tmp_path / "out"

@@ -25,6 +25,9 @@ def _audit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", choices=BUDGETS, default="fast",
                         help="fast: pooled features once, linear heads per fold; full: K trainings with the recipe")
     parser.add_argument("--from", dest="from_run", help="a run (or model folder) whose trained backbone gives the features")
+    parser.add_argument("--feature-size", type=int, default=None,
+                        help="fast budget: the side images are scored at (default: the recipe's, raised to 128 px "
+                        "for a pretrained backbone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the heads")
     parser.add_argument("--scoring", choices=SCORINGS, default=DEFAULT_SCORING, help="suspicion scoring")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"rows of issues.csv (default {DEFAULT_TOP})")
@@ -58,7 +61,8 @@ def main(argv: list[str]) -> int:
     args = _audit_parser().parse_intermixed_args(argv)
     from .core import audit
     result = audit(args.recipe, args.overrides, out=args.out, folds=args.folds, budget=args.budget,
-                   from_run=args.from_run, seed=args.seed, scoring=args.scoring, top=args.top, quiet=args.quiet)
+                   from_run=args.from_run, seed=args.seed, scoring=args.scoring, top=args.top, quiet=args.quiet,
+                   feature_size=args.feature_size)
     print(f"audit: {result.out}")
     return 0
 
