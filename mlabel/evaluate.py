@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from .cli import guarded
-from .config import ConfigError, load_config
+from .checks import load_checked
+from .config import ConfigError
 from .distributed import resolve_device
 from .evaluation import EvalSettings, scorer, split_loader
 from .io import check_output, write_json
@@ -28,7 +29,7 @@ def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pic
         if run_dir is None:
             raise ConfigError(f"no config.yaml next to {model_path}: give the RECIPE whose data to use")
         recipe = str(run_dir / "config.yaml")
-    cfg = load_config(recipe, overrides)
+    cfg = load_checked(recipe, overrides)
     model = load(model_path, trust_pickle=trust_pickle)
     return model, cfg, model_path, run_dir or model_path.parent
 

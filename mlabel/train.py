@@ -28,7 +28,8 @@ import yaml
 
 from .version import __version__
 from .cli import guarded
-from .config import Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config
+from .checks import load_checked
+from .config import Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes
 from .data import DataError, build_splits, label_counts
 from .data.check import drop_bad_images, kept_rows
 from .data.hf import data_keys
@@ -151,7 +152,7 @@ def fit(recipe: str | Path, overrides: Sequence[str] = (), *, quiet: bool = Fals
     for key, value in keys.items():
         items = value.items() if isinstance(value, dict) else [(None, value)]
         extra += [f"{key}.{sub}={json.dumps(v)}" if sub else f"{key}={json.dumps(v)}" for sub, v in items]
-    cfg = load_config(recipe, [*overrides, *extra])
+    cfg = load_checked(recipe, [*overrides, *extra])
     metrics = run(cfg, quiet=quiet)
     from .models import load
     return FitResult(Path(cfg.out_dir), metrics, load(Path(cfg.out_dir) / "model"))
@@ -345,11 +346,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.help or args.recipe is None:
         parser.print_help()
-        cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+        cfg = load_checked(args.recipe, args.overrides) if args.recipe else None
         print(f"\nconfig keys ({'values of ' + args.recipe if cfg else 'defaults'}; set with key=value):")
         print(describe_keys(cfg))
         return 0 if args.help else 2
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_checked(args.recipe, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0

@@ -255,8 +255,8 @@ def apply_json(args) -> int:
     chosen = read_thresholds(args.from_json, model.labels)
     scores = load_scores(run_dir, "val", model.labels) if run_dir is not None else None
     if scores is None and run_dir is not None:
-        from .config import load_config
-        cfg = load_config(run_dir / "config.yaml")
+        from .checks import load_checked
+        cfg = load_checked(run_dir / "config.yaml")
         scores = split_outputs(model, cfg, "val", resolve_device(args.device or cfg.train.device), args.quiet)
     before = evaluate_outputs(model, *scores) if scores is not None else None
     old = model.thresholds.tolist()
