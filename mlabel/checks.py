@@ -15,7 +15,7 @@ from typing import Sequence
 import timm
 
 from ._registry import checked
-from .config import Config, ConfigError, ModelConfig, ThresholdsConfig, TrainConfig, head_kwargs, load_config
+from .config import Config, ConfigError, LossConfig, ModelConfig, ThresholdsConfig, TrainConfig, head_kwargs, load_config
 from .cutoffs import check_metric
 from .engine import check_optimizer
 from .losses import LOSSES, loss_kwargs
@@ -37,7 +37,7 @@ def check_config(config: Config) -> None:
     """Threshold settings, head and loss, optimizer and backbone, each against its registry
     (before anything runs); a :class:`~mlabel.config.ConfigError` names the key and the fix."""
     check_thresholds(config.thresholds)
-    check_parts(config)
+    check_parts(config.model, config.loss)
     check_optimizer_keys(config.train)
     check_backbone(config.model)
 
@@ -51,11 +51,11 @@ def check_thresholds(th: ThresholdsConfig) -> None:
         raise ConfigError(f"thresholds: {err}") from None
 
 
-def check_parts(config: Config) -> None:
-    """Head and loss names and arguments, against the registries."""
+def check_parts(model: ModelConfig, loss: LossConfig) -> None:
+    """Head and loss names and arguments (the ``model`` and ``loss`` sections), against the registries."""
     for key, registry, name, kwargs, what in (
-            ("model.head", HEADS, config.model.head, head_kwargs(config.model), "head"),
-            ("loss.name", LOSSES, config.loss.name, loss_kwargs(config.loss), "loss")):
+            ("model.head", HEADS, model.head, head_kwargs(model), "head"),
+            ("loss.name", LOSSES, loss.name, loss_kwargs(loss), "loss")):
         try:
             checked(registry, name, kwargs, what)
         except ValueError as err:
