@@ -27,7 +27,9 @@ __all__ = ["check_config", "load_checked"]
 
 
 def load_checked(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """:func:`mlabel.config.load_config`, then :func:`check_config`: a config every part accepts."""
+    """Build a :class:`~mlabel.config.Config` as every command does: from defaults, an optional
+    recipe and ``key=value`` overrides, checked against the schema (:func:`mlabel.config.load_config`),
+    then against timm and the registries (:func:`check_config`)."""
     config = load_config(recipe, list(overrides))
     check_config(config)
     return config
