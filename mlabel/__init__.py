@@ -12,7 +12,7 @@ from .version import __version__
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for IDEs and type checkers
     from . import audit
     from .calibration import fit_calibration
-    from .config import load_config
+    from .checks import load_checked as load_config
     from .export import export_model
     from .losses import BCEWithLogits, pos_weight_from_targets
     from .metrics import evaluate_predictions
@@ -27,7 +27,7 @@ _EXPORTS = {
     "MultiLabelClassifier": "models", "create_model": "models", "load": "models",
     "tune_thresholds": "thresholds", "ThresholdTuner": "thresholds", "choose_thresholds": "policy",
     "fit_calibration": "calibration", "export_model": "export",
-    "fit": "train", "FitResult": "train", "load_config": "config",
+    "fit": "train", "FitResult": "train", "load_config": "checks:load_checked",
 }
 # subpackages reached as attributes; mlabel.audit is callable: mlabel.audit(recipe, out=DIR) runs the audit
 _SUBMODULES = ("audit",)
@@ -39,7 +39,8 @@ def __getattr__(name: str):
     if name in _SUBMODULES:  # importing it binds it here
         return import_module(f".{name}", __name__)
     if name in _EXPORTS:
-        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        module, _, attribute = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+        value = getattr(import_module(f".{module}", __name__), attribute or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mlabel' has no attribute {name!r}")

@@ -456,7 +456,9 @@ def read_yaml(path: Path) -> Any:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Build a :class:`Config` from defaults, an optional recipe and ``key=value`` overrides."""
+    """Build a :class:`Config` from defaults, an optional recipe and ``key=value`` overrides,
+    checked against the schema; :func:`mlabel.checks.load_checked` also checks it against the
+    registries and timm, as every command does."""
     config = Config()
     if recipe is not None:
         path = resolve_recipe(str(recipe))
@@ -473,7 +475,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> 
 
 
 def _check(config: Config) -> None:
-    """Ranges, then the cross-field rules that the types alone cannot express."""
+    """Ranges, then the cross-field rules that the types alone cannot express (the checks against
+    the registries and timm are :func:`mlabel.checks.check_config`'s)."""
     _check_ranges(config)
     if config.data.labels is not None and config.data.label_file:
         raise ConfigError("give either data.labels or data.label_file (a file listing them), not both")
@@ -495,10 +498,6 @@ def _check(config: Config) -> None:
         _check_wds(config.data)
     if config.thresholds.cross_fit == 1:
         raise ConfigError("thresholds.cross_fit is a number of folds: 0 (off) or at least 2")
-    _check_thresholds(config.thresholds)
-    _check_parts(config)
-    _check_optimizer(config.train)
-    _check_backbone(config.model)
 
 
 def _check_wds(data: DataConfig) -> None:
@@ -520,61 +519,6 @@ def head_kwargs(model: ModelConfig) -> dict:
     """The head's constructor arguments: its flat keys, then ``model.head_args``."""
     flat = {arg: getattr(model, key) for arg, key in _HEAD_KEYS.get(model.head, {}).items()}
     return {**flat, **model.head_args}
-
-
-def _check_backbone(model: ModelConfig) -> None:
-    """A backbone timm knows, and offline weights that exist (hub names only with pretrained=true)."""
-    import timm
-    from .weights import check_pretrained
-    name = model.backbone
-    if name.split(":", 1)[0] in ("hf-hub", "hf_hub"):
-        if model.pretrained is not True:
-            raise ConfigError(f"model.backbone={name} is read from the Hugging Face hub; that needs "
-                              "model.pretrained=true (a download), or use a plain timm name")
-    elif not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"model.backbone: timm {timm.__version__} has no model {name!r}{hint}; "
-                          "mlabel models PATTERN lists them")
-    if isinstance(model.pretrained, str) and model.pretrained != "auto":
-        try:
-            check_pretrained(model.pretrained)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-
-
-def _check_parts(config: Config) -> None:
-    """Head and loss names and arguments, against the registries (before anything runs)."""
-    from ._registry import checked
-    from .losses import LOSSES, loss_kwargs
-    from .models import HEADS
-    for key, registry, name, kwargs, what in (
-            ("model.head", HEADS, config.model.head, head_kwargs(config.model), "head"),
-            ("loss.name", LOSSES, config.loss.name, loss_kwargs(config.loss), "loss")):
-        try:
-            checked(registry, name, kwargs, what)
-        except ValueError as err:
-            raise ConfigError(f"{key}: {err}") from None
-
-
-def _check_optimizer(train: TrainConfig) -> None:
-    """``train.optimizer`` a name timm's factory knows, ``train.optimizer_args`` arguments it takes."""
-    from .engine import check_optimizer
-    try:
-        check_optimizer(train.optimizer, train.optimizer_args)
-    except ValueError as err:
-        raise ConfigError(f"train.optimizer: {err}") from None
-
-
-def _check_thresholds(th: ThresholdsConfig) -> None:
-    """Threshold settings are used only after training: check them before it starts."""
-    from .policy import resolve_policy
-    from .cutoffs import check_metric
-    try:
-        check_metric(th.metric, th.beta, th.min_recall, th.min_precision)
-        resolve_policy(th.policy, th.metric)
-    except ValueError as err:
-        raise ConfigError(f"thresholds: {err}") from None
 
 
 def config_to_dict(config: Config) -> dict:

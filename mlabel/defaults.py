@@ -46,12 +46,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def loader_workers(value, cached: bool = False) -> int:
-    """``data.num_workers`` as a number: ``auto`` is the usable cores less one, at most 4, and
-    none when the images come from the cache on two cores or fewer."""
+def loader_workers(value, cached: bool = False, cores: int | None = None) -> int:
+    """``data.num_workers`` as a number: ``auto`` is the usable ``cores`` (None: this process's)
+    less one, at most 4, and none when the images come from the cache on two cores or fewer."""
     if value != "auto":
         return int(value)
-    cores = usable_cores()
+    cores = usable_cores() if cores is None else cores
     return 0 if cached and cores <= 2 else max(0, min(4, cores - 1))
 
 
@@ -75,9 +75,11 @@ def _cache_fits(data, images: int) -> tuple[bool, str]:
 
 
 def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0, boxes: bool = False,
-                     device=None) -> None:
+                     device=None, cores: int | None = None) -> None:
     """Replace every ``auto`` of ``cfg`` that the data (``task``, ``images`` in all splits,
-    whether the training annotations give ``boxes``) or the machine (``device``) decides, in place."""
+    whether the training annotations give ``boxes``) or the machine (``device``, usable ``cores``;
+    None: this process's) decides, in place: :func:`mlabel.resolve.resolve` calls it on its
+    private draft of the config."""
     data, model = cfg.data, cfg.model
     if data.resize == "auto":
         data.resize = "squish" if task == "multilabel" else "crop"
@@ -102,10 +104,11 @@ def resolve_defaults(cfg, task: str, log: Callable[[str], None], images: int = 0
         data.cache, reason = _cache_fits(data, images)
         log(f"defaults: data.cache={str(data.cache).lower()} ({reason})")
     if data.num_workers == "auto":
-        data.num_workers = loader_workers("auto", bool(data.cache))
+        cores = usable_cores() if cores is None else cores
+        data.num_workers = loader_workers("auto", bool(data.cache), cores)
         reason = "the images come from the cache: loaded in the training process" if data.cache and \
             data.num_workers == 0 else "one left for training"
-        log(f"defaults: data.num_workers={data.num_workers} ({usable_cores()} usable cores, {reason})")
+        log(f"defaults: data.num_workers={data.num_workers} ({cores} usable cores, {reason})")
     if model.pretrained == "auto":
         from .weights import resolve_auto_pretrained
         model.pretrained, why = resolve_auto_pretrained(model.backbone)

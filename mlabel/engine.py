@@ -20,7 +20,7 @@ from .losses import task_loss
 from .outputs import Outputs, Targets, as_targets, concat
 
 __all__ = ["build_optimizer", "build_scheduler", "check_optimizer", "train_one_epoch", "collect_predictions", "autocast_for",
-           "grad_scaler_for", "mix_batch", "batch_mixer", "set_train_mode", "Stepper", "ModelEma",
+           "eval_precision", "grad_scaler_for", "mix_batch", "batch_mixer", "set_train_mode", "Stepper", "ModelEma",
            "NonFiniteLossError"]
 
 
@@ -34,11 +34,18 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+def eval_precision(device: torch.device) -> str:
+    """The precision of evaluation and prediction: bf16 autocast on CUDA, full fp32 on the CPU
+    (CPU bf16 is slow and less accurate), whatever ``train.precision`` is."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
-    """``auto``: bf16 autocast on CUDA, full fp32 on the CPU (CPU bf16 is slow and less
-    accurate); ``bf16`` / ``fp16``: autocast to that type on any device; ``fp32``: none."""
+    """``bf16`` / ``fp16``: autocast to that type on any device; ``fp32``: none. ``auto`` (the
+    default, for callers outside a run; mlabel itself always passes a resolved value):
+    :func:`eval_precision`."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        precision = eval_precision(device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -373,7 +380,7 @@ def collect_predictions(model: nn.Module, loader, device: torch.device, loss_fn:
         images, targets = images.to(device, non_blocking=True), as_targets(targets)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device):
+        with autocast_for(device, eval_precision(device)):
             outputs = model_outputs(model, images).float()
         if loss_fn is not None:
             total_loss += loss_fn(outputs, targets.to(device)).item() * len(images)

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 from .cli import guarded
-from .config import ConfigError, load_config
+from .checks import load_checked
+from .config import ConfigError
 from .distributed import resolve_device
-from .evaluation import EvalSettings, scorer, split_loader
+from .evaluation import EvalSettings, scorer, split_loader, split_table
+from .resolve import resolve_for_model
 from .io import check_output, write_json
 from .models import load, locate_model
 from .rundir import hold_run_dir
@@ -28,7 +30,7 @@ def load_run(model_dir: str, recipe: str | None, overrides: list[str], trust_pic
         if run_dir is None:
             raise ConfigError(f"no config.yaml next to {model_path}: give the RECIPE whose data to use")
         recipe = str(run_dir / "config.yaml")
-    cfg = load_config(recipe, overrides)
+    cfg = load_checked(recipe, overrides)
     model = load(model_path, trust_pickle=trust_pickle)
     return model, cfg, model_path, run_dir or model_path.parent
 
@@ -89,12 +91,13 @@ def main(argv: list[str]) -> int:
 def _evaluate(args) -> int:
     """Score the split, then write the metrics and rebuild the run's report (after everything is read)."""
     recipe, overrides = split_arguments(args.rest)
-    model, cfg, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
+    model, config, _, out_dir = load_run(args.model_dir, recipe, overrides, args.trust_pickle)
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
     check_output(out)  # never over the model's own files
-    device = resolve_device(args.device or cfg.train.device)
-    split = scorer(model, split_loader(model, cfg, args.split, device), device, EvalSettings.from_config(cfg),
-                   quiet=args.quiet, desc=args.split)
+    device = resolve_device(args.device or config.train.device)
+    cfg, splits = resolve_for_model(config, model, device, scored=(args.split,))
+    loader = split_loader(model, split_table(model, splits, args.split), cfg.data, cfg.seed, device)
+    split = scorer(model, loader, device, EvalSettings.from_config(cfg), quiet=args.quiet, desc=args.split)
     streamed = split.streamed  # thresholds.streaming: no (N, L) scores held
     metrics = split.metrics()
     line = summary_line(args.split, metrics) + (f"  (streamed: histograms of {cfg.thresholds.bins} bins)"

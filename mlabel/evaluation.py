@@ -23,20 +23,21 @@ from .engine import collect_predictions
 from .metrics import average_precision, calibration_error, cutoff_metrics, evaluate_predictions, nanmean
 from .outputs import Outputs, Targets, map_fields
 from .policy import ThresholdSettings, choose, cross_fit_predictions
+from .resolve import resolve_for_model
 
-__all__ = ["EvalSettings", "ExactScorer", "STREAM_LIMIT", "StreamedScorer", "calibrate_and_tune",
-           "collect_split", "evaluate_outputs", "scorer", "split_loader", "split_outputs"]
-
-STREAM_LIMIT = 2 * 10**8  # scores of a split past which thresholds.streaming=auto streams
+__all__ = ["EvalSettings", "ExactScorer", "StreamedScorer", "calibrate_and_tune", "collect_split",
+           "evaluate_outputs", "scorer", "split_loader", "split_outputs", "split_table"]
 
 
 @dataclass(frozen=True)
 class EvalSettings:
     """What scoring and tuning a split read from the resolved config, taken once.
 
-    ``thresholds``: the threshold policy's settings (:func:`calibrate_and_tune`, and the
-    cross-fitting of :func:`evaluate_outputs`, with ``cross_fit`` folds)."""
-    streaming: bool | str = "auto"
+    ``streaming``: per-label histograms instead of the (N, L) scores (the resolved
+    ``thresholds.streaming``). ``thresholds``: the threshold policy's settings
+    (:func:`calibrate_and_tune`, and the cross-fitting of :func:`evaluate_outputs`, with
+    ``cross_fit`` folds)."""
+    streaming: bool = False
     bins: int = 2048
     calibration: str = "platt"
     channels_last: bool = False
@@ -45,22 +46,16 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "EvalSettings":
+        """The settings of a :class:`~mlabel.resolve.ResolvedConfig`."""
+        thresholds = ThresholdSettings.of(cfg.thresholds, cfg.seed, defaulted="thresholds.policy" in cfg.decided)
         return cls(streaming=cfg.thresholds.streaming, bins=cfg.thresholds.bins, calibration=cfg.calibration.method,
-                   channels_last=cfg.train.channels_last, cross_fit=cfg.thresholds.cross_fit,
-                   thresholds=ThresholdSettings.of(cfg.thresholds, cfg.seed))
-
-    def streams(self, images: int, labels: int) -> bool:
-        """Whether a split of ``images`` x ``labels`` scores is evaluated from histograms."""
-        if self.streaming == "auto":
-            return images * labels > STREAM_LIMIT
-        return bool(self.streaming)
+                   channels_last=cfg.train.channels_last, cross_fit=cfg.thresholds.cross_fit, thresholds=thresholds)
 
 
 def scorer(model, loader, device, settings: EvalSettings, *, world: World = World(), quiet: bool = False,
            desc: str = ""):
-    """The scorer of ``model`` on the split of ``loader``: exact or streamed, decided here."""
-    streamed = settings.streams(len(loader.dataset), model.num_labels)
-    return (StreamedScorer if streamed else ExactScorer)(model, loader, device, settings, world, quiet, desc)
+    """The scorer of ``model`` on the split of ``loader``: exact, or streamed under ``settings.streaming``."""
+    return (StreamedScorer if settings.streaming else ExactScorer)(model, loader, device, settings, world, quiet, desc)
 
 
 class _Scorer:
@@ -254,13 +249,10 @@ def _regression_metrics(model, outputs: torch.Tensor, targets: torch.Tensor) -> 
     return result
 
 
-def split_loader(model, cfg, split: str, device: torch.device):
-    """The evaluation loader of one split of ``cfg``'s data, targets in the model's label order;
-    the model is moved to ``device``."""
-    from .data import DataError, ImageDataset, build_splits, build_transform, make_loader
-    from .data.dataset import LoaderSettings
-    from .defaults import loader_workers
-    splits = build_splits(cfg.data, cfg.task if cfg.task != "auto" else model.task, cfg.seed)
+def split_table(model, splits, split: str):
+    """The ``split`` of ``splits`` (:func:`mlabel.resolve.resolve_for_model` reads them), its
+    targets in the model's label order."""
+    from .data import DataError
     table = getattr(splits, split, None)
     if table is None:
         have = [s for s in ("train", "val", "test") if getattr(splits, s) is not None]
@@ -274,17 +266,26 @@ def split_loader(model, cfg, split: str, device: torch.device):
                             f"not known to the model {extra}")
         order = [splits.labels.index(name) for name in model.labels]
         table.targets = table.targets.reorder(order) if table.sparse else table.targets[:, order]
-    settings = LoaderSettings(num_workers=loader_workers(cfg.data.num_workers), seed=cfg.seed,
-                              pin_memory=device.type == "cuda")
-    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), cfg.data.batch_size,
+    return table
+
+
+def split_loader(model, table, data, seed: int, device: torch.device):
+    """The evaluation loader of ``table`` (:func:`split_table`) under the resolved ``data``
+    section and ``seed``; the model is moved to ``device``."""
+    from .data import ImageDataset, build_transform, make_loader
+    from .data.dataset import LoaderSettings
+    settings = LoaderSettings(num_workers=data.num_workers, seed=seed, pin_memory=device.type == "cuda")
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), data.batch_size,
                          train=False, settings=settings)
     model.to(device)
     return loader
 
 
-def split_outputs(model, cfg, split: str, device: torch.device, quiet: bool = False) -> tuple[Outputs, Targets]:
-    """Run ``model`` over one split of ``cfg``'s data; targets in the model's label order."""
-    loader = split_loader(model, cfg, split, device)
+def split_outputs(model, config, split: str, device: torch.device, quiet: bool = False) -> tuple[Outputs, Targets]:
+    """Run ``model`` over one split of the data of ``config`` (a :class:`~mlabel.config.Config`,
+    resolved here for that split); targets in the model's label order."""
+    cfg, splits = resolve_for_model(config, model, device, scored=(split,))
+    loader = split_loader(model, split_table(model, splits, split), cfg.data, cfg.seed, device)
     outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
                                               progress=None if quiet else split)
     return outputs, targets

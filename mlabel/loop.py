@@ -19,13 +19,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import capture_rng, restore_rng, save_checkpoint
-from .config import Config, ConfigError, config_to_dict
+from .config import ConfigError, TrainConfig
 from .distributed import OutputsModule, World, mean_across
 from .engine import (ModelEma, Stepper, batch_mixer, build_optimizer, build_scheduler, grad_scaler_for,
                      set_train_mode, train_one_epoch)
 from .evaluation import EvalSettings, scorer
 from .io import write_text
 from .models import MultiLabelClassifier
+from .resolve import ResolvedConfig
 
 __all__ = ["CHECKPOINT", "EpochLoop", "LoopSetup", "TrainState", "duration", "fit_epochs", "log"]
 
@@ -59,14 +60,14 @@ class _Parts(Stepper):
     guard: dict | None = None
 
 
-def _training_parts(cfg: Config, model, train_loader, device) -> _Parts:
-    t = cfg.train
+def _training_parts(t: TrainConfig, model, train_loader, device) -> _Parts:
+    """The optimizer, schedule, scaler, EMA and step settings of the ``train`` section ``t``."""
     optimizer = build_optimizer(model, t.lr, t.weight_decay, t.backbone_lr_scale, name=t.optimizer,
                                 args=t.optimizer_args, layer_decay=t.layer_decay)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulate)
-    scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.train.epochs,
-                                int(steps_per_epoch * cfg.train.warmup_epochs), cfg.train.schedule)
-    ema = ModelEma(model, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+    steps_per_epoch = math.ceil(len(train_loader) / t.accumulate)
+    scheduler = build_scheduler(optimizer, steps_per_epoch * t.epochs, int(steps_per_epoch * t.warmup_epochs),
+                                t.schedule)
+    ema = ModelEma(model, t.ema_decay, t.ema_warmup) if t.ema else None
     return _Parts(optimizer, scheduler, grad_scaler_for(device, t.precision), ema, precision=t.precision,
                   channels_last=t.channels_last, accumulate=t.accumulate, grad_clip=t.grad_clip,
                   mix=batch_mixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob),
@@ -108,13 +109,15 @@ class TrainState:
 class LoopSetup:
     """Where and how the epoch loop runs: the ``device``, the run directory ``out_dir``, the
     DDP ``world``, ``quiet``, and for a resumed run the checkpoint :func:`mlabel.resume.load_resume`
-    read (``resumed``: its path and contents) and the resume guard the checkpoints carry."""
+    read (``resumed``: its path and contents), and the resume guard and the config tree
+    (:func:`mlabel.resolve.saved_config`) the checkpoints carry."""
     device: torch.device
     out_dir: Path
     world: World = field(default_factory=World)
     quiet: bool = False
     resumed: tuple[Path, dict] | None = None
     guard: dict | None = None
+    config: dict | None = None
 
 
 def _resume(model, parts: _Parts, resumed: tuple[Path, dict] | None, quiet: bool) -> TrainState:
@@ -155,10 +158,10 @@ class EpochLoop:
     interrupted epoch from it and finishes with the same result as an uninterrupted run.
     """
 
-    def __init__(self, cfg: Config, model, loaders, loss_fn, setup: LoopSetup):
+    def __init__(self, cfg: ResolvedConfig, model, loaders, loss_fn, setup: LoopSetup):
         self.cfg, self.model, self.loss_fn, self.setup = cfg, model, loss_fn, setup
         self.train_loader, eval_loaders = loaders
-        self.parts = _training_parts(cfg, model, self.train_loader, setup.device)
+        self.parts = _training_parts(cfg.train, model, self.train_loader, setup.device)
         self.parts.guard = setup.guard
         self.state = _resume(model, self.parts, setup.resumed, setup.quiet)
         self.wrapped: dict = {}
@@ -267,7 +270,7 @@ class EpochLoop:
             "model": self.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
             "ema": None if parts.ema is None else parts.ema.state_dict(), "rng": capture_rng(),
-            "train_state": train_state, "config": config_to_dict(self.cfg), "guard": parts.guard})
+            "train_state": train_state, "config": self.setup.config, "guard": parts.guard})
 
     def _step_checkpoints(self, epoch: int):
         """``train.checkpoint_every_steps``: the callback that checkpoints inside the epoch (None when off)."""
@@ -297,7 +300,7 @@ class EpochLoop:
             self.board.flush()
 
 
-def fit_epochs(cfg: Config, model, loaders, loss_fn, setup: LoopSetup) -> TrainState:
+def fit_epochs(cfg: ResolvedConfig, model, loaders, loss_fn, setup: LoopSetup) -> TrainState:
     """Run the :class:`EpochLoop` of ``cfg`` over ``loaders`` (training loader, {"val": ...});
     returns the training state."""
     return EpochLoop(cfg, model, loaders, loss_fn, setup).run()

@@ -148,6 +148,8 @@ class ThresholdSettings:
     no interval); ``level``: its coverage. ``check_constraint``: for ``precision_at_recall`` /
     ``recall_at_precision``, measure the constrained figure out of fold (5 folds; ``held_out``).
     ``mode``, ``bins``: how the exact optimum is found (:func:`mlabel.tune_thresholds`).
+    ``defaulted``: ``policy`` is what ``thresholds.policy=auto`` resolved to, and is reported as
+    ``auto (NAME)``.
     """
     policy: str = "auto"
     metric: str = "f1"
@@ -162,13 +164,14 @@ class ThresholdSettings:
     check_constraint: bool = True
     mode: str = "exact"
     bins: int = 2048
+    defaulted: bool = False
 
     @classmethod
-    def of(cls, th, seed: int = 0) -> "ThresholdSettings":
+    def of(cls, th, seed: int = 0, defaulted: bool = False) -> "ThresholdSettings":
         """The settings of the config's ``thresholds`` section (:class:`mlabel.config.ThresholdsConfig`)."""
         return cls(policy=th.policy, metric=th.metric, mode=th.mode, bins=th.bins, bootstrap=th.bootstrap,
                    fallback=th.fallback, beta=th.beta, min_recall=th.min_recall, min_precision=th.min_precision,
-                   seed=seed)
+                   seed=seed, defaulted=defaulted)
 
     @property
     def plan(self) -> TunePlan:
@@ -204,9 +207,10 @@ def choose_thresholds(probs, targets, policy: str = "auto", metric: str = "f1", 
 
 def choose(probs, targets, settings: ThresholdSettings, labels: Sequence[str] | None = None) -> ThresholdChoice:
     """:func:`choose_thresholds` with its settings in one value."""
-    policy, metric, plan = settings.policy, settings.metric, settings.plan
+    metric, plan = settings.metric, settings.plan
     check_metric(metric, **plan.objective)
-    name = resolve_policy(policy, metric)
+    name = resolve_policy(settings.policy, metric)
+    policy = "auto" if settings.defaulted else settings.policy  # as asked, for the messages and the record
     if not 0 < settings.level < 1:
         raise ValueError(f"level must lie in (0, 1), got {settings.level}")
     scores, codes = as_arrays(probs, targets)

@@ -79,7 +79,7 @@ class _TorchBackend:
         import torch
 
         from .distributed import resolve_device
-        from .engine import autocast_for
+        from .engine import autocast_for, eval_precision
         from .models import load
         self.torch = torch
         self.device = resolve_device(device or "auto")
@@ -89,7 +89,7 @@ class _TorchBackend:
         # On the CPU small batches keep activations in cache (lite0 at 224 px: 61 img/s at batch 1,
         # 43 at batch 32); on a GPU large batches fill the device.
         self.batch_size = 64 if self.device.type == "cuda" else 4
-        self.autocast = lambda: autocast_for(self.device)
+        self.autocast = lambda: autocast_for(self.device, eval_precision(self.device))
         self.labels = self.model.labels
         self.regression_names = self.model.regression_names
         self.thresholds = self.model.thresholds.cpu().numpy()

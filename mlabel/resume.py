@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import config_differences, load_checkpoint
-from .config import Config, ConfigError, config_to_dict
+from .config import ConfigError
 from .data.members import ShardPaths
 
 __all__ = ["finished_run", "interrupted_siblings", "load_resume", "resume_guard"]
@@ -83,25 +83,26 @@ def _guard_differences(saved: dict, current: dict, path: Path) -> list[str]:
     return found
 
 
-def load_resume(cfg: Config, checkpoint_path: Path, guard: dict) -> tuple[Path, dict] | None:
+def load_resume(resume: bool | str, config: dict, checkpoint_path: Path, guard: dict) -> tuple[Path, dict] | None:
     """The checkpoint to resume from (read once, before anything is written), or None.
 
-    ``cfg`` is the resolved config of the run about to start and ``guard`` its
+    ``resume``: the config's ``resume`` key; ``config``: the resolved config of the run about to
+    start as its checkpoints hold it (:func:`mlabel.resolve.saved_config`) and ``guard`` its
     :func:`resume_guard`; every key that shapes training must equal the checkpoint's (an older
     checkpoint without its config or guard is taken as it is)."""
-    if not cfg.resume:
+    if not resume:
         return None
-    path = checkpoint_path if cfg.resume is True else Path(cfg.resume)
+    path = checkpoint_path if resume is True else Path(resume)
     if not path.is_file():
-        if cfg.resume is not True:
-            raise ConfigError(f"resume={cfg.resume}: no checkpoint at that path")
+        if resume is not True:
+            raise ConfigError(f"resume={resume}: no checkpoint at that path")
         return None
     try:
         saved = load_checkpoint(path)
     except Exception as err:  # truncated, foreign or tampered: torch's message names the cause
         raise ConfigError(f"resume: {path} is not a readable mlabel checkpoint ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); delete it or set resume=false") from None
-    changed = config_differences(saved["config"], config_to_dict(cfg)) if isinstance(saved.get("config"), dict) else []
+    changed = config_differences(saved["config"], config) if isinstance(saved.get("config"), dict) else []
     if changed:
         raise ConfigError(f"resume: {path} was written with a different config (" + "; ".join(changed)
                           + "); set those keys back, or train into a new out_dir")

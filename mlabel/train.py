@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,12 +29,12 @@ import yaml
 
 from .version import __version__
 from .cli import guarded
-from .config import Config, ConfigError, config_to_dict, describe_keys, head_kwargs, list_recipes, load_config
+from .checks import load_checked
+from .config import Config, ConfigError, DataConfig, LossConfig, ModelConfig, config_to_dict, describe_keys, head_kwargs, list_recipes
 from .data import DataError, build_splits, label_counts
 from .data.check import drop_bad_images, kept_rows
 from .data.hf import data_keys
 from .data.loaders import build_loaders, train_box_crop
-from .data.synthetic import scenes_root
 from .distributed import World, broadcast_object, close_world, init_world
 from .io import write_json, write_text
 from .evaluation import EvalSettings, scorer
@@ -43,8 +44,8 @@ from .losses import TaskLoss, build_loss, loss_kwargs, pos_weight_from_counts
 from .models import MultiLabelClassifier, create_model
 from .policy import CONSTRAINTS
 from .predictions import save_predictions
-from .defaults import resolve_defaults
 from .resume import FINISHED, finished_run, interrupted_siblings, load_resume, resume_guard
+from .resolve import Machine, ResolvedConfig, resolve, saved_config
 from .rundir import claim_run_dir
 
 __all__ = ["main", "run"]
@@ -56,16 +57,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_pos_weight(cfg: Config, train, labels: list[str]) -> torch.Tensor | None:
-    """``loss.pos_weight`` for the training split ``train`` (a LabelTable, dense or sparse: from
-    its label counts)."""
-    spec = cfg.loss.pos_weight
+def resolve_pos_weight(loss: LossConfig, train, labels: list[str]) -> torch.Tensor | None:
+    """The resolved ``loss.pos_weight`` of the ``loss`` section for the training split ``train``
+    (a LabelTable, dense or sparse): ``ratio`` and ``sqrt`` from its label counts."""
+    spec = loss.pos_weight
     if spec == "none":
         return None
-    if spec in ("auto", "sqrt"):
+    if spec in ("ratio", "sqrt"):
         stats = train.label_stats()
         weight = pos_weight_from_counts(torch.as_tensor(np.asarray(stats["positive"])),
-                                        torch.as_tensor(np.asarray(stats["negative"])), cfg.loss.pos_weight_max, labels)
+                                        torch.as_tensor(np.asarray(stats["negative"])), loss.pos_weight_max, labels)
         return weight.sqrt() if spec == "sqrt" else weight
     if len(spec) != len(labels):
         raise ConfigError(f"loss.pos_weight has {len(spec)} values for {len(labels)} labels {labels}")
@@ -88,23 +89,23 @@ def _record_stream_skips(loader, out_dir: Path, quiet: bool, world: World) -> No
     write_text(listed, old + buffer.getvalue())
 
 
-def _checked_images(cfg: Config, splits, preprocessing: dict, out_dir: Path, quiet: bool, world: World):
+def _checked_images(data: DataConfig, splits, preprocessing: dict, out_dir: Path, world: World, quiet: bool):
     """Every image checked (``data.on_bad_image``), and with ``data.cache`` the decoded caches:
     building a cache decodes every image, so it is the check (and a later run reads the
     problems recorded with the cache instead of decoding again)."""
     log, folder = (lambda *a: _log(quiet, *a)), out_dir if world.main else None
-    workers = max(2, cfg.data.num_workers)
-    if not cfg.data.cache:
-        return drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log), {}
-    caches = _caches(cfg, splits, preprocessing, world, skip_train=train_box_crop(cfg.data, splits, preprocessing) is not None)
+    workers = max(2, data.num_workers)
+    if not data.cache:
+        return drop_bad_images(splits, data.on_bad_image, folder, workers, log=log), {}
+    caches = _caches(data, splits, preprocessing, world, skip_train=train_box_crop(data, splits, preprocessing) is not None)
     tables = {name: getattr(splits, name) for name in caches}
-    splits = drop_bad_images(splits, cfg.data.on_bad_image, folder, workers, log=log,
+    splits = drop_bad_images(splits, data.on_bad_image, folder, workers, log=log,
                              known={name: cache.bad for name, cache in caches.items()})
     return splits, {name: cache.without(kept_rows(tables[name], cache.bad)) if cache.bad else cache
                     for name, cache in caches.items()}
 
 
-def _caches(cfg: Config, splits, preprocessing: dict, world: World, skip_train: bool = False) -> dict:
+def _caches(data: DataConfig, splits, preprocessing: dict, world: World, skip_train: bool = False) -> dict:
     """Decoded caches of every split (but train where box-keeping crops read the files); rank 0
     builds them while the other ranks wait."""
     from .data.cache import DecodedCache
@@ -112,7 +113,7 @@ def _caches(cfg: Config, splits, preprocessing: dict, world: World, skip_train: 
               if getattr(splits, n) is not None and not (skip_train and n == "train")}
 
     def build():
-        return {n: DecodedCache(t, preprocessing, cfg.data.cache_dir, max(2, cfg.data.num_workers),
+        return {n: DecodedCache(t, preprocessing, data.cache_dir, max(2, data.num_workers),
                                 quiet=not world.main) for n, t in tables.items()}
 
     if world.distributed and not world.main:
@@ -151,80 +152,92 @@ def fit(recipe: str | Path, overrides: Sequence[str] = (), *, quiet: bool = Fals
     for key, value in keys.items():
         items = value.items() if isinstance(value, dict) else [(None, value)]
         extra += [f"{key}.{sub}={json.dumps(v)}" if sub else f"{key}={json.dumps(v)}" for sub, v in items]
-    cfg = load_config(recipe, [*overrides, *extra])
-    metrics = run(cfg, quiet=quiet)
+    out_dir, metrics = _claimed_run(load_checked(recipe, [*overrides, *extra]), quiet)
     from .models import load
-    return FitResult(Path(cfg.out_dir), metrics, load(Path(cfg.out_dir) / "model"))
+    return FitResult(out_dir, metrics, load(out_dir / "model"))
 
 
 def run(cfg: Config, quiet: bool = False) -> dict:
     """Train per ``cfg`` and write the run directory; returns the metrics dict. Under torchrun
     every rank trains on its shard and only rank 0 writes files."""
+    return _claimed_run(cfg, quiet)[1]
+
+
+def _claimed_run(cfg: Config, quiet: bool) -> tuple[Path, dict]:
+    """(the run directory claimed for ``cfg.out_dir``, the metrics of the run trained into it)."""
     world, device = init_world(cfg.train.device)
     quiet = quiet or not world.main
     try:
         with claim_run_dir(cfg.out_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume), main=world.main,
                            agree=lambda path: broadcast_object(path, world),
                            log=lambda text: _log(not world.main, text)) as out_dir:  # even with --quiet
-            cfg.out_dir = str(out_dir)
-            return _run(cfg, quiet, world, device)
+            return Path(out_dir), _run(dataclasses.replace(cfg, out_dir=str(out_dir)), quiet, world, device)
     finally:
         close_world(world)
 
 
-def rerunnable(cfg: Config) -> dict:
-    """The config as saved in ``config.yaml``: rerunning it trains again (into a new directory),
-    it neither resumes nor overwrites."""
-    tree = config_to_dict(cfg)
-    tree["resume"], tree["overwrite"] = False, False
-    return tree
+def rerunnable(saved: dict) -> dict:
+    """The config as saved in ``config.yaml`` (``saved``: :func:`mlabel.resolve.saved_config`):
+    rerunning it trains again (into a new directory), it neither resumes nor overwrites."""
+    return {**saved, "resume": False, "overwrite": False}
 
 
-def _run(cfg: Config, quiet: bool, world: World, device: torch.device) -> dict:
+def _run(config: Config, quiet: bool, world: World, device: torch.device) -> dict:
+    """Resolve ``config`` on the data and this machine, then train, tune and write the run."""
     started = time.perf_counter()
-    seed_everything(cfg.seed)
-    out_dir = Path(cfg.out_dir)
-    splits = build_splits(cfg.data, cfg.task, cfg.seed)
-    if cfg.data.generate:  # config.yaml (and the checkpoint) name the folder the generated set was drawn into
-        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
-    resolve_defaults(cfg, splits.task, lambda text: _log(quiet, text),
-                     images=sum(len(t) for t in (splits.train, splits.val, splits.test) if t is not None),
-                     boxes=splits.train.boxes is not None, device=device)
+    seed_everything(config.seed)
+    splits = build_splits(config.data, config.task, config.seed)
+    cfg = resolve(config, splits, Machine.here(device, world.size), log=lambda text: _log(quiet, text))
+    saved, out_dir = saved_config(config, cfg), Path(cfg.out_dir)
     guard = resume_guard(splits, cfg.data.num_workers, world.size)
     # before anything is written, the resolved config against the checkpoint's resolved one
-    resumed = load_resume(cfg, out_dir / CHECKPOINT, guard)
+    resumed = load_resume(cfg.resume, saved, out_dir / CHECKPOINT, guard)
     done = finished_run(out_dir) if resumed is not None else None
     if done is not None:  # resuming it would only redo its post-training steps (and undo a later tune)
         _nothing_to_resume(out_dir, quiet)
         return done
-    _check_against_data(cfg, splits)
-    model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, head=cfg.model.head,
-                         drop_rate=cfg.model.drop_rate, task=splits.task, image_size=cfg.data.image_size,
-                         resize=cfg.data.resize, head_args=head_kwargs(cfg.model),
-                         regression=splits.train.regression_names)
-    splits, caches = _checked_images(cfg, splits, model.preprocessing, out_dir, quiet, world)
+    _check_against_data(cfg.thresholds.cross_fit, splits)
+    model = _create_model(cfg.model, cfg.data, splits)
+    splits, caches = _checked_images(cfg.data, splits, model.preprocessing, out_dir, world, quiet)
     counts = _describe_splits(splits, quiet)
-    pos_weight = resolve_pos_weight(cfg, splits.train, splits.labels)
-    loss_fn = _prepare(cfg, model, splits, pos_weight, device, quiet)
+    pos_weight = resolve_pos_weight(cfg.loss, splits.train, splits.labels)
+    loss_fn = _prepare(cfg.loss, cfg.train.channels_last, model, splits, pos_weight, device, quiet)
     loaders = build_loaders(cfg.data, splits, model.preprocessing, device, world, caches, cfg.seed)
     if world.main:  # once the config, the data, the model and the loss are known to be good
-        write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(cfg), sort_keys=False))
-    state = fit_epochs(cfg, model, loaders, loss_fn, LoopSetup(device, out_dir, world, quiet, resumed, guard))
+        write_text(out_dir / "config.yaml", yaml.safe_dump(rerunnable(saved), sort_keys=False))
+    setup = LoopSetup(device, out_dir, world, quiet, resumed, guard, saved)
+    state = _train(cfg, model, loaders, loss_fn, setup)
     del resumed  # its tensors are in the model and the optimizer now
-    _record_stream_skips(loaders[0], out_dir, quiet, world)
-    model.load_state_dict(state.best_state)
-    if world.main:  # saved before the post-training steps (thresholds 0.5 until tuned), so none loses it
-        model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
-    metrics, outputs = _final_metrics(cfg, model, loaders[1], state, device, world, quiet)
+    setup.resumed = None
+    metrics, outputs = _final_metrics(cfg, model, loaders[1], state, setup)
     if world.main:
         run_info = {"labels": splits.labels, "task": splits.task, "label_counts": counts,
                     "pos_weight": None if pos_weight is None else dict(zip(splits.labels, pos_weight.tolist())),
                     "best_epoch": state.best_epoch, "best_val_mAP": state.best_map,
                     "weights": state.best_weights, "stopped_early": state.stopped_early,
                     "device": str(device), "world_size": world.size, "wall_time_s": time.perf_counter() - started}
-        _write_run(cfg, model, metrics, run_info, state.history, outputs, splits)
+        _write_run(out_dir, cfg.thresholds.metric, model, metrics, Written(run_info, state.history, outputs, splits))
         _summarise(metrics, out_dir, time.perf_counter() - started, quiet)
     return metrics
+
+
+def _create_model(model: ModelConfig, data: DataConfig, splits) -> MultiLabelClassifier:
+    """The model of the ``model`` section, sized by ``data``, for the labels, task and regression
+    columns of ``splits``."""
+    return create_model(model.backbone, splits.labels, model.pretrained, head=model.head,
+                        drop_rate=model.drop_rate, task=splits.task, image_size=data.image_size,
+                        resize=data.resize, head_args=head_kwargs(model),
+                        regression=splits.train.regression_names)
+
+
+def _train(cfg: ResolvedConfig, model, loaders, loss_fn, setup: LoopSetup) -> TrainState:
+    """The epochs, then the best weights in ``model``, saved (thresholds 0.5 until tuned)."""
+    state = fit_epochs(cfg, model, loaders, loss_fn, setup)
+    _record_stream_skips(loaders[0], setup.out_dir, setup.quiet, setup.world)
+    model.load_state_dict(state.best_state)
+    if setup.world.main:  # saved before the post-training steps, so none loses it
+        model.save_pretrained(setup.out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": None})
+    return state
 
 
 def _nothing_to_resume(out_dir: Path, quiet: bool) -> None:
@@ -234,9 +247,10 @@ def _nothing_to_resume(out_dir: Path, quiet: bool) -> None:
                 f"out_dir, or retune with mlabel tune){others}")
 
 
-def _check_against_data(cfg: Config, splits) -> None:
-    """Settings that only the data can refute, checked before training rather than after it."""
-    folds, n_val = cfg.thresholds.cross_fit, len(splits.val)
+def _check_against_data(folds: int, splits) -> None:
+    """Settings that only the data can refute (``thresholds.cross_fit``: ``folds``), checked
+    before training rather than after it."""
+    n_val = len(splits.val)
     if folds and folds > n_val:
         raise ConfigError(f"thresholds.cross_fit={folds} folds need at least {folds} val images, val has "
                           f"{n_val}: set thresholds.cross_fit=0 or give a larger val split")
@@ -253,7 +267,8 @@ def _describe_splits(splits, quiet: bool) -> dict:
     return counts
 
 
-def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, device, quiet: bool):
+def _prepare(loss: LossConfig, channels_last: bool, model: MultiLabelClassifier, splits, pos_weight, device,
+             quiet: bool):
     """Head bias at the label priors, the model on its device, and the loss (with the regression
     term and the model's regression scale when the data has regression columns)."""
     if pos_weight is not None:
@@ -262,9 +277,9 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
     known = (stats["positive"] + stats["negative"]).clamp(min=1)
     model.init_head_bias(stats["positive"] / known)
     model.to(device)
-    if cfg.train.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    loss_fn = TaskLoss(build_loss(cfg.loss.name, pos_weight, **loss_kwargs(cfg.loss)))
+    loss_fn = TaskLoss(build_loss(loss.name, pos_weight, **loss_kwargs(loss)))
     if splits.train.regression_names:
         values = splits.train.regression
         mean, std = np.nanmean(values, 0), np.nanstd(values, 0)
@@ -272,20 +287,21 @@ def _prepare(cfg: Config, model: MultiLabelClassifier, splits, pos_weight, devic
             missing = [n for n, m in zip(splits.train.regression_names, mean) if np.isnan(m)]
             raise DataError(f"regression columns {missing} have no value in the training split")
         model.set_regression_scale(mean, std)  # the loss standardises with the model's own scale
-        loss_fn = TaskLoss(loss_fn.classification, cfg.loss.regression, cfg.loss.regression_weight,
+        loss_fn = TaskLoss(loss_fn.classification, loss.regression, loss.regression_weight,
                            model.regression_mean.cpu(), model.regression_std.cpu())
     return loss_fn.to(device)
 
 
-def _final_metrics(cfg: Config, model, eval_loaders: dict, state: TrainState, device, world: World, quiet: bool):
+def _final_metrics(cfg: ResolvedConfig, model, eval_loaders: dict, state: TrainState, setup: LoopSetup):
     """Calibration and thresholds tuned on val, then val (with cross-fitting) and test scored at
     them: exactly, or from histograms under ``thresholds.streaming`` (:mod:`mlabel.evaluation`
     decides). Returns the metrics and, when exact, each split's outputs and targets."""
-    settings = EvalSettings.from_config(cfg)
-    splits = {name: scorer(model, eval_loaders[name], device, settings, world=world, quiet=quiet)
+    settings, quiet = EvalSettings.from_config(cfg), setup.quiet
+    splits = {name: scorer(model, eval_loaders[name], setup.device, settings, world=setup.world, quiet=quiet)
               for name in ("val", "test") if name in eval_loaders}
     if splits["val"].streamed:
-        _log(quiet, f"evaluation: streaming (thresholds.streaming={str(cfg.thresholds.streaming).lower()}): per-label "
+        asked = "auto" if "thresholds.streaming" in cfg.decided else str(cfg.thresholds.streaming).lower()
+        _log(quiet, f"evaluation: streaming (thresholds.streaming={asked}): per-label "
                     f"histograms of {cfg.thresholds.bins} bins; no predictions/ or report")
     policy = splits["val"].tune()
     metrics = {name: split.metrics(cross_fit=name == "val") for name, split in splits.items()}
@@ -297,13 +313,22 @@ def _final_metrics(cfg: Config, model, eval_loaders: dict, state: TrainState, de
     return metrics, {name: split.scores() for name, split in splits.items() if not split.streamed}
 
 
-def _write_run(cfg: Config, model, metrics: dict, run_info: dict, history: list, outputs: dict, splits) -> None:
-    """The model, metrics.json, run.json, predictions/ and the report into the run directory
-    (``cfg.out_dir``); run.json is marked finished last (a resume of a finished run then leaves
-    it as it is)."""
-    out_dir = Path(cfg.out_dir)
-    model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__,
-                                                     "threshold_metric": cfg.thresholds.metric,
+@dataclass
+class Written:
+    """What a finished run writes besides the model and metrics: ``run_info`` (run.json), the
+    epochs' ``history``, each exact split's ``outputs`` and targets, and the ``splits``."""
+    run_info: dict
+    history: list
+    outputs: dict
+    splits: object
+
+
+def _write_run(out_dir: Path, metric: str, model, metrics: dict, written: Written) -> None:
+    """The model (its thresholds tuned for ``metric``), metrics.json, run.json, predictions/ and
+    the report into the run directory ``out_dir``; run.json is marked finished last (a resume of
+    a finished run then leaves it as it is)."""
+    run_info, history, outputs, splits = written.run_info, written.history, written.outputs, written.splits
+    model.save_pretrained(out_dir / "model", extra={"mlabel_version": __version__, "threshold_metric": metric,
                                                      "threshold_policy": metrics["val"]["threshold_policy"]["policy"]})
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "run.json", run_info)
@@ -345,11 +370,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.help or args.recipe is None:
         parser.print_help()
-        cfg = load_config(args.recipe, args.overrides) if args.recipe else None
+        cfg = load_checked(args.recipe, args.overrides) if args.recipe else None
         print(f"\nconfig keys ({'values of ' + args.recipe if cfg else 'defaults'}; set with key=value):")
         print(describe_keys(cfg))
         return 0 if args.help else 2
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_checked(args.recipe, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0

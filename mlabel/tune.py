@@ -17,10 +17,11 @@ from .cli import guarded
 from .distributed import resolve_device
 from .errors import DataError
 from .evaluate import load_run, model_command_parser, split_arguments, summary_line
-from .evaluation import EvalSettings, evaluate_outputs, scorer, split_loader, split_outputs
+from .evaluation import EvalSettings, evaluate_outputs, scorer, split_loader, split_outputs, split_table
 from .io import write_json
 from .models import locate_model
 from .policy import CONSTRAINTS, POLICIES
+from .resolve import resolve_for_model
 from .rundir import hold_run_dir
 from .thresholds import OBJECTIVES
 
@@ -83,17 +84,18 @@ def _tune(args) -> int:
              if getattr(args, key) is not None]  # checked like any override, ranges included
     if args.calibration:
         tuned.append(f"calibration.method={args.calibration}")
-    model, cfg, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
+    model, config, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
+    device = resolve_device(args.device or config.train.device)
+    cfg, splits = resolve_for_model(config, model, device, scored=("val",))
     th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
-    device = resolve_device(args.device or cfg.train.device)
-    val = scorer(model, split_loader(model, cfg, "val", device), device, EvalSettings.from_config(cfg),
-                 quiet=args.quiet, desc="val")
+    loader = split_loader(model, split_table(model, splits, "val"), cfg.data, cfg.seed, device)
+    val = scorer(model, loader, device, EvalSettings.from_config(cfg), quiet=args.quiet, desc="val")
     streamed = val.streamed  # thresholds.streaming: histograms, no (N, L) scores held
     previous = _Previous.of(model)
     params = {"beta": th_cfg.beta, "min_recall": th_cfg.min_recall, "min_precision": th_cfg.min_precision,
               "mode": "histogram" if streamed else th_cfg.mode, **({"bins": th_cfg.bins} if streamed else {})}
     before = val.metrics()
-    kept = _untunable(before, model.labels, cfg)
+    kept = _untunable(before, model.labels, cfg.data.val)
     with warnings.catch_warnings():  # the tuner's "keep 0.5" warning: these labels keep their previous one
         warnings.filterwarnings("ignore", message="labels .* have no positive or no negative")
         policy = val.tune()
@@ -156,9 +158,10 @@ class _Previous:
             row["kept"] = f"{why}: previous threshold kept"
 
 
-def _untunable(before: dict, labels: list[str], cfg) -> dict[str, str]:
+def _untunable(before: dict, labels: list[str], val: str | None) -> dict[str, str]:
     """The labels val cannot tune (name -> why): no known positive or no known negative. When
-    that is every label, nothing can be tuned: refused before anything is written."""
+    that is every label, nothing can be tuned: refused before anything is written (``val``:
+    ``data.val``, named in the message)."""
     kept = {}
     for name in labels:
         row = before["per_label"][name]
@@ -166,7 +169,7 @@ def _untunable(before: dict, labels: list[str], cfg) -> dict[str, str]:
         if not n_pos or not n_neg:
             kept[name] = "no positive in val" if not n_pos else "no negative in val"
     if len(kept) == len(labels):
-        source = f"data.val={cfg.data.val}" if cfg.data.val else "the val split"
+        source = f"data.val={val}" if val else "the val split"
         raise DataError(f"{source} ({before['n_images']} images) has no label with both a positive and a "
                         "negative known target: there is nothing to tune on, and the model is left as it is; "
                         "give a val split with positives")
@@ -255,8 +258,8 @@ def apply_json(args) -> int:
     chosen = read_thresholds(args.from_json, model.labels)
     scores = load_scores(run_dir, "val", model.labels) if run_dir is not None else None
     if scores is None and run_dir is not None:
-        from .config import load_config
-        cfg = load_config(run_dir / "config.yaml")
+        from .checks import load_checked
+        cfg = load_checked(run_dir / "config.yaml")
         scores = split_outputs(model, cfg, "val", resolve_device(args.device or cfg.train.device), args.quiet)
     before = evaluate_outputs(model, *scores) if scores is not None else None
     old = model.thresholds.tolist()

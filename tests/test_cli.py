@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mlabel import cli
+from mlabel.checks import load_checked
 from mlabel.config import ConfigError, all_keys, config_to_dict, load_config
 from mlabel.train import main as train_main
 
@@ -46,7 +47,7 @@ def test_every_numeric_key_declares_a_range_and_every_key_a_meaning():
 ])
 def test_unknown_keys_and_choices_suggest_the_closest(override, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
-        load_config("quickstart", [override])
+        load_checked("quickstart", [override])
 
 
 def test_yaml_alias_bomb_is_refused_quickly(tmp_path):

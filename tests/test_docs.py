@@ -144,8 +144,8 @@ def test_contributing_loss_and_head_compute_what_they_say(registries):
     assert got.item() == pytest.approx(((0.5 - 0.2) ** 2 + (0.5 + 0.3) ** 2) / 2)
     head = heads["two_layer"](8, 3, hidden=5)
     assert head(torch.zeros(2, 8)).shape == (2, 3) and head[0].out_features == 5
-    from mlabel.config import load_config
-    load_config("quickstart", ["loss.name=squared_hinge", "loss.args.margin=0.5", "model.head=two_layer",
+    from mlabel.checks import load_checked
+    load_checked("quickstart", ["loss.name=squared_hinge", "loss.args.margin=0.5", "model.head=two_layer",
                                "model.head_args.hidden=32"])  # accepted by the config's checks
 
 

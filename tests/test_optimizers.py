@@ -4,7 +4,8 @@ scales the backbone's layer groups."""
 import pytest
 import torch
 
-from mlabel.config import ConfigError, load_config
+from mlabel.checks import load_checked
+from mlabel.config import ConfigError
 from mlabel.engine import build_optimizer
 from mlabel.models import create_model
 
@@ -68,7 +69,7 @@ def test_layer_decay_shrinks_the_backbone_from_the_head_down():
 ])
 def test_bad_optimizer_settings_fail_at_config_time(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        load_config("quickstart", [override])
+        load_checked("quickstart", [override])
 
 
 def test_a_run_with_lamb_and_layer_decay(tmp_path, scene_csv):

@@ -142,9 +142,10 @@ def test_objective_at_matches_counts():
     ("thresholds.fallback=7", "thresholds.fallback"),
 ])
 def test_threshold_settings_are_refused_before_training(override, message):
-    from mlabel.config import ConfigError, load_config
+    from mlabel.checks import load_checked
+    from mlabel.config import ConfigError
     with pytest.raises(ConfigError, match=message):
-        load_config("quickstart", override.split())
+        load_checked("quickstart", override.split())
 
 
 @pytest.mark.parametrize("policy", ["half", "lipton", "auto", "shrunk", "select"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mlabel
+from mlabel.checks import load_checked
 from mlabel.config import ConfigError, load_config
 from mlabel.losses import LOSSES
 from mlabel.models import HEADS
@@ -52,7 +53,7 @@ def test_readme_example_registers_a_loss_and_a_head_that_train(example, tmp_path
 ])
 def test_unknown_parts_and_arguments_are_refused_at_config_time(override, key, message):
     with pytest.raises(ConfigError) as err:
-        load_config("quickstart", override.split())
+        load_checked("quickstart", override.split())
     assert str(err.value).startswith(key) and message in str(err.value)
 
 

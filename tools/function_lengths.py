@@ -3,6 +3,7 @@ the longest functions and those with the most parameters.
 
     python tools/function_lengths.py            # mlabel/
     python tools/function_lengths.py mlabel --over 50 --params-over 7
+    python tools/function_lengths.py --whole-config    # also list the functions that take the whole config
 
 Exits 1 when a function is longer than ``--over`` lines or takes more than ``--params-over``
 parameters (the house rules: 50 and 7), so CI can run it as a check.
@@ -42,11 +43,32 @@ def parameters(root: Path) -> list[tuple[int, str]]:
     return [(_count_parameters(node.args), f"{path}:{node.lineno} {node.name}") for path, node in _functions(root)]
 
 
+WHOLE_CONFIG = ("Config", "ResolvedConfig")
+
+
+def whole_config(root: Path) -> list[str]:
+    """Functions outside ``config.py`` with a parameter that is the whole config: annotated
+    ``Config`` or ``ResolvedConfig``, or named ``cfg`` / ``config`` without another annotation
+    (issue 28, item 3: functions take the section they use)."""
+    found = []
+    for path, node in _functions(root):
+        if path.name == "config.py":
+            continue
+        args = node.args
+        for arg in (*args.posonlyargs, *args.args, *args.kwonlyargs):
+            kind = ast.unparse(arg.annotation).split(".")[-1].strip("'\"") if arg.annotation else None
+            if kind in WHOLE_CONFIG or (kind is None and arg.arg in ("cfg", "config")):
+                found.append(f"{path}:{node.lineno} {node.name}({arg.arg})")
+                break
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package", nargs="?", default="mlabel")
     parser.add_argument("--over", type=int, default=50, help="list functions longer than this")
     parser.add_argument("--params-over", type=int, default=7, help="list functions with more parameters than this")
+    parser.add_argument("--whole-config", action="store_true", help="list the functions that take the whole config")
     args = parser.parse_args()
     found = lengths(Path(args.package))
     sizes = [n for n, _ in found]
@@ -67,6 +89,10 @@ def main() -> int:
             print(f"  {n:>4}  {where}")
     modules = sorted((len(p.read_text().splitlines()), str(p)) for p in Path(args.package).rglob("*.py"))
     print(f"modules over 300 lines: {sum(n > 300 for n, _ in modules)} of {len(modules)}")
+    takers = whole_config(Path(args.package))
+    print(f"functions taking the whole config (outside config.py): {len(takers)}")
+    for where in takers if args.whole_config else ():
+        print(f"  {where}")
     return 1 if max(sizes) > args.over or max(numbers) > args.params_over else 0
 
 

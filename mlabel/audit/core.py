@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..calibration import apply_calibration, fit_calibration
-from ..config import Config, load_config
+from ..checks import load_checked as load_config
+from ..config import Config
 from ..data import build_splits
 from ..data.synthetic import scenes_root
 from ..data.tables import LabelTable

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import guarded
-from ..config import load_config
+from ..checks import load_checked
 from ..defaults import loader_workers
 from ..io import atomic_path, write_json
 from . import DataError, build_splits, label_counts
@@ -166,7 +166,7 @@ def shard(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be at least 1")
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_checked(args.recipe, args.overrides)
     if cfg.data.format == "wds":
         raise DataError("the recipe's data are shards already (data.format=wds)")
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
@@ -221,7 +221,7 @@ def convert(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="the file to write (outside the data folder)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_checked(args.recipe, args.overrides)
     if cfg.data.format == "wds":
         raise DataError("convert reads image files; wds shards hold the images inside their tars")
     out = Path(args.out).resolve()
@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
     parser.add_argument("--out", default="data-summary", help="folder for summary.json and summary.png")
     args = parser.parse_intermixed_args(argv)
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_checked(args.recipe, args.overrides)
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     summary = summarise(splits, max(2, loader_workers(cfg.data.num_workers)))
     out = Path(args.out)

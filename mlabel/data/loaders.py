@@ -17,7 +17,7 @@ import torch
 from ..outputs import collate
 from .dataset import ImageDataset, LoaderSettings, box_crop, build_transform, make_loader
 
-__all__ = ["TrainLoader", "augment_on_device", "build_loaders", "train_box_crop"]
+__all__ = ["TrainLoader", "augment_on", "build_loaders", "train_box_crop"]
 
 
 class TrainLoader(Protocol):
@@ -43,15 +43,17 @@ def train_box_crop(data, splits, preprocessing: dict):
     return box_crop(preprocessing, data.augment)
 
 
-def augment_on_device(data, device: torch.device) -> bool:
-    """``data.augment_on``: auto means on the device when the images come from the cache and the
-    augmentation is a preset: on a GPU any preset; on the CPU those without colour jitter (as
-    tensor ops it costs about 2.5 ms per image there, several times albumentations' uint8 jitter;
+def augment_on(data, device: torch.device) -> str:
+    """``data.augment_on`` decided (``device`` or ``workers``; :func:`mlabel.resolve.resolve`
+    asks): auto means on the device when the images come from the cache and the augmentation is
+    a preset: on a GPU any preset; on the CPU those without colour jitter (as tensor ops it costs
+    about 2.5 ms per image there, several times albumentations' uint8 jitter;
     docs/INPUT_PIPELINE.md). An albumentations list always runs in the workers."""
-    if data.augment_on == "auto":
-        cheap = device.type == "cuda" or data.augment in ("none", "light", "flips")
-        return bool(data.cache) and isinstance(data.augment, str) and cheap
-    return data.augment_on == "device"
+    if data.augment_on != "auto":
+        return data.augment_on
+    cheap = device.type == "cuda" or data.augment in ("none", "light", "flips")
+    return "device" if bool(data.cache) and isinstance(data.augment, str) and cheap else "workers"
+
 
 
 def build_loaders(data, splits, preprocessing: dict, device: torch.device, world, caches: dict, seed: int):
@@ -80,7 +82,7 @@ class _Batched:
 
     def __init__(self, data, preprocessing: dict, device: torch.device, settings: LoaderSettings):
         self.data, self.preprocessing, self.device, self.settings = data, preprocessing, device, settings
-        self.on_device = augment_on_device(data, device)
+        self.on_device = data.augment_on == "device"
 
     def images(self, table, cache, augment: str, train: bool):
         from .batched import BatchImages, TensorAugment

@@ -205,10 +205,10 @@ def mark_stale(run_dir: Path, why: str) -> None:
 
 def _score_afresh(run_dir: Path, model, device, quiet: bool) -> dict:
     """Val and test outputs of a run without ``predictions/`` (written by older versions)."""
-    from ..config import load_config
+    from ..checks import load_checked
     from ..distributed import resolve_device
     from ..evaluation import split_outputs
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_checked(run_dir / "config.yaml")
     device = resolve_device(device or cfg.train.device)
     scores = {"val": split_outputs(model, cfg, "val", device, quiet)}
     if cfg.data.test or cfg.data.test_fraction > 0:
