@@ -259,14 +259,12 @@ def test_feature_size_rule_and_option(audited, noisy_set, tmp_path, capsys):
     """A pretrained backbone scores small images upscaled to 128 px (never past its own size); a
     backbone from scratch, or a run's model (--from), at the recipe's size; --feature-size wins."""
     from mlabel.audit.core import AuditSettings, feature_size
-    from mlabel.config import load_config
-    quick = load_config("quickstart")  # 64 px, ImageNet weights
-    assert feature_size(quick, AuditSettings(), native=224) == 128
-    assert feature_size(quick, AuditSettings(), native=96) == 96
-    assert feature_size(load_config("quickstart", ["data.image_size=256"]), AuditSettings(), native=224) == 256
-    assert feature_size(quick, AuditSettings(from_run="runs/x"), native=224) == 64
-    assert feature_size(load_config("quickstart", ["model.pretrained=false"]), AuditSettings(), native=224) == 64
-    assert feature_size(quick, AuditSettings(feature_size=160), native=224) == 160
+    assert feature_size(64, True, AuditSettings(), native=224) == 128  # the quickstart: 64 px, ImageNet weights
+    assert feature_size(64, True, AuditSettings(), native=96) == 96
+    assert feature_size(256, True, AuditSettings(), native=224) == 256
+    assert feature_size(64, True, AuditSettings(from_run="runs/x"), native=224) == 64
+    assert feature_size(64, False, AuditSettings(), native=224) == 64
+    assert feature_size(64, True, AuditSettings(feature_size=160), native=224) == 160
     assert audited.summary["feature_size"] == 32 and audited.summary["settings"]["feature_size"] is None
     root, _ = noisy_set
     out = tmp_path / "sized"

@@ -14,9 +14,10 @@ import torch
 
 from ..calibration import apply_calibration, fit_calibration
 from ..checks import load_checked as load_config
-from ..config import Config
+from ..config import DataConfig, ModelConfig
 from ..data import build_splits
 from ..data.synthetic import scenes_root
+from ..resolve import Machine, ResolvedConfig, resolve
 from ..data.tables import LabelTable
 from ..errors import DataError
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
@@ -76,7 +77,7 @@ class AuditResult:
 @dataclass
 class Plan:
     """The checked inputs of one audit."""
-    cfg: Config
+    cfg: ResolvedConfig
     table: LabelTable  # train rows then val rows
     given: np.ndarray  # (N, L) int8
     sources: list  # per split: {"split", "file", "rows"}
@@ -94,16 +95,17 @@ def _joined(splits) -> LabelTable:
     return LabelTable([p for t in tables for p in t.paths], targets, splits.labels, splits.train.source)
 
 
-def _data_folders(cfg: Config) -> list[Path]:
-    """The folders the data live in: data.root and the folders of the split files."""
-    root = Path(cfg.data.root).resolve()
-    files = [getattr(cfg.data, s) for s in ("train", "val", "test") if getattr(cfg.data, s)]
+def _data_folders(data: DataConfig) -> list[Path]:
+    """The folders the data live in: data.root (a generated set's own folder) and the folders of the
+    split files."""
+    root = Path(scenes_root(data.root, data.cache_dir) if data.generate else data.root).resolve()
+    files = [getattr(data, s) for s in ("train", "val", "test") if getattr(data, s)]
     return [root, *{(root / f).resolve().parent for f in files}]
 
 
-def _check_out(out: Path, cfg: Config) -> None:
+def _check_out(out: Path, data: DataConfig) -> None:
     target = out.resolve()
-    for folder in _data_folders(cfg):
+    for folder in _data_folders(data):
         if target == folder or folder in target.parents:
             raise DataError(f"--out {out} is inside the data folder {folder}; the audit never writes into the "
                             "user's data: choose a folder outside it")
@@ -111,11 +113,11 @@ def _check_out(out: Path, cfg: Config) -> None:
         raise DataError(f"--out {out} is a file; give a folder")
 
 
-def _source_of(cfg: Config, split: str, rows: int) -> dict:
-    name = getattr(cfg.data, split)
+def _source_of(data: DataConfig, split: str, rows: int) -> dict:
+    name = getattr(data, split)
     carved = split == "val" and not name
-    path = None if carved else Path(name) if Path(name).is_absolute() else Path(cfg.data.root) / name
-    file = str((path if path else Path(cfg.data.root) / cfg.data.train).resolve())
+    path = None if carved else Path(name) if Path(name).is_absolute() else Path(data.root) / name
+    file = str((path if path else Path(data.root) / data.train).resolve())
     return {"split": split, "file": file if Path(file).is_file() else None, "rows": rows, "carved": carved}
 
 
@@ -128,20 +130,20 @@ def _source_of(cfg: Config, split: str, rows: int) -> dict:
 FEATURE_MIN_SIZE = 128
 
 
-def feature_size(cfg: Config, settings: AuditSettings, native: int) -> int:
-    """The fast budget's input side: ``--feature-size`` when given; the recipe's own for a run's
-    model (``--from``, trained at that size) or a backbone from scratch; else the recipe's size
-    raised to :data:`FEATURE_MIN_SIZE` (at most the backbone's pretrained size ``native``)."""
+def feature_size(image_size: int, pretrained: bool, settings: AuditSettings, native: int) -> int:
+    """The fast budget's input side: ``--feature-size`` when given; the recipe's ``image_size``
+    for a run's model (``--from``, trained at that size) or a backbone from scratch; else the
+    recipe's size raised to :data:`FEATURE_MIN_SIZE` (at most the backbone's pretrained size ``native``)."""
     if settings.feature_size is not None:
         return settings.feature_size
-    if settings.from_run is not None or not cfg.model.pretrained:
-        return cfg.data.image_size
-    return max(cfg.data.image_size, min(FEATURE_MIN_SIZE, native))
+    if settings.from_run is not None or not pretrained:
+        return image_size
+    return max(image_size, min(FEATURE_MIN_SIZE, native))
 
 
-def _feature_model(cfg: Config, splits, settings: AuditSettings):
-    """The model whose backbone gives the features: ``--from RUN``'s, else the recipe's backbone with
-    its pretrained weights (``model.pretrained=auto`` resolved as training does)."""
+def _feature_model(model_cfg: ModelConfig, data: DataConfig, splits, settings: AuditSettings):
+    """The model whose backbone gives the features: ``--from RUN``'s, else the ``model`` section's
+    backbone with its (resolved) pretrained weights, at :func:`feature_size`."""
     from ..models import create_model, load
     if settings.from_run is not None:
         model = load(settings.from_run)
@@ -152,49 +154,47 @@ def _feature_model(cfg: Config, splits, settings: AuditSettings):
             model.preprocessing = {**model.preprocessing, "image_size": settings.feature_size}
         return model
     torch.manual_seed(settings.seed)  # a backbone from scratch: the same random features on every rerun
-    model = create_model(cfg.model.backbone, splits.labels, cfg.model.pretrained, task=splits.task,
-                         resize=cfg.data.resize)  # at the backbone's pretrained size, first
-    size = feature_size(cfg, settings, model.preprocessing["image_size"])
+    model = create_model(model_cfg.backbone, splits.labels, model_cfg.pretrained, task=splits.task,
+                         resize=data.resize)  # at the backbone's pretrained size, first
+    size = feature_size(data.image_size, bool(model_cfg.pretrained), settings, model.preprocessing["image_size"])
     model.preprocessing = {**model.preprocessing, "image_size": size}
     return model
 
 
 def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings) -> Plan:
     """Load and check everything; nothing is written."""
-    from ..defaults import resolve_defaults
     settings.check()
-    cfg = load_config(recipe, list(overrides))
-    if not cfg.data.train:
+    config = load_config(recipe, list(overrides))
+    if not config.data.train:
         raise DataError(f"recipe {recipe}: data.train is not set; the audit scores the training split: "
                         "give data.train=FILE")
-    if cfg.data.generate:
-        cfg.data.root = str(scenes_root(cfg.data.root, cfg.data.cache_dir))
-    _check_out(out, cfg)
-    splits = build_splits(cfg.data, cfg.task, cfg.seed)
+    _check_out(out, config.data)
+    splits = build_splits(config.data, config.task, config.seed)
     table = _joined(splits)
     given = table.targets.astype(np.int8)
     check_folds(given, settings.folds, splits.labels)
-    resolve_defaults(cfg, splits.task, lambda text: _log(settings, text), images=len(table))
-    model = _feature_model(cfg, splits, settings) if settings.budget == "fast" else None
-    sources = [_source_of(cfg, "train", len(splits.train)), _source_of(cfg, "val", len(splits.val))]
+    cfg = resolve(config, splits, Machine.here(_device()), log=lambda text: _log(settings, text), scored=())
+    model = _feature_model(cfg.model, cfg.data, splits, settings) if settings.budget == "fast" else None
+    sources = [_source_of(cfg.data, "train", len(splits.train)), _source_of(cfg.data, "val", len(splits.val))]
     return Plan(cfg, table, given, sources, model)
 
 
-def _workers(cfg: Config) -> int:
-    return cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else 0
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, fold: np.ndarray):
     """Out-of-fold logits (N, L) and what the features came from."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     if settings.budget == "full":
         job = FullJob(str(recipe), tuple(overrides), plan.table, out / "folds", plan.cfg.data.batch_size,
-                      _workers(plan.cfg))
+                      plan.cfg.data.num_workers)
         return full_logits(job, fold), {"models": f"{settings.folds} trainings with the recipe"}
-    job = FeatureJob(plan.table, plan.model.to(device), plan.cfg.data.batch_size, _workers(plan.cfg), out / "cache")
+    job = FeatureJob(plan.table, plan.model.to(device), plan.cfg.data.batch_size, plan.cfg.data.num_workers,
+                      out / "cache")
     features, key, cached = cached_features(job, lambda text: _log(settings, text))
-    heads = HeadSettings(plan.cfg.loss.pos_weight if isinstance(plan.cfg.loss.pos_weight, str) else "auto",
-                         plan.cfg.loss.pos_weight_max, seed=settings.seed)
+    rule = plan.cfg.loss.pos_weight  # ratio (auto), sqrt, none, or a list: the heads take the ratio then
+    heads = HeadSettings(rule if isinstance(rule, str) else "ratio", plan.cfg.loss.pos_weight_max, seed=settings.seed)
     logits = fit_heads(features, plan.given, fold, heads)
     return logits, {"features": key, "feature_width": int(features.shape[1]), "cache_used": cached,
                     "backbone": plan.model.backbone_name, "weight_decay": heads.weight_decay,

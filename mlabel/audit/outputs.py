@@ -90,13 +90,13 @@ def _summary(result, plan, settings, extra: dict, counts: dict) -> dict:
                                     "label's given positives (missing), given positives at or below the mean of its "
                                     "given negatives (spurious), over the given class; 95 % Wilson interval",
             "per_label": noise_rates(result.probs, result.given, result.thresholds, result.labels),
-            "sources": plan.sources, "data": _data_keys(plan.cfg), **extra}
+            "sources": plan.sources, "data": _data_keys(plan.cfg.data), **extra}
 
 
-def _data_keys(cfg) -> dict:
+def _data_keys(data) -> dict:
     keys = ("format", "root", "train", "val", "image_column", "label_columns", "labels_column", "label_delimiter")
-    keys = {k: getattr(cfg.data, k) for k in keys}
-    return {**keys, "root": str(Path(cfg.data.root).resolve())}  # apply may run from another folder
+    keys = {k: getattr(data, k) for k in keys}
+    return {**keys, "root": str(Path(data.root).resolve())}  # apply may run from another folder
 
 
 def write_outputs(result, plan, settings, extra: dict, log) -> dict:
