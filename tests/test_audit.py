@@ -116,7 +116,7 @@ def test_result_contract_files_and_unknown_cells(audited, noisy_set):
         assert (r["kind"], r["given"]) in (("missing", "0"), ("spurious", "1"))
         assert (float(r["probability"]) >= t - 1e-6) == (r["kind"] == "missing")
     summary = json.loads((audited.out / "summary.json").read_text())
-    assert summary == json.loads(json.dumps(audited.summary)) and summary["scoring"] == "margin"
+    assert summary == json.loads(json.dumps(audited.summary)) and summary["scoring"] == "abs"
     assert summary["counts"]["issues"] == len(rows) and set(summary["per_label"]) == set(LABELS)
     assert (audited.out / "audit.html").stat().st_size > 1000
 

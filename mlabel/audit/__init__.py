@@ -6,7 +6,7 @@ Python contract (kept stable for ``benchmarks/audit.py``)::
 
     from mlabel.audit import audit, AuditResult, suspicion
     result = audit(recipe, overrides=(), *, out=DIR, folds=5, budget="fast", from_run=None, seed=0,
-                   scoring="margin", top=5000, quiet=False)
+                   scoring="abs", top=5000, quiet=False)
     result.paths     # list[str] (N,) image ids as in the label table (train rows then val rows)
     result.labels    # list[str] (L,)
     result.given     # np.ndarray int8 (N, L): 1, 0, -1 unknown
@@ -15,7 +15,7 @@ Python contract (kept stable for ``benchmarks/audit.py``)::
     result.summary   # dict, as written to summary.json
     result.out       # Path of DIR
     result.thresholds, result.fold   # (L,) thresholds on the OOF probabilities, (N,) fold of each row
-    missing, spurious = suspicion(probs, given, scoring="margin", thresholds=None)
+    missing, spurious = suspicion(probs, given, scoring="abs", thresholds=None)
 
 The package module itself is callable (``mlabel.audit(recipe, ...)`` is :func:`audit`), so the
 package, ``python -m mlabel.audit`` and the function share one name.

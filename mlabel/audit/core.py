@@ -223,7 +223,7 @@ def audit(recipe, overrides: Sequence[str] = (), *, out, **options) -> AuditResu
         out: the audit's folder (outside the data folder).
         **options: :class:`AuditSettings` fields: folds (5), budget ("fast" | "full"), from_run
             (a run or model folder whose backbone gives the features), seed (0), scoring
-            ("margin" | "zscore" | "abs"), top (rows of issues.csv, 5000), quiet.
+            ("abs" | "margin" | "zscore"), top (rows of issues.csv, 5000), quiet.
     """
     from .outputs import write_outputs
     settings = AuditSettings(**options)
