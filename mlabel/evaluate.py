@@ -14,8 +14,7 @@ from .cli import guarded
 from .checks import load_checked
 from .config import ConfigError
 from .distributed import resolve_device
-from .evaluation import EvalSettings, scorer, split_loader, split_table
-from .resolve import resolve_for_model
+from .evaluation import EvalSettings, scorer, split_loader
 from .io import check_output, write_json
 from .models import load, locate_model
 from .rundir import hold_run_dir
@@ -95,8 +94,7 @@ def _evaluate(args) -> int:
     out = Path(args.out) if args.out else Path(out_dir) / f"eval-{args.split}.json"
     check_output(out)  # never over the model's own files
     device = resolve_device(args.device or config.train.device)
-    cfg, splits = resolve_for_model(config, model, device, scored=(args.split,))
-    loader = split_loader(model, split_table(model, splits, args.split), cfg.data, cfg.seed, device)
+    cfg, loader = split_loader(model, config, args.split, device)
     split = scorer(model, loader, device, EvalSettings.from_config(cfg), quiet=args.quiet, desc=args.split)
     streamed = split.streamed  # thresholds.streaming: no (N, L) scores held
     metrics = split.metrics()

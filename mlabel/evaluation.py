@@ -26,7 +26,7 @@ from .policy import ThresholdSettings, choose, cross_fit_predictions
 from .resolve import resolve_for_model
 
 __all__ = ["EvalSettings", "ExactScorer", "StreamedScorer", "calibrate_and_tune", "collect_split",
-           "evaluate_outputs", "scorer", "split_loader", "split_outputs", "split_table"]
+           "evaluate_outputs", "scorer", "split_loader", "split_outputs"]
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ def _regression_metrics(model, outputs: torch.Tensor, targets: torch.Tensor) -> 
     return result
 
 
-def split_table(model, splits, split: str):
+def _split_table(model, splits, split: str):
     """The ``split`` of ``splits`` (:func:`mlabel.resolve.resolve_for_model` reads them), its
     targets in the model's label order."""
     from .data import DataError
@@ -269,23 +269,26 @@ def split_table(model, splits, split: str):
     return table
 
 
-def split_loader(model, table, data, seed: int, device: torch.device):
-    """The evaluation loader of ``table`` (:func:`split_table`) under the resolved ``data``
-    section and ``seed``; the model is moved to ``device``."""
+def split_loader(model, config, split: str, device: torch.device):
+    """``config`` (a :class:`~mlabel.config.Config`) resolved for scoring ``model`` on ``split``
+    (:func:`mlabel.resolve.resolve_for_model`), and the evaluation loader of that split under the
+    resolved ``data`` section, targets in the model's label order; the model is moved to ``device``.
+    Returns (the resolved config, the loader)."""
     from .data import ImageDataset, build_transform, make_loader
     from .data.dataset import LoaderSettings
-    settings = LoaderSettings(num_workers=data.num_workers, seed=seed, pin_memory=device.type == "cuda")
-    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), data.batch_size,
+    cfg, splits = resolve_for_model(config, model, device, scored=(split,))
+    table = _split_table(model, splits, split)
+    settings = LoaderSettings(num_workers=cfg.data.num_workers, seed=cfg.seed, pin_memory=device.type == "cuda")
+    loader = make_loader(ImageDataset(table, build_transform(model.preprocessing, False)), cfg.data.batch_size,
                          train=False, settings=settings)
     model.to(device)
-    return loader
+    return cfg, loader
 
 
 def split_outputs(model, config, split: str, device: torch.device, quiet: bool = False) -> tuple[Outputs, Targets]:
     """Run ``model`` over one split of the data of ``config`` (a :class:`~mlabel.config.Config`,
     resolved here for that split); targets in the model's label order."""
-    cfg, splits = resolve_for_model(config, model, device, scored=(split,))
-    loader = split_loader(model, split_table(model, splits, split), cfg.data, cfg.seed, device)
+    cfg, loader = split_loader(model, config, split, device)
     outputs, targets, _ = collect_predictions(model, loader, device, channels_last=cfg.train.channels_last,
                                               progress=None if quiet else split)
     return outputs, targets

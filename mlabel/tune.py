@@ -17,11 +17,10 @@ from .cli import guarded
 from .distributed import resolve_device
 from .errors import DataError
 from .evaluate import load_run, model_command_parser, split_arguments, summary_line
-from .evaluation import EvalSettings, evaluate_outputs, scorer, split_loader, split_outputs, split_table
+from .evaluation import EvalSettings, evaluate_outputs, scorer, split_loader, split_outputs
 from .io import write_json
 from .models import locate_model
 from .policy import CONSTRAINTS, POLICIES
-from .resolve import resolve_for_model
 from .rundir import hold_run_dir
 from .thresholds import OBJECTIVES
 
@@ -86,9 +85,8 @@ def _tune(args) -> int:
         tuned.append(f"calibration.method={args.calibration}")
     model, config, model_path, out_dir = load_run(args.model_dir, recipe, [*overrides, *tuned], args.trust_pickle)
     device = resolve_device(args.device or config.train.device)
-    cfg, splits = resolve_for_model(config, model, device, scored=("val",))
+    cfg, loader = split_loader(model, config, "val", device)
     th_cfg, cal_cfg = cfg.thresholds, cfg.calibration
-    loader = split_loader(model, split_table(model, splits, "val"), cfg.data, cfg.seed, device)
     val = scorer(model, loader, device, EvalSettings.from_config(cfg), quiet=args.quiet, desc="val")
     streamed = val.streamed  # thresholds.streaming: histograms, no (N, L) scores held
     previous = _Previous.of(model)

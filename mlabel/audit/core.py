@@ -17,9 +17,10 @@ from ..checks import load_checked as load_config
 from ..config import DataConfig, ModelConfig
 from ..data import build_splits
 from ..data.synthetic import scenes_root
-from ..resolve import Machine, ResolvedConfig, resolve
 from ..data.tables import LabelTable
+from ..distributed import resolve_device
 from ..errors import DataError
+from ..resolve import Machine, ResolvedConfig, resolve
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
 from .rank import DEFAULT_SCORING, SCORINGS, label_thresholds, suspicion
 
@@ -82,6 +83,7 @@ class Plan:
     given: np.ndarray  # (N, L) int8
     sources: list  # per split: {"split", "file", "rows"}
     model: torch.nn.Module | None  # the fast budget's feature model
+    device: torch.device  # where the features are computed (the device the config was resolved for)
 
 
 def _log(settings: AuditSettings, text: str) -> None:
@@ -131,9 +133,9 @@ FEATURE_MIN_SIZE = 128
 
 
 def feature_size(image_size: int, pretrained: bool, settings: AuditSettings, native: int) -> int:
-    """The fast budget's input side: ``--feature-size`` when given; the recipe's ``image_size``
-    for a run's model (``--from``, trained at that size) or a backbone from scratch; else the
-    recipe's size raised to :data:`FEATURE_MIN_SIZE` (at most the backbone's pretrained size ``native``)."""
+    """The fast budget's input side: ``--feature-size`` when given; ``image_size`` for a run's
+    model (``--from``: the size it was trained at) or a backbone from scratch; else ``image_size``
+    (the recipe's) raised to :data:`FEATURE_MIN_SIZE`, at most the backbone's pretrained size ``native``."""
     if settings.feature_size is not None:
         return settings.feature_size
     if settings.from_run is not None or not pretrained:
@@ -150,13 +152,13 @@ def _feature_model(model_cfg: ModelConfig, data: DataConfig, splits, settings: A
         if list(model.labels) != list(splits.labels):
             raise DataError(f"--from {settings.from_run}: its model has labels {model.labels}, the recipe's data "
                             f"has {splits.labels}; audit with the run that was trained on these labels")
-        if settings.feature_size is not None:
-            model.preprocessing = {**model.preprocessing, "image_size": settings.feature_size}
-        return model
-    torch.manual_seed(settings.seed)  # a backbone from scratch: the same random features on every rerun
-    model = create_model(model_cfg.backbone, splits.labels, model_cfg.pretrained, task=splits.task,
-                         resize=data.resize)  # at the backbone's pretrained size, first
-    size = feature_size(data.image_size, bool(model_cfg.pretrained), settings, model.preprocessing["image_size"])
+        image_size = model.preprocessing["image_size"]  # the size the run was trained at
+    else:
+        torch.manual_seed(settings.seed)  # a backbone from scratch: the same random features on every rerun
+        model = create_model(model_cfg.backbone, splits.labels, model_cfg.pretrained, task=splits.task,
+                             resize=data.resize)  # at the backbone's pretrained size, first
+        image_size = data.image_size
+    size = feature_size(image_size, bool(model_cfg.pretrained), settings, model.preprocessing["image_size"])
     model.preprocessing = {**model.preprocessing, "image_size": size}
     return model
 
@@ -173,24 +175,20 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
     table = _joined(splits)
     given = table.targets.astype(np.int8)
     check_folds(given, settings.folds, splits.labels)
-    cfg = resolve(config, splits, Machine.here(_device()), log=lambda text: _log(settings, text), scored=())
+    device = resolve_device("auto")
+    cfg = resolve(config, splits, Machine.here(device), log=lambda text: _log(settings, text), scored=())
     model = _feature_model(cfg.model, cfg.data, splits, settings) if settings.budget == "fast" else None
     sources = [_source_of(cfg.data, "train", len(splits.train)), _source_of(cfg.data, "val", len(splits.val))]
-    return Plan(cfg, table, given, sources, model)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Plan(cfg, table, given, sources, model, device)
 
 
 def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, fold: np.ndarray):
     """Out-of-fold logits (N, L) and what the features came from."""
-    device = _device()
     if settings.budget == "full":
         job = FullJob(str(recipe), tuple(overrides), plan.table, out / "folds", plan.cfg.data.batch_size,
                       plan.cfg.data.num_workers)
         return full_logits(job, fold), {"models": f"{settings.folds} trainings with the recipe"}
-    job = FeatureJob(plan.table, plan.model.to(device), plan.cfg.data.batch_size, plan.cfg.data.num_workers,
+    job = FeatureJob(plan.table, plan.model.to(plan.device), plan.cfg.data.batch_size, plan.cfg.data.num_workers,
                       out / "cache")
     features, key, cached = cached_features(job, lambda text: _log(settings, text))
     rule = plan.cfg.loss.pos_weight  # ratio (auto), sqrt, none, or a list: the heads take the ratio then

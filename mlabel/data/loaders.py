@@ -55,7 +55,6 @@ def augment_on(data, device: torch.device) -> str:
     return "device" if bool(data.cache) and isinstance(data.augment, str) and cheap else "workers"
 
 
-
 def build_loaders(data, splits, preprocessing: dict, device: torch.device, world, caches: dict, seed: int):
     """(training loader, {"val": loader, "test": loader}) of ``splits`` under the ``data``
     section (a :class:`~mlabel.config.DataConfig`), for this process of ``world``; ``caches``:
