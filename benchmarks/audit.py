@@ -1,7 +1,7 @@
 """``mlabel audit`` against injected label noise: does it find the wrong labels, and does fixing them pay?
 
     pip install cleanlab      # the cleanlab reference only (AGPL: benchmark-only, never an mlabel dependency)
-    python benchmarks/audit.py [--sets quickstart,miml,digits] [--scale 1.0] [--folds 5] [--seed 0]
+    python benchmarks/audit.py [--sets quickstart,miml,digits] [--scale 1.0] [--folds 5] [--seed 0] [--budget fast]
                                [--loop] [--loop-sets quickstart] [--work DIR]
     python benchmarks/audit.py --sets quickstart --scale 0.2          # a quick look (about a minute)
     python benchmarks/audit.py --sets quickstart --feature-sizes 224  # also audit on 224-px features
@@ -9,7 +9,7 @@
 For each data set with clean labels it injects noise into the train and val labels, seeded: 5 % of
 the positives removed (missing labels, 1 -> 0) and one spurious positive on 2 % of the images (a
 random absent label, 0 -> 1). The noisy label files go under --work (never into the data's own
-folder); ``mlabel.audit.audit`` runs on the set's recipe with them (``--budget fast``, K folds) and
+folder); ``mlabel.audit.audit`` runs on the set's recipe with them (``--budget``, fast by default; K folds) and
 the table gives, per set, kind and ranking:
 
   R@k     recall among the top k cells of that kind, k = the number injected; with k the number
@@ -385,7 +385,7 @@ def train(bench: Bench, files: dict, out: Path, epochs: int) -> tuple[float, flo
 
 def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path | None = None,
                     feature_size: int | None = None):
-    """Audit (fast), print its table and model quality, save the figures; (result, seconds)."""
+    """Audit (``args.budget``), print its table and model quality, save the figures; (result, seconds)."""
     folder = args.work / bench.name
     result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run, feature_size)
     check_rows(result, noisy)
