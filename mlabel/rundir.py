@@ -24,6 +24,7 @@ from .config import ConfigError
 __all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "RUN_OUTPUTS"]
 
 LOCK = ".lock"
+UNSIGNED_WAIT_S = 2.0  # how long a held lock without a holder's line is asked again before giving up
 WINDOWS_LOCK_BYTE = 1 << 30  # msvcrt locks a byte range: one far past the holder's line, which stays readable
 
 try:  # POSIX
@@ -60,13 +61,19 @@ def _lock(folder: Path, sign: bool = True, doing: str = "training", what: str = 
     """Hold ``folder/.lock`` exclusively (``sign``: writing who holds it and ``doing`` what), or
     say who holds it (``what``: how the message names the folder; ``instead``: the way out)."""
     path = folder / LOCK
+    unsigned_until = time.monotonic() + UNSIGNED_WAIT_S
     while True:
         handle = open(path, "a+")
         if not _try_lock(handle):
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().strip()
             handle.close()
-            raise ConfigError(f"{what} {folder} is in use by {holder}; wait for it to end, {instead}") from None
+            if not holder and time.monotonic() < unsigned_until:
+                # The holder has locked and not yet written its line, or only looked in: ask again.
+                time.sleep(0.02)
+                continue
+            raise ConfigError(f"{what} {folder} is in use by {holder or 'another process'}; wait for it to end, "
+                              f"{instead}") from None
         # The file may have been unlinked by its previous holder between our open and our lock.
         if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
             break

@@ -101,6 +101,41 @@ def test_a_second_process_stops_and_a_killed_holder_frees_the_directory(tmp_path
     assert (out / "model" / "mlabel.json").is_file() and not (tmp_path / "run-2").exists()
 
 
+# A holder that has locked ``.lock`` and signs it only after ``sys.argv[2]`` seconds (``-1``: never).
+LATE_SIGNER = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+if float(sys.argv[2]) >= 0:
+    time.sleep(float(sys.argv[2]))
+    handle.write(f"pid {os.getpid()} (mlabel tune)\\n")
+    handle.flush()
+time.sleep(30)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the late signer uses fcntl")
+@pytest.mark.parametrize("delay", [0.4, -1])
+def test_a_holder_caught_before_it_signs_is_still_named(tmp_path, delay):
+    """The window between a holder's lock and its line: a second command asked in it waits for
+    the line and names the holder; a lock that stays unsigned is reported as another process."""
+    from mlabel.config import ConfigError
+    from mlabel.rundir import hold_run_dir
+    holder = subprocess.Popen([sys.executable, "-c", LATE_SIGNER, str(tmp_path / ".lock"), str(delay)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError) as caught:
+            with hold_run_dir(tmp_path, "mlabel tune"):
+                pass
+        named = f"is in use by pid {holder.pid} (mlabel tune);" if delay >= 0 else "is in use by another process;"
+        assert named in str(caught.value), caught.value
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_outputs_honour_the_umask(tmp_path, scene_csv):
     old = os.umask(0o022)
     try:
