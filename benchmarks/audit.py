@@ -86,6 +86,7 @@ class Bench:
     root: str
     files: dict  # split -> absolute CSV path (clean labels)
     extra: list = field(default_factory=list)
+    hidden: np.ndarray | None = None  # (train+val rows, L) bool: a clean positive the image barely shows
 
     def overrides(self, files: dict) -> list[str]:
         """The recipe's overrides that train on ``files`` (split -> CSV) instead of the clean ones."""
@@ -119,11 +120,16 @@ def shrink(files: dict, folder: Path, scale: float) -> dict:
     return out
 
 
-def quickstart_bench(folder: Path, scale: float) -> Bench:
-    from mlabel.data.synthetic import ensure_scenes, scenes_root
+def quickstart_bench(folder: Path, scale: float, visible: float = 0.25) -> Bench:
+    """The quickstart's scenes; ``hidden`` marks the labelled shapes less than ``visible`` of which
+    the image shows (covered by shapes drawn over them)."""
+    from mlabel.data.synthetic import ensure_scenes, scene_visibility, scenes_root
     root = ensure_scenes(scenes_root(".", None))  # the recipe's own set, drawn once into the cache
     files = shrink({s: str(root / f"{s}.csv") for s in ("train", "val", "test")}, folder / "clean", scale)
-    return Bench("quickstart", "quickstart", str(root), files, ["data.generate=null"])
+    shares = scene_visibility()
+    rows = {s: len(read_table(Path(files[s]))[1]) for s in ("train", "val")}
+    hidden = np.concatenate([shares[s][:rows[s]] < visible for s in ("train", "val")])  # NaN (absent): False
+    return Bench("quickstart", "quickstart", str(root), files, ["data.generate=null"], hidden)
 
 
 def miml_bench(folder: Path, scale: float) -> Bench | None:
@@ -261,11 +267,12 @@ def top_k(score: np.ndarray, candidates: np.ndarray, k: int, seed: int = 0) -> n
     return flat[np.lexsort((jitter, -values))[:k]]
 
 
-def kind_figures(score: np.ndarray, given: np.ndarray, truth: np.ndarray, kind: str) -> dict:
-    """R@k and AUROC of one kind's score over the known cells of that kind."""
+def kind_figures(score: np.ndarray, given: np.ndarray, truth: np.ndarray, kind: str,
+                 left_out: np.ndarray | None = None) -> dict:
+    """R@k and AUROC of one kind's score over the known cells of that kind (less ``left_out``)."""
     code = KINDS[kind]
-    candidates = given == (0 if kind == "missing" else 1)
-    hits = truth == code
+    candidates = (given == (0 if kind == "missing" else 1)) & (True if left_out is None else ~left_out)
+    hits = (truth == code) & candidates
     k = int(hits.sum())
     top = top_k(score, candidates, k)
     values = np.nan_to_num(score[candidates].astype(np.float64), nan=-1e9)
@@ -292,8 +299,10 @@ def own_flags(name: str, scores: tuple, result) -> tuple | None:
     return None
 
 
-def evaluate(ranked: dict, result, truth: np.ndarray) -> list[dict]:
-    """One row per ranking and kind: R@k, AUROC and, where the ranking flags cells itself, its flags."""
+def evaluate(ranked: dict, result, truth: np.ndarray, hidden: np.ndarray | None = None) -> list[dict]:
+    """One row per ranking and kind: R@k, AUROC and, where the ranking flags cells itself, its flags.
+    With ``hidden`` the audit's ranking also once more without the clean positives the images barely
+    show (ranking ``audit-visible``): their clean label says 1 where a reviewer would say 0."""
     given = np.asarray(result.given)
     rows = []
     for name, scores in ranked.items():
@@ -303,6 +312,10 @@ def evaluate(ranked: dict, result, truth: np.ndarray) -> list[dict]:
             if flags is not None:
                 row.update(flag_figures(flags[index], truth, kind))
             rows.append(row)
+    if hidden is not None:
+        rows += [{"ranking": "audit-visible", "kind": kind,
+                  **kind_figures(ranked["audit"][index], given, truth, kind, left_out=hidden)}
+                 for index, kind in enumerate(("missing", "spurious"))]
     return rows
 
 
@@ -389,7 +402,8 @@ def audit_and_print(bench: Bench, noisy: Noisy, args, label: str, from_run: Path
     folder = args.work / bench.name
     result, seconds = run_audit(bench, noisy, folder / f"audit-{label}", args, from_run, feature_size)
     check_rows(result, noisy)
-    rows = evaluate(rankings(result, cleanlab=from_run is None or args.all_rankings), result, noisy.truth)
+    rows = evaluate(rankings(result, cleanlab=from_run is None or args.all_rankings), result, noisy.truth,
+                    bench.hidden)
     print_table(f"{bench.name}", rows, label)
     clean_ap, noisy_ap = model_quality(result, noisy)
     print(f"{bench.name:<12}{label}: {len(noisy.names)} images, {seconds:.1f} s; out-of-fold macro AP against the "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,37 @@ def test_result_contract_files_and_unknown_cells(audited, noisy_set):
     assert summary == json.loads(json.dumps(audited.summary)) and summary["scoring"] == "abs"
     assert summary["counts"]["issues"] == len(rows) and set(summary["per_label"]) == set(LABELS)
     assert (audited.out / "audit.html").stat().st_size > 1000
+
+
+def test_model_quality_is_sklearns_ap_over_the_known_cells(audited):
+    from sklearn.metrics import average_precision_score
+    quality = audited.summary["model"]
+    for j, name in enumerate(LABELS):
+        known = audited.given[:, j] >= 0
+        reference = average_precision_score(audited.given[known, j], audited.probs[known, j])
+        assert quality["per_label_ap"][name] == pytest.approx(reference, abs=1e-4)
+    assert quality["macro_ap"] == pytest.approx(np.mean(list(quality["per_label_ap"].values())), abs=1e-4)
+    assert quality["macro_ap"] > 0.75  # a patch per label: the features see it, so no warning
+
+
+def test_labels_the_images_do_not_show_warn_that_the_ranking_is_weak(noisy_set, tmp_path, capsys):
+    """The same images with labels drawn at random: out-of-fold AP near the label rates, and the
+    audit says its suspects are mostly its own mistakes and how to get a stronger model."""
+    root, _ = noisy_set
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, count in (("train", 240), ("val", 60)):
+        files[split] = (tmp_path / "labels").joinpath(f"{split}.csv")
+        files[split].parent.mkdir(exist_ok=True)
+        with files[split].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["image", *LABELS])
+            writer.writerows([f"images/{split}{i}.png", *(rng.random(4) < 0.3).astype(int)] for i in range(count))
+    overrides = [f"data.root={root}", *TINY, f"data.train={files['train']}", f"data.val={files['val']}"]
+    result = audit("quickstart", overrides, out=tmp_path / "audit", folds=3, quiet=True)
+    assert result.summary["model"]["macro_ap"] < 0.5
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.match(r"warning: .* macro AP 0\.\d\d \(below 0\.75\).*--from RUN", err[0]), err
 
 
 def test_rerun_reuses_the_feature_cache_and_gives_the_same_files(audited, noisy_set):

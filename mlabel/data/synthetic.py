@@ -21,7 +21,7 @@ from ..errors import DataError
 from ..io import atomic_path, write_json
 
 __all__ = ["SCENE_LABELS", "SCENE_PRIORS", "SCENE_SPLITS", "ensure_scenes", "draw_scene", "draw_scene_with_boxes",
-           "scenes_root"]
+           "scene_visibility", "scenes_root"]
 
 SCENE_LABELS = ["circle", "square", "triangle", "cross", "ring", "star"]
 SCENE_PRIORS = [0.40, 0.30, 0.22, 0.14, 0.10, 0.07]
@@ -84,6 +84,36 @@ def draw_scene(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.
 def draw_scene_with_boxes(rng: np.random.Generator, size: int = SCENE_SIZE) -> tuple[Image.Image, np.ndarray, list]:
     """One scene, its (6,) 0/1 target and each drawn shape's box ``[label, x0, y0, x1, y1]`` in the
     image's pixels (clipped to it). The same draws as :func:`draw_scene`: the same pixels."""
+    image, target, boxes, _ = _scene(rng, size, masks=False)
+    return image, target, boxes
+
+
+def _visible_shares(masks: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """(6,) share of each drawn shape's pixels that no later shape covers (NaN for absent labels)."""
+    shares = np.full(len(SCENE_LABELS), np.nan)
+    covered = np.zeros_like(masks[0][1]) if masks else None
+    for index, mask in reversed(masks):  # the last one drawn is on top
+        shares[index] = (mask & ~covered).sum() / max(int(mask.sum()), 1)
+        covered |= mask
+    return shares
+
+
+def scene_visibility(seed: int = 1234, splits: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Per split an (N, 6) array: the share of each labelled shape left visible by the shapes drawn
+    over it (NaN where the label is absent), for the set :func:`ensure_scenes` draws with the same
+    ``seed`` and ``splits``. The labels say a shape is there even when another one covers it; this
+    says how much of it an image shows (the audit's benchmark uses it to tell such cells apart)."""
+    out = {}
+    for offset, (split, count) in enumerate((splits or SCENE_SPLITS).items()):
+        rng = np.random.default_rng([seed, offset])
+        out[split] = np.stack([_scene(rng, SCENE_SIZE, masks=True)[3] for _ in range(count)]) if count else \
+            np.zeros((0, len(SCENE_LABELS)))
+    return out
+
+
+def _scene(rng: np.random.Generator, size: int, masks: bool):
+    """(image, target, boxes, visible shares or None): with ``masks`` each shape is also drawn on a
+    mask of its own, which takes no draws from ``rng``, so the pixels are the same either way."""
     big = size * _SCALE
     base = rng.integers(0, 256, 3)
     tilt = rng.integers(-60, 61, 3)
@@ -100,7 +130,7 @@ def draw_scene_with_boxes(rng: np.random.Generator, size: int = SCENE_SIZE) -> t
         w, h = rng.integers(2, 7, 2)
         draw.ellipse([x, y, x + w, y + h], fill=tuple(rng.integers(0, 256, 3).tolist()))
     target = (rng.random(len(SCENE_LABELS)) < np.asarray(SCENE_PRIORS)).astype(np.float32)
-    boxes = []
+    boxes, drawn = [], []
     for index in rng.permutation(np.flatnonzero(target)):
         r = rng.uniform(0.13, 0.24) * big
         cx, cy = rng.uniform(r, big - r, 2)
@@ -109,11 +139,16 @@ def draw_scene_with_boxes(rng: np.random.Generator, size: int = SCENE_SIZE) -> t
             color = 255 - color
         angle = rng.uniform(0, 2 * math.pi)
         _draw_shape(draw, SCENE_LABELS[index], cx, cy, r, angle, tuple(color.tolist()))
+        if masks:
+            mask = Image.new("1", (big, big))
+            _draw_shape(ImageDraw.Draw(mask), SCENE_LABELS[index], cx, cy, r, angle, 1)
+            drawn.append((int(index), np.asarray(mask, dtype=bool)))
         box = np.clip(np.asarray(_shape_box(SCENE_LABELS[index], cx, cy, r, angle)) / _SCALE, 0, size)
         boxes.append([SCENE_LABELS[index], *[round(float(v), 2) for v in box]])
     image = image.resize((size, size), Image.LANCZOS)
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 8, (size, size, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target, boxes
+    return (Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), target, boxes,
+            _visible_shares(drawn) if masks else None)
 
 
 _OWN = ("images", "train.csv", "val.csv", "test.csv", "scenes.json", "train_boxes.json", "val_boxes.json",
