@@ -51,3 +51,33 @@ def test_ensure_scenes_writes_the_boxes_beside_the_labels(tmp_path):
         assert {b[0] for b in boxes[path]} == present  # one box per shape drawn, named by its label
         for _, *box in boxes[path]:
             assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+
+
+def test_visibility_draws_the_same_pixels_and_the_last_shape_is_whole():
+    """scene_visibility replays the generator with a mask per shape: the pixels stay the same,
+    absent labels are NaN, and the shape drawn last (the last box) is never covered."""
+    from mlabel.data.synthetic import _scene, scene_visibility
+    rng = np.random.default_rng([1234, 0])
+    digest = hashlib.sha256()
+    shares = []
+    for _ in range(20):
+        image, target, boxes, visible = _scene(rng, 64, masks=True)
+        digest.update(np.asarray(image).tobytes())
+        assert np.array_equal(np.isnan(visible), target == 0)
+        if boxes:
+            assert visible[SCENE_LABELS.index(boxes[-1][0])] == 1.0
+        shares.append(visible)
+    assert digest.hexdigest() == VERSION_1_PIXELS
+    np.testing.assert_array_equal(scene_visibility(splits={"train": 20})["train"], np.stack(shares))
+    assert np.nanmin(np.stack(shares)) >= 0 and np.nanmax(np.stack(shares)) <= 1
+
+
+def test_visible_shares_of_overlapping_masks():
+    from mlabel.data.synthetic import _visible_shares
+    under, over, apart = (np.zeros((20, 20), bool) for _ in range(3))
+    under[0:10, 0:10] = True  # 100 pixels, 50 of them under `over`
+    over[5:15, 0:10] = True
+    apart[18:20, 18:20] = True
+    shares = _visible_shares([(2, under), (0, over), (5, apart)])  # drawn in this order
+    assert shares[2] == 0.5 and shares[0] == 1.0 and shares[5] == 1.0
+    assert np.isnan(shares[[1, 3, 4]]).all()
