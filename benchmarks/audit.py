@@ -34,6 +34,9 @@ Every ranking is computed on the same out-of-fold probabilities (``result.probs`
                 same per-class scores into one score per image and cannot say which label is wrong.
   cleanlab-adj  ``get_label_quality_scores_per_class(method="normalized_margin", adjust_pred_probs=True)``,
                 cleanlab's option against class imbalance (quality alone, no filter)
+  audit-visible (quickstart) the audit's ranking once more without the clean positives whose shape the
+                scene shows less than a quarter of (``mlabel.data.synthetic.scene_visibility``: covered by
+                shapes drawn over it), whose clean label says 1 where a reviewer would say 0
 
 ``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``, default 2) on
 the noisy labels, on the noisy labels with the audit's top-k suggestions of each kind accepted (the
