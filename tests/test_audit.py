@@ -197,6 +197,29 @@ def test_flagged_cells_in_blocks_equal_one_pass(monkeypatch):
     assert np.array_equal(whole.rows, blocked.rows) and np.array_equal(whole.cols, blocked.cols)
 
 
+def test_calibration_per_fold_in_label_blocks_is_sklearns_platt_per_fold(monkeypatch):
+    """Each fold's labels are fitted on their own (unknown cells left out), in blocks of labels or
+    all at once: scikit-learn's unregularised logistic regression on that fold's logits."""
+    from sklearn.linear_model import LogisticRegression
+    from mlabel.audit import core
+    rng = np.random.default_rng(4)
+    given = (rng.random((600, 5)) < 0.3).astype(np.int8)
+    given[rng.random(given.shape) < 0.05] = -1
+    logits = rng.normal(np.where(given == 1, 1.0, -1.0) * [0.5, 1, 2, 3, 4], 1.2).astype(np.float32)
+    fold = rng.integers(0, 3, 600)
+    whole = core.calibrate_per_fold(logits, given, fold)
+    monkeypatch.setattr(core, "BLOCK_CELLS", 400)  # two labels a block on a fold of about 200 rows
+    blocked = core.calibrate_per_fold(logits, given, fold)
+    np.testing.assert_allclose(blocked, whole, atol=1e-6)
+    for k in range(3):
+        for j in range(5):
+            rows = (fold == k) & (given[:, j] >= 0)
+            model = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000)
+            model.fit(logits[rows, j:j + 1].astype(np.float64), given[rows, j])
+            reference = model.predict_proba(logits[fold == k, j:j + 1].astype(np.float64))[:, 1]
+            np.testing.assert_allclose(blocked[fold == k, j], reference, atol=1e-4)
+
+
 def test_noise_rates_and_wilson_interval():
     low, high = wilson_interval(np.array([0, 5, 10]), np.array([10, 10, 10]))
     assert np.allclose(low, [0.0, 0.2366, 0.7225], atol=1e-3) and np.allclose(high, [0.2775, 0.7634, 1.0], atol=1e-3)

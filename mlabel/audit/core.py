@@ -22,7 +22,7 @@ from ..distributed import resolve_device
 from ..errors import DataError
 from ..resolve import Machine, ResolvedConfig, resolve
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
-from .rank import DEFAULT_SCORING, SCORINGS, label_thresholds, suspicion
+from .rank import BLOCK_CELLS, DEFAULT_SCORING, SCORINGS, label_thresholds, suspicion
 
 __all__ = ["AuditResult", "AuditSettings", "audit", "DEFAULT_TOP", "BUDGETS"]
 
@@ -202,13 +202,18 @@ def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings
 def calibrate_per_fold(logits: np.ndarray, given: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Calibrated probabilities (N, L) float32: per fold a per-label Platt map fitted on that fold's
     own out-of-fold logits against the given labels (two parameters per label and fold, so the
-    fit hardly sees any one cell), which puts the folds' differently scaled heads on one scale."""
+    fit hardly sees any one cell), which puts the folds' differently scaled heads on one scale.
+    Fitted in blocks of labels of about ``BLOCK_CELLS`` cells, so the fit's float64 temporaries
+    stay a block's size whatever N and L."""
     probs = np.zeros(logits.shape, dtype=np.float32)
     for k in np.unique(fold):
         held = np.flatnonzero(fold == k)
-        x = torch.from_numpy(logits[held])
-        scale, bias = fit_calibration(x, torch.from_numpy(given[held].astype(np.float32)), "platt")
-        probs[held] = apply_calibration(x, scale, bias).numpy()
+        width = max(1, BLOCK_CELLS // max(1, len(held)))  # labels are fitted apart: blocks give the same maps
+        for start in range(0, logits.shape[1], width):
+            part = slice(start, start + width)
+            x = torch.from_numpy(logits[held, part])
+            scale, bias = fit_calibration(x, torch.from_numpy(given[held, part].astype(np.float32)), "platt")
+            probs[held, part] = apply_calibration(x, scale, bias).numpy()
     return probs
 
 
