@@ -38,7 +38,8 @@ Every ranking is computed on the same out-of-fold probabilities (``result.probs`
                 scene shows less than a quarter of (``mlabel.data.synthetic.scene_visibility``: covered by
                 shapes drawn over it), whose clean label says 1 where a reviewer would say 0
 
-``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``, default 2) on
+``--loop`` closes the loop on ``--loop-sets``: trains the set's recipe (``--loop-epochs``, default 2;
+``--loop-seeds`` trainings per label file, default 1, the mean printed) on
 the noisy labels, on the noisy labels with the audit's top-k suggestions of each kind accepted (the
 first k rows of each kind of its issues.csv into one corrections.csv with ``decision=fix``,
 applied by ``mlabel audit apply --split train`` and ``--split val``), and on the clean labels, and prints the test mAP of each
@@ -388,11 +389,13 @@ def check_corrected(files: dict, noisy: Noisy) -> None:
           f"{broken} clean cells changed", flush=True)
 
 
-def train(bench: Bench, files: dict, out: Path, epochs: int) -> tuple[float, float]:
-    """The set's recipe on ``files`` in a fresh process; (test mAP, wall seconds)."""
+def train(bench: Bench, files: dict, out: Path, epochs: int, seed: int = 0) -> tuple[float, float]:
+    """The set's recipe on ``files`` in a fresh process with ``seed=SEED`` (the initialisation and
+    augmentation; the splits are files); (test mAP, wall seconds)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "mlabel.train", bench.recipe, *bench.overrides(files),
-                           f"train.epochs={epochs}", f"out_dir={out}", "overwrite=true"], capture_output=True, text=True)
+                           f"train.epochs={epochs}", f"seed={seed}", f"out_dir={out}", "overwrite=true"],
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"training {out.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
@@ -428,12 +431,21 @@ def estimated_counts(summary: dict) -> dict:
             "spurious": sum((v["spurious_rate"]["estimate"] or 0) * v["given_positive"] for v in per_label)}
 
 
+def trainings(bench: Bench, files: dict, out: Path, args) -> tuple[float, float, list]:
+    """``--loop-seeds`` trainings on ``files`` (seed=0, 1, ...; the first into ``out``):
+    (mean test mAP, seconds per training, each test mAP)."""
+    done = [train(bench, files, out if seed == 0 else out.with_name(f"{out.name}-seed{seed}"), args.loop_epochs, seed)
+            for seed in range(args.loop_seeds)]
+    maps = [m for m, _ in done]
+    return float(np.mean(maps)), float(np.mean([t for _, t in done])), maps
+
+
 def close_loop(bench: Bench, noisy: Noisy, args, audit_seconds: float) -> None:
     """Train on noisy labels; with --loop-from audit again with that run's backbone (--from); train on
-    the labels corrected by each audit's top k and on the clean labels; print test mAP and the share
-    of the lost mAP recovered."""
+    the labels corrected by each audit's top k and on the clean labels (each --loop-seeds times);
+    print test mAP and the share of the lost mAP recovered."""
     folder = args.work / bench.name
-    runs = {"noisy": train(bench, noisy.files, folder / "runs" / "noisy", args.loop_epochs)}
+    runs = {"noisy": trainings(bench, noisy.files, folder / "runs" / "noisy", args)}
     audits = ["pretrained"]
     if args.loop_from:
         audit_and_print(bench, noisy, args, "from-noisy-run", folder / "runs" / "noisy")
@@ -443,19 +455,21 @@ def close_loop(bench: Bench, noisy: Noisy, args, audit_seconds: float) -> None:
         fixed.mkdir(parents=True, exist_ok=True)
         files = corrected_files(audit_dir, write_corrections(audit_dir, noisy, fixed), noisy, fixed)
         check_corrected(files, noisy)
-        runs[f"fixed by {label}"] = train(bench, files, folder / "runs" / f"corrected-{label}", args.loop_epochs)
-    runs["clean"] = train(bench, {}, folder / "runs" / "clean", args.loop_epochs)
+        runs[f"fixed by {label}"] = trainings(bench, files, folder / "runs" / f"corrected-{label}", args)
+    runs["clean"] = trainings(bench, {}, folder / "runs" / "clean", args)
     print_loop(bench.name, runs, audit_seconds)
-    (folder / "loop.json").write_text(json.dumps({k: {"mAP": v[0], "seconds": v[1]} for k, v in runs.items()}))
+    (folder / "loop.json").write_text(json.dumps({k: {"mAP": v[0], "seconds": v[1], "each": v[2]}
+                                                  for k, v in runs.items()}))
 
 
 def print_loop(name: str, runs: dict, audit_seconds: float) -> None:
     """Test mAP per training and the share of the mAP lost to the noise that each one recovers."""
     lost = runs["clean"][0] - runs["noisy"][0]
-    for run, (mean_ap, seconds) in runs.items():
+    for run, (mean_ap, seconds, each) in runs.items():
         share = (mean_ap - runs["noisy"][0]) / lost if lost > 0 else float("nan")
-        print(f"{name:<12}loop: trained on {run:<26} test mAP {mean_ap:.4f}  recovered {share:>5.2f}  {seconds:.0f} s",
-              flush=True)
+        spread = f"  (each: {', '.join(f'{m:.4f}' for m in each)})" if len(each) > 1 else ""
+        print(f"{name:<12}loop: trained on {run:<26} test mAP {mean_ap:.4f}  recovered {share:>5.2f}  "
+              f"{seconds:.0f} s a training{spread}", flush=True)
     print(f"{name:<12}audit (pretrained features) / one training: {audit_seconds / runs['noisy'][1]:.2f}")
 
 
@@ -484,6 +498,7 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="train on noisy, corrected and clean labels")
     parser.add_argument("--loop-sets", default="quickstart")
     parser.add_argument("--loop-epochs", type=int, default=2)
+    parser.add_argument("--loop-seeds", type=int, default=1, help="trainings per label file (seed=0, 1, ...)")
     parser.add_argument("--loop-from", action="store_true",
                         help="also audit with the noisy run's backbone (--from) and train on its corrections")
     parser.add_argument("--feature-sizes", default="", help="extra audits with features at S px (--feature-size S), e.g. 64,224")
