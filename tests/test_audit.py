@@ -346,12 +346,21 @@ def test_python_m_and_callable_module(noisy_set, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_budget_trains_one_model_per_fold(noisy_set, tmp_path):
+def test_full_budget_trains_one_model_per_fold(noisy_set, tmp_path, monkeypatch):
+    """One model per fold, also with a relative --out; a rerun reuses a fold's finished model only
+    for the same rows and labels: another seed (other folds) trains anew."""
     root, injected = noisy_set
-    result = audit("quickstart", [f"data.root={root}", *TINY, "train.epochs=1", "thresholds.bootstrap=0"],
-                   out=tmp_path / "full", folds=2, budget="full", quiet=True)
-    assert sorted(p.name for p in (tmp_path / "full" / "folds").glob("run*")) == ["run0", "run1"]
+    monkeypatch.chdir(tmp_path)
+    keys = [f"data.root={root}", *TINY, "train.epochs=1", "thresholds.bootstrap=0"]
+    result = audit("quickstart", keys, out="full", folds=2, budget="full", quiet=True)
+    runs = sorted(p.name for p in (tmp_path / "full" / "folds").glob("run*"))
+    assert [r.split("-")[0] for r in runs] == ["run0", "run1"]
     assert result.probs.shape == (300, 4) and np.array_equal(np.isnan(result.missing), result.given != 0)
+    again = audit("quickstart", keys, out="full", folds=2, budget="full", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "full" / "folds").glob("run*")) == runs  # reused: same folds
+    assert np.array_equal(again.probs, result.probs)
+    audit("quickstart", keys, out="full", folds=2, budget="full", quiet=True, seed=1)
+    assert len(list((tmp_path / "full" / "folds").glob("run*"))) == 4  # other folds: trained anew
 
 
 @pytest.mark.slow
@@ -420,3 +429,116 @@ def test_one_corrections_file_for_train_and_val_applies_per_split(audited, noisy
     only_val = _corrections(tmp_path / "val_only.csv", [(val["image"], val["label"], "fix")])
     _fails(capsys, ["audit", "apply", str(folder), str(only_val), "--out", str(tmp_path / "x.csv")], "--split val")
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_apply_never_writes_over_its_own_inputs_or_the_audits_files(audited, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "audit"
+    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
+    listed = list(csv.DictReader((folder / "issues.csv").open()))
+    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    kept = {p: p.read_bytes() for p in [corrections, *folder.iterdir()]}
+    for out in (corrections, folder / "issues.csv", folder / "suggestions.csv"):
+        _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(out)], "input")
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def _damage(folder: Path, name: str, how: str) -> None:
+    path = folder / name
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "header":
+        path.write_text("a,b,c\n1,2,3\n")
+    else:
+        path.write_text(how)
+
+
+@pytest.mark.parametrize("name, how", [("oof.npz", "truncate"), ("oof.npz", ""), ("summary.json", "truncate"),
+                                       ("summary.json", "{}"), ("summary.json", "[]"), ("issues.csv", "header"),
+                                       ("issues.csv", "truncate")])
+def test_a_damaged_audit_folder_is_named_with_the_way_out(audited, tmp_path, capsys, name, how):
+    import shutil
+    folder = tmp_path / "audit"
+    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
+    listed = list(csv.DictReader((folder / "issues.csv").open()))
+    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    _damage(folder, name, how)
+    _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "new.csv")],
+           name, "run mlabel audit again")
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_apply_refuses_a_label_file_changed_since_the_audit(audited, noisy_set, tmp_path, capsys):
+    import shutil
+    root, _ = noisy_set
+    folder = tmp_path / "audit"
+    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
+    source = tmp_path / "labels" / "train.csv"  # the file the audit read, as a copy we may change
+    source.parent.mkdir()
+    shutil.copy(root / "train.csv", source)
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["sources"][0]["file"] = str(source)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    listed = [r for r in csv.DictReader((folder / "issues.csv").open()) if r["image"] in set(audited.paths[:240])]
+    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    assert cli_main(["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "ok.csv")]) == 0
+    lines = source.read_text().splitlines(keepends=True)
+    source.write_text("".join(lines[:-1]))  # a row removed after the audit
+    _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "new.csv")],
+           str(source), "changed since the audit")
+    source.unlink()
+    _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "new.csv")],
+           str(source), "gone")
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_audit_refuses_duplicates_image_folders_model_folders_and_bad_seeds(noisy_set, tmp_path, capsys):
+    root, _ = noisy_set
+    rows = (root / "train.csv").read_text().splitlines()
+    elsewhere = tmp_path / "labels"  # a root of its own whose rows name the images where they are
+    elsewhere.mkdir()
+    absolute = [rows[0], *(f"{root / r.split(',', 1)[0]},{r.split(',', 1)[1]}" for r in rows[1:])]
+    (elsewhere / "train.csv").write_text("\n".join(absolute) + "\n")
+    (elsewhere / "val.csv").write_text("\n".join([rows[0], *absolute[1:31]]) + "\n")  # val repeats train's rows
+    base = ["audit", "quickstart", f"data.root={elsewhere}", *TINY, "--quiet"]
+    assert cli_main([*base, "--out", str(tmp_path / "dup")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()  # the reader's own warning about the overlap, then the refusal
+    assert said[-1].startswith("error: image ") and all(w in said[-1] for w in ("listed twice", "data.train row 1",
+                                                                                "data.val row 1")), said
+    (elsewhere / "val.csv").write_text("\n".join([rows[0]]) + "\n")
+    base = ["audit", "quickstart", f"data.root={elsewhere}", *TINY, "data.val=null", "--quiet"]
+    _fails(capsys, [*base, "--out", str(root / "images" / "audit")], "inside the data folder", str(root / "images"))
+    model = tmp_path / "model"
+    mlabel.create_model("test_resnet", LABELS, image_size=32).save_pretrained(model)
+    _fails(capsys, [*base, "--out", str(model / "audit")], "model directory")
+    _fails(capsys, [*base, "--seed", "-1", "--out", str(tmp_path / "seed")], "--seed -1")
+    assert not any((tmp_path / n).exists() for n in ("dup", "seed")) and not (root / "images" / "audit").exists()
+    assert not (model / "audit").exists()
+
+
+def test_an_unreadable_image_found_while_scoring_leaves_no_folder(noisy_set, tmp_path, capsys):
+    root, _ = noisy_set
+    rows = (root / "train.csv").read_text().splitlines()
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature, then nothing
+    table = [rows[0], *(f"{root / r.split(',', 1)[0]},{r.split(',', 1)[1]}" for r in rows[1:]),
+             f"broken.png,{rows[1].split(',', 1)[1]}"]
+    (labels / "train.csv").write_text("\n".join(table) + "\n")
+    out = tmp_path / "out"
+    _fails(capsys, ["audit", "quickstart", f"data.root={labels}", *TINY, "data.val=null", "--quiet", "--out", str(out)],
+           "broken.png")
+    assert not out.exists()
+
+
+def test_corrections_may_name_the_image_as_the_label_file_does(audited, noisy_set, tmp_path):
+    root, _ = noisy_set
+    listed = [r for r in csv.DictReader((audited.out / "issues.csv").open()) if r["image"] in set(audited.paths[:240])]
+    row = listed[0]
+    relative = os.path.relpath(row["image"], root)  # images/train17.png, as train.csv names it
+    by_path = _corrections(tmp_path / "a.csv", [(row["image"], row["label"], "fix")])
+    by_name = _corrections(tmp_path / "b.csv", [(relative, row["label"], "fix")])
+    for corrections, out in ((by_path, "a-new.csv"), (by_name, "b-new.csv")):
+        assert cli_main(["audit", "apply", str(audited.out), str(corrections), "--out", str(tmp_path / out)]) == 0
+    assert (tmp_path / "a-new.csv").read_bytes() == (tmp_path / "b-new.csv").read_bytes()
+    assert (tmp_path / "a-new.csv").read_bytes() != (root / "train.csv").read_bytes()

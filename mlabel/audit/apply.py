@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,29 +48,67 @@ class Audited:
     listed: dict  # (image, label) -> (kind, given)
 
 
-def load_audit(folder: Path) -> Audited:
-    summary_path = folder / "summary.json"
-    if not summary_path.is_file():
+AUDIT_FILES = ("summary.json", "oof.npz", "issues.csv", "suggestions.csv", "audit.html")
+
+
+def _damaged(path: Path, why) -> DataError:
+    return DataError(f"{path} cannot be read ({_short(str(why))}): the audit folder is damaged or not an audit's "
+                     "--out; run mlabel audit again into a new --out")
+
+
+def _summary(folder: Path) -> dict:
+    path = folder / "summary.json"
+    if not path.is_file():
         raise DataError(f"{folder} holds no summary.json: give the --out folder of mlabel audit")
-    summary = json.loads(summary_path.read_text())
-    with np.load(folder / "oof.npz") as arrays:
-        paths, labels, given = [str(p) for p in arrays["paths"]], [str(n) for n in arrays["labels"]], arrays["given"]
-    return Audited(folder, summary, paths, labels, given, read_listed(folder))
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        sources = {s["split"]: s for s in summary["sources"]}
+        if not {"train", "val"} <= set(sources) or not isinstance(summary["data"], dict):
+            raise ValueError("no train and val sources")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise _damaged(path, exc) from None
+    return summary
+
+
+def load_audit(folder: Path) -> Audited:
+    summary, path = _summary(folder), folder / "oof.npz"
+    if not path.is_file():
+        raise DataError(f"{folder} holds no oof.npz: the audit folder is incomplete; run mlabel audit again into a new --out")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            paths, labels = [str(p) for p in arrays["paths"]], [str(n) for n in arrays["labels"]]
+            given = np.asarray(arrays["given"], dtype=np.int8)
+        if given.shape != (len(paths), len(labels)):
+            raise ValueError(f"given is {given.shape} for {len(paths)} images and {len(labels)} labels")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise _damaged(path, exc) from None
+    try:
+        listed = read_listed(folder)
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise _damaged(folder / "issues.csv", f"{type(exc).__name__}: {exc}") from None
+    return Audited(folder, summary, paths, labels, given, listed)
+
+
+def _short(text: str, most: int = 80) -> str:
+    """``text`` clipped for a message (a hostile file can hold a field of any size)."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
 
 
 def _closest(word: str, options, what: str) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f"{what} {word!r} is not in the audit" + (f" (did you mean {close[0]!r}?)" if close else "")
+    close = difflib.get_close_matches(word, list(options), n=1) if len(word) <= 1000 else []
+    return f"{what} {_short(word)!r} is not in the audit" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _decision_row(row: dict, where: str, audited: Audited, images: set) -> tuple[tuple[str, str], str]:
     image, label, decision = [(row.get(k) or "").strip() for k in ("image", "label", "decision")]
     if decision not in DECISIONS:
-        raise DataError(f"{where}: decision {decision!r}; give one of {list(DECISIONS)}")
+        raise DataError(f"{where}: decision {_short(decision)!r}; give one of {list(DECISIONS)}")
+    if image not in images and len(image) <= 4096:  # as the label file names it: relative to data.root
+        image = str(resolve_image(Path(audited.summary["data"]["root"]), image)) if image else image
     if image not in images:
         raise DataError(f"{where}: {_closest(image, images, 'image')}; give the image as issues.csv names it")
     if label not in audited.labels:
-        raise DataError(f"{where}: {_closest(label, audited.labels, 'label')}; labels: {audited.labels}")
+        raise DataError(f"{where}: {_closest(label, audited.labels, 'label')}; labels: {_short(str(audited.labels), 300)}")
     if (image, label) not in audited.listed:
         raise DataError(f"{where}: the audit did not list {label!r} of {image} (not in issues.csv or "
                         "suggestions.csv); correct only the listed cells")
@@ -78,7 +118,8 @@ def _decision_row(row: dict, where: str, audited: Audited, images: set) -> tuple
 def read_corrections(path: Path, audited: Audited) -> dict[tuple[str, str], int]:
     """(image, label) -> new value (1, 0, -1) of every fix and unknown decision, checked."""
     if not path.is_file():
-        raise DataError(f"corrections file {path} not found")
+        raise DataError(f"corrections file {path} " + ("is a folder: give the corrections.csv file" if path.is_dir()
+                                                       else "not found"))
     reader = csv.DictReader(read_text(path).splitlines())
     if reader.fieldnames is None or not {"image", "label", "decision"} <= {f.strip() for f in reader.fieldnames}:
         raise DataError(f"{path}: the header must be image,label,decision (as audit.html downloads it), "
@@ -125,9 +166,10 @@ def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
     audited = load_audit(Path(folder))
     values = read_corrections(Path(corrections), audited)
     source, rows = _split_rows(audited, split)
+    _check_source(source)
     values, elsewhere = _own_rows(values, audited, rows, split)
     out = Path(out)
-    _check_out(out, audited, source)
+    _check_out(out, audited, [Path(corrections), *(Path(folder) / name for name in AUDIT_FILES)])
     data = audited.summary["data"]
     own = source["file"] is not None and data["format"] in ("csv", "jsonl") and \
         Path(out).suffix.lower() == Path(source["file"]).suffix.lower()
@@ -142,14 +184,31 @@ def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
             "other_split": elsewhere}
 
 
-def _check_out(out: Path, audited: Audited, source: dict) -> None:
+def _check_source(source: dict) -> None:
+    """The split's label file is the one the audit read: present, with the same bytes."""
+    file = source["file"]
+    if file is None or not source.get("sha256"):
+        return  # no file of its own (a folder, COCO, ...): a generic table is written from the audit
+    if not Path(file).is_file():
+        raise DataError(f"{file}, the label file the audit read, is gone: restore it, or run mlabel audit again")
+    if hashlib.sha256(Path(file).read_bytes()).hexdigest() != source["sha256"]:
+        raise DataError(f"{file} changed since the audit (its SHA-256 is not the one summary.json recorded): the "
+                        "decisions may not fit its rows; run mlabel audit again on it and review anew")
+
+
+def _check_out(out: Path, audited: Audited, also: list[Path]) -> None:
+    """Refuse an ``--out`` over any input (the label files, the corrections, the audit's own files)
+    or in the data (the data root, the label files' and the images' folders)."""
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise DataError(f"--out {out}: give a .csv or .jsonl file name")
     data = audited.summary["data"]
     inputs = [s["file"] for s in audited.summary["sources"] if s["file"]]
-    check_output(out, inputs)
+    check_output(out, [*inputs, *also])
     target = out.resolve()
-    for folder in {Path(data["root"]).resolve(), *(Path(f).resolve().parent for f in inputs)}:
+    images = {os.path.dirname(p.split("#", 1)[0]) or "." for p in audited.paths}
+    folders = {Path(data["root"]).resolve(), *(Path(f).resolve().parent for f in inputs),
+               *(Path(f).resolve() for f in images)}
+    for folder in sorted(folders):
         if folder in target.parents:
             raise DataError(f"--out {out} is inside the data folder {folder}; the data are never changed: "
                             "write the new labels outside it")

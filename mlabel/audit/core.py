@@ -3,6 +3,9 @@ every known cell, and the audit's files in ``out``. Everything the data or the s
 is checked before the first file is written."""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +52,8 @@ class AuditSettings:
             raise DataError(f"--scoring {self.scoring!r}: choose one of {list(SCORINGS)}")
         if self.top < 1:
             raise DataError(f"--top {self.top}: give at least 1")
+        if not 0 <= self.seed < 2 ** 32:
+            raise DataError(f"--seed {self.seed}: give an integer from 0 to {2 ** 32 - 1}")
         if self.from_run is not None and self.budget == "full":
             raise DataError("--from RUN gives the fast budget its features; --budget full trains its own models")
         if self.feature_size is not None and not 16 <= self.feature_size <= 1024:
@@ -105,14 +110,40 @@ def _data_folders(data: DataConfig) -> list[Path]:
     return [root, *{(root / f).resolve().parent for f in files}]
 
 
-def _check_out(out: Path, data: DataConfig) -> None:
+def _image_folders(paths) -> set[Path]:
+    """The folders the images are in (a shard member ``SHARD#KEY``: the shard's), links followed."""
+    folders = {os.path.dirname(str(p).split("#", 1)[0]) or "." for p in paths}
+    return {Path(f).resolve() for f in folders}
+
+
+def _check_out(out: Path, data: DataConfig, paths=()) -> None:
+    """Refuse an ``--out`` in the data (``data.root``, the label files' folders, the images'
+    folders), in a model directory, or over a file."""
+    from ..modelfiles import META_FILE, WEIGHTS_FILE
     target = out.resolve()
-    for folder in _data_folders(data):
+    for folder in [*_data_folders(data), *sorted(_image_folders(paths))]:
         if target == folder or folder in target.parents:
             raise DataError(f"--out {out} is inside the data folder {folder}; the audit never writes into the "
                             "user's data: choose a folder outside it")
+    for folder in (target, *target.parents):
+        if (folder / META_FILE).is_file() or (folder / WEIGHTS_FILE).is_file():
+            raise DataError(f"--out {out} is inside the model directory {folder}, which holds the model alone: "
+                            "choose a folder outside it")
     if target.exists() and not target.is_dir():
         raise DataError(f"--out {out} is a file; give a folder")
+
+
+def _check_unique(table: LabelTable, n_train: int) -> None:
+    """Refuse an image listed twice: its copies would land in different folds (each scored by a
+    model that saw the other's labels), and the audit's cells are keyed by image."""
+    first: dict[str, int] = {}
+    for i, path in enumerate(table.paths):
+        j = first.setdefault(str(path), i)
+        if j != i:
+            where = [f"data.{'train' if r < n_train else 'val'} row {r + 1 if r < n_train else r - n_train + 1}"
+                     for r in (j, i)]
+            raise DataError(f"image {path} is listed twice ({where[0]} and {where[1]}): the audit scores each image "
+                            "once, by a model that never saw it; remove the duplicate row (keep one with the right labels)")
 
 
 def _source_of(data: DataConfig, split: str, rows: int) -> dict:
@@ -120,7 +151,9 @@ def _source_of(data: DataConfig, split: str, rows: int) -> dict:
     carved = split == "val" and not name
     path = None if carved else Path(name) if Path(name).is_absolute() else Path(data.root) / name
     file = str((path if path else Path(data.root) / data.train).resolve())
-    return {"split": split, "file": file if Path(file).is_file() else None, "rows": rows, "carved": carved}
+    exists = Path(file).is_file()
+    return {"split": split, "file": file if exists else None, "rows": rows, "carved": carved,
+            "sha256": hashlib.sha256(Path(file).read_bytes()).hexdigest() if exists else None}
 
 
 # The smallest side a pretrained backbone's features are computed at (small images are upscaled to
@@ -173,6 +206,8 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
     _check_out(out, config.data)
     splits = build_splits(config.data, config.task, config.seed)
     table = _joined(splits)
+    _check_out(out, config.data, table.paths)
+    _check_unique(table, len(splits.train))
     given = table.targets.astype(np.int8)
     check_folds(given, settings.folds, splits.labels)
     device = resolve_device("auto")
@@ -185,7 +220,7 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
 def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, fold: np.ndarray):
     """Out-of-fold logits (N, L) and what the features came from."""
     if settings.budget == "full":
-        job = FullJob(str(recipe), tuple(overrides), plan.table, out / "folds", plan.cfg.data.batch_size,
+        job = FullJob(str(recipe), tuple(overrides), plan.table, out.resolve() / "folds", plan.cfg.data.batch_size,
                       plan.cfg.data.num_workers)
         return full_logits(job, fold), {"models": f"{settings.folds} trainings with the recipe"}
     job = FeatureJob(plan.table, plan.model.to(plan.device), plan.cfg.data.batch_size, plan.cfg.data.num_workers,
@@ -228,11 +263,21 @@ def audit(recipe, overrides: Sequence[str] = (), *, out, **options) -> AuditResu
             (a run or model folder whose backbone gives the features), seed (0), scoring
             ("abs" | "margin" | "zscore"), top (rows of issues.csv, 5000), quiet.
     """
-    from .outputs import write_outputs
     settings = AuditSettings(**options)
     started, out = time.perf_counter(), Path(out)
     plan = prepare(recipe, overrides, out, settings)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _audit(plan, recipe, overrides, out, settings, started)
+    except DataError:
+        if created:  # a refusal found while scoring (an unreadable image, ...) leaves no half folder
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _audit(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, started: float) -> AuditResult:
+    from .outputs import write_outputs
     fold = fold_of(plan.given, settings.folds, settings.seed)
     logits, origin = oof_logits(plan, recipe, overrides, out, settings, fold)
     scored = time.perf_counter()

@@ -41,10 +41,10 @@ def check_folds(given: np.ndarray, folds: int, labels: list[str]) -> None:
     positives = (given == 1).sum(0)
     rarest = int(np.argmin(positives))
     if positives[rarest] < folds:
-        fix = f"--folds {int(positives[rarest])}" if positives[rarest] >= 2 else \
-            f"drop it (data.labels without {labels[rarest]!r}) or add positives"
+        fix = f"use --folds {int(positives[rarest])}" if positives[rarest] >= 2 else \
+            f"drop the label (data.labels without {labels[rarest]!r}) or add positives"
         raise DataError(f"--folds {folds} is more than label {labels[rarest]!r} has positives "
-                        f"({int(positives[rarest])}): every fold needs one; use {fix}")
+                        f"({int(positives[rarest])}): every fold needs one; {fix}")
 
 
 @dataclass
@@ -210,15 +210,26 @@ class FullJob:
     workers: int
 
 
+def _fold_key(job: FullJob, train_csv: Path) -> str:
+    """What a fold's model depends on: its training rows and labels (the fold file), the recipe
+    (its text when it is a file) and the overrides."""
+    digest = hashlib.sha256(train_csv.read_bytes())
+    recipe = Path(job.recipe)
+    digest.update(recipe.read_bytes() if recipe.is_file() else job.recipe.encode())
+    digest.update(json.dumps(list(job.overrides)).encode())
+    return digest.hexdigest()[:16]
+
+
 def _fold_model(job: FullJob, rows: np.ndarray, k: int):
-    """The model trained on ``rows`` (the other folds), reused when a finished run is there."""
+    """The model trained on ``rows`` (the other folds); a finished run of the same rows, labels,
+    recipe and overrides (a rerun after a kill) is reused, never one of other data or folds."""
     from ..models import load
     from ..resume import finished_run
     from ..train import fit
-    run = job.folder / f"run{k}"
+    train = fold_table(job.table, rows, job.folder / f"fold{k}-train.csv")
+    run = job.folder / f"run{k}-{_fold_key(job, train)}"
     if run.is_dir() and finished_run(run) is not None:
         return load(run / "model")
-    train = fold_table(job.table, rows, job.folder / f"fold{k}-train.csv")
     keys = [f"data.train={train}", "data.root=/", "data.format=csv", "data.generate=null", "data.val=null",
             "data.test=null", "data.val_fraction=0.1", "data.test_fraction=0", "data.labels=null",
             "data.image_column=null", "data.label_columns=null", "data.labels_column=null",
