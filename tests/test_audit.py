@@ -542,3 +542,28 @@ def test_corrections_may_name_the_image_as_the_label_file_does(audited, noisy_se
         assert cli_main(["audit", "apply", str(audited.out), str(corrections), "--out", str(tmp_path / out)]) == 0
     assert (tmp_path / "a-new.csv").read_bytes() == (tmp_path / "b-new.csv").read_bytes()
     assert (tmp_path / "a-new.csv").read_bytes() != (root / "train.csv").read_bytes()
+
+
+def test_one_audit_at_a_time_in_a_folder_and_a_killed_ones_temporaries_go(audited, noisy_set, tmp_path, capsys):
+    import shutil
+    from mlabel.rundir import hold_run_dir
+    root, _ = noisy_set
+    folder = tmp_path / "audit"
+    shutil.copytree(audited.out, folder)
+    stale = [folder / "cache" / ".features-0123.npy.x1y2.tmp", folder / ".issues.csv.abcd.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    listed = list(csv.DictReader((folder / "issues.csv").open()))
+    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with hold_run_dir(folder, "mlabel audit"):  # another audit holds the folder
+        _fails(capsys, ["audit", "quickstart", f"data.root={root}", *TINY, "--quiet", "--folds", "3",
+                        "--out", str(folder)], str(folder), "mlabel audit")
+        _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "new.csv")],
+               "mlabel audit")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "new.csv").exists()
+    assert cli_main(["audit", "quickstart", f"data.root={root}", *TINY, "--quiet", "--folds", "3",
+                     "--out", str(folder)]) == 0
+    assert not any(p.exists() for p in stale) and not (folder / ".lock").exists()
+    assert (folder / "issues.csv").read_bytes() == (audited.out / "issues.csv").read_bytes()

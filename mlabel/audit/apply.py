@@ -29,6 +29,7 @@ import numpy as np
 from ..data.tables import read_text, resolve_image
 from ..errors import DataError
 from ..io import check_output, write_text
+from ..rundir import hold_run_dir
 from .outputs import read_listed
 
 __all__ = ["DECISIONS", "apply_corrections", "read_corrections"]
@@ -162,7 +163,15 @@ def _own_rows(values: dict, audited: Audited, rows: range, split: str) -> tuple[
 
 
 def apply_corrections(folder, corrections, out, split: str = "train") -> dict:
-    """Write ``out``: the label file of ``split`` with the corrections applied; returns counts."""
+    """Write ``out``: the label file of ``split`` with the corrections applied; returns counts.
+    The audit folder is held meanwhile, so an audit rewriting it cannot change it under the reading."""
+    if not (Path(folder) / "summary.json").is_file():  # checked before the lock: never a lock file in another folder
+        raise DataError(f"{folder} holds no summary.json: give the --out folder of mlabel audit")
+    with hold_run_dir(Path(folder), "mlabel audit apply"):
+        return _apply(folder, corrections, out, split)
+
+
+def _apply(folder, corrections, out, split: str) -> dict:
     audited = load_audit(Path(folder))
     values = read_corrections(Path(corrections), audited)
     source, rows = _split_rows(audited, split)

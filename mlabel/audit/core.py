@@ -24,6 +24,7 @@ from ..data.tables import LabelTable
 from ..distributed import resolve_device
 from ..errors import DataError
 from ..resolve import Machine, ResolvedConfig, resolve
+from ..rundir import hold_run_dir
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
 from .rank import BLOCK_CELLS, DEFAULT_SCORING, SCORINGS, label_thresholds, suspicion
 
@@ -269,11 +270,21 @@ def audit(recipe, overrides: Sequence[str] = (), *, out, **options) -> AuditResu
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _audit(plan, recipe, overrides, out, settings, started)
+        with hold_run_dir(out, "mlabel audit"):  # a second audit (or an apply) into it stops, naming this one
+            _remove_stale_temps(out)
+            return _audit(plan, recipe, overrides, out, settings, started)
     except DataError:
         if created:  # a refusal found while scoring (an unreadable image, ...) leaves no half folder
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """The temporary files a killed audit left (its writes are atomic: a kill leaves a ``.NAME.*.tmp``
+    beside the file, never half a file); only called while the folder is held."""
+    for folder in (out, out / "cache", out / "folds"):
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
 
 
 def _audit(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, started: float) -> AuditResult:
