@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -8,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "check_output", "check_writable", "remove_stale_temps", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_output", "check_writable", "file_sha256", "remove_stale_temps", "write_json",
+           "write_text"]
 
 
 def _umask() -> int:
@@ -92,6 +94,12 @@ def _same_file(target: Path, item: Path) -> bool:
         return target == item.resolve() or (target.exists() and os.path.samefile(target, item))
     except OSError:  # an input that does not exist (reported where it is read) is no file to protect
         return False
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (a label file can be gigabytes)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import io
 import json
 import os
@@ -28,8 +27,9 @@ import numpy as np
 
 from ..data.tables import read_text, resolve_image
 from ..errors import DataError
-from ..io import check_output, write_text
+from ..io import check_output, file_sha256, write_text
 from ..rundir import hold_run_dir
+from .core import image_folders
 from .outputs import read_listed
 
 __all__ = ["DECISIONS", "apply_corrections", "read_corrections"]
@@ -200,7 +200,7 @@ def _check_source(source: dict) -> None:
         return  # no file of its own (a folder, COCO, ...): a generic table is written from the audit
     if not Path(file).is_file():
         raise DataError(f"{file}, the label file the audit read, is gone: restore it, or run mlabel audit again")
-    if hashlib.sha256(Path(file).read_bytes()).hexdigest() != source["sha256"]:
+    if file_sha256(file) != source["sha256"]:
         raise DataError(f"{file} changed since the audit (its SHA-256 is not the one summary.json recorded): the "
                         "decisions may not fit its rows; run mlabel audit again on it and review anew")
 
@@ -214,9 +214,8 @@ def _check_out(out: Path, audited: Audited, also: list[Path]) -> None:
     inputs = [s["file"] for s in audited.summary["sources"] if s["file"]]
     check_output(out, [*inputs, *also])
     target = out.resolve()
-    images = {os.path.dirname(p.split("#", 1)[0]) or "." for p in audited.paths}
     folders = {Path(data["root"]).resolve(), *(Path(f).resolve().parent for f in inputs),
-               *(Path(f).resolve() for f in images)}
+               *image_folders(audited.paths)}
     for folder in sorted(folders):
         if folder in target.parents:
             raise DataError(f"--out {out} is inside the data folder {folder}; the data are never changed: "

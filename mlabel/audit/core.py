@@ -3,7 +3,6 @@ every known cell, and the audit's files in ``out``. Everything the data or the s
 is checked before the first file is written."""
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +22,7 @@ from ..data.synthetic import scenes_root
 from ..data.tables import LabelTable
 from ..distributed import resolve_device
 from ..errors import DataError
+from ..io import file_sha256
 from ..resolve import Machine, ResolvedConfig, resolve
 from ..rundir import hold_run_dir
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
@@ -111,21 +111,26 @@ def _data_folders(data: DataConfig) -> list[Path]:
     return [root, *{(root / f).resolve().parent for f in files}]
 
 
-def _image_folders(paths) -> set[Path]:
+def image_folders(paths) -> set[Path]:
     """The folders the images are in (a shard member ``SHARD#KEY``: the shard's), links followed."""
     folders = {os.path.dirname(str(p).split("#", 1)[0]) or "." for p in paths}
     return {Path(f).resolve() for f in folders}
 
 
-def _check_out(out: Path, data: DataConfig, paths=()) -> None:
-    """Refuse an ``--out`` in the data (``data.root``, the label files' folders, the images'
-    folders), in a model directory, or over a file."""
-    from ..modelfiles import META_FILE, WEIGHTS_FILE
+def _refuse_inside(out: Path, folders) -> None:
     target = out.resolve()
-    for folder in [*_data_folders(data), *sorted(_image_folders(paths))]:
+    for folder in folders:
         if target == folder or folder in target.parents:
             raise DataError(f"--out {out} is inside the data folder {folder}; the audit never writes into the "
                             "user's data: choose a folder outside it")
+
+
+def _check_out(out: Path, data: DataConfig) -> None:
+    """Refuse an ``--out`` in the data (``data.root``, the label files' folders), in a model
+    directory, or over a file (the images' folders are checked once the table is read)."""
+    from ..modelfiles import META_FILE, WEIGHTS_FILE
+    _refuse_inside(out, _data_folders(data))
+    target = out.resolve()
     for folder in (target, *target.parents):
         if (folder / META_FILE).is_file() or (folder / WEIGHTS_FILE).is_file():
             raise DataError(f"--out {out} is inside the model directory {folder}, which holds the model alone: "
@@ -154,7 +159,7 @@ def _source_of(data: DataConfig, split: str, rows: int) -> dict:
     file = str((path if path else Path(data.root) / data.train).resolve())
     exists = Path(file).is_file()
     return {"split": split, "file": file if exists else None, "rows": rows, "carved": carved,
-            "sha256": hashlib.sha256(Path(file).read_bytes()).hexdigest() if exists else None}
+            "sha256": file_sha256(file) if exists else None}
 
 
 # The smallest side a pretrained backbone's features are computed at (small images are upscaled to
@@ -207,7 +212,7 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
     _check_out(out, config.data)
     splits = build_splits(config.data, config.task, config.seed)
     table = _joined(splits)
-    _check_out(out, config.data, table.paths)
+    _refuse_inside(out, sorted(image_folders(table.paths)))
     _check_unique(table, len(splits.train))
     given = table.targets.astype(np.int8)
     check_folds(given, settings.folds, splits.labels)

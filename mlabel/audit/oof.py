@@ -22,7 +22,7 @@ from ..data import ImageDataset, build_transform, make_loader
 from ..data.dataset import LoaderSettings
 from ..data.tables import LabelTable
 from ..errors import DataError
-from ..io import atomic_path
+from ..io import atomic_path, file_sha256
 from ..losses import BCEWithLogits, pos_weight_from_targets
 
 __all__ = ["FeatureJob", "fold_of", "check_folds", "cached_features", "fit_heads", "score_rows", "HeadSettings"]
@@ -213,7 +213,7 @@ class FullJob:
 def _fold_key(job: FullJob, train_csv: Path) -> str:
     """What a fold's model depends on: its training rows and labels (the fold file), the recipe
     (its text when it is a file) and the overrides."""
-    digest = hashlib.sha256(train_csv.read_bytes())
+    digest = hashlib.sha256(file_sha256(train_csv).encode())
     recipe = Path(job.recipe)
     digest.update(recipe.read_bytes() if recipe.is_file() else job.recipe.encode())
     digest.update(json.dumps(list(job.overrides)).encode())
