@@ -431,12 +431,18 @@ def test_one_corrections_file_for_train_and_val_applies_per_split(audited, noisy
     assert not (tmp_path / "x.csv").exists()
 
 
-def test_apply_never_writes_over_its_own_inputs_or_the_audits_files(audited, tmp_path, capsys):
+def _copy_of_audit(audited, tmp_path, cache: bool = False) -> tuple[Path, Path]:
+    """A copy of the audit's folder (without the feature cache unless ``cache``) and a
+    corrections.csv fixing its most suspect cell."""
     import shutil
     folder = tmp_path / "audit"
-    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
-    listed = list(csv.DictReader((folder / "issues.csv").open()))
-    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    shutil.copytree(audited.out, folder, ignore=None if cache else shutil.ignore_patterns("cache"))
+    first = next(csv.DictReader((folder / "issues.csv").open()))
+    return folder, _corrections(tmp_path / "c.csv", [(first["image"], first["label"], "fix")])
+
+
+def test_apply_never_writes_over_its_own_inputs_or_the_audits_files(audited, tmp_path, capsys):
+    folder, corrections = _copy_of_audit(audited, tmp_path)
     kept = {p: p.read_bytes() for p in [corrections, *folder.iterdir()]}
     for out in (corrections, folder / "issues.csv", folder / "suggestions.csv"):
         _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(out)], "input")
@@ -457,11 +463,7 @@ def _damage(folder: Path, name: str, how: str) -> None:
                                        ("summary.json", "{}"), ("summary.json", "[]"), ("issues.csv", "header"),
                                        ("issues.csv", "truncate")])
 def test_a_damaged_audit_folder_is_named_with_the_way_out(audited, tmp_path, capsys, name, how):
-    import shutil
-    folder = tmp_path / "audit"
-    shutil.copytree(audited.out, folder, ignore=shutil.ignore_patterns("cache"))
-    listed = list(csv.DictReader((folder / "issues.csv").open()))
-    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
+    folder, corrections = _copy_of_audit(audited, tmp_path)
     _damage(folder, name, how)
     _fails(capsys, ["audit", "apply", str(folder), str(corrections), "--out", str(tmp_path / "new.csv")],
            name, "run mlabel audit again")
@@ -545,16 +547,12 @@ def test_corrections_may_name_the_image_as_the_label_file_does(audited, noisy_se
 
 
 def test_one_audit_at_a_time_in_a_folder_and_a_killed_ones_temporaries_go(audited, noisy_set, tmp_path, capsys):
-    import shutil
     from mlabel.rundir import hold_run_dir
     root, _ = noisy_set
-    folder = tmp_path / "audit"
-    shutil.copytree(audited.out, folder)
+    folder, corrections = _copy_of_audit(audited, tmp_path, cache=True)
     stale = [folder / "cache" / ".features-0123.npy.x1y2.tmp", folder / ".issues.csv.abcd.tmp"]
     for path in stale:
         path.write_bytes(b"half")
-    listed = list(csv.DictReader((folder / "issues.csv").open()))
-    corrections = _corrections(tmp_path / "c.csv", [(listed[0]["image"], listed[0]["label"], "fix")])
     before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     with hold_run_dir(folder, "mlabel audit"):  # another audit holds the folder
         _fails(capsys, ["audit", "quickstart", f"data.root={root}", *TINY, "--quiet", "--folds", "3",
