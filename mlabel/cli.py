@@ -8,6 +8,7 @@ Anything else is a bug of ours and is said to be one, also in one line; ``--debu
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import functools
 import importlib
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Callable
 
-__all__ = ["COMMANDS", "describe_error", "guarded", "main"]
+__all__ = ["COMMANDS", "ArgumentParser", "describe_error", "guarded", "main"]
 
 # command -> (module with main(argv), or module:function, one line)
 COMMANDS = {
@@ -34,6 +35,15 @@ COMMANDS = {
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error policy: a wrong option or a missing argument is one
+    ``error:`` line naming the command and where its usage is, exit 2 (argparse prints its whole usage
+    block first). Subcommand parsers made by ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _debugging(argv: list[str]) -> bool:
@@ -81,8 +91,7 @@ def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], in
 @guarded
 def models_main(argv: list[str]) -> int:
     """``mlabel models [PATTERN]``: timm backbones matching PATTERN; ``offline`` marks weights on this machine."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="mlabel models", description=models_main.__doc__.split(": ", 1)[1])
+    parser = ArgumentParser(prog="mlabel models", description=models_main.__doc__.split(": ", 1)[1])
     parser.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. '*efficientnet*'")
     args = parser.parse_args(argv)
     import timm

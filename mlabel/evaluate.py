@@ -6,11 +6,10 @@ their arguments, and the one-line summary of a split's figures. Scoring itself i
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from .cli import guarded
+from .cli import ArgumentParser, guarded
 from .checks import load_checked
 from .config import ConfigError
 from .distributed import resolve_device
@@ -62,9 +61,9 @@ def summary_line(name: str, m: dict) -> str:
 # What a user's mistake raises in the model commands: reported in one line, exit status 2.
 
 
-def model_command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def model_command_parser(prog: str, description: str) -> ArgumentParser:
     """The arguments ``mlabel.evaluate`` and ``mlabel.tune`` share."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("model_dir", help="a model directory or a run directory")
     parser.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value]",
                         help="the recipe whose data to use (default: the run's config.yaml) and overrides")

@@ -17,7 +17,6 @@ returns the raw logits. ``--format tagger`` writes a WD14-style tagger folder: `
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import guarded
+from .cli import ArgumentParser, guarded
 from .errors import UserError
 from .io import atomic_path, check_output
 from .models import MultiLabelClassifier, load, locate_model
@@ -324,7 +323,7 @@ FOLDER_FORMATS = ("timm", "tagger")
 
 @guarded
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlabel export",
+    parser = ArgumentParser(prog="mlabel export",
                                      description="Export a saved model with its labels, thresholds and preprocessing.")
     parser.add_argument("model_dir", help="a model directory or a run directory")
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", *FOLDER_FORMATS],

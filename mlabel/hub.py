@@ -10,12 +10,12 @@ same validation as a local load before anything is written. Needs the ``hub`` ex
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from .cli import ArgumentParser
 from .errors import UserError
 from .hubpath import MODEL_FILES, check_repo_id, hub_module, snapshot
 
@@ -234,7 +234,7 @@ def pull(repo_id: str, out: str | Path, revision: str | None = None) -> Path:
 
 def push_main(argv: list[str]) -> int:
     """``mlabel push``; the command line runs it under its error policy."""
-    parser = argparse.ArgumentParser(prog="mlabel push", description="Upload a model and its card to the Hugging Face Hub.")
+    parser = ArgumentParser(prog="mlabel push", description="Upload a model and its card to the Hugging Face Hub.")
     parser.add_argument("model", help="a model directory or a run directory")
     parser.add_argument("repo_id", help="OWNER/NAME on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
@@ -250,7 +250,7 @@ def push_main(argv: list[str]) -> int:
 
 def pull_main(argv: list[str]) -> int:
     """``mlabel pull``; the command line runs it under its error policy."""
-    parser = argparse.ArgumentParser(prog="mlabel pull", description="Download a model from the Hugging Face Hub.")
+    parser = ArgumentParser(prog="mlabel pull", description="Download a model from the Hugging Face Hub.")
     parser.add_argument("repo_id", help="OWNER/NAME[@REVISION] on the Hub")
     parser.add_argument("--out", required=True, help="a new folder for the model")
     parser.add_argument("--revision", help="a branch, tag or commit")

@@ -16,7 +16,6 @@ per-label threshold by T; ``--topk K`` keeps the K most probable labels (among t
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cli import guarded
+from .cli import ArgumentParser, guarded
 from .errors import DataError
 from .preprocess import IMAGE_EXTENSIONS, preprocess_image
 
@@ -272,7 +271,7 @@ def _write(out: Path, labels: list[str], regression: list[str], rows) -> None:
 
 @guarded
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mlabel predict", description=__doc__.split("\n\n")[1])
+    parser = ArgumentParser(prog="mlabel predict", description=__doc__.split("\n\n")[1])
     parser.add_argument("model", help="a model directory, a run directory or an exported .onnx file")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or CSV files of paths")
     parser.add_argument("--out", default="preds.csv", help="output .csv (default preds.csv), .jsonl or .json")

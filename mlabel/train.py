@@ -5,7 +5,6 @@ The run directory receives ``config.yaml``, ``model/``, ``metrics.json``, ``hist
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -28,7 +27,7 @@ import torch
 import yaml
 
 from .version import __version__
-from .cli import guarded
+from .cli import ArgumentParser, guarded
 from .checks import load_checked
 from .config import Config, ConfigError, DataConfig, LossConfig, ModelConfig, config_to_dict, describe_keys, head_kwargs, list_recipes
 from .data import DataError, build_splits, label_counts
@@ -358,7 +357,7 @@ def _summarise(metrics: dict, out_dir: Path, seconds: float, quiet: bool) -> Non
 
 @guarded
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mlabel train", add_help=False, description="Train a multi-label or binary image classifier.",
         epilog=f"shipped recipes: {', '.join(list_recipes())}")
     parser.add_argument("recipe", nargs="?", help="a YAML path or a shipped recipe name")

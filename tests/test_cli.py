@@ -139,6 +139,23 @@ def test_console_script_dispatches_and_suggests():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_a_wrong_option_is_one_error_line_naming_the_command_and_its_help(command, capsys):
+    # argparse would print its whole usage block before the error; every command's parser says one line
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--no-such-option", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: mlabel {command}") and f"(see mlabel {command}" in err and "usage:" not in err
+
+
+def test_a_wrong_option_of_a_subcommand_is_one_line_too(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["audit", "apply", "A", "c.csv", "--out", "n.csv", "--no-such-option"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: mlabel audit apply: ") and "--no-such-option" in err
+
+
 def test_models_lists_backbones_and_marks_offline_weights():
     proc = _console("models", "tf_efficientnet_lite*")
     assert proc.returncode == 0

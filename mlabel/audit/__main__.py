@@ -3,18 +3,17 @@ labels; ``python -m mlabel.audit apply DIR corrections.csv --out NEW_LABELS``: w
 corrections into a new label file."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ..cli import guarded
+from ..cli import ArgumentParser, guarded
 from .core import BUDGETS, DEFAULT_TOP
 from .rank import DEFAULT_SCORING, SCORINGS
 
 __all__ = ["main"]
 
 
-def _audit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _audit_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="mlabel audit", description="Score every train and val image out of fold, rank the suspected label "
         "errors, and write issues.csv, suggestions.csv, summary.json and audit.html into --out. "
         "Then: mlabel audit apply DIR corrections.csv --out NEW_LABELS.")
@@ -35,8 +34,8 @@ def _audit_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _apply_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlabel audit apply",
+def _apply_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="mlabel audit apply",
                                      description="Write the decisions of corrections.csv into a new label file.")
     parser.add_argument("folder", help="the audit's --out folder")
     parser.add_argument("corrections", help="corrections.csv (image,label,decision) as audit.html downloads it")

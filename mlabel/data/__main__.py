@@ -5,7 +5,6 @@ unknown-label rate and unreadable files; writes ``summary.json`` and ``summary.p
 ``python -m mlabel.data convert RECIPE --to csv|jsonl --out FILE`` one split as a csv or JSON lines file."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import guarded
+from ..cli import ArgumentParser, guarded
 from ..checks import load_checked
 from ..defaults import loader_workers
 from ..io import atomic_path, write_json
@@ -156,7 +155,7 @@ def check_outside_data(out: Path, data, flag: str) -> Path:
 def shard(argv: list[str]) -> int:
     """``python -m mlabel.data shard RECIPE [key=value ...] --out DIR [--shard-size N]``."""
     from .shards import write_shards
-    parser = argparse.ArgumentParser(prog="mlabel data shard", description="write the recipe's splits (as "
+    parser = ArgumentParser(prog="mlabel data shard", description="write the recipe's splits (as "
                                      "training would read them, val carved from train where the recipe says so) "
                                      "as WebDataset tar shards with their vocabulary in labels.json")
     parser.add_argument("recipe")
@@ -212,7 +211,7 @@ def _write_table(table, out: Path, kind: str) -> None:
 def convert(argv: list[str]) -> int:
     """``python -m mlabel.data convert RECIPE [key=value ...] --to csv|jsonl --out FILE [--split S]``."""
     from . import read_split
-    parser = argparse.ArgumentParser(prog="mlabel data convert", description="write one split of the recipe's "
+    parser = ArgumentParser(prog="mlabel data convert", description="write one split of the recipe's "
                                      "data, as read (nothing carved), as a csv (1 / 0 / empty = unknown) or JSON "
                                      "lines file (unknowns kept), to look at or edit")
     parser.add_argument("recipe")
@@ -240,7 +239,7 @@ def main(argv: list[str]) -> int:
         return shard(argv[1:])
     if argv[:1] == ["convert"]:
         return convert(argv[1:])
-    parser = argparse.ArgumentParser(prog="mlabel data", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="mlabel data", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. data.root=/x")
     parser.add_argument("--out", default="data-summary", help="folder for summary.json and summary.png")

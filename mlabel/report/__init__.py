@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="mlabel report", description="(Re)build RUN_DIR/report/report.html "
+    from ..cli import ArgumentParser
+    parser = ArgumentParser(prog="mlabel report", description="(Re)build RUN_DIR/report/report.html "
                                      "from the run's saved model (its current thresholds), data and history.")
     parser.add_argument("run_dir", help="a run directory (with config.yaml, model/, history.csv and run.json)")
     parser.add_argument("--split", choices=["val", "test"],
