@@ -63,10 +63,21 @@ def describe_error(err: BaseException) -> str:
         return (f"the package {err.name or err} is missing; install the extra that needs it, e.g. "
                 "pip install 'mlabel[export]' for ONNX or 'mlabel[tensorboard]'")
     if is_user_error(err):
-        return str(err)
+        return _without_worker_traceback(str(err))
     first = str(err).splitlines()[0] if str(err) else ""
     return (f"internal error ({type(err).__name__}: {first}); this is a bug in mlabel: rerun with --debug "
             "(or MLABEL_DEBUG=1) to see the traceback, and report it")
+
+
+def _without_worker_traceback(text: str) -> str:
+    """torch's DataLoader re-raises a worker's exception with the worker's whole traceback in its
+    message (``Caught DataError in DataLoader worker process 0. Original Traceback ...``): the
+    user's message is the part after the last ``DataError: ``."""
+    first = text.split("\n", 1)[0]
+    if not (first.startswith("Caught ") and "DataLoader worker process" in first):
+        return text
+    marker = first.split()[1] + ": "
+    return text.rsplit(marker, 1)[1].strip() if marker in text else text
 
 
 def guarded(main: Callable[[list[str]], int]) -> Callable[[list[str] | None], int]:

@@ -533,6 +533,35 @@ def test_an_unreadable_image_found_while_scoring_leaves_no_folder(noisy_set, tmp
     assert not out.exists()
 
 
+def test_with_on_bad_image_skip_an_unreadable_image_is_left_out_and_listed(noisy_set, tmp_path, capsys):
+    root, _ = noisy_set
+    rows = (root / "train.csv").read_text().splitlines()
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    broken = f"broken.png,{rows[1].split(',', 1)[1]}"
+    table = [rows[0], *(f"{root / r.split(',', 1)[0]},{r.split(',', 1)[1]}" for r in rows[1:]), broken]
+    (labels / "train.csv").write_text("\n".join(table) + "\n")
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "skipped.csv").write_text("split,path,reason\ntrain,stale.png,an earlier audit's\n")
+    base = ["audit", "quickstart", f"data.root={labels}", *TINY, "data.val=null", "--quiet"]
+    assert cli_main([*base, "data.on_bad_image=skip", "--out", str(out)]) == 0, capsys.readouterr().err
+    skipped = list(csv.DictReader((out / "skipped.csv").open()))
+    assert [(r["split"], Path(r["path"]).name) for r in skipped] == [("train", "broken.png")] and skipped[0]["reason"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["images"] == len(rows) - 1
+    assert "broken.png" not in (out / "issues.csv").read_text() + (out / "suggestions.csv").read_text()
+    first = next(csv.DictReader((out / "issues.csv").open()))
+    fixed = tmp_path / "fixed.csv"
+    corrections = _corrections(tmp_path / "c.csv", [(first["image"], first["label"], "fix")])
+    assert cli_main(["audit", "apply", str(out), str(corrections), "--out", str(fixed)]) == 0
+    new = fixed.read_text().splitlines()
+    assert new[-1] == broken and sum(a != b for a, b in zip(new, table)) == 1  # the unreadable row stays as it was
+    assert cli_main([*base, "--out", str(out)]) == 2  # data.on_bad_image=error: refused, naming the image
+    assert "broken.png" in capsys.readouterr().err and (out / "skipped.csv").is_file()
+
+
 def test_corrections_may_name_the_image_as_the_label_file_does(audited, noisy_set, tmp_path):
     root, _ = noisy_set
     listed = [r for r in csv.DictReader((audited.out / "issues.csv").open()) if r["image"] in set(audited.paths[:240])]

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mlabel import cli
 from mlabel.checks import load_checked
 from mlabel.config import ConfigError, all_keys, config_to_dict, load_config
+from mlabel.errors import DataError
 from mlabel.train import main as train_main
 
 
@@ -123,6 +125,25 @@ def test_user_errors_become_their_message(error, fragment, capsys):
     assert failing([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and fragment in err and "Traceback" not in err
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise DataError(f"cannot read image /data/{index}.png: truncated.\nReplace or remove the file.")
+
+
+def test_a_user_error_in_a_loader_worker_is_its_own_message_without_the_workers_traceback(capsys):
+    @cli.guarded
+    def scoring(argv):
+        for _ in torch.utils.data.DataLoader(_Unreadable(), num_workers=1):
+            pass
+
+    assert scoring([]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: cannot read image /data/0.png: truncated.\nReplace or remove the file.\n", err
 
 
 def _console(*args, cwd=None):

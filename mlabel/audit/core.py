@@ -90,6 +90,7 @@ class Plan:
     sources: list  # per split: {"split", "file", "rows"}
     model: torch.nn.Module | None  # the fast budget's feature model
     device: torch.device  # where the features are computed (the device the config was resolved for)
+    skipped: list = field(default_factory=list)  # (split, path, reason) left out by data.on_bad_image=skip
 
 
 def _log(settings: AuditSettings, text: str) -> None:
@@ -211,6 +212,7 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
                         "give data.train=FILE")
     _check_out(out, config.data)
     splits = build_splits(config.data, config.task, config.seed)
+    skipped = _drop_unreadable(splits, config.data.on_bad_image, settings, out)
     table = _joined(splits)
     _refuse_inside(out, sorted(image_folders(table.paths)))
     _check_unique(table, len(splits.train))
@@ -220,7 +222,29 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
     cfg = resolve(config, splits, Machine.here(device), log=lambda text: _log(settings, text), scored=())
     model = _feature_model(cfg.model, cfg.data, splits, settings) if settings.budget == "fast" else None
     sources = [_source_of(cfg.data, "train", len(splits.train)), _source_of(cfg.data, "val", len(splits.val))]
-    return Plan(cfg, table, given, sources, model, device)
+    return Plan(cfg, table, given, sources, model, device, skipped)
+
+
+def _drop_unreadable(splits, policy: str, settings: AuditSettings, out: Path) -> list[tuple[str, str, str]]:
+    """With ``data.on_bad_image=skip`` the train and val images that do not decode are left out of
+    the audit, as training leaves them out (listed in DIR/skipped.csv); with ``error`` the first one
+    met while scoring stops the audit with its name."""
+    if policy != "skip":
+        return []
+    from ..data.check import find_bad_images, kept_rows
+    rows = []
+    for name in ("train", "val"):
+        table = getattr(splits, name)
+        found = find_bad_images(table)
+        keep = kept_rows(table, found)
+        if not len(keep):
+            raise DataError(f"every image of the {name} split is unreadable ({found[0][1]}, ...); nothing to audit")
+        if found:
+            setattr(splits, name, table.subset(keep, table.source))
+            rows += [(name, path, reason) for path, reason in found]
+    if rows:
+        _log(settings, f"left out {len(rows)} unreadable images (data.on_bad_image=skip); listed in {out / 'skipped.csv'}")
+    return rows
 
 
 def oof_logits(plan: Plan, recipe, overrides, out: Path, settings: AuditSettings, fold: np.ndarray):

@@ -32,10 +32,10 @@ def _rows(result, cells: Cells) -> list[list]:
             enumerate(zip(cells.rows, cells.cols, cells.kind, cells.score), start=1)]
 
 
-def _write_csv(path: Path, rows: list[list]) -> None:
+def _write_csv(path: Path, rows: list[list], columns=COLUMNS) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
 
@@ -118,7 +118,7 @@ def _summary(result, plan, settings, extra: dict, counts: dict) -> dict:
                                     "label's given positives (missing), given positives at or below the mean of its "
                                     "given negatives (spurious), over the given class; 95 % Wilson interval",
             "per_label": noise_rates(result.probs, result.given, result.thresholds, result.labels),
-            "sources": plan.sources, "data": _data_keys(plan.cfg.data), **extra}
+            "sources": plan.sources, "data": _data_keys(plan.cfg.data), "skipped": len(plan.skipped), **extra}
 
 
 def _data_keys(data) -> dict:
@@ -139,6 +139,10 @@ def write_outputs(result, plan, settings, extra: dict, log) -> dict:
                      paths=np.asarray(result.paths, dtype=str), labels=np.asarray(result.labels, dtype=str))
     _write_csv(out / "issues.csv", issues)
     _write_csv(out / "suggestions.csv", suggestions)
+    if plan.skipped:
+        _write_csv(out / "skipped.csv", plan.skipped, ("split", "path", "reason"))
+    else:  # an earlier audit's list in this folder would name images this one read
+        (out / "skipped.csv").unlink(missing_ok=True)
     kinds = [row[4] for row in issues + suggestions]
     counts = {"issues": len(issues), "suggestions": len(suggestions),
               **{kind: kinds.count(kind) for kind in ("missing", "spurious", "suggested_positive",
