@@ -58,7 +58,7 @@ def describe_error(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write or read {err.filename}: {err.strerror}; choose a path you may write to"
     if isinstance(err, OSError):  # the file system's answer, not a bug: say it as it is
-        return f"{err.filename}: {err.strerror or err}" if err.filename else str(err)
+        return f"{err.filename}: {err.strerror or err}" if err.filename else _without_worker_traceback(str(err))
     if isinstance(err, ImportError):
         return (f"the package {err.name or err} is missing; install the extra that needs it, e.g. "
                 "pip install 'mlabel[export]' for ONNX or 'mlabel[tensorboard]'")
