@@ -9,8 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "check_output", "check_writable", "file_sha256", "remove_stale_temps", "write_json",
-           "write_text"]
+from .errors import DataError
+
+__all__ = ["atomic_path", "check_output", "check_writable", "file_sha256", "read_text", "remove_stale_temps",
+           "write_json", "write_text"]
 
 
 def _umask() -> int:
@@ -92,7 +94,7 @@ def _same_file(target: Path, item: Path) -> bool:
     """Whether ``target`` (resolved) is ``item``: the same path after links, or the same file."""
     try:
         return target == item.resolve() or (target.exists() and os.path.samefile(target, item))
-    except OSError:  # an input that does not exist (reported where it is read) is no file to protect
+    except (OSError, RuntimeError):  # an input that does not exist or loops (reported where it is read)
         return False
 
 
@@ -109,3 +111,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 annotation file as text, or a :class:`DataError` naming the line that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None

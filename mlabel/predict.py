@@ -37,29 +37,48 @@ PATH_COLUMNS = ("path", "image", "filename", "file")
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Image files, folders (recursive, sorted) and CSV lists of paths -> image paths."""
+    """Image files, folders (recursive, sorted) and CSV lists of paths -> image paths.
+
+    An image that cannot be read (missing, a broken link, not an image) is reported and skipped
+    when predicting; a folder without images is a warning when other inputs give images, the
+    error otherwise."""
     paths: list[str] = []
+    empty: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             if not found:
-                print(f"warning: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}", file=sys.stderr)
+                empty.append(item)
             paths.extend(str(p) for p in found)
         elif path.suffix.lower() == ".csv":
-            if not path.is_file():
-                raise DataError(f"CSV file {path} " + ("is not a regular file" if path.exists() else "not found"))
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if not reader.fieldnames:
-                    raise DataError(f"{path} is empty: expected a header row and one image path per row")
-                column = next((c for c in PATH_COLUMNS if c in reader.fieldnames), reader.fieldnames[0])
-                for row in reader:
-                    value = (row.get(column) or "").strip()
-                    if value:
-                        paths.append(str(Path(value) if Path(value).is_absolute() else path.parent / value))
+            paths.extend(_csv_paths(path))
         else:
-            paths.append(str(path))  # a file, or a missing one: reported when it cannot be read
+            paths.append(str(path))  # an image file: reported and skipped if it cannot be read
+    extensions = ", ".join(IMAGE_EXTENSIONS)
+    if not paths:
+        raise DataError(f"no images found in {' '.join(inputs)} (looked for {extensions}): give image files, "
+                        "folders holding images or a CSV list of images")
+    for item in empty:
+        print(f"warning: no images ({extensions}) under {item}", file=sys.stderr)
+    return paths
+
+
+def _csv_paths(path: Path) -> list[str]:
+    """The image paths a CSV lists (column ``path``, ``image``, ``filename`` or ``file``, else the
+    first), relative ones taken from the CSV's folder."""
+    if not path.is_file():
+        raise DataError(f"CSV file {path} is not a regular file: give a CSV list of image paths")
+    from .io import read_text
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if not reader.fieldnames:
+        raise DataError(f"{path} is empty: expected a header row and one image path per row")
+    column = next((c for c in PATH_COLUMNS if c in reader.fieldnames), reader.fieldnames[0])
+    paths = []
+    for row in reader:
+        value = (row.get(column) or "").strip()
+        if value:
+            paths.append(str(Path(value) if Path(value).is_absolute() else path.parent / value))
     return paths
 
 
@@ -181,20 +200,59 @@ def _decisions(probs: np.ndarray, thresholds: np.ndarray, threshold: float | Non
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
-def _check_output(out: Path, labels: list[str], regression: list[str], inputs=()) -> None:
+def _check_output(out: Path, labels: list[str], regression: list[str], inputs=(), data_folders=()) -> None:
     """Refuse, before any inference, an output that could not be written or read back unambiguously,
-    or that would overwrite an input or a model's files (the list of unreadable images beside it too)."""
+    or that would overwrite an input, a model's files or a file predict did not write (the list of
+    unreadable images beside it too), or that lies in a data folder (``data_folders``)."""
     from .io import check_output
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: give a .csv, .jsonl or .json file name")
     check_output(out, inputs)
     check_output(_skipped_path(out), inputs)
+    _refuse_foreign(out, ("path,labels", '{"path": ', "["))
+    _refuse_foreign(_skipped_path(out), ("path,error",))
+    for folder in data_folders:
+        if folder == out.resolve().parent or folder in out.resolve().parents:
+            raise ValueError(f"--out {out} is inside the data folder {folder}; predict never writes into a data "
+                             "folder: write the predictions elsewhere")
     if out.suffix.lower() == ".csv":
         clash = sorted({"path", "labels"} & set(labels + regression))
         joined = [name for name in labels if ";" in name]
         if clash or joined:
             raise ValueError(f"--out {out}: the label names {clash + joined} clash with the CSV's own "
                              "columns (path, labels) or its ';' separator; write --out with .jsonl or .json")
+
+
+def _refuse_foreign(path: Path, starts: tuple[str, ...]) -> None:
+    """Refuse to replace an existing file that predict did not write (an annotation file, say):
+    predict replaces only its own earlier outputs, recognised by how their first line starts."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as handle:
+        head = handle.read(256).decode("utf-8", "replace").lstrip("\ufeff")
+    if not head.startswith(starts):
+        first = head.splitlines()[0][:60] if head.strip() else "blank"
+        raise ValueError(f"--out {path} exists and was not written by mlabel predict (it starts with {first!r}); "
+                         "predict replaces only its own outputs: choose another path, or remove the file")
+
+
+def _data_folders(model: str, inputs: list[str]) -> list[Path]:
+    """The folders predict never writes into: the folders given as INPUT and, for a run directory,
+    the data folder of the run's recipe (``data.root`` of its config.yaml, where it still exists)."""
+    folders = [Path(item).resolve() for item in inputs if Path(item).is_dir()]
+    if model.lower().endswith(".onnx") or model.startswith("hf://"):
+        return folders
+    config = Path(model) / "config.yaml"
+    if not config.is_file():
+        config = Path(model).parent / "config.yaml"
+    try:
+        import yaml
+        root = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data", {}).get("root")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return folders
+    if isinstance(root, str) and root and Path(root).is_dir():
+        folders.append(Path(root).resolve())
+    return folders
 
 
 def _load(path: str, preprocessing: dict):
@@ -291,11 +349,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _check_arguments(parser, args)
     paths = expand_inputs(args.inputs)
-    if not paths:
-        raise DataError(f"no images found in {' '.join(args.inputs)}")
     backend = load_backend(args.model, args.device, args.trust_pickle)
     out = Path(args.out)
-    _check_output(out, backend.labels, backend.regression_names, args.inputs)
+    _check_output(out, backend.labels, backend.regression_names, args.inputs, _data_folders(args.model, args.inputs))
     explain_labels = _check_explain(args, backend)
     start = time.perf_counter()
     rows, skipped = _predict_all(backend, paths, args)
@@ -314,7 +370,10 @@ def main(argv: list[str]) -> int:
     print(f"{len(rows)} images predicted in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.0f} img/s)"
           + (f" -> {out}" if rows else "") + (f"; {len(skipped)} unreadable, skipped (listed in "
                                               f"{out.name}.skipped.csv)" if skipped else ""))
-    return 0 if rows else 1
+    if not rows:
+        raise DataError(f"none of the {len(paths)} images could be read (listed in {_skipped_path(out)}); "
+                        "nothing was predicted: check the files named above")
+    return 0
 
 
 def _check_explain(args, backend) -> list[str] | None:
@@ -352,6 +411,10 @@ def _check_arguments(parser, args) -> None:
         parser.error("--topk-only needs --topk K")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold is a probability in [0, 1], got {args.threshold}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
 
 
 def _predict_all(backend, paths: list[str], args) -> tuple[list, list]:

@@ -67,6 +67,102 @@ def test_predict_writes_thresholded_labels_and_reports_unreadable(model_dir, ima
     assert "2 unreadable, skipped" in capsys.readouterr().out
 
 
+def _one_error(capsys) -> str:
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and len(captured.err.strip().splitlines()) == 1, captured.err
+    return errors[0]
+
+
+@pytest.mark.parametrize("option, fragment", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--workers", "-1"], "--workers must be 0 or more, got -1"),
+])
+def test_predict_refuses_a_batch_size_below_one_and_negative_workers(model_dir, images, tmp_path, capsys,
+                                                                       option, fragment):
+    out = tmp_path / "p.csv"
+    with pytest.raises(SystemExit) as exit_:  # argparse's way out, as for any wrong option
+        predict_main([str(model_dir), str(images[1][0]), "--out", str(out), *option])
+    assert exit_.value.code == 2
+    error = _one_error(capsys)
+    assert fragment in error and "mlabel predict" in error
+    assert not out.exists()
+
+
+def test_predict_with_no_readable_image_is_an_error_and_keeps_the_earlier_predictions(model_dir, images, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "preds.csv"
+    assert predict_main([str(model_dir), str(images[1][0]), "--out", str(out), "--quiet"]) == 0
+    before = out.read_bytes()
+    loop = tmp_path / "loop.jpg"
+    os.symlink(loop, loop)  # a link to itself: reading it loops
+    capsys.readouterr()
+    assert predict_main([str(model_dir), str(images[0] / "broken.jpg"), str(loop), "--out", str(out),
+                         "--quiet"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "none of the 2 images could be read" in errors[0], captured.err
+    assert "preds.csv.skipped.csv" in errors[0] and "internal error" not in captured.err
+    assert out.read_bytes() == before
+    assert {r["path"] for r in _read(tmp_path / "preds.csv.skipped.csv")} == {str(images[0] / "broken.jpg"), str(loop)}
+
+
+def test_predict_warns_about_a_folder_without_images_only_when_other_inputs_give_images(model_dir, images, tmp_path,
+                                                                                       capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "p.csv"
+    assert predict_main([str(model_dir), str(empty), str(images[1][0]), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: no images" in err and str(empty) in err and "error" not in err
+    assert [r["path"] for r in _read(out)] == [str(images[1][0])]
+    assert predict_main([str(model_dir), str(empty), "--out", str(tmp_path / "q.csv")]) == 2
+    error = _one_error(capsys)
+    assert "no images found in" in error and str(empty) in error
+
+
+def test_predict_never_replaces_a_file_it_did_not_write(model_dir, images, tmp_path, capsys):
+    for name, text in (("val.csv", "path,red,green,blue\na.jpg,1,0,0\n"), ("val.jsonl", '{"image": "a.jpg"}\n'),
+                       ("p.csv.skipped.csv", "image,reason\n")):
+        target = tmp_path / name
+        target.write_text(text)
+        out = tmp_path / name.replace(".skipped.csv", "")
+        assert predict_main([str(model_dir), str(images[1][0]), "--out", str(out), "--quiet"]) == 2
+        error = _one_error(capsys)
+        assert f"{target} exists and was not written by mlabel predict" in error, error
+        assert target.read_text() == text
+    for name in ("again.csv", "again.jsonl", "again.json"):  # its own outputs are replaced, rerun after rerun
+        for _ in range(2):
+            assert predict_main([str(model_dir), str(images[1][0]), "--out", str(tmp_path / name), "--quiet"]) == 0
+
+
+def test_predict_never_writes_into_an_input_folder_or_the_runs_data_folder(model_dir, images, tmp_path, capsys):
+    root, paths = images
+    out = root / "nested" / "preds.csv"
+    assert predict_main([str(model_dir), str(root), "--out", str(out), "--quiet"]) == 2
+    assert f"is inside the data folder {root.resolve()}" in _one_error(capsys)
+    assert not out.exists()
+    run = tmp_path / "run"
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    import shutil
+    shutil.copytree(model_dir, run / "model")
+    (run / "config.yaml").write_text(f"data:\n  root: {data}\n  format: csv\n  train: train.csv\n")
+    for out in (data / "val.csv", data / "images" / "preds.csv"):
+        assert predict_main([str(run), str(paths[0]), "--out", str(out), "--quiet"]) == 2
+        assert f"is inside the data folder {data.resolve()}" in _one_error(capsys)
+        assert not out.exists()
+    assert predict_main([str(run), str(paths[0]), "--out", str(tmp_path / "preds.csv"), "--quiet"]) == 0
+
+
+def test_a_csv_list_that_is_not_utf8_names_the_file_and_line(model_dir, images, tmp_path, capsys):
+    listing = tmp_path / "list.csv"
+    listing.write_bytes(b"path\n" + str(images[1][0]).encode() + b"\ncaf\xe9.jpg\n")
+    assert predict_main([str(model_dir), str(listing), "--out", str(tmp_path / "p.csv")]) == 2
+    error = _one_error(capsys)
+    assert f"{listing}:3: not UTF-8 text" in error and "iconv" in error
+
+
 def test_predict_overrides_and_jsonl_and_csv_input(model_dir, images, tmp_path):
     root, paths = images
     listing = tmp_path / "list.csv"

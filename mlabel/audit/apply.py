@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.tables import read_text, resolve_image
+from ..data.tables import resolve_image
 from ..errors import DataError
-from ..io import check_output, file_sha256, write_text
+from ..io import check_output, file_sha256, read_text, write_text
 from ..rundir import hold_run_dir
 from .core import image_folders
 from .outputs import read_listed

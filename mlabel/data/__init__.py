@@ -19,7 +19,8 @@ from .dataset import ImageDataset, build_transform, make_loader, read_rgb
 from .sparse import sparse_split
 from .split import iterative_split
 from .synthetic import ensure_scenes, scenes_root
-from .tables import CsvColumns, DataError, LabelTable, read_csv_table, read_folder_table, read_text
+from ..io import read_text
+from .tables import CsvColumns, DataError, LabelTable, read_csv_table, read_folder_table
 
 __all__ = ["DataError", "LabelTable", "Splits", "ImageDataset", "build_splits", "build_transform",
            "make_loader", "read_rgb", "iterative_split", "label_counts"]

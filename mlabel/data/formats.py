@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError
-from .tables import LabelTable, check_files, resolve_image, read_text, targets_from_lists
+from ..io import read_text
+from .tables import LabelTable, check_files, resolve_image, targets_from_lists
 
 __all__ = ["read_jsonl_table", "read_voc_table", "read_coco_table", "multi_hot"]
 

@@ -19,7 +19,8 @@ from urllib.parse import unquote
 
 from ..errors import DataError
 from .formats import multi_hot
-from .tables import LabelTable, check_files, read_text
+from ..io import read_text
+from .tables import LabelTable, check_files
 
 __all__ = ["read_labelstudio_table"]
 

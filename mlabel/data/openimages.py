@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import DataError
 from .sparse import SparseLabels, UNKNOWN, unique_sorted
-from .tables import SPARSE_FROM, LabelTable, check_files, read_text
+from ..io import read_text
+from .tables import SPARSE_FROM, LabelTable, check_files
 from .yolo import NormalizedBoxes
 
 __all__ = ["read_openimages_table", "read_class_descriptions", "find_class_descriptions"]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..io import read_text
 from ..labelnames import check_label_names
 from ..outputs import Targets
 from ..preprocess import IMAGE_EXTENSIONS, read_rgb
@@ -162,17 +163,6 @@ def _parse_flag(value: str, path: Path, line: int, column: str) -> float:
 
 
 csv.field_size_limit(1 << 24)  # 16 MB per field; the default 128 KB fails on long label lists
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 annotation file as text, or a :class:`DataError` naming the line that is not UTF-8."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8, "
-                        f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
 
 
 @dataclass(frozen=True)

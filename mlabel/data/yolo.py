@@ -23,7 +23,8 @@ from PIL import Image
 from ..errors import DataError
 from ..preprocess import IMAGE_EXTENSIONS
 from .sparse import SparseLabels
-from .tables import SPARSE_FROM, LabelTable, check_files, read_text
+from ..io import read_text
+from .tables import SPARSE_FROM, LabelTable, check_files
 
 __all__ = ["read_yolo_table", "read_yolo_yaml", "yolo_split", "NormalizedBoxes", "image_size"]
 
