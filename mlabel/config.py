@@ -442,17 +442,28 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-def read_yaml(path: Path) -> Any:
-    """A recipe or saved config: a regular file of safe YAML with bounded alias expansion."""
+def yaml_problem(path: Path, err: yaml.YAMLError, what: str) -> str:
+    """One line for a YAML syntax error: the file and line, PyYAML's problem and the fix (PyYAML's
+    own message spans several lines, quoting the text around the error)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    return (f"{what} {where} is not valid YAML ({problem}); fix that line (a key: value per line, "
+            "lists in [a, b], text with ':' or '#' in quotes)")
+
+
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    """A recipe or saved config (``what`` names it in errors): a regular file of safe YAML with
+    bounded alias expansion."""
     if not path.is_file():
-        raise ConfigError(f"recipe {path} is not a regular file")
+        raise ConfigError(f"{what} {path} is not a regular file")
     try:
         with open(path, encoding="utf-8") as fh:
             return yaml.load(fh, Loader=_BoundedLoader) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+        raise ConfigError(yaml_problem(path, err, what)) from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"recipe {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:

@@ -118,8 +118,7 @@ def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool =
     loaded (validated) first: a directory that fails validation is refused before anything.
     A model with a linear head also gets timm's ``config.json`` and weights
     (:data:`TIMM_HUB_WEIGHTS`), so ``timm.create_model("hf-hub:OWNER/NAME", pretrained=True)`` loads it."""
-    import yaml
-
+    from .config import read_yaml
     from .export import timm_refusal
     from .models import load, locate_model
     from .modeldir import META_FILE
@@ -129,7 +128,8 @@ def stage(model_or_run: str | Path, repo_id: str, out: Path, with_report: bool =
     meta = json.loads((model_dir / META_FILE).read_text())
     metrics = _read_json(run_dir / "metrics.json") if run_dir else {}
     run = _read_json(run_dir / "run.json") if run_dir else {}
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir and (run_dir / "config.yaml").is_file() else {}
+    saved = run_dir / "config.yaml" if run_dir else None
+    config = read_yaml(saved, "the run's config") if saved and saved.is_file() else {}
     report = run_dir / "report" / "report.html" if run_dir else None
     if with_report and (report is None or not report.is_file()):
         raise UserError(f"--with-report: {model_or_run} has no report/report.html; build it with mlabel report RUN_DIR")

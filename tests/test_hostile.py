@@ -508,6 +508,26 @@ def _renamed_labels(tmp, scene_csv, run):
     return report_main, [str(copy), "--quiet"], copy, "'x0'"
 
 
+def _damaged_history(main_name, damage):
+    def build(tmp, scene_csv, run):
+        from mlabel.report import main as report_main
+        copy = _run_copy(tmp, run)
+        path = copy / "history.csv"
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join([lines[0], damage(lines[1]), *lines[2:]]) + "\n")
+        main = {"report": report_main, "evaluate": evaluate_main, "tune": tune_main}[main_name]
+        split = ["--split", "val"] if main_name == "evaluate" else []  # the fixture's run has no test split
+        return main, [str(copy), *split, "--quiet"], copy, f"{path}:2:"
+    return build
+
+
+def _bad_yaml_config(tmp, scene_csv, run):
+    copy = _run_copy(tmp, run)
+    path = copy / "config.yaml"
+    path.write_text(path.read_text().replace("data:", "data:\n  root: [unclosed\n", 1))
+    return evaluate_main, [str(copy), "--quiet"], copy, f"{path}:"
+
+
 HUGE = "1" + "0" * 5000
 RUN_CASES = [
     ("tune on a val without positives", _tune_on("0"), "has no label with both a positive and a negative known target"),
@@ -530,6 +550,11 @@ RUN_CASES = [
     ("tune --from-json with a truncated predictions file", _truncated_predictions("tune"),
      "is not a readable predictions file"),
     ("labels renamed in mlabel.json before report", _renamed_labels, "the data's labels do not match the model's"),
+    ("report with a word in history.csv", _damaged_history("report", lambda line: "x" + line), "is not a number"),
+    ("evaluate with a word in history.csv", _damaged_history("evaluate", lambda line: "x" + line), "is not a number"),
+    ("tune with a short row in history.csv", _damaged_history("tune", lambda line: line.split(",")[0]),
+     "columns in the header, another number here"),
+    ("evaluate with a config.yaml that is not YAML", _bad_yaml_config, "is not valid YAML"),
 ]
 
 

@@ -1,6 +1,7 @@
 """``report/`` of a run: plots a person reads faster than JSON, and one ``report.html``."""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..io import write_text
+from ..errors import DataError
+from ..io import read_text, write_text
 from .explorer import explorer_data, explorer_html
 from .gallery import error_galleries, heat_map_thumbnails
 from .page import inline_json, page, run_header, summary_tables
@@ -80,8 +82,27 @@ def _read_history(path: Path) -> list[dict]:
     import csv
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the report is built from a finished run directory")
-    with path.open(newline="") as handle:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+    rows = []
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    for line, row in enumerate(reader, start=2):
+        if None in row or None in row.values():
+            raise DataError(f"{path}:{line}: {len(reader.fieldnames or ())} columns in the header, another number "
+                            "here; the run's history is damaged: train the run again (or restore the file)")
+        try:
+            rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
+        except ValueError:
+            bad = next(k for k, v in row.items() if v != "" and not _is_number(v))
+            raise DataError(f"{path}:{line}: {bad} = {row[bad][:40]!r} is not a number; the run's history is "
+                            "damaged: train the run again (or restore the file)") from None
+    return rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -163,8 +184,8 @@ def rebuild_run_report(run_dir: Path, model, device=None, quiet: bool = False) -
 
 def report_inputs(run_dir: Path | None, model, streamed: bool = False) -> Callable[..., None]:
     """What rebuilding the report of ``run_dir`` for ``model`` takes, read now, before a command
-    writes anything (a damaged ``predictions/`` file stops the command here, not after it has
-    changed ``mlabel.json``). Returns ``step(device=None, quiet=False)`` that rebuilds the report
+    writes anything (a damaged ``predictions/`` file or ``history.csv`` stops the command here, not
+    after it has changed ``mlabel.json`` or written its metrics). Returns ``step(device=None, quiet=False)`` that rebuilds the report
     and prints where it is. ``streamed``: the command kept no per-image scores, so a run without
     ``predictions/`` for these labels is not scored afresh; its report is marked out of date."""
     if run_dir is None or not (Path(run_dir) / "run.json").is_file():
@@ -172,13 +193,14 @@ def report_inputs(run_dir: Path | None, model, streamed: bool = False) -> Callab
     from ..predictions import load_scores
     run_dir = Path(run_dir)
     scores = {split: pair for split in ("val", "test") if (pair := load_scores(run_dir, split, model.labels))}
+    history = _read_history(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else None
     if streamed and "val" not in scores:
         return lambda device=None, quiet=False: mark_stale(run_dir, "the thresholds were tuned from streamed "
                                                                     "histograms, which keep no per-image scores")
 
     def step(device=None, quiet: bool = False) -> None:
-        folder = build_report(run_dir, model, known=Known(scores=scores if "val" in scores else None), device=device,
-                              quiet=quiet)
+        known = Known(history=history, scores=scores if "val" in scores else None)
+        folder = build_report(run_dir, model, known=known, device=device, quiet=quiet)
         print(f"report: {folder / 'report.html'}")
     return step
 
