@@ -337,10 +337,16 @@ def main(argv: list[str]) -> int:
     if args.format in FOLDER_FORMATS:
         if not args.out:
             raise UserError(f"--format {args.format} writes a folder: give it with --out DIR")
+        _refuse_data_folder(Path(args.out), run_dir)
         return _export_folder(load(args.model_dir, trust_pickle=args.trust_pickle), Path(args.out), args.format, run_dir)
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     out = Path(args.out) if args.out else model_dir / f"model{suffix}"
+    if (args.format == "onnx") != out.name.lower().endswith(".onnx"):
+        raise UserError(f"--out {out}: --format {args.format} writes "
+                        + ("an .onnx file: end the name with .onnx" if args.format == "onnx" else
+                           "a TorchScript file, not ONNX: end the name with .torchscript.pt, or add --format onnx"))
     check_output(out, export=True)  # never over the model's own files
+    _refuse_data_folder(out, run_dir)
     model = load(args.model_dir, trust_pickle=args.trust_pickle)
     try:
         export_model(model, out, args.format)
@@ -353,6 +359,16 @@ def main(argv: list[str]) -> int:
     print(f"parity with PyTorch ({runtime}, batch 3): max |prob diff| {diff:.2e}, masks "
           f"{'agree' if agree else 'DIFFER'} (goal < {PARITY_GOAL:g})")
     return 0 if diff < PARITY_GOAL and agree else 1
+
+
+def _refuse_data_folder(out: Path, run_dir: Path | None) -> None:
+    """An export never goes into the data folder of the run's recipe."""
+    from .rundir import run_data_folder
+    folder = run_data_folder(run_dir)
+    target = out.resolve()
+    if folder is not None and (target == folder or folder in target.parents):
+        raise UserError(f"--out {out} is inside the data folder {folder} of the run; mlabel never writes into a "
+                        "data folder: export elsewhere")
 
 
 def _missing(err: ImportError) -> UserError:

@@ -238,21 +238,14 @@ def _refuse_foreign(path: Path, starts: tuple[str, ...]) -> None:
 
 def _data_folders(model: str, inputs: list[str]) -> list[Path]:
     """The folders predict never writes into: the folders given as INPUT and, for a run directory,
-    the data folder of the run's recipe (``data.root`` of its config.yaml, where it still exists)."""
+    the data folder of the run's recipe (where it still exists)."""
     folders = [Path(item).resolve() for item in inputs if Path(item).is_dir()]
     if model.lower().endswith(".onnx") or model.startswith("hf://"):
         return folders
-    config = Path(model) / "config.yaml"
-    if not config.is_file():
-        config = Path(model).parent / "config.yaml"
-    try:
-        import yaml
-        root = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data", {}).get("root")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return folders
-    if isinstance(root, str) and root and Path(root).is_dir():
-        folders.append(Path(root).resolve())
-    return folders
+    from .rundir import run_data_folder
+    run = Path(model) if (Path(model) / "config.yaml").is_file() else Path(model).parent
+    data = run_data_folder(run)
+    return folders + ([data] if data is not None else [])
 
 
 def _load(path: str, preprocessing: dict):

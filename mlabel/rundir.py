@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from .config import ConfigError
 
-__all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "RUN_OUTPUTS"]
+__all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "run_data_folder", "RUN_OUTPUTS"]
 
 LOCK = ".lock"
 UNSIGNED_WAIT_S = 2.0  # how long a held lock without a holder's line is asked again before giving up
@@ -166,3 +166,23 @@ def hold_run_dir(folder: str | Path, doing: str) -> Iterator[Path]:
         yield folder
     finally:
         _release(folder, handle)
+
+
+def run_data_folder(run_dir: Path | None) -> Path | None:
+    """The data folder a run was trained on (``data.root`` of its config.yaml; a YOLO yaml's
+    folder), where it still exists here: commands never write their outputs into it. None when
+    the run has no readable config or its data are elsewhere (a damaged config.yaml is reported
+    by the commands that need it, not here)."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        return None
+    import yaml
+    try:
+        tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        root = tree["data"]["root"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
+    if not isinstance(root, str) or not root:
+        return None
+    path = Path(root)
+    folder = path if path.is_dir() else path.parent if path.is_file() else None
+    return folder.resolve() if folder is not None else None

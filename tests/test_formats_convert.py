@@ -60,3 +60,18 @@ def test_convert_never_writes_into_the_data_folder(tmp_path, capsys):
     out = tmp_path / "data" / "table.csv"
     assert data_main(["convert", str(recipe), "--to", "csv", "--out", str(out)]) == 2
     assert "inside the data folder" in capsys.readouterr().err and not out.exists()
+
+
+def test_data_summary_and_convert_refuse_the_data_folder_and_a_folder_for_a_file(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"task": "multilabel", "data": _labelstudio(tmp_path / "data")}))
+    before = sorted(p.name for p in (tmp_path / "data").rglob("*"))
+    assert data_main([str(recipe), "--out", str(tmp_path / "data" / "summary")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"inside the data folder {(tmp_path / 'data').resolve()}" in errors[0], errors
+    (tmp_path / "taken").mkdir()
+    assert data_main(["convert", str(recipe), "--to", "csv", "--out", str(tmp_path / "taken")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"output {tmp_path / 'taken'} is a folder; give a file name" in errors[0], errors
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == before
+    assert list((tmp_path / "taken").iterdir()) == []

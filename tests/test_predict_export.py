@@ -155,6 +155,28 @@ def test_predict_never_writes_into_an_input_folder_or_the_runs_data_folder(model
     assert predict_main([str(run), str(paths[0]), "--out", str(tmp_path / "preds.csv"), "--quiet"]) == 0
 
 
+@pytest.mark.parametrize("fmt, name, fragment", [
+    ("onnx", "m.pt", "end the name with .onnx"),
+    ("torchscript", "m.onnx", "a TorchScript file, not ONNX"),
+])
+def test_export_refuses_a_file_name_of_the_other_format(model_dir, tmp_path, capsys, fmt, name, fragment):
+    assert export_main([str(model_dir), "--format", fmt, "--out", str(tmp_path / name)]) == 2
+    assert fragment in _one_error(capsys) and not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("fmt", ["tagger", "timm", "onnx"])
+def test_export_never_writes_into_the_runs_data_folder(model_dir, tmp_path, capsys, fmt):
+    import shutil
+    run, data = tmp_path / "run", tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(model_dir, run / "model")
+    (run / "config.yaml").write_text(f"data:\n  root: {data}\n")
+    out = data / ("exported.onnx" if fmt == "onnx" else "exported")
+    assert export_main([str(run), "--format", fmt, "--out", str(out)]) == 2
+    assert f"is inside the data folder {data.resolve()}" in _one_error(capsys)
+    assert list(data.iterdir()) == []
+
+
 def test_a_csv_list_that_is_not_utf8_names_the_file_and_line(model_dir, images, tmp_path, capsys):
     listing = tmp_path / "list.csv"
     listing.write_bytes(b"path\n" + str(images[1][0]).encode() + b"\ncaf\xe9.jpg\n")

@@ -16,7 +16,7 @@ import numpy as np
 from ..cli import ArgumentParser, guarded
 from ..checks import load_checked
 from ..defaults import loader_workers
-from ..io import atomic_path, write_json
+from ..io import atomic_path, check_output, write_json
 from . import DataError, build_splits, label_counts
 from .check import find_bad_images
 from .sparse import SparseLabels
@@ -225,6 +225,7 @@ def convert(argv: list[str]) -> int:
         raise DataError("convert reads image files; wds shards hold the images inside their tars")
     out = Path(args.out).resolve()
     check_outside_data(out, cfg.data, "--out")
+    check_output(out)  # a folder in its place, no permission: said before the data are read
     table = read_split(cfg.data, args.split, cfg.task)
     _write_table(table, out, args.to)
     image_key = f"data.train={out.name}" if args.to == "jsonl" else f"data.train={out.name} data.image_column=image"
@@ -245,9 +246,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="data-summary", help="folder for summary.json and summary.png")
     args = parser.parse_intermixed_args(argv)
     cfg = load_checked(args.recipe, args.overrides)
+    out = Path(args.out)
+    check_outside_data(out.resolve(), cfg.data, "--out")
     splits = build_splits(cfg.data, cfg.task, cfg.seed)
     summary = summarise(splits, max(2, loader_workers(cfg.data.num_workers)))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
     _chart(summary, out / "summary.png")
