@@ -412,6 +412,9 @@ def test_one_corrections_file_for_train_and_val_applies_per_split(audited, noisy
     with (folder / "issues.csv").open("a", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerow(
             [audited.paths[r], LABELS[j], given, "0.5", "spurious" if given else "missing", "0.1", 9999])
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["counts"]["issues"] += 1  # as the audit would count it (apply checks the rows against the counts)
+    (folder / "summary.json").write_text(json.dumps(summary))
     listed = list(csv.DictReader((folder / "issues.csv").open()))
     train = next(r for r in listed if audited.paths.index(r["image"]) < n_train)
     val = listed[-1]
@@ -455,13 +458,16 @@ def _damage(folder: Path, name: str, how: str) -> None:
         path.write_bytes(path.read_bytes()[:100])
     elif how == "header":
         path.write_text("a,b,c\n1,2,3\n")
+    elif how == "rows cut":  # whole rows lost: every row that is left reads well
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:3]))
     else:
         path.write_text(how)
 
 
 @pytest.mark.parametrize("name, how", [("oof.npz", "truncate"), ("oof.npz", ""), ("summary.json", "truncate"),
                                        ("summary.json", "{}"), ("summary.json", "[]"), ("issues.csv", "header"),
-                                       ("issues.csv", "truncate")])
+                                       ("issues.csv", "truncate"), ("issues.csv", "rows cut"),
+                                       ("suggestions.csv", "header"), ("suggestions.csv", "rows cut")])
 def test_a_damaged_audit_folder_is_named_with_the_way_out(audited, tmp_path, capsys, name, how):
     folder, corrections = _copy_of_audit(audited, tmp_path)
     _damage(folder, name, how)

@@ -612,3 +612,13 @@ def test_malformed_headers_are_data_errors(server):
         read_vocabulary(f"{server.url}/badloc")
     with pytest.raises(DataError, match=r"hugelen/labels.json: 'labels': labels must be a non-empty list"):
         read_vocabulary(f"{server.url}/hugelen")
+
+
+def test_a_member_that_is_no_image_is_named_by_shard_and_key_not_by_a_python_object():
+    from mlabel.data.members import NamedBytes
+    from mlabel.errors import DataError
+    from mlabel.preprocess import read_rgb
+    with pytest.raises(DataError) as caught:
+        read_rgb(NamedBytes(b"not an image" * 8, "train-000000.tar#img7"))
+    assert "cannot identify image file train-000000.tar#img7." in str(caught.value)
+    assert "object at 0x" not in str(caught.value)

@@ -83,10 +83,7 @@ def load_audit(folder: Path) -> Audited:
             raise ValueError(f"given is {given.shape} for {len(paths)} images and {len(labels)} labels")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise _damaged(path, exc) from None
-    try:
-        listed = read_listed(folder)
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as exc:
-        raise _damaged(folder / "issues.csv", f"{type(exc).__name__}: {exc}") from None
+    listed = read_listed(folder, summary.get("counts") if isinstance(summary.get("counts"), dict) else None)
     return Audited(folder, summary, paths, labels, given, listed)
 
 

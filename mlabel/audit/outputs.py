@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path, write_json, write_text
+from ..errors import DataError
+from ..io import atomic_path, read_text, write_json, write_text
 from ..metrics import average_precision, defined_mean
 from ..report.gallery import jpeg_thumbnail
 from ..version import __version__
@@ -40,16 +41,28 @@ def _write_csv(path: Path, rows: list[list], columns=COLUMNS) -> None:
     write_text(path, buffer.getvalue())
 
 
-def read_listed(folder: Path) -> dict[tuple[str, str], tuple[str, int]]:
-    """(image, label) -> (kind, given) of every row of an audit's issues.csv and suggestions.csv."""
+def read_listed(folder: Path, counts: dict | None = None) -> dict[tuple[str, str], tuple[str, int]]:
+    """(image, label) -> (kind, given) of every row of an audit's issues.csv and suggestions.csv;
+    with ``counts`` (summary.json's), each file must hold as many rows as the audit wrote. A
+    damaged file raises :class:`DataError` naming it (and the line)."""
     listed = {}
     for name in ("issues.csv", "suggestions.csv"):
         path = folder / name
         if not path.is_file():
-            raise FileNotFoundError(2, f"no {name} here: is {folder} an audit's --out folder?", str(path))
-        with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
+            raise DataError(f"{path} is missing: is {folder} an audit's --out folder? Run mlabel audit again "
+                            "into a new --out")
+        rows = 0
+        try:
+            reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+            for rows, row in enumerate(reader, start=1):
                 listed[(row["image"], row["label"])] = (row["kind"], int(row["given"]))
+        except (KeyError, TypeError, ValueError, csv.Error) as exc:
+            raise DataError(f"{path}:{rows + 2} cannot be read ({type(exc).__name__}: {str(exc)[:80]}): the audit "
+                            "folder is damaged; run mlabel audit again into a new --out") from None
+        expected = (counts or {}).get(name.removesuffix(".csv"))
+        if expected is not None and rows != expected:
+            raise DataError(f"{path} holds {rows} rows where the audit wrote {expected} (see summary.json): the "
+                            "audit folder is damaged; run mlabel audit again into a new --out")
     return listed
 
 

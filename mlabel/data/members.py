@@ -72,6 +72,8 @@ class NamedBytes(io.BytesIO):
     def __str__(self) -> str:
         return self.name
 
+    __repr__ = __str__  # PIL names the file object with %r in "cannot identify image file ..."
+
 
 def member_bytes(member: tuple[str, int, int], name: str) -> bytes:
     """The bytes at (shard, offset, size): a seek in a file, a range request to a URL."""
