@@ -459,11 +459,15 @@ def read_yaml(path: Path, what: str = "recipe") -> Any:
         raise ConfigError(f"{what} {path} is not a regular file")
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.load(fh, Loader=_BoundedLoader) or {}
+            tree = yaml.load(fh, Loader=_BoundedLoader)
     except yaml.YAMLError as err:
         raise ConfigError(yaml_problem(path, err, what)) from None
     except UnicodeDecodeError as err:
         raise ConfigError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if tree is None:  # an empty file would silently mean the defaults: the embedded quickstart data
+        raise ConfigError(f"{what} {path} is empty (no keys): write the keys it changes (e.g. data.root: ...), or "
+                          "leave the recipe out to use the defaults")
+    return tree
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:

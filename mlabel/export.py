@@ -341,11 +341,11 @@ def main(argv: list[str]) -> int:
         return _export_folder(load(args.model_dir, trust_pickle=args.trust_pickle), Path(args.out), args.format, run_dir)
     suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
     out = Path(args.out) if args.out else model_dir / f"model{suffix}"
+    check_output(out, export=True)  # never over the model's own files
     if (args.format == "onnx") != out.name.lower().endswith(".onnx"):
         raise UserError(f"--out {out}: --format {args.format} writes "
                         + ("an .onnx file: end the name with .onnx" if args.format == "onnx" else
                            "a TorchScript file, not ONNX: end the name with .torchscript.pt, or add --format onnx"))
-    check_output(out, export=True)  # never over the model's own files
     _refuse_data_folder(out, run_dir)
     model = load(args.model_dir, trust_pickle=args.trust_pickle)
     try:

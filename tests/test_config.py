@@ -83,3 +83,20 @@ def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeyp
     (tmp_path / "quickstart").mkdir()
     monkeypatch.chdir(tmp_path)
     assert load_config("quickstart", []).data.generate == "scenes"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# data:\n#   root: photos\n"])
+def test_an_empty_recipe_is_refused_not_read_as_the_defaults(tmp_path, text):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=f"recipe {recipe} is empty"):
+        load_config(str(recipe))
+
+
+def test_a_recipe_that_is_not_yaml_is_one_line_naming_file_and_line(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("task: multilabel\ndata:\n  root: photos\n train: [a.csv\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(recipe))
+    message = str(caught.value)
+    assert message.startswith(f"recipe {recipe}:4 is not valid YAML (") and "\n" not in message, message

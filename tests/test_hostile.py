@@ -660,9 +660,10 @@ def test_a_tex_like_label_name_is_drawn_as_text_in_the_data_chart(tmp_path, scen
     for name in ("train.csv", "val.csv"):
         rows = list(csv.reader((scene_csv / name).open()))
         rows[0][1] = r"$\foo{$"
-        _write_rows(tmp_path / name, [[str(scene_csv / r[0]) if i else r[0], *r[1:]] for i, r in enumerate(rows)])
-    out = tmp_path / "summary"
-    assert data_main(["quickstart", f"data.root={tmp_path}", "data.generate=null", "data.val=val.csv",
+        (tmp_path / "data").mkdir(exist_ok=True)
+        _write_rows(tmp_path / "data" / name, [[str(scene_csv / r[0]) if i else r[0], *r[1:]] for i, r in enumerate(rows)])
+    out = tmp_path / "summary"  # outside the data folder, which mlabel never writes into
+    assert data_main(["quickstart", f"data.root={tmp_path / 'data'}", "data.generate=null", "data.val=val.csv",
                       "data.test=null", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["labels"][0] == r"$\foo{$"
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
