@@ -523,3 +523,15 @@ def test_evaluate_and_tune_stream_when_asked(shards, tmp_path):
     assert tune_main([str(run), "--metric", "f1", "--quiet"]) == 0
     tuned = json.loads((run / "tune.json").read_text())
     assert tuned["policy"] == "histogram" and tuned["val_after"]["macro_f1"] == pytest.approx(trained["macro_f1"], abs=1e-9)
+
+
+def test_refuses_a_folder_of_other_files_and_leaves_them_as_they_are(scene_csv, tmp_path):
+    splits = scene_splits(scene_csv)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "train-000000.tar.bak").write_bytes(b"mine too")
+    with pytest.raises(DataError, match=r"holds other files \(notes.txt, train-000000.tar.bak\)"):
+        write_shards(splits, out, 10, Path(scene_csv).resolve(), log=lambda *a: None)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train-000000.tar.bak"]
+    assert (out / "notes.txt").read_text() == "mine"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import numpy as np
 
 from ...errors import DataError
 from ...io import atomic_path, write_json
-from ...rundir import hold_run_dir
+from ...rundir import LOCK, hold_run_dir
 from ..tables import LabelTable
 from .read import IMAGE_TYPES, VOCABULARY, Vocabulary, scan_split
 
@@ -114,6 +115,20 @@ def _read_record(path: Path) -> dict:
     return record
 
 
+_OWN_NAME = re.compile(r"^(?:(?:train|val|test)-\d{6}\.tar|\..*\.tmp)$")
+
+
+def _refuse_other_files(out: Path) -> None:
+    """A folder with no shard set begun in it must hold nothing but what a killed writer leaves
+    (its lock, temporaries, shards written before its first progress record): shards are never
+    written among a user's files, where one could replace a file of the same name."""
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK and not _OWN_NAME.match(p.name))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise DataError(f"--out {out} holds other files ({shown}) and no shard set begun by mlabel data shard; "
+                        "give a new or empty folder")
+
+
 def _write_locked(splits, out: Path, shard_size: int, root: Path, skip_bad: bool, log, check) -> dict:
     fingerprint = _fingerprint(splits, shard_size)
     progress_path, vocab_path = out / PROGRESS, out / VOCABULARY
@@ -123,6 +138,8 @@ def _write_locked(splits, out: Path, shard_size: int, root: Path, skip_bad: bool
             log(f"{out} already holds these shards (labels.json is complete); nothing to do")
             return done
         raise DataError(f"{out} already holds shards of another source or shard size; give an empty --out folder")
+    if not progress_path.is_file():
+        _refuse_other_files(out)
     progress = _read_record(progress_path) if progress_path.is_file() else {"fingerprint": fingerprint, "done": {}}
     if progress.get("fingerprint") != fingerprint or not isinstance(progress.get("done"), dict):
         raise DataError(f"{progress_path} records shards of another source or shard size; give an empty --out "
