@@ -34,7 +34,7 @@ from torch import nn
 
 from .cli import ArgumentParser, guarded
 from .errors import UserError
-from .io import atomic_path, check_output
+from .io import atomic_path, check_output, refuse_inside
 from .models import MultiLabelClassifier, load, locate_model
 from .preprocess import cache_side, normalisation
 
@@ -365,10 +365,7 @@ def _refuse_data_folder(out: Path, run_dir: Path | None) -> None:
     """An export never goes into the data folder of the run's recipe."""
     from .rundir import run_data_folder
     folder = run_data_folder(run_dir)
-    target = out.resolve()
-    if folder is not None and (target == folder or folder in target.parents):
-        raise UserError(f"--out {out} is inside the data folder {folder} of the run; mlabel never writes into a "
-                        "data folder: export elsewhere")
+    refuse_inside(out, [folder] if folder is not None else [], "mlabel never writes into a data folder: export elsewhere")
 
 
 def _missing(err: ImportError) -> UserError:

@@ -11,8 +11,8 @@ from typing import Iterator
 
 from .errors import DataError
 
-__all__ = ["atomic_path", "check_output", "check_writable", "file_sha256", "read_text", "remove_stale_temps",
-           "write_json", "write_text"]
+__all__ = ["atomic_path", "check_output", "check_writable", "file_sha256", "read_text", "refuse_inside",
+           "remove_stale_temps", "write_json", "write_text"]
 
 
 def _umask() -> int:
@@ -88,6 +88,15 @@ def check_output(out: str | Path, inputs=(), export: bool = False) -> None:
     if not (export and name.endswith(EXPORT_SUFFIXES)):
         raise ValueError(f"--out {out} lies in the model directory {folder}, which holds the model alone: "
                          "choose a path outside it")
+
+
+def refuse_inside(out: str | Path, folders, fix: str, flag: str = "--out") -> None:
+    """Refuse an output that is one of ``folders`` (resolved data folders) or lies below one: mlabel
+    never writes into a user's data. ``fix`` ends the message (who never writes there, and where to go)."""
+    target = Path(out).resolve()
+    for folder in folders:
+        if target == folder or folder in target.parents:
+            raise DataError(f"{flag} {out} is inside the data folder {folder}; {fix}")
 
 
 def _same_file(target: Path, item: Path) -> bool:

@@ -204,17 +204,14 @@ def _check_output(out: Path, labels: list[str], regression: list[str], inputs=()
     """Refuse, before any inference, an output that could not be written or read back unambiguously,
     or that would overwrite an input, a model's files or a file predict did not write (the list of
     unreadable images beside it too), or that lies in a data folder (``data_folders``)."""
-    from .io import check_output
+    from .io import check_output, refuse_inside
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {out}: give a .csv, .jsonl or .json file name")
     check_output(out, inputs)
     check_output(_skipped_path(out), inputs)
     _refuse_foreign(out, ("path,labels", '{"path": ', "["))
     _refuse_foreign(_skipped_path(out), ("path,error",))
-    for folder in data_folders:
-        if folder == out.resolve().parent or folder in out.resolve().parents:
-            raise ValueError(f"--out {out} is inside the data folder {folder}; predict never writes into a data "
-                             "folder: write the predictions elsewhere")
+    refuse_inside(out, data_folders, "predict never writes into a data folder: write the predictions elsewhere")
     if out.suffix.lower() == ".csv":
         clash = sorted({"path", "labels"} & set(labels + regression))
         joined = [name for name in labels if ";" in name]

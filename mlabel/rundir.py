@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml
 
 __all__ = ["claim_run_dir", "hold_run_dir", "holds_run", "run_data_folder", "RUN_OUTPUTS"]
 
@@ -175,11 +175,9 @@ def run_data_folder(run_dir: Path | None) -> Path | None:
     by the commands that need it, not here)."""
     if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
         return None
-    import yaml
-    try:
-        tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
-        root = tree["data"]["root"]
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+    try:  # read_yaml bounds alias expansion: a hostile config.yaml cannot blow up
+        root = read_yaml(Path(run_dir) / "config.yaml", "the run's config")["data"]["root"]
+    except (OSError, ConfigError, TypeError, KeyError):
         return None
     if not isinstance(root, str) or not root:
         return None

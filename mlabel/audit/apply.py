@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data.tables import resolve_image
 from ..errors import DataError
-from ..io import check_output, file_sha256, read_text, write_text
+from ..io import check_output, file_sha256, read_text, refuse_inside, write_text
 from ..rundir import hold_run_dir
 from .core import image_folders
 from .outputs import read_listed
@@ -210,13 +210,9 @@ def _check_out(out: Path, audited: Audited, also: list[Path]) -> None:
     data = audited.summary["data"]
     inputs = [s["file"] for s in audited.summary["sources"] if s["file"]]
     check_output(out, [*inputs, *also])
-    target = out.resolve()
     folders = {Path(data["root"]).resolve(), *(Path(f).resolve().parent for f in inputs),
                *image_folders(audited.paths)}
-    for folder in sorted(folders):
-        if folder in target.parents:
-            raise DataError(f"--out {out} is inside the data folder {folder}; the data are never changed: "
-                            "write the new labels outside it")
+    refuse_inside(out, sorted(folders), "the data are never changed: write the new labels outside it")
 
 
 def _by_image(values: dict) -> dict[str, dict[str, int]]:

@@ -22,7 +22,7 @@ from ..data.synthetic import scenes_root
 from ..data.tables import LabelTable
 from ..distributed import resolve_device
 from ..errors import DataError
-from ..io import file_sha256
+from ..io import file_sha256, refuse_inside
 from ..resolve import Machine, ResolvedConfig, resolve
 from ..rundir import hold_run_dir
 from .oof import FeatureJob, FullJob, HeadSettings, cached_features, check_folds, fit_heads, fold_of, full_logits
@@ -118,19 +118,14 @@ def image_folders(paths) -> set[Path]:
     return {Path(f).resolve() for f in folders}
 
 
-def _refuse_inside(out: Path, folders) -> None:
-    target = out.resolve()
-    for folder in folders:
-        if target == folder or folder in target.parents:
-            raise DataError(f"--out {out} is inside the data folder {folder}; the audit never writes into the "
-                            "user's data: choose a folder outside it")
+_NEVER_IN_DATA = "the audit never writes into the user's data: choose a folder outside it"
 
 
 def _check_out(out: Path, data: DataConfig) -> None:
     """Refuse an ``--out`` in the data (``data.root``, the label files' folders), in a model
     directory, or over a file (the images' folders are checked once the table is read)."""
     from ..modelfiles import META_FILE, WEIGHTS_FILE
-    _refuse_inside(out, _data_folders(data))
+    refuse_inside(out, _data_folders(data), _NEVER_IN_DATA)
     target = out.resolve()
     for folder in (target, *target.parents):
         if (folder / META_FILE).is_file() or (folder / WEIGHTS_FILE).is_file():
@@ -214,7 +209,7 @@ def prepare(recipe, overrides: Sequence[str], out: Path, settings: AuditSettings
     splits = build_splits(config.data, config.task, config.seed)
     skipped = _drop_unreadable(splits, config.data.on_bad_image, settings, out)
     table = _joined(splits)
-    _refuse_inside(out, sorted(image_folders(table.paths)))
+    refuse_inside(out, sorted(image_folders(table.paths)), _NEVER_IN_DATA)
     _check_unique(table, len(splits.train))
     given = table.targets.astype(np.int8)
     check_folds(given, settings.folds, splits.labels)

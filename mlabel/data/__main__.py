@@ -16,7 +16,7 @@ import numpy as np
 from ..cli import ArgumentParser, guarded
 from ..checks import load_checked
 from ..defaults import loader_workers
-from ..io import atomic_path, check_output, write_json
+from ..io import atomic_path, check_output, refuse_inside, write_json
 from . import DataError, build_splits, label_counts
 from .check import find_bad_images
 from .sparse import SparseLabels
@@ -145,10 +145,7 @@ def data_folders(data) -> list[Path]:
 def check_outside_data(out: Path, data, flag: str) -> Path:
     """Refuse an output inside the data set; returns the data set's first folder."""
     folders = data_folders(data)
-    for folder in folders:
-        if out == folder or folder in out.parents:
-            raise DataError(f"{flag} {out} is inside the data folder {folder}; mlabel never writes into a data "
-                            "folder: give a folder elsewhere")
+    refuse_inside(out, folders, "mlabel never writes into a data folder: give a folder elsewhere", flag)
     return folders[0]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from ..config import yaml_problem
 from ..errors import DataError
 from ..preprocess import IMAGE_EXTENSIONS
 from .sparse import SparseLabels
@@ -41,9 +42,7 @@ def read_yolo_yaml(path: Path) -> dict:
     try:
         tree = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise DataError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        raise DataError(yaml_problem(path, err, "YOLO data.yaml")) from None
     if not isinstance(tree, dict):
         raise DataError(f"{path}: expected a mapping with names and train/val, got {type(tree).__name__}")
     return {**tree, "names": _names(tree, path), "base": _base(tree, path)}

@@ -88,21 +88,15 @@ def _read_history(path: Path) -> list[dict]:
         if None in row or None in row.values():
             raise DataError(f"{path}:{line}: {len(reader.fieldnames or ())} columns in the header, another number "
                             "here; the run's history is damaged: train the run again (or restore the file)")
-        try:
-            rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
-        except ValueError:
-            bad = next(k for k, v in row.items() if v != "" and not _is_number(v))
-            raise DataError(f"{path}:{line}: {bad} = {row[bad][:40]!r} is not a number; the run's history is "
-                            "damaged: train the run again (or restore the file)") from None
+        values = {}
+        for key, value in row.items():
+            try:
+                values[key] = float(value) if value != "" else None
+            except ValueError:
+                raise DataError(f"{path}:{line}: {key} = {value[:40]!r} is not a number; the run's history is "
+                                "damaged: train the run again (or restore the file)") from None
+        rows.append(values)
     return rows
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass
